@@ -1,0 +1,9 @@
+"""Quantized layers: ``quantfx.nn.QuantConv2d`` and friends."""
+from .act import QuantAct, QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
+from .pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
+from .wbiol import (
+    QUANT_LAYER_FOR, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
+    QuantLinear, QuantWBIOL,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

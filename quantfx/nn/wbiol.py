@@ -1,0 +1,207 @@
+"""Quantized weight/bias/input/output layers: convolutions, transposed convolutions, linear."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import Int8WeightPerTensorFloat, make_quantizer
+from ..quant import functional as qf
+from ..quant_tensor import QuantTensor, value_of
+from .base import InputQuantMixin, split_overrides
+
+_SLOTS = ("weight", "bias", "input", "output")
+
+
+class QuantWBIOL(InputQuantMixin):
+    """Mixin for layers with weight, bias, input and output quantizer slots.
+
+    The output of a layer with quantized input and weights is a QuantTensor whose bit width is the worst-case
+    accumulator (``ceil(log2(max_in * max_w * fan_in))``, +1 after adding an external-scale bias)."""
+
+    out_channel_axis = 1  # where output channels live in the layer output
+    weight_channel_axis = 0  # where output channels live in the weight
+
+    def _init_quant(self, weight_quant, bias_quant, input_quant, output_quant, return_quant_tensor, kwargs):
+        over = split_overrides(kwargs, _SLOTS, type(self).__name__)
+        if weight_quant is not None and "channel_axis" not in over["weight"] and self.weight_channel_axis:
+            over["weight"]["channel_axis"] = self.weight_channel_axis
+        self.weight_quant = make_quantizer(weight_quant, "weight", **over["weight"])
+        self.bias_quant = make_quantizer(bias_quant, "bias", **over["bias"])
+        self.input_quant = make_quantizer(input_quant, "act", **over["input"])
+        self.output_quant = make_quantizer(output_quant, "act", **over["output"])
+        for slot in _SLOTS:
+            q = getattr(self, slot + "_quant")
+            q.qname = q.qname or f"{type(self).__name__}.{slot}_quant"
+        self.return_quant_tensor = return_quant_tensor
+        self._set_input_quantizer(None)
+        self.__dict__["_input_scale_cache"] = None
+
+    # -- inspection ------------------------------------------------------------------------------------
+
+    def quant_weight(self):
+        """The quantized weight as a QuantTensor (a plain tensor when weight quantization is off)."""
+        return self.weight_quant.quant_tensor(self.weight, training=self.training)
+
+    def int_weight(self) -> torch.Tensor:
+        return self.weight_quant.int_repr(self.weight)
+
+    def quant_weight_scale(self) -> torch.Tensor:
+        return self.weight_quant.scale(self.weight)
+
+    def quant_weight_zero_point(self) -> torch.Tensor:
+        return self.weight_quant.zero_point(self.weight)
+
+    def quant_weight_bit_width(self) -> int:
+        return self.weight_quant.bit_width
+
+    def _bias_args(self):
+        in_scale = self.__dict__.get("_input_scale_cache")
+        return in_scale, (self.quant_weight_scale() if self.weight_quant.is_quant_enabled else None)
+
+    def quant_bias(self):
+        """The quantized bias as a QuantTensor; an external scale uses the input scale of the last call."""
+        return self.bias_quant.quant_tensor(self.bias, *self._bias_args(), training=self.training)
+
+    def int_bias(self) -> torch.Tensor:
+        return self.bias_quant.int_repr(self.bias, *self._bias_args())
+
+    def quant_bias_scale(self) -> torch.Tensor:
+        qb = self.quant_bias()
+        return qb.scale.reshape(-1).squeeze() if isinstance(qb, QuantTensor) else None
+
+    def quant_bias_bit_width(self) -> int:
+        return self.bias_quant.bit_width
+
+    def fan_in(self) -> int:
+        return self.weight[0].numel()
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(self, x):
+        xv, qx = self._quant_input(x)
+        self.__dict__["_input_scale_cache"] = None if qx is None else qx.scale.detach()
+        qw = self.quant_weight()
+        wv = value_of(qw)
+        qb, bv = None, self.bias
+        if self.bias is not None and self.bias_quant.is_quant_enabled:
+            w_scale = qw.scale if isinstance(qw, QuantTensor) else None
+            qb = self.bias_quant.quant_tensor(self.bias, None if qx is None else qx.scale, w_scale,
+                                              training=self.training)
+            bv = value_of(qb)
+        out = self.inner_forward(xv, wv, bv)
+        result = out
+        if qx is not None and isinstance(qw, QuantTensor):
+            result = self._accumulator(out, qx, qw, qb)
+        if self.output_quant.is_quant_enabled:
+            result = self.output_quant.quant_tensor(out, training=self.training)
+        if self.return_quant_tensor and isinstance(result, QuantTensor):
+            return result
+        return value_of(result)
+
+    def _accumulator(self, out, qx, qw, qb) -> QuantTensor:
+        scale = qx.scale.reshape(-1) * qw.scale.reshape(-1)
+        axis = self.out_channel_axis % out.dim()
+        scale = qf.broadcast_shape(scale if scale.numel() > 1 else scale.reshape(()), out.dim(), axis)
+        bits = qf.accumulator_bit_width(qx.bit_width, qw.bit_width, self.weight_quant.narrow_range,
+                                        self.fan_in())
+        zero_point = torch.zeros_like(scale)
+        if isinstance(qb, QuantTensor) and self.bias_quant.bias_scaling == "external":
+            bits = max(bits, qb.bit_width) + 1
+        elif self.bias is not None:
+            # float or internally-scaled bias: not on the accumulator grid, so it becomes a zero point.
+            bias = value_of(qb) if qb is not None else self.bias
+            zero_point = -qf.broadcast_shape(bias, out.dim(), axis) / scale
+        return QuantTensor(out, scale, zero_point, bits, True, self.training)
+
+
+class _ConvMixin(QuantWBIOL):
+    def inner_forward(self, x, w, b):
+        return self._conv_forward(x, w, b)
+
+
+def _conv_init(self, base, args, kwargs):
+    quant = {k: kwargs.pop(k) for k in ("weight_quant", "bias_quant", "input_quant", "output_quant")
+             if k in kwargs}
+    rqt = kwargs.pop("return_quant_tensor", False)
+    base_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _BASE_ARGS}
+    base.__init__(self, *args, **base_kwargs)
+    self._init_quant(quant.get("weight_quant", Int8WeightPerTensorFloat), quant.get("bias_quant"),
+                     quant.get("input_quant"), quant.get("output_quant"), rqt, kwargs)
+
+
+_BASE_ARGS = {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
+              "padding_mode", "device", "dtype", "output_padding", "in_features", "out_features"}
+
+
+class QuantConv1d(_ConvMixin, nn.Conv1d):
+    """Conv1d with weight (default 8-bit per-tensor float), bias, input and output quantizer slots."""
+
+    def __init__(self, *args, **kwargs):
+        _conv_init(self, nn.Conv1d, args, kwargs)
+
+
+class QuantConv2d(_ConvMixin, nn.Conv2d):
+    """Conv2d with weight (default 8-bit per-tensor float), bias, input and output quantizer slots."""
+
+    def __init__(self, *args, **kwargs):
+        _conv_init(self, nn.Conv2d, args, kwargs)
+
+
+class QuantConv3d(_ConvMixin, nn.Conv3d):
+    """Conv3d with weight (default 8-bit per-tensor float), bias, input and output quantizer slots."""
+
+    def __init__(self, *args, **kwargs):
+        _conv_init(self, nn.Conv3d, args, kwargs)
+
+
+class _ConvTransposeMixin(QuantWBIOL):
+    weight_channel_axis = 1
+
+    def fan_in(self) -> int:
+        return (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    def inner_forward(self, x, w, b):
+        return self._conv_transpose(x, w, b)
+
+
+class QuantConvTranspose1d(_ConvTransposeMixin, nn.ConvTranspose1d):
+    """ConvTranspose1d with quantizer slots (weight channels on axis 1)."""
+
+    def __init__(self, *args, **kwargs):
+        _conv_init(self, nn.ConvTranspose1d, args, kwargs)
+
+    def _conv_transpose(self, x, w, b):
+        return F.conv_transpose1d(x, w, b, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+
+class QuantConvTranspose2d(_ConvTransposeMixin, nn.ConvTranspose2d):
+    """ConvTranspose2d with quantizer slots (weight channels on axis 1)."""
+
+    def __init__(self, *args, **kwargs):
+        _conv_init(self, nn.ConvTranspose2d, args, kwargs)
+
+    def _conv_transpose(self, x, w, b):
+        return F.conv_transpose2d(x, w, b, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+
+class QuantLinear(QuantWBIOL, nn.Linear):
+    """Linear with weight (default 8-bit per-tensor float), bias, input and output quantizer slots."""
+
+    out_channel_axis = -1
+
+    def __init__(self, *args, **kwargs):
+        _conv_init(self, nn.Linear, args, kwargs)
+
+    def inner_forward(self, x, w, b):
+        return F.linear(x, w, b)
+
+
+QUANT_LAYER_FOR = {
+    nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
+    nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d, nn.Linear: QuantLinear,
+}

@@ -1,0 +1,83 @@
+"""Integer quantization arithmetic with straight-through-estimator gradients."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 2.0 ** -40
+
+
+def int_range(bit_width: int, signed: bool, narrow_range: bool) -> tuple[int, int]:
+    """Smallest and largest integer of a quantizer. 1-bit is bipolar: (-1, 1)."""
+    if bit_width == 1:
+        return -1, 1
+    if signed:
+        return -(2 ** (bit_width - 1)) + int(narrow_range), 2 ** (bit_width - 1) - 1
+    return 0, 2 ** bit_width - 1 - int(narrow_range)
+
+
+def max_uint(bit_width: int, narrow_range: bool = False) -> int:
+    """Largest magnitude an integer of this width can contribute to an accumulator (worst case, unsigned)."""
+    if bit_width == 1:
+        return 1
+    return 2 ** bit_width - 1 - int(narrow_range)
+
+
+def round_int(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Round to integers: 'half_even' (torch.round), 'half_up' or 'floor'."""
+    if rounding == "half_even":
+        return torch.round(x)
+    if rounding == "half_up":
+        return torch.floor(x + 0.5)
+    return torch.floor(x)
+
+
+def round_ste(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Rounding whose gradient is the identity (straight-through estimator)."""
+    return x + (round_int(x, rounding) - x).detach()
+
+
+def po2_ste(scale: torch.Tensor) -> torch.Tensor:
+    """Round a scale up to a power of two (never clips more than the float scale), STE gradient."""
+    log = torch.log2(scale)
+    return torch.exp2(log + (torch.ceil(log) - log).detach())
+
+
+def broadcast_shape(param: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """Reshape a per-channel parameter of shape [C] to broadcast over a tensor of ``ndim`` dims on ``axis``."""
+    if param.dim() == 0 or ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis] = param.numel()
+    return param.reshape(shape)
+
+
+def fake_quant(x, scale, zero_point, qmin: int, qmax: int, rounding: str) -> torch.Tensor:
+    """(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale, with STE through round.
+
+    Values clamped at the range edges get no gradient w.r.t. x, but pass one to the scale (LSQ)."""
+    q = round_ste(x / scale, rounding) + zero_point
+    q = torch.clamp(q, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def bipolar_quant(x, scale) -> torch.Tensor:
+    """1-bit: +scale where x >= 0, -scale elsewhere; identity gradient inside [-1, 1] * scale."""
+    sign = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+    xs = x / scale
+    ste = torch.clamp(xs, -1, 1)
+    return (ste + (sign - ste).detach()) * scale
+
+
+def to_int(x, scale, zero_point, qmin, qmax, rounding) -> torch.Tensor:
+    """The integer representation (int64) of x under the given parameters."""
+    with torch.no_grad():
+        q = round_int(x.double() / scale.double(), rounding) + zero_point.double()
+        return torch.clamp(q, qmin, qmax).to(torch.int64)
+
+
+def accumulator_bit_width(in_bits: int, w_bits: int, w_narrow: bool, fan_in: int) -> int:
+    """Worst-case bit width of a dot product of ``fan_in`` terms (the Brevitas convention)."""
+    worst = max_uint(in_bits, False) * max_uint(w_bits, w_narrow) * fan_in
+    return int(math.ceil(math.log2(worst))) if worst > 1 else 1

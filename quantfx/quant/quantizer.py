@@ -1,0 +1,319 @@
+"""The ``Quantizer`` module: a spec made runnable, with its statistics and learned scale as state."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError, InputScaleRequiredError, QuantArgumentError
+from . import functional as qf
+from .specs import FIELDS, QuantSpec, resolve
+
+MSE_GRID = torch.linspace(0.25, 1.0, 31)
+
+
+class Quantizer(nn.Module):
+    """Uniform affine integer quantizer built from a spec class and keyword overrides.
+
+    ``Quantizer(None)`` is a disabled slot: ``is_quant_enabled`` is False and it returns its input.
+    Weight quantizers derive their scale from the tensor they are given; activation quantizers from running
+    statistics (training), calibration statistics, or a learned parameter; bias quantizers from the input and
+    weight scales (external) or from the bias itself (internal).
+    """
+
+    def __init__(self, spec=QuantSpec, name: str | None = None, **overrides):
+        super().__init__()
+        self.qname = name
+        self.is_quant_enabled = spec is not None
+        self.calibrating = False
+        self._calib = None
+        self._last = None  # (scale, zero_point) of the last call, for dependents in the same forward
+        if not self.is_quant_enabled:
+            if overrides:
+                raise QuantArgumentError(f"{self._where}: arguments {sorted(overrides)} given to a disabled slot")
+            self.spec_fields = {}
+            return
+        self.spec = spec
+        self.spec_fields = resolve(spec, overrides, self._where)
+        for k, v in self.spec_fields.items():
+            setattr(self, k, v)
+        if self.channel_axis is None:
+            self.channel_axis = 1 if self.kind == "act" else 0
+        self.register_buffer("stat", torch.empty(0))  # [2] or [2, C]: (low, high)
+        self.register_buffer("calibrated", torch.tensor(False))
+        if self.learned_scale:
+            self.scale_param = nn.Parameter(torch.empty(0))
+
+    # -- description -----------------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return self.qname or "quantizer"
+
+    def int_range(self) -> tuple[int, int]:
+        return qf.int_range(self.bit_width, self.signed, self.narrow_range)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Act quantizers: whether they saw data. Weight/bias quantizers and fixed scales: always."""
+        if not self.is_quant_enabled or self.kind != "act" or self.fixed_scale is not None:
+            return True
+        return bool(self.calibrated)
+
+    def extra_repr(self) -> str:
+        if not self.is_quant_enabled:
+            return "disabled"
+        sign = "int" if self.signed else "uint"
+        parts = [f"{self.kind}", f"{sign}{self.bit_width}", self.scale_type]
+        if self.narrow_range:
+            parts.append("narrow")
+        if self.scaling_per_output_channel:
+            parts.append(f"per_channel(axis={self.channel_axis})")
+        if self.zero_point_type == "asymmetric":
+            parts.append("asym")
+        if self.kind == "bias":
+            parts.append(self.bias_scaling)
+        return ", ".join(parts)
+
+    def clone_spec(self, **overrides) -> "Quantizer":
+        """A new, empty quantizer with the same fields (and ``overrides``)."""
+        return Quantizer(self.spec, name=self.qname, **{**self.spec_fields, **overrides})
+
+    # -- statistics ------------------------------------------------------------------------------------
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [C, N] (per channel) or [1, N] (per tensor)."""
+        x = x.detach().float()
+        if self.scaling_per_output_channel:
+            if x.dim() == 0:
+                raise QuantArgumentError(
+                    f"{self._where}: scaling_per_output_channel=True needs a tensor with a channel axis; "
+                    "got a 0-d tensor (use scaling_per_output_channel=False)")
+            return x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
+        return x.reshape(1, -1)
+
+    def _squeeze(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.scaling_per_output_channel else t.reshape(())
+
+    def batch_stat(self, x: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """(low, high) of x under ``method`` ('max' | 'percentile' | 'mse'), shape [2] or [2, C]."""
+        method = method or self.scale_stat
+        rows = self._rows(x)
+        if self.bit_width == 1:
+            hi = rows.abs().mean(1)
+            return torch.stack([-hi, hi]).squeeze(-1) if not self.scaling_per_output_channel else torch.stack([-hi, hi])
+        if method == "percentile" and rows.shape[1] > 1:
+            k_hi = max(1, min(rows.shape[1], int(round(rows.shape[1] * self.percentile / 100.0))))
+            k_lo = max(1, rows.shape[1] - k_hi + 1)
+            hi = rows.kthvalue(k_hi, dim=1).values
+            lo = rows.kthvalue(k_lo, dim=1).values
+        else:
+            lo, hi = rows.min(1).values, rows.max(1).values
+        if self.zero_point_type == "symmetric" and self.signed:
+            m = torch.maximum(lo.abs(), hi.abs())
+            lo, hi = -m, m
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        if method == "mse":
+            lo, hi = self._mse_search(rows, lo, hi)
+        stat = torch.stack([lo, hi])
+        return stat if self.scaling_per_output_channel else stat.reshape(2)
+
+    def _mse_search(self, rows, lo, hi):
+        best_err = torch.full_like(hi, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for a in MSE_GRID.tolist():
+            scale, zp = self._from_stat(torch.stack([lo * a, hi * a]))
+            qmin, qmax = self.int_range()
+            y = qf.fake_quant(rows, scale.reshape(-1, 1), zp.reshape(-1, 1), qmin, qmax, self.rounding)
+            err = (y - rows).pow(2).mean(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, lo * a, best_lo)
+            best_hi = torch.where(better, hi * a, best_hi)
+        return best_lo, best_hi
+
+    def _from_stat(self, stat: torch.Tensor):
+        """(scale, zero_point) from a (low, high) statistic."""
+        lo, hi = stat[0], stat[1]
+        qmin, qmax = self.int_range()
+        if self.bit_width == 1:
+            scale, zp = hi, torch.zeros_like(hi)
+        elif self.zero_point_type == "asymmetric":
+            scale = (hi - lo) / (qmax - qmin)
+            scale = torch.clamp(scale, min=qf.EPS)
+            zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+        else:
+            top = torch.maximum(hi, -lo) if self.signed else hi
+            scale, zp = top / qmax, torch.zeros_like(top)
+        scale = torch.clamp(scale, min=qf.EPS)
+        if self.scale_type == "po2":
+            scale = qf.po2_ste(scale)
+        return scale, zp
+
+    # -- scale -----------------------------------------------------------------------------------------
+
+    def _learned(self, x):
+        if self.scale_param.numel() == 0:
+            if x is None:
+                raise CalibrationError(f"{self._where}: learned scale not initialised; it never saw data")
+            init, _ = self._from_stat(self.batch_stat(x))
+            self.scale_param.data = init.detach().clone()
+            self.calibrated.fill_(True)
+        scale = self.scale_param.abs() + qf.EPS
+        if self.scale_type == "po2":
+            scale = qf.po2_ste(scale)
+        return scale, torch.zeros_like(scale)
+
+    def qparams(self, x: torch.Tensor | None = None):
+        """(scale, zero_point) for tensor x; shapes 0-d or [C]. x may be None where state suffices."""
+        if self.fixed_scale is not None:
+            s = torch.tensor(float(self.fixed_scale))
+            return s, torch.zeros_like(s)
+        if self.learned_scale:
+            return self._learned(x)
+        if self.kind == "act":
+            if self.training and x is not None:
+                with torch.no_grad():
+                    batch = self.batch_stat(x)
+                    if bool(self.calibrated) and self.stat.shape == batch.shape:
+                        self.stat.mul_(1 - self.momentum).add_(batch, alpha=self.momentum)
+                    else:
+                        self.stat = batch
+                        self.calibrated.fill_(True)
+            if bool(self.calibrated):
+                return self._from_stat(self.stat)
+            if x is None:
+                if self._last is not None:
+                    return self._last
+                raise CalibrationError(
+                    f"{self._where} never saw data, so it has no scale; run quantfx.calibrate(model, data) "
+                    "(or train the model) before using or exporting it")
+            return self._from_stat(self.batch_stat(x))  # eval, uncalibrated: dynamic
+        if x is None:
+            if self._last is not None:
+                return self._last
+            raise QuantArgumentError(f"{self._where}: a {self.kind} quantizer needs the tensor to give a scale "
+                                     "(call the layer's quant_weight() first, or pass the tensor)")
+        return self._from_stat(self.batch_stat(x))
+
+    def scale(self, x=None) -> torch.Tensor:
+        """The scale (0-d or [C]); weight quantizers use x or the tensor of their last call."""
+        return self.qparams(x)[0]
+
+    def zero_point(self, x=None) -> torch.Tensor:
+        return self.qparams(x)[1]
+
+    # -- calibration -----------------------------------------------------------------------------------
+
+    def begin_calibration(self, method: str | None = None) -> None:
+        self.calibrating = True
+        self._calib = {"method": method or self.scale_stat, "sum": None, "n": 0}
+
+    def observe(self, x: torch.Tensor) -> None:
+        c = self._calib
+        batch = self.batch_stat(x, c["method"])
+        if c["sum"] is None:
+            c["sum"] = batch
+        elif c["method"] == "max":
+            c["sum"] = torch.stack([torch.minimum(c["sum"][0], batch[0]), torch.maximum(c["sum"][1], batch[1])])
+        else:
+            c["sum"] = c["sum"] + batch
+        c["n"] += 1
+
+    def end_calibration(self) -> None:
+        c, self._calib, self.calibrating = self._calib, None, False
+        if c is None or c["n"] == 0:
+            return
+        stat = c["sum"] if c["method"] == "max" else c["sum"] / c["n"]
+        self.stat = stat
+        self.calibrated.fill_(True)
+        if self.learned_scale:
+            self.scale_param.data = self._from_stat(stat)[0].detach().clone()
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, input_scale=None, weight_scale=None) -> torch.Tensor:
+        return self.quantize(x, input_scale, weight_scale)[0]
+
+    def quantize(self, x, input_scale=None, weight_scale=None):
+        """(value, scale, zero_point) with scale/zero point broadcastable to x."""
+        if not self.is_quant_enabled:
+            return x, None, None
+        if self.calibrating:
+            if self.kind == "act":
+                self.observe(x)
+            return x, None, None
+        if self.kind == "bias" and self.bias_scaling == "external":
+            if input_scale is None:
+                raise InputScaleRequiredError(
+                    f"{self._where}: Input scale required: an external-scale bias (scale = input scale x weight "
+                    "scale) needs a quantized input; quantize the layer input (input_quant=...) or pass a "
+                    "QuantTensor, or use an internal-scale bias (Int8BiasPerTensorFloatInternalScaling)")
+            scale = (input_scale.reshape(-1) * weight_scale.reshape(-1))
+            scale = scale.reshape(()) if scale.numel() == 1 else scale
+            zp = torch.zeros_like(scale)
+        else:
+            scale, zp = self.qparams(x)
+        self._last = (scale.detach(), zp.detach())
+        axis = self.channel_axis if x.dim() > self.channel_axis else 0
+        s = qf.broadcast_shape(scale, x.dim(), axis)
+        z = qf.broadcast_shape(zp, x.dim(), axis)
+        if self.bit_width == 1:
+            y = qf.bipolar_quant(x, s)
+        elif self.kind == "bias" and self.bit_width > 16:
+            # float32 cannot hold every 32-bit integer: quantize in float64.
+            qmin, qmax = self.int_range()
+            y = qf.fake_quant(x.double(), s.double(), z.double(), qmin, qmax, self.rounding).to(x.dtype)
+        else:
+            qmin, qmax = self.int_range()
+            y = qf.fake_quant(x, s, z, qmin, qmax, self.rounding)
+        return y, s, z
+
+    def quant_tensor(self, x, input_scale=None, weight_scale=None, training=None):
+        """Quantize x and return a :class:`quantfx.QuantTensor` (a plain tensor when disabled/calibrating)."""
+        from ..quant_tensor import QuantTensor
+        y, s, z = self.quantize(x, input_scale, weight_scale)
+        if s is None:
+            return y
+        return QuantTensor(y, s, z, self.bit_width, self.signed,
+                           self.training if training is None else training, narrow=self.narrow_range)
+
+    def int_repr(self, x, input_scale=None, weight_scale=None) -> torch.Tensor:
+        """Integers (int64) that x quantizes to."""
+        _, s, z = self.quantize(x, input_scale, weight_scale)
+        qmin, qmax = self.int_range()
+        return qf.to_int(x, s, z, qmin, qmax, self.rounding)
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # statistics and learned scales are shaped by the data they saw: adopt the saved shapes.
+        for name in ("stat", "scale_param"):
+            key = prefix + name
+            if key in state_dict and hasattr(self, name):
+                t = getattr(self, name)
+                if t.shape != state_dict[key].shape:
+                    t.data = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_last"] = None
+        state["_calib"] = None
+        return state
+
+
+def make_quantizer(spec, kind: str, name: str | None = None, **overrides) -> Quantizer:
+    """A quantizer for a layer slot. ``spec`` None gives a disabled slot; a ``Quantizer`` instance is shared as is."""
+    if isinstance(spec, Quantizer):
+        if overrides:
+            raise QuantArgumentError(f"{name or kind}: keyword overrides {sorted(overrides)} cannot change a "
+                                     "quantizer instance; pass a spec class instead")
+        return spec
+    if spec is not None and not (isinstance(spec, type) and all(hasattr(spec, f) for f in ("bit_width",))):
+        raise QuantArgumentError(f"{name or kind}: expected a quantizer spec class, got {spec!r}")
+    if spec is not None and getattr(spec, "kind", kind) != kind and "kind" not in overrides:
+        overrides = {**overrides, "kind": kind}
+    return Quantizer(spec, name=name, **overrides)
+
+
+__all__ = ["Quantizer", "make_quantizer", "FIELDS"]
