@@ -1,9 +1,20 @@
-"""quantfx: a quantization compiler for PyTorch over torch.fx."""
+"""quantfx: a quantization compiler for PyTorch over torch.fx.
+
+``quantfx.quantize(model, target='finn')`` traces a float model, runs the pass pipeline and returns a
+quantized ``GraphModule``; ``quantfx.calibrate`` fixes activation scales; ``quantfx.inspect`` prints a
+per-layer table.
+"""
 from .errors import (
     CalibrationError, ExportError, InputScaleRequiredError, PassError, QuantArgumentError, QuantFXError,
     TargetError, TraceError,
 )
 from .quant_tensor import QuantTensor
+from .graph import QMeta
+from .pass_infra import FunctionPass, Pass, PassManager, PassResult, Pipeline
 from . import quant, nn
+from .api import (
+    QuantGraphModule, annotate, bind, calibrate, correct_bias, inspect, layer_table, parse_pipeline,
+    pipeline_for, quantize, quantizers,
+)
 
 __version__ = "0.1.0"

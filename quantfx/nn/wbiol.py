@@ -201,6 +201,20 @@ class QuantLinear(QuantWBIOL, nn.Linear):
         return F.linear(x, w, b)
 
 
+_CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "padding_mode")
+
+
+def float_layer_kwargs(layer: nn.Module) -> dict:
+    """Constructor arguments (without ``bias``) that rebuild ``layer``'s configuration."""
+    if isinstance(layer, nn.Linear):
+        return {"in_features": layer.in_features, "out_features": layer.out_features}
+    kwargs = {a: getattr(layer, a) for a in _CONV_ARGS}
+    if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        kwargs["output_padding"] = layer.output_padding
+    return kwargs
+
+
 QUANT_LAYER_FOR = {
     nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
     nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d, nn.Linear: QuantLinear,

@@ -1,0 +1,165 @@
+"""canonicalize: rewrite functional and method calls into the forms later passes understand.
+
+- ``F.relu / torch.relu / x.relu`` -> ``nn.ReLU`` module; ``F.relu6`` -> ``nn.ReLU6``; ``F.hardtanh`` ->
+  ``nn.Hardtanh``; ``torch.sigmoid / x.sigmoid`` -> ``nn.Sigmoid``;
+- ``operator.iadd / torch.add / x.add`` of two tensors -> ``operator.add``; ``torch.concat`` -> ``torch.cat``;
+- ``x.mean((2, 3))`` / ``F.adaptive_avg_pool2d`` / ``F.avg_pool2d`` -> average-pool modules (+ flatten);
+- dropout and ``nn.Identity`` removed (inference graph);
+- a stateless module called from several places is duplicated so each call site gets its own quantizer.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from quantfx.graph import module_of, unique_name
+from quantfx.pass_infra import Pass, PassResult
+
+_ACT_FUNCTIONS = {
+    F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu_: nn.ReLU, torch.relu_: nn.ReLU, F.relu6: nn.ReLU6,
+    torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid,
+}
+_ACT_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU, "sigmoid": nn.Sigmoid, "sigmoid_": nn.Sigmoid}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+
+
+def _arg(node, i, name, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    name = "canonicalize"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        taken: set = set()
+        modified = False
+        seen_modules: dict[int, str] = {}
+        for node in list(graph.nodes):
+            new_module = None
+            if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+                new_module = _ACT_FUNCTIONS[node.target]()
+            elif node.op == "call_method" and node.target in _ACT_METHODS:
+                new_module = _ACT_METHODS[node.target]()
+            elif node.op == "call_function" and node.target in (F.hardtanh, F.hardtanh_):
+                new_module = nn.Hardtanh(float(_arg(node, 1, "min_val", -1.0)), float(_arg(node, 2, "max_val", 1.0)))
+            elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+                new_module = nn.AdaptiveAvgPool2d(_arg(node, 1, "output_size"))
+            elif node.op == "call_function" and node.target is F.avg_pool2d:
+                new_module = nn.AvgPool2d(_arg(node, 1, "kernel_size"), _arg(node, 2, "stride"),
+                                          _arg(node, 3, "padding", 0))
+            if new_module is not None:
+                self._to_module(gm, node, new_module, taken)
+                modified = True
+                continue
+            if self._is_tensor_add(node):
+                node.target, node.op = operator.add, "call_function"
+                node.args, node.kwargs = tuple(self._add_operands(node)), {}
+                modified = True
+            elif node.op == "call_function" and node.target is torch.concat:
+                node.target = torch.cat
+                modified = True
+            elif self._is_spatial_mean(node):
+                self._mean_to_pool(gm, node, taken)
+                modified = True
+            elif self._is_dropout(gm, node):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                modified = True
+            elif node.op == "call_module":
+                modified |= self._dedupe(gm, node, seen_modules, taken)
+        if modified:
+            graph.eliminate_dead_code()
+            _drop_unused_modules(gm)
+        return PassResult(gm, modified)
+
+    # -- rewrites --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_module(gm, node, module, taken):
+        name = unique_name(gm, node.name, taken)
+        gm.add_submodule(name, module)
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (src,))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+    @staticmethod
+    def _add_operands(node):
+        a = node.args[0] if node.args else node.kwargs["input"]
+        b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        return a, b
+
+    def _is_tensor_add(self, node) -> bool:
+        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+                 (node.op == "call_method" and node.target in _ADD_METHODS)
+        if not is_add or node.kwargs.get("alpha", 1) != 1:
+            return False
+        if node.op == "call_function" and node.target is operator.add and not node.kwargs:
+            return False  # already canonical
+        a, b = self._add_operands(node)
+        return isinstance(a, fx.Node) and isinstance(b, fx.Node)
+
+    @staticmethod
+    def _is_spatial_mean(node) -> bool:
+        if not ((node.op == "call_method" and node.target == "mean") or
+                (node.op == "call_function" and node.target is torch.mean)):
+            return False
+        dims = _arg(node, 1, "dim")
+        dims = tuple(dims) if isinstance(dims, (list, tuple)) else None
+        return dims in ((2, 3), (-2, -1), (3, 2), (-1, -2))
+
+    @staticmethod
+    def _mean_to_pool(gm, node, taken):
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        name = unique_name(gm, node.name + "_pool", taken)
+        gm.add_submodule(name, nn.AdaptiveAvgPool2d(1))
+        with gm.graph.inserting_after(node):
+            pool = gm.graph.call_module(name, (node.args[0],))
+        out = pool
+        if not keepdim:
+            with gm.graph.inserting_after(pool):
+                out = gm.graph.call_function(torch.flatten, (pool, 1))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+
+    @staticmethod
+    def _is_dropout(gm, node) -> bool:
+        if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+            return True
+        if node.op == "call_method" and node.target in ("dropout",):
+            return True
+        return node.op == "call_module" and isinstance(module_of(gm, node), _DROPOUT_MODULES)
+
+    @staticmethod
+    def _dedupe(gm, node, seen, taken) -> bool:
+        module = module_of(gm, node)
+        key = id(module)
+        if key not in seen:
+            seen[key] = node.target
+            return False
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            return False  # a module with weights called twice shares its weights on purpose
+        name = unique_name(gm, node.target, taken)
+        gm.add_submodule(name, copy.deepcopy(module))
+        node.target = name
+        return True
+
+
+def _drop_unused_modules(gm: fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for name, _ in list(gm.named_children()):
+        if name not in used and not any(u == name or u.startswith(name + ".") for u in used):
+            delattr(gm, name)

@@ -1,0 +1,76 @@
+"""choose_bias_scaling: pick each bias quantizer per target profile and link layers to their input quantizer.
+
+- ``external``: bias scale = input scale x weight scale (32-bit by default, 16-bit option): FINN, ONNX, torch;
+- ``internal``: the bias's own N-bit scale (power of two when the profile says so): DPU;
+- ``float``: the bias stays float (FINN accepts it).
+
+Layers whose arithmetic needs the input scale at run time (external-scale biases, truncating average pools)
+are linked to the activation quantizer upstream of them. When an external-scale bias has no quantizer
+upstream, one is inserted, so users never meet a run-time "input scale required".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from quantfx.errors import QuantArgumentError
+from quantfx.graph import (
+    insert_module_after, is_act_quant, is_compute, is_trunc_pool, module_of, producer, unique_name,
+)
+from quantfx.nn import QuantIdentity
+from quantfx.pass_infra import Pass, PassResult
+from quantfx.quant import (
+    Int32Bias, Int8BiasPerTensorFixedPointInternalScaling, Int8BiasPerTensorFloatInternalScaling, make_quantizer,
+)
+
+from .swap_modules import find_override, split_override
+
+def bias_spec(mode: str, power_of_two: bool):
+    if mode == "external":
+        return Int32Bias
+    if mode == "internal":
+        return Int8BiasPerTensorFixedPointInternalScaling if power_of_two else Int8BiasPerTensorFloatInternalScaling
+    return None
+
+
+@dataclass(frozen=True)
+class ChooseBiasScaling(Pass):
+    name = "choose_bias_scaling"
+    profile: Any = None
+    overrides: dict = field(default_factory=dict, hash=False)
+
+    def requires(self, gm):
+        if self.profile is None:
+            raise QuantArgumentError("choose_bias_scaling needs a target profile")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        p = self.profile
+        taken: set = set()
+        for node in list(gm.graph.nodes):
+            if is_trunc_pool(gm, node):
+                src = producer(gm, node.args[0])
+                module_of(gm, node)._set_input_quantizer(
+                    module_of(gm, src).act_quant if is_act_quant(gm, src) else None)
+                continue
+            if not is_compute(gm, node):
+                continue
+            layer = module_of(gm, node)
+            found, over = find_override(self.overrides, node.target, layer)
+            over = split_override(over or {}, node.target) if found else {"bias": {}}
+            mode = p.bias_scaling
+            spec = over.get("bias_quant", bias_spec(mode, p.power_of_two))
+            src = producer(gm, node.args[0])
+            needs_input_scale = layer.bias is not None and spec is not None and \
+                getattr(spec, "bias_scaling", "internal") == "external"
+            if not is_act_quant(gm, src) and needs_input_scale:
+                src = insert_module_after(
+                    gm, node.args[0], QuantIdentity(act_quant=p.act_quant, bit_width=p.act_bit_width),
+                    unique_name(gm, node.name + "_input_quant", taken), users=[node])
+            layer._set_input_quantizer(module_of(gm, src).act_quant if is_act_quant(gm, src) else None)
+            if layer.bias is None or spec is None:
+                continue
+            bias_over = {"bit_width": p.bias_bit_width, **over["bias"]}
+            layer.bias_quant = make_quantizer(spec, "bias", name=f"{node.target}.bias_quant", **bias_over)
+        return PassResult(gm, True)

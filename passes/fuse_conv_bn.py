@@ -1,0 +1,89 @@
+"""fuse_conv_bn: fold a BatchNorm that follows a Conv/ConvTranspose/Linear into its weight and bias.
+
+The fused layer is a new module of the same class that receives its parameters through ``load_state_dict``
+(never ``deepcopy``). The fold uses the running statistics, so a BatchNorm in training mode is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from quantfx.errors import QuantFXError
+from quantfx.graph import BN_TYPES, FLOAT_COMPUTE_TYPES, module_of
+from quantfx.nn import float_layer_kwargs
+from quantfx.pass_infra import Pass, PassResult
+
+
+
+def fold_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of ``layer`` followed by ``bn`` in eval mode, computed in float64."""
+    w = layer.weight.detach().double()
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(bn.running_mean, dtype=w.dtype)
+    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(bn.running_mean, dtype=w.dtype)
+    factor = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+    if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        groups = layer.groups
+        # weight [in, out/groups, k...]: output channel o = g * (out/groups) + j lives at [g-block, j]
+        w_g = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        f = factor.reshape(groups, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        w = (w_g * f).reshape(w.shape)
+        b = b if layer.bias is not None else torch.zeros(layer.out_channels, dtype=w.dtype)
+    else:
+        w = w * factor.reshape(-1, *([1] * (w.dim() - 1)))
+    bias = (b - bn.running_mean.double()) * factor + beta
+    return w.to(layer.weight.dtype), bias.to(layer.weight.dtype)
+
+
+def _fresh_layer_with_bias(layer: nn.Module) -> nn.Module:
+    """A new layer of the same class and configuration, with a bias."""
+    return type(layer)(**float_layer_kwargs(layer), bias=True)
+
+
+@dataclass(frozen=True)
+class FuseConvBN(Pass):
+    """Conv1d/2d/3d, ConvTranspose1d/2d and Linear followed by BatchNorm (conv with a single user)."""
+
+    name = "fuse_conv_bn"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(gm.graph.nodes):
+            bn = module_of(gm, node)
+            if not isinstance(bn, BN_TYPES) or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            src = node.args[0]
+            layer = module_of(gm, src)
+            reason = self.refuse(gm, src, layer, bn)
+            if reason:
+                continue
+            if bn.training:
+                raise QuantFXError(
+                    f"fuse_conv_bn: {node.target} is in training mode, so its batch statistics are not "
+                    f"fixed; call model.eval() first (quantfx.quantize does this on its own copy)")
+            w, b = fold_weights(layer, bn)
+            fused = _fresh_layer_with_bias(layer).to(w.device)
+            fused.load_state_dict({"weight": w, "bias": b})
+            fused.train(layer.training)
+            gm.add_submodule(src.target, fused)  # replaces the conv under the same name
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+            modified = True
+        return PassResult(gm, modified)
+
+    @staticmethod
+    def refuse(gm, src: fx.Node, layer, bn) -> str:
+        """Why this conv/bn pair cannot be fused ('' when it can)."""
+        if not isinstance(layer, FLOAT_COMPUTE_TYPES):
+            return "producer is not a float conv/linear"
+        if len(src.users) != 1:
+            return f"{src.target} has {len(src.users)} users; folding would change the other users"
+        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) != 1:
+            return f"{src.target} is called more than once; its weights are shared"
+        channels = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+        if bn.num_features != channels:
+            return f"BatchNorm has {bn.num_features} features, layer has {channels} outputs"
+        return ""

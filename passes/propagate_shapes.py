@@ -1,0 +1,25 @@
+"""propagate_shapes: run example inputs through the graph and record each node's tensor shape/dtype
+(``node.meta['tensor_meta']``, as torch.fx's ShapeProp does). Later passes use it to tell tensors from
+tuples and to size pooling windows; lowering uses it for shapes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from quantfx.pass_infra import Pass, PassResult
+
+
+@dataclass(frozen=True)
+class PropagateShapes(Pass):
+    name = "propagate_shapes"
+    example_inputs: tuple = field(default=(), compare=False, hash=False, repr=False)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if not self.example_inputs:
+            return PassResult(gm, False)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*self.example_inputs)
+        return PassResult(gm, False)

@@ -1,0 +1,185 @@
+"""swap_modules: replace float layers by ``quantfx.nn`` variants with the quantizers the target profile says.
+
+- every Conv/ConvTranspose/Linear -> its Quant* twin (weights from the profile; parameters via load_state_dict);
+- ReLU / ReLU6 / Hardtanh / Sigmoid -> QuantReLU / QuantReLU(max_val=6) / QuantHardTanh / QuantSigmoid
+  (unsigned quantizers where the value is non-negative, as the profile says);
+- average pooling -> truncating QuantAvgPool2d / QuantAdaptiveAvgPool2d when the profile pools in integers;
+- a QuantIdentity after each graph input, and after every node that produces a float tensor (conv/linear
+  accumulators, adds, float ops) which a quantized consumer reads, unless its only reader already quantizes.
+
+``overrides`` maps a module name or a module type to keyword overrides (``weight_bit_width``,
+``act_bit_width``/``bit_width``, ``weight_quant``, ``act_quant``, ...) or to ``None`` to keep it float.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from quantfx.errors import QuantArgumentError
+from quantfx.graph import (
+    is_act_quant, is_invariant, is_tensor_node, is_trunc_pool, module_of, unique_name, insert_module_after,
+    is_cat,
+)
+from quantfx.nn import (
+    QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantIdentity, QuantReLU,
+    QuantSigmoid, float_layer_kwargs,
+)
+from quantfx.pass_infra import Pass, PassResult
+from quantfx.quant.specs import FIELDS
+
+FLOAT = "float"  # marker in node.meta for nodes the user kept float
+
+
+def split_override(values: dict, where: str) -> dict:
+    """{'weight': {...}, 'act': {...}, 'bias': {...}, 'weight_quant': spec?, 'act_quant': spec?}."""
+    out: dict[str, Any] = {"weight": {}, "act": {}, "bias": {}}
+    for key, value in values.items():
+        if key in ("weight_quant", "act_quant", "bias_quant"):
+            out[key] = value
+        elif key in FIELDS:
+            out["act"][key] = value
+        else:
+            slot, _, fld = key.partition("_")
+            if slot in ("weight", "act", "bias") and fld in FIELDS:
+                out[slot][fld] = value
+            else:
+                raise QuantArgumentError(
+                    f"overrides[{where!r}]: unknown key {key!r}; use weight_<field>, act_<field>, bias_<field>, "
+                    f"weight_quant, act_quant or bias_quant, with field in {', '.join(FIELDS)}")
+    return out
+
+
+def find_override(overrides: dict, name: str, module) -> tuple[bool, Any]:
+    """(found, value) for a module: its name first, then its type (most specific first)."""
+    if name in overrides:
+        return True, overrides[name]
+    for cls in type(module).__mro__:
+        if cls in overrides:
+            return True, overrides[cls]
+    return False, None
+
+
+@dataclass(frozen=True)
+class SwapModules(Pass):
+    name = "swap_modules"
+    profile: Any = None
+    overrides: dict = field(default_factory=dict, hash=False)
+
+    def requires(self, gm):
+        if self.profile is None:
+            raise QuantArgumentError("swap_modules needs a target profile (swap_modules{profile=...})")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        taken: set = set()
+        used_names: set = set()
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module":
+                continue
+            module = module_of(gm, node)
+            found, over = find_override(self.overrides, node.target, module)
+            if found and node.target in self.overrides:
+                used_names.add(node.target)
+            if found and over is None:
+                node.meta[FLOAT] = True
+                continue
+            new = self.quant_module(module, split_override(over or {}, node.target))
+            if new is not None:
+                gm.add_submodule(node.target, new)
+        self._check_names(gm, used_names)
+        self._insert_quantizers(gm, taken)
+        return PassResult(gm, True)
+
+    # -- module replacement ----------------------------------------------------------------------------
+
+    def _act(self, unsigned: bool, over: dict) -> dict:
+        p = self.profile
+        spec = over.get("act_quant") or (p.act_quant_unsigned if unsigned else p.act_quant)
+        return {"act_quant": spec, **{"bit_width": p.act_bit_width, **over["act"]}}
+
+    def quant_module(self, m: nn.Module, over: dict):
+        p = self.profile
+        cls = QUANT_LAYER_FOR.get(type(m))
+        if cls is not None:
+            wq = over.get("weight_quant") or p.weight_quant
+            wkw = {"weight_" + k: v for k, v in {"bit_width": p.weight_bit_width, **over["weight"]}.items()}
+            q = cls(**float_layer_kwargs(m), bias=m.bias is not None, weight_quant=wq, **wkw)
+            q = q.to(device=m.weight.device, dtype=m.weight.dtype)
+            missing, unexpected = q.load_state_dict(m.state_dict(), strict=False)
+            assert not unexpected and all("_quant." in k for k in missing), (missing, unexpected)
+            q.train(m.training)
+            return q
+        if isinstance(m, nn.ReLU6):
+            return QuantReLU(max_val=6.0, **self._act(True, over))
+        if isinstance(m, nn.ReLU):
+            return QuantReLU(**self._act(True, over))
+        if isinstance(m, nn.Hardtanh):
+            return QuantHardTanh(min_val=m.min_val, max_val=m.max_val, **self._act(m.min_val >= 0, over))
+        if isinstance(m, nn.Sigmoid):
+            return QuantSigmoid(**self._act(True, over))
+        if p.avgpool == "trunc":
+            bits = over["act"].get("bit_width", p.act_bit_width)
+            if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None:
+                return QuantAvgPool2d(m.kernel_size, m.stride, m.padding, bit_width=bits)
+            if isinstance(m, nn.AdaptiveAvgPool2d):
+                return QuantAdaptiveAvgPool2d(m.output_size, bit_width=bits)
+        return None
+
+    def _check_names(self, gm, used: set) -> None:
+        names = [k for k in self.overrides if isinstance(k, str)]
+        unknown = [k for k in names if k not in used]
+        if unknown:
+            known = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+            hints = {k: difflib.get_close_matches(k, known, n=3) for k in unknown}
+            raise QuantArgumentError(
+                "overrides name modules that are not in the traced model: " +
+                "; ".join(f"{k!r} (did you mean {', '.join(map(repr, v))}?)" if v else repr(k)
+                          for k, v in hints.items()) + f". Module names: {', '.join(known[:40])}")
+
+    # -- quantizer insertion ---------------------------------------------------------------------------
+
+    def _identity(self, bits: int) -> QuantIdentity:
+        return QuantIdentity(act_quant=self.profile.act_quant, bit_width=bits)
+
+    def _insert_quantizers(self, gm, taken) -> None:
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op == "placeholder" and node.users:
+                insert_module_after(gm, node, self._identity(self.profile.input_bit_width),
+                                    unique_name(gm, node.name + "_quant", taken))
+            elif self._needs_requant(gm, node):
+                insert_module_after(gm, node, self._identity(self.profile.act_bit_width),
+                                    unique_name(gm, node.name + "_quant", taken))
+
+    def _needs_requant(self, gm, node: fx.Node) -> bool:
+        if node.op not in ("call_module", "call_function", "call_method") or not node.users:
+            return False
+        if is_act_quant(gm, node) or is_invariant(gm, node) or is_trunc_pool(gm, node) or is_cat(node):
+            return False
+        if not is_tensor_node(node):
+            return False
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and not hasattr(tm, "shape"):
+            return False  # produces a tuple/list
+        users = list(node.users)
+        if len(users) == 1 and is_act_quant(gm, users[0]):
+            return False
+        return self._feeds_quantized(gm, node, from_float=bool(node.meta.get(FLOAT)))
+
+    def _feeds_quantized(self, gm, node, from_float: bool) -> bool:
+        stack, seen = list(node.users), set()
+        while stack:
+            u = stack.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if is_invariant(gm, u):
+                stack.extend(u.users)
+            elif u.op == "output":
+                if not from_float:
+                    return True
+            elif not u.meta.get(FLOAT) and is_tensor_node(u):
+                return True
+        return False

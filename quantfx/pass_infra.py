@@ -1,0 +1,194 @@
+"""Pass infrastructure: ``Pass``, ``PassResult``, ``Pipeline`` and ``PassManager``.
+
+A pass is ``call(gm) -> PassResult(graph_module, modified)`` wrapped by optional ``requires(gm)`` /
+``ensures(gm)`` checks. A plain function ``gm -> gm | PassResult`` is accepted too. The manager recompiles
+once per pass (never per node), lints the graph after each pass, times each pass, and re-raises a failure as
+:class:`quantfx.PassError` naming the pass and the passes that already ran. Built-in passes use this same API.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Union
+
+from torch import fx
+
+from .errors import PassError, QuantFXError
+
+
+class PassResult(NamedTuple):
+    graph_module: Any
+    modified: bool
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of graph passes. Subclasses are frozen dataclasses: a ``name`` and options as fields."""
+
+    name: ClassVar[str] = "pass"
+
+    def requires(self, gm) -> None:
+        """Raise if ``gm`` is not a valid input of this pass."""
+
+    def ensures(self, gm) -> None:
+        """Raise if the pass's output breaks its contract."""
+
+    def call(self, gm) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, gm) -> PassResult:
+        self.requires(gm)
+        result = self.call(gm)
+        self.ensures(result.graph_module)
+        return result
+
+    def spell(self) -> str:
+        """The pass as a pipeline string element: ``name`` or ``name{opt=value,...}`` for non-default options."""
+        opts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if f.init and getattr(self, f.name) != f.default and f.default is not dataclasses.MISSING]
+        return self.name + ("{" + ",".join(opts) + "}" if opts else "")
+
+
+class FunctionPass(Pass):
+    """Wraps a plain function ``gm -> gm | PassResult``."""
+
+    def __init__(self, fn: Callable, name: Optional[str] = None):
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "_name", name or getattr(fn, "__name__", "function_pass"))
+
+    @property
+    def name(self):  # type: ignore[override]
+        return self._name
+
+    def call(self, gm) -> PassResult:
+        out = self.fn(gm)
+        if isinstance(out, PassResult):
+            return out
+        if out is None:
+            return PassResult(gm, True)
+        return PassResult(out, True)
+
+    def spell(self) -> str:
+        return self._name
+
+    def __repr__(self):
+        return f"FunctionPass({self._name})"
+
+
+def as_pass(p) -> Pass:
+    if isinstance(p, Pass):
+        return p
+    if callable(p):
+        return FunctionPass(p)
+    raise QuantFXError(f"pipeline: {p!r} is neither a Pass nor a function gm -> gm")
+
+
+class Pipeline:
+    """An editable, printable list of passes."""
+
+    def __init__(self, passes=()):
+        self.passes: list[Pass] = [as_pass(p) for p in passes]
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def _index(self, name: str) -> int:
+        for i, p in enumerate(self.passes):
+            if p.name == name:
+                return i
+        raise QuantFXError(f"pipeline has no pass named {name!r}; it has: {', '.join(self.names())}")
+
+    def insert_after(self, name: str, p) -> "Pipeline":
+        self.passes.insert(self._index(name) + 1, as_pass(p))
+        return self
+
+    def insert_before(self, name: str, p) -> "Pipeline":
+        self.passes.insert(self._index(name), as_pass(p))
+        return self
+
+    def replace(self, name: str, p) -> "Pipeline":
+        self.passes[self._index(name)] = as_pass(p)
+        return self
+
+    def remove(self, name: str) -> "Pipeline":
+        del self.passes[self._index(name)]
+        return self
+
+    def append(self, p) -> "Pipeline":
+        self.passes.append(as_pass(p))
+        return self
+
+    def spell(self) -> str:
+        return ",".join(p.spell() for p in self.passes)
+
+    def __iter__(self):
+        return iter(self.passes)
+
+    def __len__(self):
+        return len(self.passes)
+
+    def __str__(self):
+        return self.spell()
+
+    def __repr__(self):
+        return f"Pipeline({self.spell()})"
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+
+
+class PassManager:
+    """Runs a pipeline. The first pass may take an ``nn.Module`` (trace); later ones take a GraphModule."""
+
+    def __init__(self, pipeline: Union[Pipeline, list], dump_dir: Optional[Union[str, Path]] = None,
+                 check: bool = True, on_dump: Optional[Callable] = None):
+        self.pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.check = check
+        self.on_dump = on_dump
+        self.records: list[PassRecord] = []
+
+    def run(self, gm):
+        self.records = []
+        done: list[str] = []
+        for i, p in enumerate(self.pipeline):
+            start = time.perf_counter()
+            try:
+                result = p(gm)
+                gm = result.graph_module
+                if isinstance(gm, fx.GraphModule) and result.modified:
+                    gm.recompile()
+                if self.check and isinstance(gm, fx.GraphModule):
+                    gm.graph.lint()
+            except PassError:
+                raise
+            except QuantFXError as e:
+                # User-facing errors keep their type; the message gains where it happened.
+                e.args = (f"{e.args[0] if e.args else e} [in pass {p.name!r}; passes run before it: "
+                          f"{', '.join(done) or 'none'}]",) + tuple(e.args[1:])
+                raise
+            except Exception as e:
+                raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e} "
+                                f"(passes run before it: {', '.join(done) or 'none'})") from e
+            self.records.append(PassRecord(p.name, time.perf_counter() - start, result.modified))
+            done.append(p.name)
+            if self.dump_dir is not None and isinstance(gm, fx.GraphModule):
+                self._dump(gm, i, p.name)
+        return gm
+
+    def _dump(self, gm, index: int, name: str) -> None:
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.dump_dir / f"{index:02d}_{name}"
+        stem.with_suffix(".txt").write_text(gm.graph.python_code("self").src + "\n\n" + str(gm.graph))
+        if self.on_dump is not None:
+            self.on_dump(gm, stem)
+
+    def timings(self) -> str:
+        return "\n".join(f"{r.name:24s} {r.seconds * 1000:8.2f} ms{'' if r.modified else '  (no change)'}"
+                         for r in self.records)

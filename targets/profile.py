@@ -1,0 +1,128 @@
+"""Target profiles: frozen dataclasses saying what each backend accepts, registered by name."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from quantfx.errors import QuantArgumentError
+from quantfx import quant as Q
+
+BIAS_MODES = ("external", "internal", "float")
+AVGPOOL_MODES = ("trunc", "requant")
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """What a target accepts. Passes read it; lowering checks the compiled graph against it.
+
+    ``weight_quant``/``act_quant``/``act_quant_unsigned`` are quantizer spec classes; ``*_bit_width`` fields
+    override their bit widths and must lie in the allowed ranges."""
+
+    name: str
+    weight_quant: type
+    act_quant: type  # signed activations (identity requantization, add/cat groups, inputs)
+    act_quant_unsigned: type  # after ReLU / ReLU6 / Sigmoid
+    bias_scaling: str = "external"
+    bias_bit_width: int = 32
+    avgpool: str = "trunc"
+    weight_bit_width: int = 8
+    act_bit_width: int = 8
+    input_bit_width: int = 8
+    weight_bit_range: tuple = (2, 8)
+    act_bit_range: tuple = (2, 8)
+    power_of_two: bool = False
+    per_channel_weights_allowed: bool = True
+    zero_point_allowed: bool = False
+    description: str = ""
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        where = f"target {self.name!r}"
+        if self.bias_scaling not in BIAS_MODES:
+            raise QuantArgumentError(f"{where}: bias_scaling={self.bias_scaling!r}; use one of {BIAS_MODES}")
+        if self.avgpool not in AVGPOOL_MODES:
+            raise QuantArgumentError(f"{where}: avgpool={self.avgpool!r}; use one of {AVGPOOL_MODES}")
+        for attr, rng in (("weight_bit_width", self.weight_bit_range), ("act_bit_width", self.act_bit_range),
+                          ("input_bit_width", self.act_bit_range)):
+            v = getattr(self, attr)
+            if isinstance(v, bool) or not isinstance(v, int) or not rng[0] <= v <= rng[1]:
+                raise QuantArgumentError(
+                    f"{where}: {attr}={v!r} is outside what the target accepts ({rng[0]}..{rng[1]})")
+        if self.bias_bit_width not in (8, 16, 32):
+            raise QuantArgumentError(f"{where}: bias_bit_width={self.bias_bit_width!r}; use 8, 16 or 32")
+
+    def replace(self, **changes) -> "TargetProfile":
+        """A copy with ``changes`` (validated); ``None`` values are ignored."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def weight_spec_overrides(self) -> dict:
+        return {"bit_width": self.weight_bit_width}
+
+
+_REGISTRY: dict[str, TargetProfile] = {}
+
+
+def register_profile(profile: TargetProfile) -> TargetProfile:
+    _REGISTRY[profile.name] = profile
+    return profile
+
+
+def available_targets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_profile(target) -> TargetProfile:
+    """A registered profile by name, or ``target`` itself if it is a TargetProfile."""
+    if isinstance(target, TargetProfile):
+        return target
+    if target not in _REGISTRY:
+        raise QuantArgumentError(
+            f"unknown target {target!r}; valid targets: {', '.join(available_targets())}")
+    return _REGISTRY[target]
+
+
+FINN = register_profile(TargetProfile(
+    name="finn", weight_quant=Q.Int8WeightPerTensorFloat, act_quant=Q.Int8ActPerTensorFloat,
+    act_quant_unsigned=Q.Uint8ActPerTensorFloat, bias_scaling="external", bias_bit_width=32,
+    avgpool="trunc", weight_bit_range=(1, 8), act_bit_range=(1, 8),
+    description="QONNX for FINN: 1-8 bit weights/activations, zero point 0, unsigned activations after ReLU, "
+                "external 32-bit or float bias"))
+
+ONNX = register_profile(TargetProfile(
+    name="onnx", weight_quant=Q.Int8WeightPerChannelFloat, act_quant=Q.Uint8ActPerTensorFloatAsym,
+    act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external", bias_bit_width=32,
+    avgpool="requant", weight_bit_range=(2, 8), act_bit_range=(2, 8), zero_point_allowed=True,
+    description="standard ONNX QDQ for onnxruntime: int8 per-channel weights (axis 0), uint8 activations "
+                "with zero point, int32 external bias"))
+
+
+class Int8WeightPerChannelFullRange(Q.Int8WeightPerChannelFloat):
+    """int8 per-channel symmetric weights over the full range [-128, 127] (PyTorch qint8)."""
+    narrow_range = False
+
+
+TORCH = register_profile(TargetProfile(
+    name="torch", weight_quant=Int8WeightPerChannelFullRange,
+    act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external", bias_bit_width=32,
+    avgpool="requant", act_bit_width=7, input_bit_width=7, weight_bit_range=(8, 8), act_bit_range=(7, 8),
+    zero_point_allowed=True, options={"engine": "x86"},
+    description="PyTorch quantized ops: int8 per-channel weights, quint8 activations with zero point; 7-bit "
+                "activation range on x86/fbgemm (reduce_range), 8-bit on qnnpack"))
+
+
+def torch_profile(engine: str = "x86") -> TargetProfile:
+    """The torch profile for a quantized engine: 7-bit activations on x86/fbgemm, 8-bit on qnnpack."""
+    if engine not in ("x86", "fbgemm", "qnnpack", "onednn"):
+        raise QuantArgumentError(f"torch target: engine={engine!r}; use 'x86', 'fbgemm', 'qnnpack' or 'onednn'")
+    bits = 8 if engine == "qnnpack" else 7
+    return dataclasses.replace(TORCH, act_bit_width=bits, input_bit_width=bits, options={"engine": engine})
+
+
+DPU = register_profile(TargetProfile(
+    name="dpu", weight_quant=Q.Int8WeightPerTensorFixedPoint, act_quant=Q.Int8ActPerTensorFixedPoint,
+    act_quant_unsigned=Q.Int8ActPerTensorFixedPoint, bias_scaling="internal", bias_bit_width=8,
+    avgpool="requant", weight_bit_range=(8, 8), act_bit_range=(8, 8), power_of_two=True,
+    per_channel_weights_allowed=False,
+    description="Xilinx DPU: 8-bit signed symmetric per-tensor, power-of-two scales everywhere, internal "
+                "8-bit bias, concat inputs/outputs share one position"))
