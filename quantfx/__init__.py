@@ -17,4 +17,6 @@ from .api import (
     pipeline_for, quantize, quantizers,
 )
 
+from .export import export, lower, verify, VerifyReport
+
 __version__ = "0.1.0"

@@ -5,3 +5,4 @@ from .profile import (
 
 __all__ = ["TargetProfile", "available_targets", "get_profile", "register_profile", "torch_profile",
            "FINN", "ONNX", "TORCH", "DPU"]
+from . import onnx_qdq  # noqa: E402,F401  (registers the onnx backend)

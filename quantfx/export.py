@@ -1,0 +1,189 @@
+"""Public backend API shared by every target: ``lower``, ``export`` and ``verify``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import fx
+
+from .errors import QuantArgumentError, QuantFXError
+from .graph import is_act_quant, qmeta
+
+#: target name -> Backend (registered by the target modules under quantfx.targets)
+BACKENDS: dict[str, "Backend"] = {}
+
+
+@dataclass
+class Backend:
+    """How one target lowers, saves, loads and runs its artefact."""
+
+    name: str
+    lower: Callable[[fx.GraphModule, tuple], Any]  # (qmodel, example_inputs) -> artefact
+    save: Callable[[Any, Path], None]
+    load: Callable[[Path], Any]
+    run: Callable[[Any, tuple], list]  # (artefact, inputs) -> list of numpy outputs
+    run_with_intermediates: Optional[Callable[[Any, tuple, list], dict]] = None
+    suffix: str = ".onnx"
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_for(qmodel, target: Optional[str] = None) -> Backend:
+    from . import targets  # noqa: F401  (registers the backends)
+    name = target or getattr(getattr(qmodel, "profile", None), "name", None)
+    if name is None:
+        raise QuantArgumentError("export: the model has no target profile; pass target='onnx' | 'finn' | ...")
+    if name not in BACKENDS:
+        raise QuantArgumentError(f"export: no backend for target {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]
+
+
+def _inputs(qmodel, example_inputs) -> tuple:
+    if example_inputs is None:
+        metas = [n.meta.get("tensor_meta") for n in qmodel.graph.nodes if n.op == "placeholder"]
+        if not metas or any(m is None for m in metas):
+            raise QuantArgumentError("export: give example_inputs (the graph has no recorded input shapes)")
+        return tuple(torch.zeros(tuple(m.shape), dtype=m.dtype) for m in metas)
+    return (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
+
+
+def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = None):
+    """The artefact for the model's target (or ``target``), in memory (an ``onnx.ModelProto`` for
+    onnx/finn/dpu). Raises TargetError for a rule the model breaks and CalibrationError for a quantizer that
+    never saw data."""
+    from .api import annotate
+    backend = backend_for(qmodel, target)
+    annotate(qmodel)  # scales may have moved since the last calibration (QAT)
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        return backend.lower(qmodel, _inputs(qmodel, example_inputs))
+    finally:
+        qmodel.train(was_training)
+
+
+def export(qmodel: fx.GraphModule, path: Union[str, Path], example_inputs=None, target: Optional[str] = None):
+    """Write the artefact for the model's target to ``path`` and return it."""
+    backend = backend_for(qmodel, target)
+    artefact = lower(qmodel, example_inputs, target)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend.save(artefact, path)
+    return artefact
+
+
+@dataclass
+class OutputReport:
+    name: str
+    max_abs_error: float
+    lsb: float
+    max_error_lsb: float
+
+
+@dataclass
+class VerifyReport:
+    """Max error of each artefact output against the fake-quant model, in units of that output's step."""
+
+    target: str
+    outputs: list = field(default_factory=list)
+    tolerance_lsb: float = 1.0
+    worst_node: Optional[str] = None
+    worst_node_error_lsb: Optional[float] = None
+
+    @property
+    def ok(self) -> bool:
+        return all(o.max_error_lsb <= self.tolerance_lsb for o in self.outputs)
+
+    @property
+    def max_error_lsb(self) -> float:
+        return max((o.max_error_lsb for o in self.outputs), default=0.0)
+
+    def __str__(self):
+        lines = [f"verify[{self.target}]: {'ok' if self.ok else 'FAILED'} (tolerance {self.tolerance_lsb} LSB)"]
+        for o in self.outputs:
+            lines.append(f"  {o.name}: max error {o.max_error_lsb:.3f} LSB ({o.max_abs_error:.3g}, "
+                         f"LSB {o.lsb:.3g})")
+        if self.worst_node:
+            lines.append(f"  first node off by more than the tolerance: {self.worst_node} "
+                         f"({self.worst_node_error_lsb:.2f} LSB)")
+        return "\n".join(lines)
+
+
+def _lsb(node: fx.Node) -> float:
+    meta = qmeta(node)
+    if meta.scale is None:
+        return float("nan")
+    return float(meta.scale.reshape(-1).min())
+
+
+def _intermediates(qmodel, inputs) -> dict:
+    """fx node name -> value of every activation-quantizer node (the integer-grid points of the graph)."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if is_act_quant(qmodel, n) and torch.is_tensor(out):
+                values[n.name] = out.detach().numpy()
+            return out
+
+    with torch.no_grad():
+        Recorder(qmodel).run(*inputs)
+    return values
+
+
+def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[str] = None,
+           tolerance_lsb: float = 1.0) -> VerifyReport:
+    """Run the artefact in its own runtime and compare each output with the fake-quant model.
+
+    Returns a VerifyReport: max error per output in LSBs of that output's quantization step, ``ok`` when all
+    are within ``tolerance_lsb``, and when not, the first activation-quantizer node that is off."""
+    backend = backend_for(qmodel, target)
+    artefact = backend.load(Path(artefact_or_path)) if isinstance(artefact_or_path, (str, Path)) \
+        else artefact_or_path
+    inputs = (inputs,) if torch.is_tensor(inputs) else tuple(inputs)
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            expected = qmodel(*inputs)
+    finally:
+        qmodel.train(was_training)
+    expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+    got = backend.run(artefact, inputs)
+    out_node = next(n for n in qmodel.graph.nodes if n.op == "output")
+    results = out_node.args[0] if isinstance(out_node.args[0], (list, tuple)) else [out_node.args[0]]
+    report = VerifyReport(backend.name, tolerance_lsb=tolerance_lsb)
+    for i, (e, g, r) in enumerate(zip(expected, got, results)):
+        err = float(np.max(np.abs(e.detach().numpy() - g))) if e.numel() else 0.0
+        lsb = _lsb(r)
+        report.outputs.append(OutputReport(r.name if len(results) > 1 else "output", err, lsb,
+                                           err / lsb if lsb == lsb and lsb > 0 else float("inf") if err else 0.0))
+    if not report.ok and backend.run_with_intermediates is not None:
+        _find_worst(qmodel, artefact, inputs, backend, report)
+    return report
+
+
+def _find_worst(qmodel, artefact, inputs, backend, report) -> None:
+    expected = _intermediates(qmodel, inputs)
+    try:
+        got = backend.run_with_intermediates(artefact, inputs, list(expected))
+    except QuantFXError:
+        return
+    for node in qmodel.graph.nodes:
+        if node.name in got and node.name in expected:
+            err = float(np.max(np.abs(expected[node.name] - got[node.name])))
+            lsb = _lsb(node)
+            if lsb > 0 and err / lsb > report.tolerance_lsb:
+                report.worst_node, report.worst_node_error_lsb = node.name, err / lsb
+                return
+
+
+__all__ = ["Backend", "BACKENDS", "register_backend", "lower", "export", "verify", "VerifyReport",
+           "OutputReport"]

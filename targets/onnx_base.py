@@ -1,0 +1,459 @@
+"""Shared ONNX lowering: walks a compiled quantfx graph and writes an ``onnx.ModelProto``.
+
+The walk, the standard operators (Conv, Gemm, Add, Concat, pools, reshapes, ...) and naming live here; a
+target subclass says how quantizers, weights, biases and truncating pools are written (QDQ for onnxruntime,
+QONNX ``Quant``/``Trunc`` for FINN) and which rules the graph must meet. Nodes and tensors are named after
+the fx nodes, which carry the module names.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from quantfx.errors import CalibrationError, ExportError, TargetError
+from quantfx.graph import (
+    data_input, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta, tensor_inputs,
+)
+from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
+from quantfx.quant import Quantizer
+
+_MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_ALIAS_METHODS = {"contiguous", "clone", "detach"}
+
+
+def np32(t) -> np.ndarray:
+    return np.asarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t, dtype=np.float32)
+
+
+def _pair(v, n):
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+class OnnxLowering:
+    """Subclasses set ``target`` and ``opset`` and implement the ``emit_*`` hooks and ``check_rules``."""
+
+    target = "onnx"
+    opset = 13
+    extra_opsets: dict = {}
+    producer_name = "quantfx"
+
+    def __init__(self, qmodel: fx.GraphModule, example_inputs):
+        self.gm = qmodel
+        self.example_inputs = tuple(example_inputs)
+        self.nodes: list = []
+        self.initializers: list = []
+        self.env: dict = {}  # fx node -> onnx value name (or tuple of names)
+        self.value_of_node: dict = {}  # fx node name -> onnx value name (for intermediate checks)
+        self._names: set = set()
+
+    # -- naming and building -----------------------------------------------------------------------------
+
+    def fresh(self, base: str) -> str:
+        base = base.replace(".", "_") or "v"
+        name, i = base, 1
+        while name in self._names:
+            name = f"{base}_{i}"
+            i += 1
+        self._names.add(name)
+        return name
+
+    def const(self, base: str, array, dtype=None) -> str:
+        name = self.fresh(base)
+        arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, inputs, base: str, n_out: int = 1, domain: str = "", **attrs):
+        outs = [self.fresh(base if n_out == 1 else f"{base}_{i}") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{base}_{op_type}"),
+                                           domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def shape(self, node: fx.Node) -> tuple:
+        tm = node.meta.get("tensor_meta")
+        if tm is None or not hasattr(tm, "shape"):
+            raise ExportError(f"{self.target}: no shape known for node {node.name}")
+        return tuple(tm.shape)
+
+    # -- hooks ----------------------------------------------------------------------------------------
+
+    def check_rules(self) -> None:
+        """Raise TargetError for a graph the target cannot accept."""
+
+    def emit_act_quant(self, x: str, q: Quantizer, base: str) -> str:
+        raise NotImplementedError
+
+    def emit_weight(self, layer, base: str) -> str:
+        raise NotImplementedError
+
+    def emit_bias(self, layer, in_scale: torch.Tensor, base: str) -> Optional[str]:
+        raise NotImplementedError
+
+    def emit_trunc_pool(self, node: fx.Node, x: str) -> str:
+        raise TargetError(f"{self.target}: {node.target} is a truncating average pool, which this target "
+                          "cannot express; quantize for this target so pools requantize instead")
+
+    # -- the walk -------------------------------------------------------------------------------------
+
+    def lower(self) -> onnx.ModelProto:
+        self._check_calibrated()
+        with torch.no_grad():
+            ShapeProp(self.gm).propagate(*self.example_inputs)
+        self.check_rules()
+        inputs, outputs = [], []
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                name = self.fresh(node.name)
+                shape = ["batch"] + list(self.shape(node)[1:])
+                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+                self.env[node] = name
+            elif node.op == "output":
+                results = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+                for i, r in enumerate(results):
+                    name = self.op("Identity", [self.env[r]], "output" if len(results) == 1 else f"output_{i}")
+                    shape = ["batch"] + list(self.shape(r)[1:])
+                    outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            else:
+                try:
+                    self.env[node] = self.emit(node)
+                except (TargetError, ExportError, CalibrationError):
+                    raise
+                except Exception as e:
+                    raise ExportError(f"{self.target}: cannot lower node {node.name} ({node.op} "
+                                      f"{node.target}): {type(e).__name__}: {e}") from e
+                if isinstance(self.env[node], str):
+                    self.value_of_node[node.name] = self.env[node]
+        graph = helper.make_graph(self.nodes, f"{type(self.gm).__name__}_{self.target}", inputs, outputs,
+                                  self.initializers)
+        opsets = [helper.make_opsetid("", self.opset)] + \
+            [helper.make_opsetid(d, v) for d, v in self.extra_opsets.items()]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name=self.producer_name)
+        model.ir_version = min(model.ir_version, onnx.IR_VERSION, 10)
+        return model
+
+    def _check_calibrated(self) -> None:
+        for name, m in self.gm.named_modules():
+            if isinstance(m, Quantizer) and m.is_quant_enabled and not m.is_calibrated:
+                raise CalibrationError(
+                    f"{self.target}: quantizer {m.qname or name} never saw data, so it has no scale; run "
+                    "quantfx.calibrate(qmodel, data) (or quantize(..., calibration_data=...)) before export")
+
+    def emit(self, node: fx.Node):
+        if node.op == "get_attr":
+            value = getattr(self.gm, node.target) if "." not in node.target else \
+                self.gm.get_submodule(node.target.rsplit(".", 1)[0]).get_parameter(node.target.rsplit(".", 1)[1])
+            return self.const(node.name, np32(value))
+        if is_act_quant(self.gm, node):
+            return self.emit_act(node)
+        if is_compute(self.gm, node):
+            return self.emit_compute(node)
+        if is_trunc_pool(self.gm, node):
+            return self.emit_trunc_pool(node, self.env[node.args[0]])
+        if is_add(node):
+            a, b = tensor_inputs(node)
+            return self.op("Add", [self.env[a], self.env[b]], node.name)
+        if is_cat(node):
+            return self.emit_cat(node)
+        if node.op == "call_module":
+            return self.emit_module(node, module_of(self.gm, node))
+        if node.op == "call_function":
+            return self.emit_function(node)
+        if node.op == "call_method":
+            return self.emit_method(node)
+        raise ExportError(f"{self.target}: unsupported node {node.name} ({node.op})")
+
+    # -- quantized layers -----------------------------------------------------------------------------
+
+    def emit_act(self, node):
+        m = module_of(self.gm, node)
+        x = self.env[node.args[0]]
+        if isinstance(m, QuantReLU):
+            x = self.op("Relu", [x], node.name + "_relu") if m.max_val is None else \
+                self.op("Clip", [x, self.const(node.name + "_min", np.float32(0)),
+                                 self.const(node.name + "_max", np.float32(m.max_val))], node.name + "_relu6")
+        elif isinstance(m, QuantHardTanh):
+            x = self.op("Clip", [x, self.const(node.name + "_min", np.float32(m.min_val)),
+                                 self.const(node.name + "_max", np.float32(m.max_val))], node.name + "_hardtanh")
+        elif isinstance(m, QuantSigmoid):
+            x = self.op("Sigmoid", [x], node.name + "_sigmoid")
+        if m.input_quant.is_quant_enabled:
+            raise ExportError(f"{self.target}: {node.target} has an input quantizer; compiled graphs put "
+                              "quantizers on their own nodes")
+        if not m.act_quant.is_quant_enabled:
+            return x
+        return self.emit_act_quant(x, m.act_quant, node.name)
+
+    def input_scale(self, node) -> torch.Tensor:
+        meta = qmeta(node.args[0])
+        if meta.scale is None:
+            raise CalibrationError(f"{self.target}: the input of {node.target} has no scale; calibrate first")
+        return meta.scale
+
+    def emit_compute(self, node):
+        layer = module_of(self.gm, node)
+        x = self.env[node.args[0]]
+        w = self.emit_weight(layer, node.target) if layer.weight_quant.is_quant_enabled else \
+            self.const(node.target + ".weight", np32(layer.weight))
+        b = None
+        if layer.bias is not None:
+            b = self.emit_bias(layer, self.input_scale(node), node.target) if layer.bias_quant.is_quant_enabled \
+                else self.const(node.target + ".bias", np32(layer.bias))
+        return self.emit_layer(node, layer, x, w, b)
+
+    def emit_layer(self, node, layer, x, w, b):
+        ins = [x, w] + ([b] if b is not None else [])
+        if isinstance(layer, nn.Linear):
+            if len(self.shape(node.args[0])) == 2:
+                return self.op("Gemm", ins, node.name, transB=1)
+            wt = self.op("Transpose", [w], node.name + "_wT", perm=[1, 0])
+            y = self.op("MatMul", [x, wt], node.name + "_matmul")
+            return self.op("Add", [y, b], node.name) if b is not None else y
+        n = len(layer.kernel_size)
+        attrs = dict(kernel_shape=list(layer.kernel_size), strides=_pair(layer.stride, n),
+                     dilations=_pair(layer.dilation, n), group=layer.groups)
+        if isinstance(layer.padding, str):
+            if layer.padding == "valid":
+                attrs["pads"] = [0] * 2 * n
+            else:
+                attrs["auto_pad"] = "SAME_UPPER"
+        else:
+            p = _pair(layer.padding, n)
+            attrs["pads"] = p + p
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            raise ExportError(f"{self.target}: {node.target} uses padding_mode={layer.padding_mode!r}; "
+                              "only zero padding lowers to ONNX Conv")
+        if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+            attrs["output_padding"] = _pair(layer.output_padding, n)
+            return self.op("ConvTranspose", ins, node.name, **attrs)
+        return self.op("Conv", ins, node.name, **attrs)
+
+    # -- standard ops ---------------------------------------------------------------------------------
+
+    def emit_cat(self, node):
+        items = [self.env[a] for a in tensor_inputs(node)]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        rank = len(self.shape(node))
+        if node.target is torch.stack:
+            axis = dim % rank
+            items = [self.op("Unsqueeze", [i, self.const(node.name + "_axes", np.array([axis], np.int64))],
+                             node.name + "_unsq") for i in items]
+            return self.op("Concat", items, node.name, axis=axis)
+        return self.op("Concat", items, node.name, axis=dim % rank)
+
+    def emit_module(self, node, m):
+        x = self.env[node.args[0]]
+        if isinstance(m, _MAXPOOL_MODULES):
+            return self._maxpool(node, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if isinstance(m, (nn.AdaptiveMaxPool2d,)) and _pair(m.output_size, 2) == [1, 1]:
+            return self.op("GlobalMaxPool", [x], node.name)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            ins, out = self.shape(node.args[0])[-2:], self.shape(node)[-2:]
+            if tuple(out) == (1, 1):
+                return self.op("GlobalAveragePool", [x], node.name)
+            if ins[0] % out[0] or ins[1] % out[1]:
+                raise ExportError(f"{self.target}: {node.target}: adaptive pool {ins}->{out} has uneven windows")
+            k = [ins[0] // out[0], ins[1] // out[1]]
+            return self.op("AveragePool", [x], node.name, kernel_shape=k, strides=k)
+        if isinstance(m, nn.AvgPool2d):
+            k = _pair(m.kernel_size, 2)
+            p = _pair(m.padding, 2)
+            return self.op("AveragePool", [x], node.name, kernel_shape=k, strides=_pair(m.stride or k, 2),
+                           pads=p + p, count_include_pad=int(m.count_include_pad), ceil_mode=int(m.ceil_mode))
+        if isinstance(m, nn.Flatten):
+            return self._flatten(node, x, m.start_dim, m.end_dim)
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return x
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            base = node.target
+            return self.op("BatchNormalization", [
+                x, self.const(base + ".weight", np32(m.weight if m.affine else torch.ones(m.num_features))),
+                self.const(base + ".bias", np32(m.bias if m.affine else torch.zeros(m.num_features))),
+                self.const(base + ".running_mean", np32(m.running_mean)),
+                self.const(base + ".running_var", np32(m.running_var))], node.name, epsilon=float(m.eps))
+        simple = {nn.ReLU: "Relu", nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh"}
+        for cls, op_type in simple.items():
+            if type(m) is cls:
+                return self.op(op_type, [x], node.name)
+        if isinstance(m, nn.PixelShuffle):
+            return self.op("DepthToSpace", [x], node.name, blocksize=m.upscale_factor, mode="CRD")
+        if isinstance(m, nn.Linear) or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
+            w = self.const(node.target + ".weight", np32(m.weight))
+            b = self.const(node.target + ".bias", np32(m.bias)) if m.bias is not None else None
+            return self.emit_layer(node, m, x, w, b)
+        raise ExportError(f"{self.target}: module {node.target} ({type(m).__name__}) has no ONNX lowering")
+
+    def _maxpool(self, node, x, kernel, stride, padding, dilation, ceil_mode):
+        n = len(self.shape(node)) - 2
+        k = _pair(kernel, n)
+        p = _pair(padding, n)
+        return self.op("MaxPool", [x], node.name, kernel_shape=k, strides=_pair(stride or kernel, n),
+                       pads=p + p, dilations=_pair(dilation, n), ceil_mode=int(bool(ceil_mode)))
+
+    def _flatten(self, node, x, start, end):
+        rank = len(self.shape(node.args[0]))
+        if start % rank == 1 and end % rank == rank - 1:
+            return self.op("Flatten", [x], node.name, axis=1)
+        return self._reshape(node, x)
+
+    def _reshape(self, node, x):
+        out, inp = list(self.shape(node)), list(self.shape(data_input(node)))
+        if out and inp and out[0] == inp[0]:
+            out[0] = 0  # keep the batch dimension dynamic
+        return self.op("Reshape", [x, self.const(node.name + "_shape", np.array(out, np.int64))], node.name)
+
+    def _args(self, node, names_defaults):
+        out = []
+        for i, (name, default) in enumerate(names_defaults):
+            out.append(node.args[i] if len(node.args) > i else node.kwargs.get(name, default))
+        return out
+
+    def emit_function(self, node):
+        t = node.target
+        if t in (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d):
+            _, k, s, p, d, c = self._args(node, [("input", None), ("kernel_size", None), ("stride", None),
+                                                 ("padding", 0), ("dilation", 1), ("ceil_mode", False)])
+            return self._maxpool(node, self.env[node.args[0]], k, s, p, d, c)
+        if t is torch.flatten:
+            _, start, end = self._args(node, [("input", None), ("start_dim", 0), ("end_dim", -1)])
+            return self._flatten(node, self.env[node.args[0]], start, end)
+        if t is torch.reshape:
+            return self._reshape(node, self.env[node.args[0]])
+        if t in (torch.transpose, torch.permute, torch.t):
+            return self._transpose(node, self.env[node.args[0]], node.args[1:])
+        if t in (torch.chunk, torch.split):
+            return self._split(node)
+        if t is operator.getitem:
+            return self._getitem(node)
+        if t in (F.pixel_shuffle, torch.pixel_shuffle):
+            return self.op("DepthToSpace", [self.env[node.args[0]]], node.name, blocksize=int(node.args[1]),
+                           mode="CRD")
+        if t is F.pad:
+            return self._pad(node)
+        if t in (torch.squeeze, torch.unsqueeze):
+            return self._reshape(node, self.env[node.args[0]])
+        if t in (operator.mul, torch.mul, operator.truediv, operator.sub, operator.add, torch.add, torch.sub):
+            return self._binary(node)
+        if t in (torch.sigmoid, torch.tanh, F.silu, torch.relu, F.relu):
+            op_type = {torch.sigmoid: "Sigmoid", torch.tanh: "Tanh", torch.relu: "Relu", F.relu: "Relu"}.get(t)
+            if op_type:
+                return self.op(op_type, [self.env[node.args[0]]], node.name)
+            x = self.env[node.args[0]]
+            return self.op("Mul", [x, self.op("Sigmoid", [x], node.name + "_sig")], node.name)
+        raise ExportError(f"{self.target}: function {getattr(t, '__name__', t)} at node {node.name} has no "
+                          "ONNX lowering")
+
+    def emit_method(self, node):
+        t = node.target
+        x = self.env[node.args[0]]
+        if t in _ALIAS_METHODS:
+            return x
+        if t in ("view", "reshape", "squeeze", "unsqueeze", "expand"):
+            return self._reshape(node, x)
+        if t == "flatten":
+            _, start, end = self._args(node, [("self", None), ("start_dim", 0), ("end_dim", -1)])
+            return self._flatten(node, x, start, end)
+        if t in ("transpose", "permute", "t"):
+            return self._transpose(node, x, node.args[1:])
+        if t in ("chunk", "split"):
+            return self._split(node)
+        if t in ("mul", "div", "sub"):
+            return self._binary(node)
+        raise ExportError(f"{self.target}: method .{t}() at node {node.name} has no ONNX lowering")
+
+    def _transpose(self, node, x, dims):
+        rank = len(self.shape(node))
+        if node.target in ("transpose", torch.transpose):
+            a, b = (d % rank for d in dims[:2])
+            perm = list(range(rank))
+            perm[a], perm[b] = perm[b], perm[a]
+        elif node.target in ("t", torch.t):
+            perm = [1, 0]
+        else:
+            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+            perm = [d % rank for d in dims]
+        return self.op("Transpose", [x], node.name, perm=perm)
+
+    def _split(self, node):
+        x = self.env[node.args[0]]
+        shape = self.shape(node.args[0])
+        if node.target in (torch.chunk, "chunk"):
+            _, chunks, dim = self._args(node, [("input", None), ("chunks", None), ("dim", 0)])
+            dim %= len(shape)
+            size = math.ceil(shape[dim] / chunks)
+            sizes = [min(size, shape[dim] - i) for i in range(0, shape[dim], size)]
+        else:
+            _, split, dim = self._args(node, [("tensor", None), ("split_size_or_sections", None), ("dim", 0)])
+            dim %= len(shape)
+            sizes = list(split) if isinstance(split, (list, tuple)) else \
+                [min(split, shape[dim] - i) for i in range(0, shape[dim], split)]
+        outs = self.op("Split", [x, self.const(node.name + "_sizes", np.array(sizes, np.int64))], node.name,
+                       n_out=len(sizes), axis=dim)
+        return tuple(outs) if isinstance(outs, list) else (outs,)
+
+    def _getitem(self, node):
+        src, idx = node.args
+        value = self.env[src]
+        if isinstance(value, tuple):
+            return value[idx]
+        shape = self.shape(src)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        starts, ends, axes, steps, squeeze = [], [], [], [], []
+        for axis, item in enumerate(idx):
+            if item is Ellipsis:
+                raise ExportError(f"{self.target}: node {node.name}: Ellipsis indexing has no lowering")
+            if isinstance(item, slice):
+                if item == slice(None):
+                    continue
+                s, e, st = item.indices(shape[axis])
+                starts.append(s), ends.append(e), axes.append(axis), steps.append(st)
+            elif isinstance(item, int):
+                i = item % shape[axis]
+                starts.append(i), ends.append(i + 1), axes.append(axis), steps.append(1)
+                squeeze.append(axis)
+            else:
+                raise ExportError(f"{self.target}: node {node.name}: index {item!r} has no lowering")
+        y = value
+        if axes:
+            y = self.op("Slice", [value, self.const(node.name + "_starts", np.array(starts, np.int64)),
+                                  self.const(node.name + "_ends", np.array(ends, np.int64)),
+                                  self.const(node.name + "_axes", np.array(axes, np.int64)),
+                                  self.const(node.name + "_steps", np.array(steps, np.int64))],
+                        node.name if not squeeze else node.name + "_slice")
+        if squeeze:
+            y = self.op("Squeeze", [y, self.const(node.name + "_sq", np.array(squeeze, np.int64))], node.name)
+        return y
+
+    def _pad(self, node):
+        _, pad, mode, value = self._args(node, [("input", None), ("pad", None), ("mode", "constant"),
+                                                ("value", None)])
+        if mode != "constant":
+            raise ExportError(f"{self.target}: node {node.name}: F.pad mode {mode!r} has no lowering")
+        rank = len(self.shape(node))
+        begins, ends = [0] * rank, [0] * rank
+        for i in range(len(pad) // 2):
+            axis = rank - 1 - i
+            begins[axis], ends[axis] = pad[2 * i], pad[2 * i + 1]
+        return self.op("Pad", [self.env[node.args[0]], self.const(node.name + "_pads", np.array(begins + ends,
+                                                                                               np.int64)),
+                               self.const(node.name + "_value", np.float32(value or 0.0))], node.name)
+
+    def _binary(self, node):
+        op_type = {operator.mul: "Mul", torch.mul: "Mul", "mul": "Mul", operator.truediv: "Div", "div": "Div",
+                   operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.add: "Add",
+                   torch.add: "Add"}[node.target]
+        ins = []
+        for i, a in enumerate(node.args[:2]):
+            ins.append(self.env[a] if isinstance(a, fx.Node) else self.const(f"{node.name}_c{i}", np.float32(a)))
+        return self.op(op_type, ins, node.name)
+
+
+__all__ = ["OnnxLowering", "np32"]

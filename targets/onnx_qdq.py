@@ -1,0 +1,162 @@
+"""onnx target: standard ONNX in QDQ form, run by onnxruntime with int8 kernels.
+
+Activations: ``QuantizeLinear -> [Clip for < 8 bits] -> DequantizeLinear`` (uint8 with zero point or int8);
+weights: int8 initializers feeding ``DequantizeLinear`` (per channel on the output-channel axis); biases:
+int32 initializers with scale = input scale x weight scale and zero point 0. onnxruntime fuses the
+DQ -> Conv/Gemm/Add/... -> Q units into QLinear* integer kernels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from quantfx.errors import TargetError
+from quantfx.export import Backend, register_backend
+from quantfx.graph import is_act_quant, is_compute, module_of
+
+from .onnx_base import OnnxLowering, np32
+
+NODE_VALUES_KEY = "quantfx.node_values"
+
+
+def _int_dtype(bits: int, signed: bool):
+    return np.int8 if signed else np.uint8
+
+
+class QDQLowering(OnnxLowering):
+    target = "onnx"
+    opset = 13
+
+    def check_rules(self) -> None:
+        for node in self.gm.graph.nodes:
+            if is_act_quant(self.gm, node):
+                q = module_of(self.gm, node).act_quant
+                if not q.is_quant_enabled:
+                    continue
+                where = f"onnx: {node.target} output quantizer"
+                if not 2 <= q.bit_width <= 8:
+                    raise TargetError(f"{where} is {q.bit_width}-bit; QuantizeLinear here holds 2..8 bits "
+                                      "(use act_bit_width between 2 and 8)")
+                if q.rounding != "half_even":
+                    raise TargetError(f"{where} rounds {q.rounding}; QuantizeLinear rounds half to even "
+                                      "(use rounding='half_even')")
+                if q.scaling_per_output_channel:
+                    raise TargetError(f"{where} is per-channel; activations must be per-tensor")
+            elif is_compute(self.gm, node):
+                layer = module_of(self.gm, node)
+                wq, bq = layer.weight_quant, layer.bias_quant
+                if wq.is_quant_enabled and (wq.bit_width > 8 or not wq.signed or wq.bit_width < 2):
+                    raise TargetError(f"onnx: {node.target} weights are {'int' if wq.signed else 'uint'}"
+                                      f"{wq.bit_width}; the onnx target stores int8 weights (weight_bit_width "
+                                      "2..8, signed)")
+                if bq.is_quant_enabled and bq.bias_scaling != "external":
+                    raise TargetError(f"onnx: {node.target} bias has its own scale; ONNX integer kernels need "
+                                      "an int32 bias with scale = input scale x weight scale (use Int32Bias)")
+
+    def emit_act_quant(self, x, q, base):
+        scale, zp = q.qparams(None)
+        dtype = _int_dtype(q.bit_width, q.signed)
+        s = self.const(base + "_scale", np32(scale.reshape(())))
+        z = self.const(base + "_zero_point", np.asarray(zp.reshape(()).round().item(), dtype))
+        y = self.op("QuantizeLinear", [x, s, z], base + "_q")
+        qmin, qmax = q.int_range()
+        info = np.iinfo(dtype)
+        if (qmin, qmax) != (info.min, info.max):
+            y = self.op("Clip", [y, self.const(base + "_qmin", np.asarray(qmin, dtype)),
+                                 self.const(base + "_qmax", np.asarray(qmax, dtype))], base + "_clip")
+        return self.op("DequantizeLinear", [y, s, z], base)
+
+    def _dq_const(self, base, ints, scale, dtype, axis):
+        w = self.const(base + "_int", ints.numpy().astype(dtype))
+        s = self.const(base + "_scale", np32(scale))
+        z = self.const(base + "_zero_point", np.zeros(tuple(scale.shape), dtype))
+        attrs = {"axis": axis} if scale.dim() == 1 else {}
+        return self.op("DequantizeLinear", [w, s, z], base, **attrs)
+
+    def emit_weight(self, layer, base):
+        wq = layer.weight_quant
+        with torch.no_grad():
+            ints = wq.int_repr(layer.weight)
+            scale = wq.scale(layer.weight)
+        return self._dq_const(base + ".weight", ints, scale, np.int8, wq.channel_axis)
+
+    def emit_bias(self, layer, in_scale, base):
+        with torch.no_grad():
+            w_scale = layer.weight_quant.scale(layer.weight)
+            ints = layer.bias_quant.int_repr(layer.bias, in_scale, w_scale)
+            scale = in_scale.reshape(-1).double() * w_scale.reshape(-1).double()
+        scale = scale.float()
+        scale = scale.reshape(()) if scale.numel() == 1 else scale
+        return self._dq_const(base + ".bias", ints, scale, np.int32, 0)
+
+    def lower(self):
+        model = super().lower()
+        onnx.helper.set_model_props(model, {NODE_VALUES_KEY: json.dumps(self.value_of_node)})
+        return model
+
+
+# -- runtime ---------------------------------------------------------------------------------------------
+
+
+def ort_session(model: onnx.ModelProto, threads: int = 1, optimize: bool = True, optimized_path=None):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else \
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(model, inputs):
+    names = [i.name for i in model.graph.input]
+    return {n: (x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(np.float32)
+            for n, x in zip(names, inputs)}
+
+
+def run_onnx(model: onnx.ModelProto, inputs) -> list:
+    return ort_session(model).run(None, _feed(model, inputs))
+
+
+def node_values(model: onnx.ModelProto) -> dict:
+    for prop in model.metadata_props:
+        if prop.key == NODE_VALUES_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def with_outputs(model: onnx.ModelProto, fx_names) -> tuple[onnx.ModelProto, list]:
+    """A copy of ``model`` that also outputs the values of the given fx nodes; (model, fx names kept)."""
+    mapping = node_values(model)
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    kept = [n for n in fx_names if n in mapping]
+    existing = {o.name for o in extended.graph.output}
+    for n in kept:
+        if mapping[n] not in existing:
+            extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(mapping[n]))
+    return extended, kept
+
+
+def run_onnx_intermediates(model, inputs, fx_names) -> dict:
+    extended, kept = with_outputs(model, fx_names)
+    mapping = node_values(model)
+    sess = ort_session(extended)
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(None, _feed(extended, inputs))))
+    return {n: values[mapping[n]] for n in kept if mapping[n] in values}
+
+
+def _lower(qmodel, example_inputs):
+    return QDQLowering(qmodel, example_inputs).lower()
+
+
+BACKEND = register_backend(Backend(
+    name="onnx", lower=_lower, save=lambda m, p: onnx.save(m, str(p)), load=lambda p: onnx.load(str(Path(p))),
+    run=run_onnx, run_with_intermediates=run_onnx_intermediates))
