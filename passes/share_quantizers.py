@@ -31,31 +31,63 @@ class ShareQuantizers(Pass):
     profile: Any = None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        graph = nx.Graph()
         taken: set = set()
+        # (consumer, input edge, producing quantizer node) for every add/cat input
+        edges = []
         for node in list(gm.graph.nodes):
-            if not (is_add(node) or is_cat(node)):
-                continue
-            members = [self._quantizer_node(gm, inp, node, taken) for inp in tensor_inputs(node)]
-            graph.add_nodes_from(members)
-            graph.add_edges_from(zip(members, members[1:]))
-        if graph.number_of_nodes() == 0:
+            if is_add(node) or is_cat(node):
+                for inp in tensor_inputs(node):
+                    edges.append([node, inp, self._quantizer_node(gm, inp, node, taken)])
+        if not edges:
             return PassResult(gm, False)
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        components = sorted((sorted(c, key=order.__getitem__) for c in nx.connected_components(graph)),
-                            key=lambda c: order[c[0]])
-        for index, members in enumerate(components):
+        # A group that mixes activation functions with plain requantizers, or signs, would force ReLU outputs
+        # onto a signed or zero-pointed grid: those members keep their own quantizer and the add/cat edge
+        # gets a QuantIdentity that joins the group instead.
+        for members in self._components(gm, edges):
+            if self._mixed(gm, members):
+                for edge in edges:
+                    consumer, inp, src = edge
+                    if src in members and type(module_of(gm, src)) is not QuantIdentity:
+                        edge[2] = insert_module_after(gm, inp, self._identity(),
+                                                      unique_name(gm, inp.name + "_quant", taken),
+                                                      users=[consumer])
+                        edge[1] = edge[2]
+        for index, members in enumerate(self._components(gm, edges)):
             self._share(gm, members, f"share_group_{index}")
         return PassResult(gm, True)
+
+    @staticmethod
+    def _components(gm, edges) -> list[list[fx.Node]]:
+        graph = nx.Graph()
+        by_consumer: dict = {}
+        for consumer, _, src in edges:
+            by_consumer.setdefault(consumer, []).append(src)
+        for srcs in by_consumer.values():
+            graph.add_nodes_from(srcs)
+            graph.add_edges_from(zip(srcs, srcs[1:]))
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        return sorted((sorted(c, key=order.__getitem__) for c in nx.connected_components(graph)),
+                      key=lambda c: order[c[0]])
+
+    @staticmethod
+    def _mixed(gm, members) -> bool:
+        modules = [module_of(gm, n) for n in members]
+        types = {type(m) for m in modules}
+        signs = {m.act_quant.signed for m in modules}
+        return len(signs) > 1 or (QuantIdentity in types and len(types) > 1)
+
+    def _identity(self) -> QuantIdentity:
+        if self.profile is None:
+            return QuantIdentity()
+        return QuantIdentity(act_quant=self.profile.act_quant, bit_width=self.profile.act_bit_width)
 
     def _quantizer_node(self, gm, inp: fx.Node, consumer: fx.Node, taken) -> fx.Node:
         src = producer(gm, inp)
         if is_act_quant(gm, src):
             return src
         # No quantizer upstream (e.g. a float region): quantize this edge just before the consumer.
-        q = QuantIdentity(act_quant=self.profile.act_quant, bit_width=self.profile.act_bit_width) \
-            if self.profile is not None else QuantIdentity()
-        return insert_module_after(gm, inp, q, unique_name(gm, inp.name + "_quant", taken), users=[consumer])
+        return insert_module_after(gm, inp, self._identity(), unique_name(gm, inp.name + "_quant", taken),
+                                   users=[consumer])
 
     @staticmethod
     def _share(gm, members: list[fx.Node], group: str) -> None:

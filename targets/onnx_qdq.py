@@ -16,7 +16,8 @@ import torch
 
 from quantfx.errors import TargetError
 from quantfx.export import Backend, register_backend
-from quantfx.graph import is_act_quant, is_compute, module_of
+from quantfx.graph import is_act_quant, is_cat, is_compute, is_invariant, module_of, qmeta
+from quantfx.quant import functional as qf
 
 from .onnx_base import OnnxLowering, np32
 
@@ -30,6 +31,10 @@ def _int_dtype(bits: int, signed: bool):
 class QDQLowering(OnnxLowering):
     target = "onnx"
     opset = 13
+
+    def __init__(self, qmodel, example_inputs):
+        super().__init__(qmodel, example_inputs)
+        self._requantized: set = set()
 
     def check_rules(self) -> None:
         for node in self.gm.graph.nodes:
@@ -59,16 +64,34 @@ class QDQLowering(OnnxLowering):
 
     def emit_act_quant(self, x, q, base):
         scale, zp = q.qparams(None)
-        dtype = _int_dtype(q.bit_width, q.signed)
+        return self._qdq(x, scale, zp, q.int_range(), q.signed, base)
+
+    def _qdq(self, x, scale, zp, int_range, signed, base):
+        dtype = _int_dtype(8, signed)
         s = self.const(base + "_scale", np32(scale.reshape(())))
         z = self.const(base + "_zero_point", np.asarray(zp.reshape(()).round().item(), dtype))
         y = self.op("QuantizeLinear", [x, s, z], base + "_q")
-        qmin, qmax = q.int_range()
         info = np.iinfo(dtype)
-        if (qmin, qmax) != (info.min, info.max):
-            y = self.op("Clip", [y, self.const(base + "_qmin", np.asarray(qmin, dtype)),
-                                 self.const(base + "_qmax", np.asarray(qmax, dtype))], base + "_clip")
+        if tuple(int_range) != (info.min, info.max):
+            y = self.op("Clip", [y, self.const(base + "_qmin", np.asarray(int_range[0], dtype)),
+                                 self.const(base + "_qmax", np.asarray(int_range[1], dtype))], base + "_clip")
         return self.op("DequantizeLinear", [y, s, z], base)
+
+    def emit(self, node):
+        out = super().emit(node)
+        meta = qmeta(node)
+        # Values that only moved (reshape, pool, slice, concat...) are still on their grid: a Q/DQ pair with
+        # the same parameters is exact and gives onnxruntime a complete QDQ unit to run in int8.
+        if (is_invariant(self.gm, node) or is_cat(node)) and meta.kind == "act" and meta.scale is not None \
+                and meta.scale.numel() == 1:
+            rng = qf.int_range(meta.bit_width, meta.signed, meta.narrow)
+            if isinstance(out, tuple):
+                return tuple(self._qdq(o, meta.scale, meta.zero_point, rng, meta.signed, f"{o}_requant")
+                             for o in out)
+            if out != self.env.get(node.args[0]) and out not in self._requantized:
+                out = self._qdq(out, meta.scale, meta.zero_point, rng, meta.signed, node.name + "_requant")
+                self._requantized.add(out)
+        return out
 
     def _dq_const(self, base, ints, scale, dtype, axis):
         w = self.const(base + "_int", ints.numpy().astype(dtype))
