@@ -45,9 +45,17 @@ class Pass:
         return result
 
     def spell(self) -> str:
-        """The pass as a pipeline string element: ``name`` or ``name{opt=value,...}`` for non-default options."""
-        opts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                if f.init and getattr(self, f.name) != f.default and f.default is not dataclasses.MISSING]
+        """The pass as a pipeline string element: ``name`` or ``name{opt=value,...}`` for non-default options.
+
+        The target profile and example inputs are not spelled: a pipeline string is bound to a target."""
+        opts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not f.init or not f.repr or f.name in ("profile", "example_inputs"):
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                opts.append(f"{f.name}={value!r}")
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
 
 

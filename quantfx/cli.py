@@ -1,0 +1,253 @@
+"""The ``quantfx`` command line: quantize, verify, draw, inspect, passes.
+
+Exit codes: 0 success; 1 a quantfx error (trace, target rule, calibration...), printed as one clear message;
+2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit code 2)."""
+
+
+def _shape(text: str) -> tuple:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: expected comma-separated integers such as 1,3,32,32")
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape {text!r}: dimensions must be positive")
+    return dims
+
+
+def load_builder(spec: str):
+    """'path/to/model.py:build_fn' -> the model that build_fn() returns."""
+    path, _, fn = spec.rpartition(":")
+    if not path or not fn:
+        raise UsageError(f"model {spec!r}: expected path/to/model.py:build_fn")
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"model {spec!r}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file.parent.resolve()))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, fn):
+        raise UsageError(f"model {spec!r}: {path} has no function {fn!r}")
+    model = getattr(module, fn)()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model {spec!r}: {fn}() returned {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+def calibration_batches(source: str, shape: tuple, batches: int, seed: int = 0) -> list:
+    """'random' | a .npz file (first array, split along dim 0) | a folder of .npy files."""
+    if source == "random":
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(shape, generator=g) for _ in range(batches)]
+    path = Path(source)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as data:
+            arr = data[data.files[0]].astype(np.float32)
+        step = shape[0]
+        return [torch.from_numpy(arr[i:i + step]) for i in range(0, min(len(arr), step * batches), step)]
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))[:batches]
+        if not files:
+            raise UsageError(f"--calib {source}: the folder has no .npy files")
+        return [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]
+    raise UsageError(f"--calib {source!r}: use 'random', a .npz file or a folder of .npy files")
+
+
+def _load_qmodel(path: str):
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as e:
+        raise UsageError(f"{path}: not a saved quantized model ({type(e).__name__}: {e})")
+
+
+def cmd_quantize(args) -> int:
+    import quantfx
+    model = load_builder(args.model)
+    shape = _shape(args.input_shape)
+    calib = calibration_batches(args.calib, shape, args.calib_batches)
+    pipeline = quantfx.parse_pipeline(args.pipeline, target=args.target) if args.pipeline else None
+    qmodel = quantfx.quantize(
+        model, args.target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
+        weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
+        bias_bit_width=args.bias_bit_width, pipeline=pipeline, calibration_method=args.calib_method,
+        progress=not args.quiet, dump_dir=args.dump_dir)
+    if args.save:
+        torch.save(qmodel, args.save)
+        _say(args, f"saved quantized model to {args.save}")
+    if args.output:
+        quantfx.export(qmodel, args.output, example_inputs=(torch.zeros(shape),))
+        _say(args, f"wrote {args.target} artefact to {args.output}")
+        report = quantfx.verify(qmodel, args.output, (calib[0],))
+        _say(args, str(report))
+        if not report.ok:
+            return EXIT_ERROR
+    if args.draw:
+        quantfx.draw(qmodel, args.draw)
+        _say(args, f"wrote diagram to {args.draw}")
+    if not args.quiet:
+        quantfx.inspect(qmodel)
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    import quantfx
+    qmodel = _load_qmodel(args.qmodel)
+    shape = _shape(args.input_shape)
+    inputs = calibration_batches(args.inputs, shape, 1, seed=1)[0]
+    report = quantfx.verify(qmodel, args.artefact, (inputs,), tolerance_lsb=args.tolerance)
+    print(report)
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def cmd_draw(args) -> int:
+    import quantfx
+    if args.model.endswith((".pt", ".pth")):
+        gm = _load_qmodel(args.model)
+    else:
+        from quantfx.passes import Trace
+        gm = Trace()(load_builder(args.model)).graph_module
+    quantfx.draw(gm, args.output)
+    _say(args, f"wrote diagram to {args.output}")
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    import quantfx
+    if args.path.endswith(".onnx"):
+        print(inspect_onnx(args.path))
+    else:
+        quantfx.inspect(_load_qmodel(args.path))
+    return EXIT_OK
+
+
+def inspect_onnx(path: str) -> str:
+    """A per-quantizer table of an exported ONNX / QONNX model: node, op, bits, signed, scale."""
+    import onnx
+    from onnx import numpy_helper
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{path}: no such file")
+    model = onnx.load(str(file))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    rows = [("node", "op", "bits", "signed", "scale")]
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "Quant", "BipolarQuant", "Trunc", "DequantizeLinear"):
+            scale = inits.get(n.input[1]) if len(n.input) > 1 else None
+            s = "-" if scale is None else (f"{float(scale):.4g}" if scale.size == 1 else f"[{scale.size}]")
+            bits, signed = "-", "-"
+            if n.op_type == "Quant":
+                bits = str(int(inits[n.input[3]])) if n.input[3] in inits else "?"
+                signed = str(next((a.i for a in n.attribute if a.name == "signed"), 1) == 1)
+            elif n.op_type == "BipolarQuant":
+                bits, signed = "1", "True"
+            elif n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+                dt = inits[n.input[2]].dtype
+                bits, signed = str(dt.itemsize * 8), str(np.issubdtype(dt, np.signedinteger))
+            rows.append((n.name, n.op_type, bits, signed, s))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def cmd_passes(args) -> int:
+    import quantfx
+    from quantfx.passes import REGISTRY
+    from quantfx.targets import available_targets, get_profile
+    print("passes:")
+    for name, cls in REGISTRY.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:20s} {doc}")
+    print("\ndefault pipelines:")
+    for t in available_targets():
+        print(f"  {t:6s} {quantfx.pipeline_for(t).spell()}")
+        print(f"         {get_profile(t).description}")
+    return EXIT_OK
+
+
+def _say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantfx", description="Quantization compiler for PyTorch over torch.fx.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and export its artefact")
+    q.add_argument("model", help="path/to/model.py:build_fn (build_fn() returns the float nn.Module)")
+    q.add_argument("--target", default="finn", help="finn | torch | onnx | dpu")
+    q.add_argument("--input-shape", required=True, help="e.g. 1,3,32,32")
+    q.add_argument("--calib", default="random", help="random | data.npz | folder of .npy (default random)")
+    q.add_argument("--calib-batches", type=int, default=8)
+    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "mse"])
+    q.add_argument("--weight-bit-width", type=int)
+    q.add_argument("--act-bit-width", type=int)
+    q.add_argument("--bias-bit-width", type=int)
+    q.add_argument("--pipeline", help="pass pipeline spelled as a string (see `quantfx passes`)")
+    q.add_argument("-o", "--output", help="artefact path (e.g. out.onnx)")
+    q.add_argument("--save", help="also save the quantized model (torch.save) for verify/inspect/draw")
+    q.add_argument("--draw", help="write a diagram of the quantized graph (.svg/.png/.pdf/.dot)")
+    q.add_argument("--dump-dir", help="write the graph after every pass here")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    v = sub.add_parser("verify", help="run an artefact in its runtime and compare with the quantized model")
+    v.add_argument("qmodel", help="a quantized model saved with `quantfx quantize --save`")
+    v.add_argument("artefact")
+    v.add_argument("--input-shape", required=True)
+    v.add_argument("--inputs", default="random", help="random | data.npz | folder of .npy")
+    v.add_argument("--tolerance", type=float, default=1.0, help="in LSBs")
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("draw", help="draw a model (model.py:build_fn) or a saved quantized model (.pt)")
+    d.add_argument("model")
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_draw)
+
+    i = sub.add_parser("inspect", help="per-layer table of a saved quantized model (.pt) or an exported .onnx")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_inspect)
+
+    ps = sub.add_parser("passes", help="list passes and the default pipeline of each target")
+    ps.set_defaults(func=cmd_passes)
+    return p
+
+
+def main(argv=None) -> int:
+    from .errors import QuantFXError
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on bad arguments
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"quantfx {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except QuantFXError as e:
+        print(f"quantfx {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""onnx target (QDQ): export, checker, onnxruntime fidelity in LSBs, fusion into int8 kernels, rules."""
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import quantfx
+from quantfx.graph import is_act_quant, is_compute
+from quantfx.targets.onnx_qdq import ort_session
+from quantfx.zoo import TEST_MODELS, example_input
+
+CALIB_BATCHES = 4
+
+
+def quantized(name, target="onnx", **kwargs):
+    ctor, _ = TEST_MODELS[name]
+    torch.manual_seed(0)
+    model = ctor().eval()
+    data = [example_input(name, batch=4, seed=i) for i in range(CALIB_BATCHES)]
+    return model, quantfx.quantize(model, target, calibration_data=data, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(TEST_MODELS))
+def exported(request, tmp_path_factory):
+    name = request.param
+    model, q = quantized(name)
+    path = tmp_path_factory.mktemp("onnx") / f"{name}.onnx"
+    artefact = quantfx.export(q, path, example_inputs=(example_input(name, batch=1),))
+    return name, model, q, artefact, path
+
+
+def test_checker_and_loads_in_onnxruntime(exported):
+    name, _, _, artefact, path = exported
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [i.name for i in artefact.graph.input]
+    assert artefact.ir_version <= 10
+
+
+def test_onnxruntime_within_one_lsb(exported):
+    name, _, q, artefact, _ = exported
+    x = example_input(name, batch=4, seed=123)
+    report = quantfx.verify(q, artefact, (x,))
+    assert report.ok, str(report)
+    assert report.max_error_lsb <= 1.0
+
+
+def test_node_occurrences(exported):
+    """One QuantizeLinear per activation quantizer node (+ requantization after moves); one weight
+    DequantizeLinear per quantized layer, one bias DequantizeLinear per quantized bias."""
+    name, _, q, artefact, _ = exported
+    ops = Counter(n.op_type for n in artefact.graph.node)
+    act_nodes = sum(1 for n in q.graph.nodes if is_act_quant(q, n))
+    layers = [q.get_submodule(n.target) for n in q.graph.nodes if is_compute(q, n)]
+    biases = sum(1 for m in layers if m.bias is not None and m.bias_quant.is_quant_enabled)
+    weight_dq = [n for n in artefact.graph.node if n.op_type == "DequantizeLinear" and n.output[0].endswith("weight")]
+    bias_dq = [n for n in artefact.graph.node if n.op_type == "DequantizeLinear" and n.output[0].endswith("bias")]
+    assert len(weight_dq) == len(layers)
+    assert len(bias_dq) == biases
+    requant = sum(1 for n in artefact.graph.node if n.op_type == "QuantizeLinear" and "_requant" in n.name)
+    assert ops["QuantizeLinear"] == act_nodes + requant
+    weight_inits = {i.name: i for i in artefact.graph.initializer}
+    for n in weight_dq:
+        assert weight_inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    for n in bias_dq:
+        assert weight_inits[n.input[0]].data_type == onnx.TensorProto.INT32
+
+
+def _scale_of(model, value, producers, inits):
+    """Walk back from ``value`` to the DequantizeLinear producing it; its scale initializer's value."""
+    node = producers[value]
+    while node.op_type != "DequantizeLinear":
+        node = producers[node.input[0]]
+    return onnx.numpy_helper.to_array(inits[node.input[1]])
+
+
+def test_concat_and_add_inputs_have_identical_scales(exported):
+    name, _, _, artefact, _ = exported
+    producers = {o: n for n in artefact.graph.node for o in n.output}
+    inits = {i.name: i for i in artefact.graph.initializer}
+    checked = 0
+    for n in artefact.graph.node:
+        if n.op_type in ("Concat", "Add") and all(i in producers for i in n.input):
+            scales = [_scale_of(artefact, i, producers, inits) for i in n.input]
+            assert all(np.array_equal(scales[0], s) for s in scales[1:]), (n.name, scales)
+            checked += 1
+    expected = {"resnet": 1, "mobilenetv2": 1, "unet": 1, "densenet": 1, "inception": 1, "shufflenet": 1}
+    assert checked >= expected.get(name, 0)
+
+
+def test_onnxruntime_fuses_into_int8_kernels(exported, tmp_path):
+    """After optimisation every Conv/Gemm runs as an integer kernel; no float Conv or Gemm remains."""
+    name, _, _, artefact, _ = exported
+    opt = tmp_path / "opt.onnx"
+    ort_session(artefact, optimized_path=opt)
+    ops = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    float_compute = ops["Conv"] + ops["FusedConv"] + ops["Gemm"] + ops["MatMul"] + ops["FusedGemm"] + \
+        ops["ConvTranspose"]
+    int_compute = ops["QLinearConv"] + ops["QGemm"] + ops["QLinearMatMul"] + ops["MatMulInteger"]
+    if name == "unet":  # onnxruntime has no integer ConvTranspose kernel
+        float_compute -= ops["ConvTranspose"]
+    assert float_compute == 0, dict(ops)
+    assert int_compute > 0
+
+
+def test_deterministic_bytes():
+    _, q1 = quantized("lenet")
+    _, q2 = quantized("lenet")
+    x = example_input("lenet", batch=1)
+    assert quantfx.lower(q1, (x,)).SerializeToString() == quantfx.lower(q2, (x,)).SerializeToString()
+
+
+def test_names_are_readable():
+    _, q = quantized("resnet")
+    artefact = quantfx.lower(q, (example_input("resnet", batch=1),))
+    names = {n.name for n in artefact.graph.node}
+    module_names = {n.target.replace(".", "_") for n in q.graph.nodes if is_compute(q, n)}
+    for m in module_names:
+        assert any(name.startswith(m) for name in names), m
+
+
+def test_uncalibrated_export_names_the_quantizer():
+    torch.manual_seed(0)
+    model = TEST_MODELS["lenet"][0]().eval()
+    q = quantfx.quantize(model, "onnx", example_inputs=(example_input("lenet", batch=1),))
+    with pytest.raises(quantfx.CalibrationError, match=r"x_quant\.act_quant never saw data"):
+        quantfx.lower(q, (example_input("lenet", batch=1),))
+
+
+def test_sub_8_bit_uses_clip_between_q_and_dq():
+    model, q = quantized("mlp", act_bit_width=4, weight_bit_width=4)
+    artefact = quantfx.lower(q, (example_input("mlp", batch=1),))
+    clips = [n for n in artefact.graph.node if n.op_type == "Clip" and n.name.endswith("_clip_Clip")]
+    acts = sum(1 for n in q.graph.nodes if is_act_quant(q, n) and q.get_submodule(n.target).act_quant.bit_width < 8)
+    assert len(clips) >= acts > 0
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in artefact.graph.initializer}
+    for n in artefact.graph.node:
+        if n.op_type == "DequantizeLinear" and n.output[0].endswith("weight"):
+            w = inits[n.input[0]]
+            assert w.min() >= -7 and w.max() <= 7  # 4-bit narrow range
+    report = quantfx.verify(q, artefact, (example_input("mlp", batch=4, seed=5),))
+    assert report.ok, str(report)
+
+
+def test_target_rule_violation_names_node_and_fix():
+    _, q = quantized("lenet")
+    relu = next(n for n in q.graph.nodes if is_act_quant(q, n) and "relu" in n.target)
+    q.get_submodule(relu.target).act_quant.rounding = "floor"
+    with pytest.raises(quantfx.TargetError, match=rf"onnx: {relu.target} output quantizer rounds floor.*half_even"):
+        quantfx.lower(q, (example_input("lenet", batch=1),))
+
+
+def test_export_writes_file_and_verify_reads_path(tmp_path):
+    _, q = quantized("mlp")
+    path = tmp_path / "mlp.onnx"
+    quantfx.export(q, path, example_inputs=(example_input("mlp", batch=1),))
+    assert path.stat().st_size > 1000
+    report = quantfx.verify(q, path, (example_input("mlp", batch=3, seed=9),))
+    assert report.ok and report.outputs[0].lsb > 0
