@@ -83,6 +83,7 @@ def main(argv=None):
 
     x_train, y_train, x_test, y_test = load_digits()
     t0 = time.perf_counter()
+    torch.manual_seed(0)
     model = train(DigitsNet(), x_train, y_train, args.epochs)
     with torch.no_grad():
         float_acc = accuracy(model(x_test), y_test)
