@@ -122,6 +122,8 @@ class OnnxLowering:
                     name = self.op("Identity", [self.env[r]], "output" if len(results) == 1 else f"output_{i}")
                     shape = ["batch"] + list(self.shape(r)[1:])
                     outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            elif "tensor_meta" not in node.meta and node.op != "get_attr":
+                self.env[node] = None  # shape arithmetic (x.size(), ints): resolved into static shapes
             else:
                 try:
                     self.env[node] = self.emit(node)
