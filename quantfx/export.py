@@ -98,7 +98,8 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return all(o.max_error_lsb <= self.tolerance_lsb for o in self.outputs)
+        # 1e-3 LSB of slack: an error of exactly one step can come out as 1.0000001 in float32
+        return all(o.max_error_lsb <= self.tolerance_lsb + 1e-3 for o in self.outputs)
 
     @property
     def max_error_lsb(self) -> float:
@@ -180,7 +181,7 @@ def _find_worst(qmodel, artefact, inputs, backend, report) -> None:
         if node.name in got and node.name in expected:
             err = float(np.max(np.abs(expected[node.name] - got[node.name])))
             lsb = _lsb(node)
-            if lsb > 0 and err / lsb > report.tolerance_lsb:
+            if lsb > 0 and err / lsb > report.tolerance_lsb + 1e-3:
                 report.worst_node, report.worst_node_error_lsb = node.name, err / lsb
                 return
 
