@@ -5,8 +5,8 @@
 - ``float``: the bias stays float (FINN accepts it).
 
 Layers whose arithmetic needs the input scale at run time (external-scale biases, truncating average pools)
-are linked to the activation quantizer upstream of them. When an external-scale bias has no quantizer
-upstream, one is inserted, so users never meet a run-time "input scale required".
+are linked to the activation quantizer upstream of them. When such a layer has no quantizer upstream, one is
+inserted, so users never meet a run-time "input scale required".
 """
 from __future__ import annotations
 
@@ -50,9 +50,13 @@ class ChooseBiasScaling(Pass):
         taken: set = set()
         for node in list(gm.graph.nodes):
             if is_trunc_pool(gm, node):
+                # the integer sum needs its input's grid: requantize an input no quantizer produced
                 src = producer(gm, node.args[0])
-                module_of(gm, node)._set_input_quantizer(
-                    module_of(gm, src).act_quant if is_act_quant(gm, src) else None)
+                if not is_act_quant(gm, src):
+                    src = insert_module_after(
+                        gm, node.args[0], QuantIdentity(act_quant=p.act_quant, bit_width=p.act_bit_width),
+                        unique_name(gm, node.name + "_input_quant", taken), users=[node])
+                module_of(gm, node)._set_input_quantizer(module_of(gm, src).act_quant)
                 continue
             if not is_compute(gm, node):
                 continue

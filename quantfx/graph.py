@@ -134,9 +134,10 @@ def data_input(node: fx.Node) -> Optional[fx.Node]:
 
 
 def producer(gm, node: fx.Node) -> fx.Node:
-    """Walk back from ``node`` through quantization-invariant ops to the node that produced its values."""
-    while is_invariant(gm, node):
-        src = data_input(node)
+    """Walk back from ``node`` through quantization-invariant ops (and concatenations, whose inputs share one
+    quantizer once share_quantizers ran) to the node that produced its values."""
+    while is_invariant(gm, node) or is_cat(node):
+        src = tensor_inputs(node)[0] if is_cat(node) and tensor_inputs(node) else data_input(node)
         if src is None:
             break
         node = src

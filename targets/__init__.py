@@ -6,3 +6,4 @@ from .profile import (
 __all__ = ["TargetProfile", "available_targets", "get_profile", "register_profile", "torch_profile",
            "FINN", "ONNX", "TORCH", "DPU"]
 from . import onnx_qdq  # noqa: E402,F401  (registers the onnx backend)
+from . import finn_qonnx  # noqa: E402,F401  (registers the finn backend)

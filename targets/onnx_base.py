@@ -45,6 +45,7 @@ class OnnxLowering:
     opset = 13
     extra_opsets: dict = {}
     producer_name = "quantfx"
+    dynamic_batch = True  # inputs/outputs get a symbolic batch dimension
 
     def __init__(self, qmodel: fx.GraphModule, example_inputs):
         self.gm = qmodel
@@ -113,14 +114,14 @@ class OnnxLowering:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 name = self.fresh(node.name)
-                shape = ["batch"] + list(self.shape(node)[1:])
+                shape = self._io_shape(node)
                 inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
                 self.env[node] = name
             elif node.op == "output":
                 results = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
                 for i, r in enumerate(results):
                     name = self.op("Identity", [self.env[r]], "output" if len(results) == 1 else f"output_{i}")
-                    shape = ["batch"] + list(self.shape(r)[1:])
+                    shape = self._io_shape(r)
                     outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
             elif "tensor_meta" not in node.meta and node.op != "get_attr":
                 self.env[node] = None  # shape arithmetic (x.size(), ints): resolved into static shapes
@@ -141,6 +142,10 @@ class OnnxLowering:
         model = helper.make_model(graph, opset_imports=opsets, producer_name=self.producer_name)
         model.ir_version = min(model.ir_version, onnx.IR_VERSION, 10)
         return model
+
+    def _io_shape(self, node) -> list:
+        shape = list(self.shape(node))
+        return (["batch"] + shape[1:]) if self.dynamic_batch else shape
 
     def _check_calibrated(self) -> None:
         for name, m in self.gm.named_modules():

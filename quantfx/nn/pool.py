@@ -49,12 +49,14 @@ class _TruncAvgPool(InputQuantMixin, nn.Module):
             return avg
         k = math.prod(self._kernel(xv))
         acc, shift = self.shift_for(qx.bit_width, k)
-        total = avg / qx.scale * k  # the integer sum, in float
+        total = qf.round_ste(avg / qx.scale * k, "half_even")  # the integer sum (exact up to float error)
         step = 2.0 ** shift
         truncated = qf.round_ste(total / step, self.rounding)
         scale = qx.scale * step / k
-        out = QuantTensor(truncated * scale, scale, torch.zeros_like(scale), self.bit_width, qx.signed,
-                          self.training)
+        # (truncated * (in_scale * 2^shift)) * (1 / K): the order QONNX's Trunc -> Mul computes it in, so
+        # the float32 results (and any later rounding ties) agree bit for bit.
+        value = (truncated * (qx.scale * step)) * (1.0 / k)
+        out = QuantTensor(value, scale, torch.zeros_like(scale), self.bit_width, qx.signed, self.training)
         return out if self.return_quant_tensor else out.value
 
 
