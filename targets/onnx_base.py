@@ -106,10 +106,10 @@ class OnnxLowering:
     # -- the walk -------------------------------------------------------------------------------------
 
     def lower(self) -> onnx.ModelProto:
+        self.check_rules()
         self._check_calibrated()
         with torch.no_grad():
             ShapeProp(self.gm).propagate(*self.example_inputs)
-        self.check_rules()
         inputs, outputs = [], []
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
