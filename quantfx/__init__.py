@@ -5,7 +5,7 @@ quantized ``GraphModule``; ``quantfx.calibrate`` fixes activation scales; ``quan
 per-layer table.
 """
 from .errors import (
-    CalibrationError, ExportError, InputScaleRequiredError, PassError, QuantArgumentError, QuantFXError,
+    CalibrationError, DrawError, ExportError, InputScaleRequiredError, PassError, QuantArgumentError, QuantFXError,
     TargetError, TraceError,
 )
 from .quant_tensor import QuantTensor
@@ -18,5 +18,6 @@ from .api import (
 )
 
 from .export import export, lower, verify, VerifyReport
+from .draw import draw
 
 __version__ = "0.1.0"

@@ -188,6 +188,9 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
                    example_inputs=tuple(example_inputs) if example_inputs is not None else None)
     pipeline = bind(pipeline, profile, **options)
     work = copy.deepcopy(model).eval()
+    if dump_dir is not None and on_dump is None:
+        from .draw import dump_diagram
+        on_dump = dump_diagram
     manager = PassManager(pipeline, dump_dir=dump_dir, on_dump=on_dump)
     gm = manager.run(work)
     if not isinstance(gm, fx.GraphModule):

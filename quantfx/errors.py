@@ -31,3 +31,7 @@ class TargetError(QuantFXError):
 
 class ExportError(QuantFXError):
     """A model cannot be lowered to its artefact."""
+
+
+class DrawError(QuantFXError):
+    """A diagram could not be rendered (for example graphviz's ``dot`` program is missing)."""

@@ -3,7 +3,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -47,7 +46,6 @@ def test_qat_recovers_accuracy():
     assert qat_acc > 95.0
 
 
-@pytest.mark.skipif(not (EXAMPLES / "unet_concat.py").exists(), reason="unet example not written yet")
 def test_unet_concat(tmp_path):
     groups = load("unet_concat").main(["--out", str(tmp_path)])
     assert len(groups) >= 2
