@@ -1,4 +1,4 @@
-"""Quantization-aware training: 4-bit weights and activations lose accuracy after post-training
+"""Quantization-aware training: 4-bit weights, activations and input lose accuracy after post-training
 quantization; a few epochs of training the quantized model (straight-through estimators, learned scales)
 win it back.
 
@@ -33,7 +33,8 @@ def main(argv=None):
     calib = [x_train[i:i + 64] for i in range(0, 512, 64)]
     learned = {nn.ReLU: dict(act_learned_scale=True)}
     qmodel = quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=args.bits,
-                              act_bit_width=args.bits, overrides=learned, progress=False)
+                              act_bit_width=args.bits, input_bit_width=args.bits, overrides=learned,
+                              progress=False)
     with torch.no_grad():
         ptq_acc = accuracy(qmodel(x_test), y_test)
     print(f"float {float_acc:.2f}%  |  PTQ {args.bits}-bit {ptq_acc:.2f}%")

@@ -12,18 +12,18 @@ from torch import fx, nn
 
 from quantfx.errors import QuantFXError
 from quantfx.graph import BN_TYPES, FLOAT_COMPUTE_TYPES, module_of
-from quantfx.nn import float_layer_kwargs
+from quantfx.nn import build_from_state, float_layer_kwargs
 from quantfx.pass_infra import Pass, PassResult
 
 
 
 def fold_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of ``layer`` followed by ``bn`` in eval mode, computed in float64."""
-    w = layer.weight.detach().double()
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(bn.running_mean, dtype=w.dtype)
-    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(bn.running_mean, dtype=w.dtype)
-    factor = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+    """(weight, bias) of ``layer`` followed by ``bn`` in eval mode."""
+    w = layer.weight.detach()
+    b = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean, dtype=w.dtype)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean, dtype=w.dtype)
+    factor = gamma / torch.sqrt(bn.running_var + bn.eps)
     if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         groups = layer.groups
         # weight [in, out/groups, k...]: output channel o = g * (out/groups) + j lives at [g-block, j]
@@ -33,13 +33,8 @@ def fold_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.T
         b = b if layer.bias is not None else torch.zeros(layer.out_channels, dtype=w.dtype)
     else:
         w = w * factor.reshape(-1, *([1] * (w.dim() - 1)))
-    bias = (b - bn.running_mean.double()) * factor + beta
-    return w.to(layer.weight.dtype), bias.to(layer.weight.dtype)
-
-
-def _fresh_layer_with_bias(layer: nn.Module) -> nn.Module:
-    """A new layer of the same class and configuration, with a bias."""
-    return type(layer)(**float_layer_kwargs(layer), bias=True)
+    bias = (b - bn.running_mean) * factor + beta
+    return w, bias
 
 
 @dataclass(frozen=True)
@@ -64,8 +59,9 @@ class FuseConvBN(Pass):
                     f"fuse_conv_bn: {node.target} is in training mode, so its batch statistics are not "
                     f"fixed; call model.eval() first (quantfx.quantize does this on its own copy)")
             w, b = fold_weights(layer, bn)
-            fused = _fresh_layer_with_bias(layer).to(w.device)
-            fused.load_state_dict({"weight": w, "bias": b})
+            # a new layer of the same class, with a bias, receiving its parameters through load_state_dict
+            fused = build_from_state(type(layer), {"weight": w, "bias": b}, device=w.device,
+                                     **float_layer_kwargs(layer), bias=True)
             fused.train(layer.training)
             gm.add_submodule(src.target, fused)  # replaces the conv under the same name
             node.replace_all_uses_with(src)

@@ -25,7 +25,7 @@ from quantfx.graph import (
 )
 from quantfx.nn import (
     QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantIdentity, QuantReLU,
-    QuantSigmoid, float_layer_kwargs,
+    QuantSigmoid, build_from_state, float_layer_kwargs,
 )
 from quantfx.pass_infra import Pass, PassResult
 from quantfx.quant.specs import FIELDS
@@ -105,10 +105,8 @@ class SwapModules(Pass):
         if cls is not None:
             wq = over.get("weight_quant") or p.weight_quant
             wkw = {"weight_" + k: v for k, v in {"bit_width": p.weight_bit_width, **over["weight"]}.items()}
-            q = cls(**float_layer_kwargs(m), bias=m.bias is not None, weight_quant=wq, **wkw)
-            q = q.to(device=m.weight.device, dtype=m.weight.dtype)
-            missing, unexpected = q.load_state_dict(m.state_dict(), strict=False)
-            assert not unexpected and all("_quant." in k for k in missing), (missing, unexpected)
+            q = build_from_state(cls, m.state_dict(), device=m.weight.device, dtype=m.weight.dtype,
+                                 **float_layer_kwargs(m), bias=m.bias is not None, weight_quant=wq, **wkw)
             q.train(m.training)
             return q
         if isinstance(m, nn.ReLU6):

@@ -202,7 +202,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     if calibration_data is not None:
         calibrate(qmodel, calibration_data, method=calibration_method, progress=progress,
                   bias_correction=bias_correction)
-    else:
+    elif not any(p.name == "annotate" for p in pipeline):
         annotate(qmodel)
     return qmodel
 

@@ -2,7 +2,7 @@
 from .act import QuantAct, QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 from .pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d
 from .wbiol import (
-    QUANT_LAYER_FOR, float_layer_kwargs, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
+    QUANT_LAYER_FOR, build_from_state, float_layer_kwargs, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
     QuantLinear, QuantWBIOL,
 )
 

@@ -215,6 +215,21 @@ def float_layer_kwargs(layer: nn.Module) -> dict:
     return kwargs
 
 
+def build_from_state(cls, state: dict, device=None, dtype=None, **kwargs) -> nn.Module:
+    """``cls(**kwargs)`` whose weight and bias come from ``state`` through ``load_state_dict``.
+
+    The layer is built on the meta device, so no random initialisation is computed for weights that are
+    overwritten at once; its parameters are then materialised empty and loaded."""
+    layer = cls(**kwargs, device="meta")
+    for name, param in list(layer.named_parameters(recurse=False)):
+        empty = torch.empty(param.shape, device=device, dtype=dtype or param.dtype)
+        setattr(layer, name, nn.Parameter(empty, requires_grad=param.requires_grad))
+    missing, unexpected = layer.load_state_dict(state, strict=False)
+    if unexpected or any("_quant." not in k for k in missing):
+        raise RuntimeError(f"{cls.__name__}: state does not fit (missing {missing}, unexpected {unexpected})")
+    return layer
+
+
 QUANT_LAYER_FOR = {
     nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
     nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d, nn.Linear: QuantLinear,
