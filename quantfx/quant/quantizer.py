@@ -8,7 +8,7 @@ from ..errors import CalibrationError, InputScaleRequiredError, QuantArgumentErr
 from . import functional as qf
 from .specs import FIELDS, QuantSpec, resolve
 
-MSE_GRID = torch.linspace(0.25, 1.0, 31)
+MSE_GRID = torch.logspace(-2, 0, 41)  # clip at 1%..100% of the max, log-spaced
 
 
 class Quantizer(nn.Module):
