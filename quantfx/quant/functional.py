@@ -70,13 +70,6 @@ def bipolar_quant(x, scale) -> torch.Tensor:
     return (ste + (sign - ste).detach()) * scale
 
 
-def to_int(x, scale, zero_point, qmin, qmax, rounding) -> torch.Tensor:
-    """The integer representation (int64) of x under the given parameters."""
-    with torch.no_grad():
-        q = round_int(x.double() / scale.double(), rounding) + zero_point.double()
-        return torch.clamp(q, qmin, qmax).to(torch.int64)
-
-
 def accumulator_bit_width(in_bits: int, w_bits: int, w_narrow: bool, fan_in: int) -> int:
     """Worst-case bit width of a dot product of ``fan_in`` terms (the Brevitas convention)."""
     worst = max_uint(in_bits, False) * max_uint(w_bits, w_narrow) * fan_in

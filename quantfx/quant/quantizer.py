@@ -278,10 +278,11 @@ class Quantizer(nn.Module):
                            self.training if training is None else training, narrow=self.narrow_range)
 
     def int_repr(self, x, input_scale=None, weight_scale=None) -> torch.Tensor:
-        """Integers (int64) that x quantizes to."""
-        _, s, z = self.quantize(x, input_scale, weight_scale)
-        qmin, qmax = self.int_range()
-        return qf.to_int(x, s, z, qmin, qmax, self.rounding)
+        """Integers (int64) that x quantizes to: recovered from the fake-quantized value, so they are exactly
+        the integers the fake-quant arithmetic used."""
+        y, s, z = self.quantize(x, input_scale, weight_scale)
+        with torch.no_grad():
+            return torch.round(y.double() / s.double() + z.double()).to(torch.int64)
 
     # -- state -----------------------------------------------------------------------------------------
 
