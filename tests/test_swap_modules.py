@@ -1,0 +1,63 @@
+"""swap_modules: quantized twins per target profile, input quantizers, overrides by name and type."""
+import pytest
+import torch
+from torch import nn
+
+import quantfx
+from quantfx.graph import is_act_quant
+from quantfx.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+from quantfx.zoo import LeNet, TEST_MODELS, example_input
+
+
+def q_of(model, target="finn", **kw):
+    return quantfx.quantize(model, target, example_inputs=(example_input("lenet", 1),), **kw)
+
+
+def test_layers_swapped_with_profile_quantizers():
+    q = q_of(LeNet().eval())
+    assert isinstance(q.conv1, QuantConv2d) and isinstance(q.fc3, QuantLinear)
+    assert isinstance(q.relu1, QuantReLU) and not q.relu1.act_quant.signed  # unsigned after ReLU (finn)
+    assert {m.weight_quant.bit_width for m in q.modules() if hasattr(m, "weight_quant")} == {8}
+    first = next(n for n in q.graph.nodes if n.op == "placeholder")
+    user = next(iter(first.users))
+    assert isinstance(q.get_submodule(user.target), QuantIdentity) and user.target == "x_quant"
+
+
+def test_bit_width_options():
+    q = q_of(LeNet().eval(), weight_bit_width=4, act_bit_width=5)
+    assert {m.weight_quant.bit_width for m in q.modules() if hasattr(m, "weight_quant")} == {4}
+    acts = {q.get_submodule(n.target).act_quant.bit_width for n in q.graph.nodes
+            if is_act_quant(q, n) and n.target != "x_quant"}
+    assert acts == {5}
+    assert q.x_quant.act_quant.bit_width == 8  # the input keeps the profile's input width
+
+
+def test_profile_ranges_are_enforced():
+    with pytest.raises(quantfx.QuantArgumentError, match="weight_bit_width=4 is outside what the target accepts"):
+        q_of(LeNet().eval(), target="dpu", weight_bit_width=4)
+
+
+def test_overrides_by_name_and_type():
+    q = q_of(LeNet().eval(), weight_bit_width=4, overrides={"conv1": dict(weight_bit_width=8), nn.Linear: None})
+    assert q.conv1.weight_quant.bit_width == 8 and q.conv2.weight_quant.bit_width == 4
+    assert type(q.fc1) is nn.Linear and type(q.fc3) is nn.Linear  # kept float
+    out = next(n for n in q.graph.nodes if n.op == "output").args[0]
+    assert out.target == "fc3"  # no requantization after a layer the user kept float
+
+
+def test_unknown_override_name_has_a_hint():
+    with pytest.raises(quantfx.QuantArgumentError, match=r"'conv_1' \(did you mean 'conv1'"):
+        q_of(LeNet().eval(), overrides={"conv_1": dict(weight_bit_width=4)})
+
+
+def test_unknown_override_key():
+    with pytest.raises(quantfx.QuantArgumentError, match="unknown key 'colour'"):
+        q_of(LeNet().eval(), overrides={"conv1": dict(colour=1)})
+
+
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_every_compute_layer_is_swapped(name):
+    ctor, _ = TEST_MODELS[name]
+    q = quantfx.quantize(ctor().eval(), "onnx", example_inputs=(example_input(name, 1),))
+    floats = [type(m).__name__ for m in q.modules() if type(m) in (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)]
+    assert floats == []
