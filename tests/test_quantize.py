@@ -1,0 +1,176 @@
+"""quantize / calibrate API: the input model is untouched, targets, pickling, state_dict, calibration data
+forms and methods, bias correction, QAT, and SQNR of every test model on every target."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import quantfx
+from quantfx.graph import is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs
+from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
+
+TARGETS = ["finn", "onnx", "torch", "dpu"]
+# SQNR (dB) of the fake-quant output against float, calibrated on 8 batches of 4, evaluated on a fresh batch
+# (measured on this machine; the test asserts 3 dB below each figure):
+#               finn   onnx  torch    dpu
+# lenet         42.4   43.4   37.0   36.9
+# resnet        33.1   40.6   34.9   34.4
+# mobilenetv2   42.4   46.2   41.1   37.0
+# unet          41.3   45.1   39.3   34.7
+# densenet      35.2   47.0   41.7   40.4
+# inception     31.8   39.4   36.0   34.9
+# shufflenet    29.1   42.4   40.3   41.2
+# mlp           26.0   25.7   25.5   32.5
+MEASURED = {
+    "lenet": (42.4, 43.4, 37.0, 36.9), "resnet": (33.1, 40.6, 34.9, 34.4),
+    "mobilenetv2": (42.4, 46.2, 41.1, 37.0), "unet": (41.3, 45.1, 39.3, 34.7),
+    "densenet": (35.2, 47.0, 41.7, 40.4), "inception": (31.8, 39.4, 36.0, 34.9),
+    "shufflenet": (29.1, 42.4, 40.3, 41.2), "mlp": (26.0, 25.7, 25.5, 32.5),
+}
+
+
+def sqnr(y, yq) -> float:
+    return float(10 * torch.log10(y.pow(2).mean() / (y - yq).pow(2).mean()))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_sqnr_against_float(name, target):
+    torch.manual_seed(0)
+    model = TEST_MODELS[name][0]().eval()
+    data = [example_input(name, batch=4, seed=i) for i in range(8)]
+    q = quantfx.quantize(model, target, calibration_data=data, progress=False)
+    x = example_input(name, batch=4, seed=100)
+    with torch.no_grad():
+        value = sqnr(model(x), q(x))
+    assert value >= MEASURED[name][TARGETS.index(target)] - 3.0, value
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def test_input_model_is_never_modified():
+    model = ResNetSmall().train()
+    before, flags = snapshot(model)
+    q = quantfx.quantize(model, "finn", calibration_data=[torch.randn(2, 3, 32, 32)], progress=False)
+    q.train()
+    q(torch.randn(2, 3, 32, 32)).sum().backward()
+    after, flags_after = snapshot(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == flags_after and model.training
+
+
+def test_unknown_target_lists_the_valid_ones():
+    with pytest.raises(quantfx.QuantArgumentError, match="valid targets: dpu, finn, onnx, torch"):
+        quantfx.quantize(LeNet(), "tpu")
+
+
+def test_a_profile_object_is_a_target():
+    from quantfx.targets import torch_profile
+    q = quantfx.quantize(LeNet().eval(), torch_profile("qnnpack"), example_inputs=(example_input("lenet", 1),))
+    assert q.profile.name == "torch" and q.profile.act_bit_width == 8
+    assert quantfx.quantize(LeNet().eval(), "torch", example_inputs=(example_input("lenet", 1),)) \
+        .profile.act_bit_width == 7  # x86/fbgemm reduce_range
+
+
+def calibrated_resnet():
+    torch.manual_seed(0)
+    return quantfx.quantize(ResNetSmall().eval(), "finn", calibration_data=[torch.randn(2, 3, 32, 32)],
+                            progress=False)
+
+
+def shared_ids(q):
+    return [id(module_of(q, producer(q, a)).act_quant) for n in q.graph.nodes if is_add(n) or is_cat(n)
+            for a in tensor_inputs(n)]
+
+
+def test_pickle_and_deepcopy_keep_outputs_and_sharing():
+    q = calibrated_resnet()
+    x = torch.randn(2, 3, 32, 32)
+    for clone in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q)):
+        assert isinstance(clone, quantfx.QuantGraphModule) and clone.profile == q.profile
+        assert torch.equal(clone(x), q(x))
+        ids = shared_ids(clone)
+        assert len(set(ids)) == len(set(shared_ids(q))) < len(ids)
+        assert clone.graph.nodes and all("quant" in n.meta for n in clone.graph.nodes)
+
+
+def test_state_dict_round_trip_into_a_fresh_quantized_model():
+    q = calibrated_resnet()
+    torch.manual_seed(1)
+    fresh = quantfx.quantize(ResNetSmall().eval(), "finn", example_inputs=(torch.randn(1, 3, 32, 32),))
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh(x), q(x))
+
+
+@pytest.mark.parametrize("data", [
+    [torch.randn(4, 1, 28, 28) for _ in range(3)],
+    [(torch.randn(4, 1, 28, 28), torch.zeros(4)) for _ in range(3)],
+    DataLoader(TensorDataset(torch.randn(12, 1, 28, 28), torch.zeros(12)), batch_size=4),
+], ids=["tensors", "tuples", "dataloader"])
+def test_calibration_data_forms(data):
+    q = quantfx.quantize(LeNet().eval(), "finn", calibration_data=data, progress=True)
+    assert all(qz.is_calibrated for qz in quantfx.quantizers(q, "act"))
+
+
+def test_calibration_methods_give_different_scales():
+    data = [torch.randn(8, 1, 28, 28) for _ in range(4)]
+    scales = {}
+    for method in ("minmax", "percentile", "mse"):
+        q = quantfx.quantize(LeNet().eval(), "finn", calibration_data=data, calibration_method=method,
+                             progress=False)
+        scales[method] = float(q.x_quant.act_quant.scale())
+    assert scales["percentile"] < scales["minmax"] and scales["mse"] < scales["minmax"]
+    with pytest.raises(quantfx.QuantArgumentError, match="calibration_method='kl'"):
+        quantfx.quantize(LeNet(), "finn", calibration_method="kl")
+
+
+def test_uncalibrated_quantizers_are_reported():
+    q = quantfx.quantize(LeNet().eval(), "finn", example_inputs=(example_input("lenet", 1),))
+    assert not any(qz.is_calibrated for qz in quantfx.quantizers(q, "act"))
+    quantfx.calibrate(q, [example_input("lenet", 4)], progress=False)
+    assert all(qz.is_calibrated for qz in quantfx.quantizers(q, "act"))
+
+
+def test_bias_correction_reduces_the_mean_error():
+    torch.manual_seed(0)
+    model = LeNet().eval()
+    data = [example_input("lenet", batch=16, seed=i) for i in range(4)]
+    x = example_input("lenet", batch=64, seed=99)
+    errors = {}
+    for flag in (False, True):
+        q = quantfx.quantize(model, "finn", calibration_data=data, weight_bit_width=3, bias_correction=flag,
+                             progress=False)
+        with torch.no_grad():
+            errors[flag] = float((q(x) - model(x)).mean(0).abs().mean())
+    assert errors[True] < errors[False]
+
+
+def test_qat_trains_weights_and_learned_scales():
+    torch.manual_seed(0)
+    q = quantfx.quantize(LeNet().eval(), "finn", calibration_data=[example_input("lenet", 8)], progress=False,
+                         weight_bit_width=4, act_bit_width=4, overrides={nn.ReLU: dict(act_learned_scale=True)})
+    q.train()
+    assert all(m.training for m in q.modules())
+    x, y = example_input("lenet", 32, seed=3), torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(0))
+    loss = nn.functional.cross_entropy(q(x), y)
+    loss.backward()
+    assert q.conv1.weight.grad is not None and float(q.conv1.weight.grad.abs().sum()) > 0
+    learned = [p for n, p in q.named_parameters() if n.endswith("scale_param")]
+    assert len(learned) == 4 and all(p.grad is not None for p in learned)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(q(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    q.eval()
+    assert not any(m.training for m in q.modules())
