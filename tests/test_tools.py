@@ -1,0 +1,32 @@
+"""tools/: every script has --help; dump_passes writes the graph after every pass."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"tool_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", sorted(TOOLS.glob("*.py")), ids=lambda p: p.stem)
+def test_help(path, capsys):
+    with pytest.raises(SystemExit) as e:
+        load(path).main(["--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_dump_passes(tmp_path):
+    files = load(TOOLS / "dump_passes.py").main(["zoo:mlp", "-o", str(tmp_path)])
+    assert len([f for f in files if f.suffix == ".txt"]) == 8
+    assert len([f for f in files if f.suffix == ".svg"]) == 8
+    assert "QuantLinear" in (tmp_path / "07_annotate.txt").read_text() or \
+        "net_1" in (tmp_path / "07_annotate.txt").read_text()
