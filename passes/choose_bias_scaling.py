@@ -11,20 +11,16 @@ inserted, so users never meet a run-time "input scale required".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import fx
 
-from quantfx.errors import QuantArgumentError
-from quantfx.graph import (
-    insert_module_after, is_act_quant, is_compute, is_trunc_pool, module_of, producer, unique_name,
-)
-from quantfx.nn import QuantIdentity
-from quantfx.pass_infra import Pass, PassResult
+from quantfx.graph import is_act_quant, is_compute, is_trunc_pool, module_of, producer
+from quantfx.pass_infra import PassResult
 from quantfx.quant import (
     Int32Bias, Int8BiasPerTensorFixedPointInternalScaling, Int8BiasPerTensorFloatInternalScaling, make_quantizer,
 )
 
+from .base import ProfilePass
 from .swap_modules import find_override, split_override
 
 def bias_spec(mode: str, power_of_two: bool):
@@ -36,14 +32,9 @@ def bias_spec(mode: str, power_of_two: bool):
 
 
 @dataclass(frozen=True)
-class ChooseBiasScaling(Pass):
+class ChooseBiasScaling(ProfilePass):
     name = "choose_bias_scaling"
-    profile: Any = None
     overrides: dict = field(default_factory=dict, hash=False)
-
-    def requires(self, gm):
-        if self.profile is None:
-            raise QuantArgumentError("choose_bias_scaling needs a target profile")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         p = self.profile
@@ -53,9 +44,7 @@ class ChooseBiasScaling(Pass):
                 # the integer sum needs its input's grid: requantize an input no quantizer produced
                 src = producer(gm, node.args[0])
                 if not is_act_quant(gm, src):
-                    src = insert_module_after(
-                        gm, node.args[0], QuantIdentity(act_quant=p.act_quant, bit_width=p.act_bit_width),
-                        unique_name(gm, node.name + "_input_quant", taken), users=[node])
+                    src = self.requantize(gm, node.args[0], node.name + "_input_quant", taken, users=[node])
                 module_of(gm, node)._set_input_quantizer(module_of(gm, src).act_quant)
                 continue
             if not is_compute(gm, node):
@@ -69,9 +58,7 @@ class ChooseBiasScaling(Pass):
             needs_input_scale = layer.bias is not None and spec is not None and \
                 getattr(spec, "bias_scaling", "internal") == "external"
             if not is_act_quant(gm, src) and needs_input_scale:
-                src = insert_module_after(
-                    gm, node.args[0], QuantIdentity(act_quant=p.act_quant, bit_width=p.act_bit_width),
-                    unique_name(gm, node.name + "_input_quant", taken), users=[node])
+                src = self.requantize(gm, node.args[0], node.name + "_input_quant", taken, users=[node])
             layer._set_input_quantizer(module_of(gm, src).act_quant if is_act_quant(gm, src) else None)
             if layer.bias is None or spec is None:
                 continue

@@ -10,25 +10,23 @@ module, so after calibration every input of an add/cat carries the identical sca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import networkx as nx
 from torch import fx
 
-from quantfx.graph import (
-    insert_module_after, is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs, unique_name,
-)
+from quantfx.graph import is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs
 from quantfx.nn import QuantIdentity
-from quantfx.pass_infra import Pass, PassResult
-from quantfx.quant import Quantizer
+from quantfx.pass_infra import PassResult
+
+from .base import ProfilePass
 
 GROUP_KEY = "quant_group"
 
 
 @dataclass(frozen=True)
-class ShareQuantizers(Pass):
+class ShareQuantizers(ProfilePass):
     name = "share_quantizers"
-    profile: Any = None
+    needs_profile = False  # without one, requantizers are plain 8-bit QuantIdentity
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         taken: set = set()
@@ -48,9 +46,7 @@ class ShareQuantizers(Pass):
                 for edge in edges:
                     consumer, inp, src = edge
                     if src in members and type(module_of(gm, src)) is not QuantIdentity:
-                        edge[2] = insert_module_after(gm, inp, self._identity(),
-                                                      unique_name(gm, inp.name + "_quant", taken),
-                                                      users=[consumer])
+                        edge[2] = self.requantize(gm, inp, inp.name + "_quant", taken, users=[consumer])
                         edge[1] = edge[2]
         for index, members in enumerate(self._components(gm, edges)):
             self._share(gm, members, f"share_group_{index}")
@@ -76,18 +72,12 @@ class ShareQuantizers(Pass):
         signs = {m.act_quant.signed for m in modules}
         return len(signs) > 1 or (QuantIdentity in types and len(types) > 1)
 
-    def _identity(self) -> QuantIdentity:
-        if self.profile is None:
-            return QuantIdentity()
-        return QuantIdentity(act_quant=self.profile.act_quant, bit_width=self.profile.act_bit_width)
-
     def _quantizer_node(self, gm, inp: fx.Node, consumer: fx.Node, taken) -> fx.Node:
         src = producer(gm, inp)
         if is_act_quant(gm, src):
             return src
         # No quantizer upstream (e.g. a float region): quantize this edge just before the consumer.
-        return insert_module_after(gm, inp, self._identity(), unique_name(gm, inp.name + "_quant", taken),
-                                   users=[consumer])
+        return self.requantize(gm, inp, inp.name + "_quant", taken, users=[consumer])
 
     @staticmethod
     def _share(gm, members: list[fx.Node], group: str) -> None:

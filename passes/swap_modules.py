@@ -20,15 +20,15 @@ from torch import fx, nn
 
 from quantfx.errors import QuantArgumentError
 from quantfx.graph import (
-    is_act_quant, is_invariant, is_tensor_node, is_trunc_pool, module_of, unique_name, insert_module_after,
-    is_cat,
+    is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of,
 )
 from quantfx.nn import (
-    QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantIdentity, QuantReLU,
-    QuantSigmoid, build_from_state, float_layer_kwargs,
+    QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantReLU, QuantSigmoid, build_from_state, float_layer_kwargs,
 )
-from quantfx.pass_infra import Pass, PassResult
+from quantfx.pass_infra import PassResult
 from quantfx.quant.specs import FIELDS
+
+from .base import ProfilePass
 
 FLOAT = "float"  # marker in node.meta for nodes the user kept float
 
@@ -63,14 +63,9 @@ def find_override(overrides: dict, name: str, module) -> tuple[bool, Any]:
 
 
 @dataclass(frozen=True)
-class SwapModules(Pass):
+class SwapModules(ProfilePass):
     name = "swap_modules"
-    profile: Any = None
     overrides: dict = field(default_factory=dict, hash=False)
-
-    def requires(self, gm):
-        if self.profile is None:
-            raise QuantArgumentError("swap_modules needs a target profile (swap_modules{profile=...})")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         taken: set = set()
@@ -138,18 +133,13 @@ class SwapModules(Pass):
 
     # -- quantizer insertion ---------------------------------------------------------------------------
 
-    def _identity(self, bits: int) -> QuantIdentity:
-        return QuantIdentity(act_quant=self.profile.act_quant, bit_width=bits)
-
     def _insert_quantizers(self, gm, taken) -> None:
         graph = gm.graph
         for node in list(graph.nodes):
             if node.op == "placeholder" and node.users:
-                insert_module_after(gm, node, self._identity(self.profile.input_bit_width),
-                                    unique_name(gm, node.name + "_quant", taken))
+                self.requantize(gm, node, node.name + "_quant", taken, bits=self.profile.input_bit_width)
             elif self._needs_requant(gm, node):
-                insert_module_after(gm, node, self._identity(self.profile.act_bit_width),
-                                    unique_name(gm, node.name + "_quant", taken))
+                self.requantize(gm, node, node.name + "_quant", taken)
 
     def _needs_requant(self, gm, node: fx.Node) -> bool:
         if node.op not in ("call_module", "call_function", "call_method") or not node.users:

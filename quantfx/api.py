@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from .errors import QuantArgumentError, QuantFXError
-from .graph import META_KEY, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
+from .graph import META_KEY, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
 from .pass_infra import Pass, PassManager, Pipeline
 from .quant import Quantizer
 from .quant_tensor import value_of
@@ -255,7 +255,6 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
     if method not in CALIBRATION_METHODS:
         raise QuantArgumentError(f"calibrate: method={method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
     stat = CALIBRATION_METHODS[method]
-    n_in = _n_inputs(qmodel)
     qs = quantizers(qmodel)
     was_training = qmodel.training
     qmodel.eval()
@@ -265,11 +264,7 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
         else:
             q.calibrating = True
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(_progress(data, progress, "calibrating")):
-                if max_batches is not None and i >= max_batches:
-                    break
-                qmodel(*_as_args(batch, n_in))
+        _run_batches(qmodel, data, progress, "calibrating", max_batches)
     finally:
         for q in qs:
             if q.kind == "act":
@@ -282,6 +277,16 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
         annotate(qmodel)
     qmodel.train(was_training)
     return qmodel
+
+
+def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int]) -> None:
+    """Run every batch of ``data`` (up to ``max_batches``) through ``model`` without gradients."""
+    n_in = _n_inputs(model)
+    with torch.no_grad():
+        for i, batch in enumerate(_progress(data, progress, desc)):
+            if max_batches is not None and i >= max_batches:
+                break
+            model(*_as_args(batch, n_in))
 
 
 def _progress(data, enabled: bool, desc: str):
@@ -312,13 +317,8 @@ def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
         counts[id(layer)] = counts.get(id(layer), 0) + 1
 
     handles = [m.register_forward_hook(hook) for m in layers]
-    n_in = _n_inputs(qmodel)
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(_progress(data, progress, "bias correction")):
-                if max_batches is not None and i >= max_batches:
-                    break
-                qmodel(*_as_args(batch, n_in))
+        _run_batches(qmodel, data, progress, "bias correction", max_batches)
     finally:
         for h in handles:
             h.remove()
@@ -330,18 +330,6 @@ def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
 
 
 # -- inspection ---------------------------------------------------------------------------------------
-
-
-def _fmt_scale(s) -> str:
-    if s is None:
-        return "-"
-    s = s.reshape(-1)
-    if s.numel() > 1:
-        return f"[{s.numel()}] {float(s.min()):.3g}..{float(s.max()):.3g}"
-    v = float(s)
-    import math
-    lg = math.log2(v) if v > 0 else 0
-    return f"2^{int(lg)}" if v > 0 and lg == int(lg) else f"{v:.4g}"
 
 
 def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
@@ -360,19 +348,19 @@ def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
                        act_bits=qmeta(node.args[0]).bit_width,
                        bias=(f"{bq.bit_width} {bq.bias_scaling}" if bq.is_quant_enabled
                              else ("float" if m.bias is not None else None)),
-                       scale=_fmt_scale(meta.scale), acc_bits=meta.bit_width, group=None)
+                       scale=fmt_scale(meta.scale), acc_bits=meta.bit_width, group=None)
         elif is_act_quant(qmodel, node):
             m = module_of(qmodel, node)
             row = dict(name=node.target, op=type(m).__name__, weight_bits=None,
                        act_bits=f"{'int' if meta.signed else 'uint'}{meta.bit_width}", bias=None,
-                       scale=_fmt_scale(meta.scale), acc_bits=None, group=meta.group)
+                       scale=fmt_scale(meta.scale), acc_bits=None, group=meta.group)
         elif is_trunc_pool(qmodel, node):
             row = dict(name=node.target, op=type(module_of(qmodel, node)).__name__, weight_bits=None,
-                       act_bits=meta.bit_width, bias=None, scale=_fmt_scale(meta.scale), acc_bits=None,
+                       act_bits=meta.bit_width, bias=None, scale=fmt_scale(meta.scale), acc_bits=None,
                        group=None)
         elif is_add(node) or is_cat(node):
             row = dict(name=node.name, op="add" if is_add(node) else "cat", weight_bits=None,
-                       act_bits=meta.bit_width if is_cat(node) else None, bias=None, scale=_fmt_scale(meta.scale),
+                       act_bits=meta.bit_width if is_cat(node) else None, bias=None, scale=fmt_scale(meta.scale),
                        acc_bits=meta.bit_width if is_add(node) else None, group=meta.group)
         if row is not None:
             rows.append(row)

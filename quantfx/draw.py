@@ -7,7 +7,6 @@ float regions are white with dashed edges; a legend explains it.
 """
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from torch import fx
 
 from .errors import DrawError
 from .graph import (
-    is_act_quant, is_add, is_cat, is_compute, is_invariant, is_trunc_pool, module_of, qmeta,
+    fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_trunc_pool, module_of, qmeta,
 )
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -26,18 +25,6 @@ PALETTE = ["#f4b183", "#a9d18e", "#ffd966", "#c9a0dc", "#9dc3e6", "#f8cbad", "#b
            "#d9d2e9"]
 INSTALL = ("install graphviz's `dot` program (Debian/Ubuntu: apt-get install graphviz; macOS: brew install "
            "graphviz; conda: conda install graphviz)")
-
-
-def fmt_scale(scale) -> str:
-    if scale is None:
-        return "uncalibrated"
-    flat = scale.reshape(-1)
-    if flat.numel() > 1:
-        return f"[{flat.numel()}] {float(flat.min()):.3g}..{float(flat.max()):.3g}"
-    v = float(flat)
-    if v > 0 and math.log2(v) == int(math.log2(v)):
-        return f"2^{int(math.log2(v))}"
-    return f"{v:.3g}"
 
 
 def edge_label(node: fx.Node) -> Optional[str]:

@@ -1,6 +1,7 @@
 """Graph helpers shared by passes and targets: node classification, quantization metadata, naming."""
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Optional
@@ -185,6 +186,19 @@ def insert_module_after(gm, node: fx.Node, module: nn.Module, name: str, users=N
         if user is not new:
             user.replace_input_with(node, new)
     return new
+
+
+def fmt_scale(scale) -> str:
+    """A scale for people: ``2^-n`` for powers of two, 3 significant digits otherwise, ``[C] lo..hi`` per channel."""
+    if scale is None:
+        return "uncalibrated"
+    flat = scale.reshape(-1)
+    if flat.numel() > 1:
+        return f"[{flat.numel()}] {float(flat.min()):.3g}..{float(flat.max()):.3g}"
+    v = float(flat)
+    if v > 0 and math.log2(v) == int(math.log2(v)):
+        return f"2^{int(math.log2(v))}"
+    return f"{v:.4g}"
 
 
 def qmeta(node: fx.Node) -> QMeta:

@@ -18,7 +18,7 @@ import torch
 
 from quantfx.errors import ExportError, TargetError
 from quantfx.export import Backend, register_backend
-from quantfx.graph import is_act_quant, is_compute, is_trunc_pool, module_of, qmeta
+from quantfx.graph import is_act_quant, is_compute, module_of, qmeta
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 
 from .onnx_base import OnnxLowering, np32
@@ -204,7 +204,6 @@ def run_qonnx_intermediates(model, inputs, fx_names) -> dict:
 
 def to_qcdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """qonnx's QONNX -> QCDQ conversion (QuantizeLinear / Clip / DequantizeLinear), for bit widths 2..8."""
-    from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
     wrapper = _prepared(model, _static_batch(model), clean=True)
     return wrapper.transform(QuantToQCDQ()).model

@@ -69,6 +69,7 @@ def test_missing_dot_writes_source_and_says_how_to_install(qmodel, tmp_path, mon
 def test_power_of_two_scales_print_as_powers():
     assert fmt_scale(torch.tensor(0.125)) == "2^-3"
     assert fmt_scale(torch.tensor(0.1)) == "0.1"
+    assert fmt_scale(None) == "uncalibrated"
     assert fmt_scale(torch.tensor([0.5, 0.25])) == "[2] 0.25..0.5"
 
 

@@ -44,6 +44,7 @@ def test_loads_a_float_state_dict(qcls, fcls, args, shape):
     assert not unexpected and all("_quant." in k for k in missing)
     assert torch.equal(q.weight, f.weight) and torch.equal(q.bias, f.bias)
     x = torch.randn(shape)
+    assert torch.equal(q.quant_weight().value, q.weight_quant(f.weight)) and q(x).shape == f(x).shape
     step = float(q.quant_weight_scale())
     # quantized weights are within half a step of the float ones
     assert float((q.quant_weight().value - f.weight).abs().max()) <= step / 2 + 1e-7

@@ -6,7 +6,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 import quantfx
 from quantfx.graph import is_act_quant, is_compute

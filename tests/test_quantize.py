@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import quantfx
-from quantfx.graph import is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs
+from quantfx.graph import is_add, is_cat, module_of, producer, tensor_inputs
 from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
 
 TARGETS = ["finn", "onnx", "torch", "dpu"]

@@ -1,6 +1,5 @@
 """swap_modules: quantized twins per target profile, input quantizers, overrides by name and type."""
 import pytest
-import torch
 from torch import nn
 
 import quantfx
