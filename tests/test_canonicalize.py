@@ -1,25 +1,40 @@
-"""canonicalize: functional/method forms become the forms later passes understand; outputs unchanged."""
-import operator
+"""canonicalize: functional/method forms become the forms later passes understand; outputs unchanged.
 
-import pytest
+Each test counts node occurrences before and after the pass and compares outputs with torch.equal."""
+import operator
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from quantfx.passes import Canonicalize, Trace
 
 
-def run(module, x):
-    gm = Trace()(module).graph_module
-    before = gm(x)
-    gm = Canonicalize()(gm).graph_module
+def occurrences(gm) -> Counter:
+    """(op, target) -> count; call_module targets are the module's class, functions their object."""
+    out = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            out[("call_module", type(gm.get_submodule(n.target)))] += 1
+        elif n.op in ("call_function", "call_method"):
+            out[(n.op, n.target)] += 1
+    return out
+
+
+def canonicalize(gm, *inputs):
+    """(occurrences before, occurrences after, gm after); asserts the outputs are unchanged."""
+    before_out, before = gm(*[t.clone() for t in inputs]), occurrences(gm)  # clones: iadd writes in place
+    result = Canonicalize()(gm)
+    gm = result.graph_module
     gm.recompile()
-    assert torch.equal(gm(x), before)
-    return gm
+    assert result.modified
+    assert torch.equal(gm(*[t.clone() for t in inputs]), before_out)
+    return before, occurrences(gm), gm
 
 
-def modules(gm, cls):
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)]
+def traced(module):
+    return Trace()(module).graph_module
 
 
 class Activations(nn.Module):
@@ -31,34 +46,60 @@ class Activations(nn.Module):
 
 
 def test_activations_become_modules():
-    gm = run(Activations(), torch.randn(2, 3) * 4)
-    assert len(modules(gm, nn.ReLU)) == 3 and len(modules(gm, nn.ReLU6)) == 1
-    ht = modules(gm, nn.Hardtanh)
-    assert len([n for n in ht if type(gm.get_submodule(n.target)) is nn.Hardtanh]) == 1
-    assert gm.get_submodule(ht[-1].target).min_val == -2.0
-    assert len(modules(gm, nn.Sigmoid)) == 2
-    assert not any(n.op == "call_function" and n.target in (F.relu, torch.relu, torch.sigmoid)
-                   for n in gm.graph.nodes)
+    before, after, gm = canonicalize(traced(Activations()), torch.randn(2, 3) * 4)
+    fn, meth, mod = "call_function", "call_method", "call_module"
+    assert before[(fn, F.relu)] == 1 and before[(fn, torch.relu)] == 1 and before[(meth, "relu")] == 1
+    assert before[(fn, F.relu6)] == 1 and before[(fn, F.hardtanh)] == 1
+    assert before[(fn, torch.sigmoid)] == 1 and before[(meth, "sigmoid")] == 1
+    assert before[(mod, nn.ReLU)] == before[(mod, nn.ReLU6)] == before[(mod, nn.Hardtanh)] == 0
+    assert after[(mod, nn.ReLU)] == 3 and after[(mod, nn.ReLU6)] == 1 and after[(mod, nn.Hardtanh)] == 1
+    assert after[(mod, nn.Sigmoid)] == 2
+    for key in [(fn, F.relu), (fn, torch.relu), (meth, "relu"), (fn, F.relu6), (fn, F.hardtanh),
+                (fn, torch.sigmoid), (meth, "sigmoid")]:
+        assert after[key] == 0, key
+    hardtanh = next(gm.get_submodule(n.target) for n in gm.graph.nodes
+                    if n.op == mod and type(gm.get_submodule(n.target)) is nn.Hardtanh)
+    assert (hardtanh.min_val, hardtanh.max_val) == (-2.0, 2.0)
+    assert after[(fn, operator.add)] == before[(fn, operator.add)] == 6
 
 
 class Adds(nn.Module):
     def forward(self, x, y):
         a = torch.add(x, y)
         b = x.add(y)
-        a += b
-        return torch.concat([a, y], 1)
+        return torch.concat([a + b, y], 1)
 
 
-def test_adds_and_concat():
-    gm = Trace()(Adds()).graph_module
+def test_adds_and_concat_become_operator_add_and_cat():
     x, y = torch.randn(2, 3), torch.randn(2, 3)
-    before = gm(x, y)
-    gm = Canonicalize()(gm).graph_module
-    gm.recompile()
-    assert torch.equal(gm(x, y), before)
-    adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add]
-    assert len(adds) == 3
-    assert any(n.target is torch.cat for n in gm.graph.nodes)
+    before, after, _ = canonicalize(traced(Adds()), x, y)
+    assert before[("call_function", torch.add)] == 1 and before[("call_method", "add")] == 1
+    assert before[("call_function", operator.add)] == 1 and before[("call_function", torch.concat)] == 1
+    assert after[("call_function", operator.add)] == 3
+    assert after[("call_function", torch.add)] == after[("call_method", "add")] == 0
+    assert after[("call_function", torch.cat)] == 1 and after[("call_function", torch.concat)] == 0
+
+
+def test_iadd_becomes_operator_add():
+    # fx traces `a += b` as operator.add, so the iadd form is built by hand
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    graph.output(graph.call_function(operator.iadd, (a, b)))
+    gm = fx.GraphModule(nn.Module(), graph)
+    x, y = torch.randn(3), torch.randn(3)
+    before, after, _ = canonicalize(gm, x, y)
+    assert before[("call_function", operator.iadd)] == 1 and before[("call_function", operator.add)] == 0
+    assert after[("call_function", operator.iadd)] == 0 and after[("call_function", operator.add)] == 1
+
+
+def test_add_with_alpha_is_left_alone():
+    class Alpha(nn.Module):
+        def forward(self, x, y):
+            return torch.add(x, y, alpha=2)
+    gm = traced(Alpha())
+    result = Canonicalize()(gm)
+    assert result.modified is False
+    assert occurrences(result.graph_module)[("call_function", torch.add)] == 1
 
 
 class MeanDropout(nn.Module):
@@ -73,14 +114,38 @@ class MeanDropout(nn.Module):
         return F.dropout(x.mean((2, 3)), 0.1, training=False)
 
 
-def test_mean_becomes_pool_and_dropout_is_removed():
-    m = MeanDropout().eval()
-    gm = run(m, torch.randn(2, 3, 4, 4))
-    assert len(modules(gm, nn.AdaptiveAvgPool2d)) == 1
-    assert any(n.target is torch.flatten for n in gm.graph.nodes)
-    assert not modules(gm, (nn.Dropout, nn.Identity))
-    assert not any(n.target is F.dropout for n in gm.graph.nodes)
-    assert not hasattr(gm, "drop")
+def test_mean_becomes_pool_and_flatten_and_dropout_is_removed():
+    gm = traced(MeanDropout().eval())
+    before, after, gm = canonicalize(gm, torch.randn(2, 3, 4, 4))
+    assert before[("call_method", "mean")] == 1 and before[("call_module", nn.AdaptiveAvgPool2d)] == 0
+    assert before[("call_module", nn.Dropout)] == 1 and before[("call_module", nn.Identity)] == 1
+    assert before[("call_function", F.dropout)] == 1
+    assert after[("call_method", "mean")] == 0
+    assert after[("call_module", nn.AdaptiveAvgPool2d)] == 1 and after[("call_function", torch.flatten)] == 1
+    pool = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target != "conv")
+    assert gm.get_submodule(pool.target).output_size == 1
+    assert [u.target for u in pool.users] == [torch.flatten]
+    assert after[("call_module", nn.Dropout)] == after[("call_module", nn.Identity)] == 0
+    assert after[("call_function", F.dropout)] == 0
+    assert not hasattr(gm, "drop") and not hasattr(gm, "ident")  # unused submodules dropped
+    assert len(gm.graph.nodes) == 5  # x, conv, pool, flatten, output
+
+
+def test_mean_with_keepdim_needs_no_flatten():
+    class KeepDim(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3), keepdim=True)
+    before, after, _ = canonicalize(traced(KeepDim()), torch.randn(2, 3, 4, 4))
+    assert after[("call_module", nn.AdaptiveAvgPool2d)] == 1 and after[("call_function", torch.flatten)] == 0
+
+
+def test_mean_over_channels_is_not_a_pool():
+    class ChannelMean(nn.Module):
+        def forward(self, x):
+            return x.mean(1)
+    result = Canonicalize()(traced(ChannelMean()))
+    assert result.modified is False
+    assert occurrences(result.graph_module)[("call_method", "mean")] == 1
 
 
 class SharedRelu(nn.Module):
@@ -96,23 +161,31 @@ class SharedRelu(nn.Module):
 
 
 def test_stateless_module_called_twice_is_duplicated_weights_are_not():
-    gm = run(SharedRelu(), torch.randn(1, 3, 4, 4))
-    relus = modules(gm, nn.ReLU)
-    assert len(relus) == 2 and len({n.target for n in relus}) == 2
-    assert gm.get_submodule(relus[0].target) is not gm.get_submodule(relus[1].target)
-    convs = modules(gm, nn.Conv2d)
-    assert len(convs) == 2 and {n.target for n in convs} == {"conv"}
+    model = SharedRelu()
+    gm = traced(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "relu", "conv", "relu"]
+    _, after, gm = canonicalize(gm, torch.randn(1, 3, 4, 4))
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls[0] == calls[2] == "conv"  # the conv keeps its single set of weights
+    assert calls[1] == "relu" and calls[3] not in ("relu", "conv")
+    assert gm.get_submodule(calls[1]) is not gm.get_submodule(calls[3])
+    assert type(gm.get_submodule(calls[3])) is nn.ReLU
+    assert after[("call_module", nn.ReLU)] == 2 and after[("call_module", nn.Conv2d)] == 2
+    assert sum(1 for _ in gm.parameters()) == 2  # conv.weight, conv.bias: not duplicated
 
 
 def test_no_change_reports_unmodified():
-    gm = Trace()(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())).graph_module
-    assert Canonicalize()(gm).modified is False
+    gm = traced(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()))
+    nodes = [(n.op, n.target) for n in gm.graph.nodes]
+    result = Canonicalize()(gm)
+    assert result.modified is False and [(n.op, n.target) for n in result.graph_module.graph.nodes] == nodes
 
 
-@pytest.mark.parametrize("x", [torch.randn(2, 3, 8, 8)])
-def test_functional_pools_become_modules(x):
+def test_functional_pools_become_modules():
     class Pools(nn.Module):
         def forward(self, t):
             return F.avg_pool2d(t, 2) + F.adaptive_avg_pool2d(t, 4)
-    gm = run(Pools(), x)
-    assert len(modules(gm, nn.AvgPool2d)) == 1 and len(modules(gm, nn.AdaptiveAvgPool2d)) == 1
+    before, after, gm = canonicalize(traced(Pools()), torch.randn(2, 3, 8, 8))
+    assert before[("call_function", F.avg_pool2d)] == 1 and before[("call_function", F.adaptive_avg_pool2d)] == 1
+    assert after[("call_function", F.avg_pool2d)] == after[("call_function", F.adaptive_avg_pool2d)] == 0
+    assert after[("call_module", nn.AvgPool2d)] == 1 and after[("call_module", nn.AdaptiveAvgPool2d)] == 1
