@@ -12,6 +12,7 @@ CASES = [
     (nn.Conv2d(3, 6, 3, groups=3), nn.BatchNorm2d(6), (2, 3, 8, 8)),
     (nn.Conv3d(3, 6, 3, bias=False), nn.BatchNorm3d(6), (2, 3, 5, 5, 5)),
     (nn.ConvTranspose1d(3, 6, 3), nn.BatchNorm1d(6), (2, 3, 10)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2), nn.BatchNorm2d(6), (2, 4, 5, 5)),
     (nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6), (2, 4, 5, 5)),
     (nn.Linear(8, 5), nn.BatchNorm1d(5), (4, 8)),
 ]
@@ -49,11 +50,16 @@ def test_refused_when_the_conv_has_two_users():
             y = self.conv(x)
             return self.bn(y) + y
 
-    gm = Trace()(TwoUsers().eval()).graph_module
+    model = _randomize_bn(TwoUsers()).eval()
+    gm = Trace()(model).graph_module
     conv_node = next(n for n in gm.graph.nodes if n.target == "conv")
     reason = FuseConvBN.refuse(gm, conv_node, gm.conv, gm.bn)
-    assert "2 users" in reason
+    assert reason == "conv has 2 users; folding would change the other users"
+    conv = gm.conv
     assert FuseConvBN()(gm).modified is False
+    assert gm.conv is conv and sum(isinstance(m, nn.BatchNorm2d) for m in gm.modules()) == 1
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(gm(x), model(x))
 
 
 def test_training_mode_is_a_clear_error():

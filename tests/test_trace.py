@@ -1,4 +1,5 @@
 """trace: symbolic tracing, leaf modules, concrete_args, and a clear TraceError for untraceable models."""
+import inspect
 import operator
 
 import pytest
@@ -55,16 +56,22 @@ def test_untraceable_model_names_the_source_line_and_the_way_out():
     with pytest.raises(quantfx.TraceError) as e:
         Trace()(Wrapper())
     message = str(e.value)
-    assert "test_trace.py" in message and "if y.sum() > 0" in message
+    lines, first = inspect.getsourcelines(DataDependent.forward)
+    lineno = first + next(i for i, line in enumerate(lines) if "if y.sum() > 0" in line)
+    assert f"test_trace.py:{lineno} in forward: if y.sum() > 0" in message
     assert "leaf_modules" in message and "concrete_args" in message
     assert isinstance(e.value, quantfx.QuantFXError)
 
 
 @pytest.mark.parametrize("leaf", [DataDependent, "block"])
 def test_leaf_modules_by_type_or_name(leaf):
-    gm = Trace(leaf_modules=(leaf,))(Wrapper()).graph_module
+    model = Wrapper().eval()
+    gm = Trace(leaf_modules=(leaf,))(model).graph_module
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    assert calls == ["block", "head"]
+    assert calls == ["block", "head"]  # not traced into: no block.conv node
+    assert isinstance(gm.get_submodule("block"), DataDependent)
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(gm(x), model(x))
 
 
 def test_concrete_args_fix_a_branch():
