@@ -4,8 +4,9 @@ from torch import nn
 
 import quantfx
 from quantfx.graph import is_act_quant
-from quantfx.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
-from quantfx.zoo import LeNet, TEST_MODELS, example_input
+from quantfx.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU, QuantWBIOL
+from quantfx.targets import get_profile
+from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
 
 
 def q_of(model, target="finn", **kw):
@@ -20,6 +21,21 @@ def test_layers_swapped_with_profile_quantizers():
     first = next(n for n in q.graph.nodes if n.op == "placeholder")
     user = next(iter(first.users))
     assert isinstance(q.get_submodule(user.target), QuantIdentity) and user.target == "x_quant"
+
+
+@pytest.mark.parametrize("target", ["finn", "onnx", "torch", "dpu"])
+def test_quantizers_follow_the_target_profile(target):
+    q = quantfx.quantize(ResNetSmall().eval(), target, example_inputs=(example_input("resnet", 1),))
+    p = get_profile(target)
+    compute = [m for m in q.modules() if isinstance(m, QuantWBIOL)]
+    assert len(compute) == 10  # stem, 2 convs in each of 3 blocks, 2 downsample convs, fc
+    assert len(compute) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in ResNetSmall().modules())
+    for m in compute:
+        assert m.weight_quant.spec is p.weight_quant and m.weight_quant.bit_width == p.weight_bit_width
+    relus = [m for m in q.modules() if isinstance(m, QuantReLU)]
+    assert relus and all(m.act_quant.spec is p.act_quant_unsigned for m in relus)
+    assert all(m.act_quant.bit_width == p.act_bit_width for m in relus)
+    assert q.x_quant.act_quant.spec is p.act_quant and q.x_quant.act_quant.bit_width == p.input_bit_width
 
 
 def test_bit_width_options():
