@@ -41,7 +41,7 @@ class QuantGraphModule(fx.GraphModule):
         return (_rebuild, (fn, args, self.profile))
 
     def __deepcopy__(self, memo):
-        res = super().__deepcopy__(memo)
+        res = super().__deepcopy__(memo)  # torch rebuilds a plain GraphModule: wrap it again
         out = QuantGraphModule(res, res.graph, self.profile)
         _copy_meta(self, out)
         return out
