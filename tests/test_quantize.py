@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import quantfx
 from quantfx.graph import is_add, is_cat, module_of, producer, tensor_inputs
+from quantfx.nn import QuantWBIOL
 from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
 
 TARGETS = ["finn", "onnx", "torch", "dpu"]
@@ -62,6 +63,8 @@ def test_input_model_is_never_modified():
     after, flags_after = snapshot(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert flags == flags_after and model.training
+    assert all(p.grad is None for p in model.parameters())  # the quantized copy's backward stays in the copy
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 9  # not folded away
 
 
 def test_unknown_target_lists_the_valid_ones():
@@ -118,14 +121,26 @@ def test_calibration_data_forms(data):
     assert all(qz.is_calibrated for qz in quantfx.quantizers(q, "act"))
 
 
-def test_calibration_methods_give_different_scales():
-    data = [torch.randn(8, 1, 28, 28) for _ in range(4)]
-    scales = {}
+def test_calibration_methods_work_and_give_different_scales():
+    data = [example_input("lenet", batch=8, seed=i) for i in range(4)]
+    x = example_input("lenet", batch=8, seed=50)
+    torch.manual_seed(0)
+    model = LeNet().eval()
+    scales, sqnrs = {}, {}
     for method in ("minmax", "percentile", "mse"):
-        q = quantfx.quantize(LeNet().eval(), "finn", calibration_data=data, calibration_method=method,
-                             progress=False)
-        scales[method] = float(q.x_quant.act_quant.scale())
-    assert scales["percentile"] < scales["minmax"] and scales["mse"] < scales["minmax"]
+        q = quantfx.quantize(model, "finn", calibration_data=data, calibration_method=method, progress=False)
+        scales[method] = [float(qz.scale()) for qz in quantfx.quantizers(q, "act")]
+        with torch.no_grad():
+            sqnrs[method] = sqnr(model(x), q(x))
+    assert len(scales["minmax"]) == 6  # x_quant, relu1..4, fc3_quant
+    # percentile and mse clip outliers, so no scale exceeds the max's; on the input and the conv activations
+    # (thousands of values) all three differ (measured x_quant: minmax 0.0329, percentile 0.0300, mse 0.0312;
+    # relu1: 0.0134, 0.0095, 0.0117). On the fc activations percentile and mse may settle on the same clip.
+    for method in ("percentile", "mse"):
+        assert all(v <= m for v, m in zip(scales[method], scales["minmax"])), method
+    for i in range(3):
+        assert scales["percentile"][i] < scales["mse"][i] < scales["minmax"][i], i
+    assert all(v > 25 for v in sqnrs.values()), sqnrs
     with pytest.raises(quantfx.QuantArgumentError, match="calibration_method='kl'"):
         quantfx.quantize(LeNet(), "finn", calibration_method="kl")
 
@@ -144,33 +159,38 @@ def test_bias_correction_reduces_the_mean_error():
     x = example_input("lenet", batch=64, seed=99)
     errors = {}
     for flag in (False, True):
-        q = quantfx.quantize(model, "finn", calibration_data=data, weight_bit_width=3, bias_correction=flag,
+        q = quantfx.quantize(model, "finn", calibration_data=data, weight_bit_width=4, bias_correction=flag,
                              progress=False)
         with torch.no_grad():
-            errors[flag] = float((q(x) - model(x)).mean(0).abs().mean())
-    assert errors[True] < errors[False]
+            errors[flag] = float((q(x) - model(x)).mean(0).abs().mean())  # per-output mean error
+    # measured: 0.0036 without, 0.00055 with (6x smaller; 5-7x over three seeds)
+    assert errors[True] < errors[False] / 2, errors
 
 
 def test_qat_trains_weights_and_learned_scales():
     torch.manual_seed(0)
     q = quantfx.quantize(LeNet().eval(), "finn", calibration_data=[example_input("lenet", 8)], progress=False,
                          weight_bit_width=4, act_bit_width=4, overrides={nn.ReLU: dict(act_learned_scale=True)})
+    assert not q.training and not any(m.training for m in q.modules())  # quantize returns eval mode
     q.train()
     assert all(m.training for m in q.modules())
     x, y = example_input("lenet", 32, seed=3), torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(0))
     loss = nn.functional.cross_entropy(q(x), y)
     loss.backward()
-    assert q.conv1.weight.grad is not None and float(q.conv1.weight.grad.abs().sum()) > 0
+    weights = [m.weight for m in q.modules() if isinstance(m, QuantWBIOL)]
+    assert len(weights) == 5 and all(w.grad is not None and float(w.grad.abs().sum()) > 0 for w in weights)
     learned = [p for n, p in q.named_parameters() if n.endswith("scale_param")]
-    assert len(learned) == 4 and all(p.grad is not None for p in learned)
-    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    assert len(learned) == 4 and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in learned)
+    before = [p.detach().clone() for p in learned]
+    opt = torch.optim.SGD(q.parameters(), lr=0.1, momentum=0.9)
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(q(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.1, losses  # measured 2.29 -> 2.12
+    assert all(not torch.equal(b, p) for b, p in zip(before, learned))  # the scales were trained too
     q.eval()
     assert not any(m.training for m in q.modules())
