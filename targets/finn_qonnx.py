@@ -3,8 +3,8 @@ qonnx executes and FINN's frontend accepts.
 
 Activations: ``Quant(x, scale, 0, bits; signed, narrow, rounding_mode)``; weights: float initializers followed
 by ``Quant`` (per-channel scales shaped to broadcast); biases float or ``Quant`` with scale = input scale x
-weight scale; truncating average pools: ``AveragePool -> Mul(K) -> Trunc -> Mul(1/K)``, which is exactly
-quantfx's integer sum truncated by ``shift`` bits. FINN's rules are checked before anything is written.
+weight scale; truncating average pools: ``AveragePool -> Mul(K) -> Trunc (v1, FLOOR) -> Mul(2^shift / K)``,
+which is exactly quantfx's integer sum with ``shift`` LSBs dropped. FINN's rules are checked before anything is written.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ MAX_ACT_BITS = 8  # FINN turns activation quantizers into thresholds
 class QONNXLowering(OnnxLowering):
     target = "finn"
     opset = 13
-    extra_opsets = {DOMAIN: 2}  # domain version 2 selects Trunc_v2 (explicit output scale)
+    # qonnx domain version 1: Trunc v1 (x, scale, zeropt, in_bits, out_bits), the form FINN's frontend
+    # recognises after AveragePool -> Mul(K)
+    extra_opsets = {DOMAIN: 1}
     dynamic_batch = False
 
     # -- rules ----------------------------------------------------------------------------------------
@@ -142,15 +144,14 @@ class QONNXLowering(OnnxLowering):
                       pads=pads)
         total = self.op("Mul", [avg, self.const(node.name + "_k", np.float32(k))], node.name + "_sum")
         scale = inp.scale.reshape(())
+        # Trunc v1: floor(round(x / scale) / 2^(in_bits - out_bits)) * scale
         trunc = self.op("Trunc", [
-            total, self.const(node.name + "_in_scale", np32(scale)),
+            total, self.const(node.name + "_scale", np32(scale)),
             self.const(node.name + "_zeropt", np.float32(0)),
             self.const(node.name + "_in_bitwidth", np.float32(acc)),
-            self.const(node.name + "_out_scale", np32(scale * 2.0 ** shift)),
-            self.const(node.name + "_out_bitwidth", np.float32(pool.bit_width))],
-            node.name + "_trunc", domain=DOMAIN, signed=int(inp.signed), narrow=0,
-            rounding_mode=ROUNDING[pool.rounding])
-        return self.op("Mul", [trunc, self.const(node.name + "_inv_k", np.float32(1.0 / k))], node.name)
+            self.const(node.name + "_out_bitwidth", np.float32(acc - shift))],
+            node.name + "_trunc", domain=DOMAIN, rounding_mode=ROUNDING[pool.rounding])
+        return self.op("Mul", [trunc, self.const(node.name + "_rescale", np.float32(2.0 ** shift / k))], node.name)
 
     def lower(self):
         model = super().lower()

@@ -53,9 +53,9 @@ class _TruncAvgPool(InputQuantMixin, nn.Module):
         step = 2.0 ** shift
         truncated = qf.round_ste(total / step, self.rounding)
         scale = qx.scale * step / k
-        # (truncated * (in_scale * 2^shift)) * (1 / K): the order QONNX's Trunc -> Mul computes it in, so
-        # the float32 results (and any later rounding ties) agree bit for bit.
-        value = (truncated * (qx.scale * step)) * (1.0 / k)
+        # (truncated * in_scale) * (2^shift / K): the order QONNX's Trunc -> Mul computes it in, so the
+        # float32 results (and any later rounding ties) agree bit for bit.
+        value = (truncated * qx.scale) * (step / k)
         out = QuantTensor(value, scale, torch.zeros_like(scale), self.bit_width, qx.signed, self.training)
         return out if self.return_quant_tensor else out.value
 
