@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import QuantArgumentError, QuantFXError
 from .graph import META_KEY, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
@@ -38,7 +39,11 @@ class QuantGraphModule(fx.GraphModule):
 
     def __reduce__(self):
         fn, args = super().__reduce__()
-        return (_rebuild, (fn, args, self.profile))
+        # node.meta is not pickled; shapes are kept so annotate can size average-pool windows again
+        # (without memory_format, which torch.save cannot pickle)
+        shapes = {n.name: n.meta["tensor_meta"]._replace(memory_format=None) for n in self.graph.nodes
+                  if isinstance(n.meta.get("tensor_meta"), TensorMetadata)}
+        return (_rebuild, (fn, args, self.profile, shapes))
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)  # torch rebuilds a plain GraphModule: wrap it again
@@ -52,9 +57,12 @@ def _copy_meta(src: fx.GraphModule, dst: fx.GraphModule) -> None:
         b.meta.update(a.meta)
 
 
-def _rebuild(fn, args, profile):
+def _rebuild(fn, args, profile, shapes=None):
     gm = fn(*args)
     out = QuantGraphModule(gm, gm.graph, profile)
+    for node in out.graph.nodes:
+        if shapes and node.name in shapes:
+            node.meta["tensor_meta"] = shapes[node.name]
     annotate(out)
     return out
 
@@ -264,7 +272,10 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
         else:
             q.calibrating = True
     try:
-        _run_batches(qmodel, data, progress, "calibrating", max_batches)
+        # a pipeline without propagate_shapes left no shapes: annotate needs them to size average-pool windows
+        record = isinstance(qmodel, fx.GraphModule) and \
+            any("tensor_meta" not in n.meta for n in qmodel.graph.nodes if n.op == "placeholder")
+        _run_batches(qmodel, data, progress, "calibrating", max_batches, record_shapes=record)
     finally:
         for q in qs:
             if q.kind == "act":
@@ -279,14 +290,19 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
     return qmodel
 
 
-def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int]) -> None:
-    """Run every batch of ``data`` (up to ``max_batches``) through ``model`` without gradients."""
+def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int],
+                 record_shapes: bool = False) -> None:
+    """Run every batch of ``data`` (up to ``max_batches``) through ``model`` without gradients; with
+    ``record_shapes`` the first batch also records each node's ``tensor_meta`` (torch.fx ShapeProp)."""
     n_in = _n_inputs(model)
     with torch.no_grad():
         for i, batch in enumerate(_progress(data, progress, desc)):
             if max_batches is not None and i >= max_batches:
                 break
-            model(*_as_args(batch, n_in))
+            if record_shapes and i == 0:
+                ShapeProp(model).propagate(*_as_args(batch, n_in))
+            else:
+                model(*_as_args(batch, n_in))
 
 
 def _progress(data, enabled: bool, desc: str):

@@ -1,5 +1,6 @@
 """Pass infrastructure: PassManager (one recompile per modified pass, timings, failures named), Pipeline
 editing and spelling, plain-function passes, string pipelines."""
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -7,28 +8,46 @@ import torch
 from torch import fx, nn
 
 import quantfx
+from quantfx.nn import QuantWBIOL
 from quantfx.pass_infra import Pass, PassManager, PassResult, Pipeline
-from quantfx.zoo import LeNet, example_input
+from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
 
 
-def test_recompiles_once_per_modified_pass(monkeypatch):
+def counting_recompiles(monkeypatch) -> list:
     calls = []
     original = fx.GraphModule.recompile
 
     def counting(self):
         calls.append(1)
         return original(self)
-
-    pipeline = quantfx.pipeline_for("finn", example_inputs=(example_input("lenet", 1),))
-    manager = PassManager(pipeline)
     monkeypatch.setattr(fx.GraphModule, "recompile", counting)
-    gm = manager.run(LeNet().eval())
-    modified = sum(1 for r in manager.records if r.modified)
-    assert len(manager.records) == len(pipeline) == 8
-    # fx.GraphModule's constructor compiles once; then one recompile per modified pass, never per node
-    assert len(calls) == modified + 1
-    assert all(r.seconds >= 0 for r in manager.records) and "fuse_conv_bn" in manager.timings()
-    assert isinstance(gm, fx.GraphModule)
+    return calls
+
+
+def test_recompiles_once_per_modified_pass(monkeypatch):
+    pipeline = quantfx.pipeline_for("finn", example_inputs=(example_input("resnet", 1),))
+    gm = fx.symbolic_trace(ResNetSmall().eval())  # traced up front: the trace pass has nothing to do
+    calls = counting_recompiles(monkeypatch)
+    manager = PassManager(pipeline)
+    start = time.perf_counter()
+    out = manager.run(gm)
+    wall = time.perf_counter() - start
+    modified = [r.name for r in manager.records if r.modified]
+    assert modified == ["canonicalize", "fuse_conv_bn", "swap_modules", "share_quantizers", "choose_bias_scaling"]
+    assert len(calls) == len(modified) == 5  # once per modified pass, never per node
+    assert [r.name for r in manager.records] == pipeline.names() and len(manager.records) == 8
+    assert all(r.seconds > 0 for r in manager.records) and sum(r.seconds for r in manager.records) <= wall
+    assert all(f"{r.name:24s}" in manager.timings() for r in manager.records)
+    assert out is gm and isinstance(gm.get_submodule("fc"), QuantWBIOL)
+
+
+def test_tracing_adds_one_compile_of_the_new_graph_module(monkeypatch):
+    calls = counting_recompiles(monkeypatch)
+    manager = PassManager(quantfx.pipeline_for("finn", example_inputs=(example_input("lenet", 1),)))
+    manager.run(LeNet().eval())  # nothing to canonicalize or share in LeNet
+    modified = [r.name for r in manager.records if r.modified]
+    assert modified == ["trace", "fuse_conv_bn", "swap_modules", "choose_bias_scaling"]
+    assert len(calls) == len(modified) + 1  # plus fx.GraphModule's constructor compiling the traced graph
 
 
 def test_failure_names_the_pass_and_those_before_it():
@@ -78,22 +97,37 @@ def test_function_pass_in_quantize():
         seen.append(len(gm.graph.nodes))
         return gm
     pipeline = quantfx.pipeline_for("finn").insert_after("canonicalize", record)
-    quantfx.quantize(LeNet().eval(), "finn", pipeline=pipeline, example_inputs=(example_input("lenet", 1),))
-    assert len(seen) == 1 and seen[0] > 10
+    q = quantfx.quantize(LeNet().eval(), "finn", pipeline=pipeline, example_inputs=(example_input("lenet", 1),))
+    canonical = quantfx.PassManager(quantfx.pipeline_for("finn").passes[:3]).run(LeNet().eval())
+    assert seen == [len(canonical.graph.nodes)] == [16]  # run once, on the canonicalized graph
+    names = [r.name for r in q.pass_timings]
+    assert names.index("record") == names.index("canonicalize") + 1
 
 
-def test_string_pipeline_quantizes_like_the_default():
-    x = example_input("lenet", 4)
-    data = [example_input("lenet", 4, seed=i) for i in range(2)]
+@pytest.mark.parametrize("name", ["lenet", "resnet"])
+def test_string_pipeline_quantizes_like_the_default(name):
+    x = example_input(name, 4)
+    data = [example_input(name, 4, seed=i) for i in range(2)]
     torch.manual_seed(0)
-    model = LeNet().eval()
+    model = TEST_MODELS[name][0]().eval()
     default = quantfx.quantize(model, "finn", calibration_data=data, progress=False)
-    spelled = quantfx.parse_pipeline("trace,propagate_shapes,canonicalize,fuse_conv_bn,swap_modules,"
-                                     "share_quantizers,choose_bias_scaling,annotate", target="finn")
+    # spelled without propagate_shapes: calibration records the shapes annotate needs for pools
+    spelled = quantfx.parse_pipeline("trace,canonicalize,fuse_conv_bn,swap_modules,share_quantizers,"
+                                     "choose_bias_scaling,annotate", target="finn")
+    assert spelled.names() == [n for n in quantfx.pipeline_for("finn").names() if n != "propagate_shapes"]
     custom = quantfx.quantize(model, "finn", calibration_data=data, progress=False, pipeline=spelled)
     assert torch.equal(default(x), custom(x))
+    assert [(n.name, str(n.meta["quant"])) for n in custom.graph.nodes] == \
+        [(n.name, str(n.meta["quant"])) for n in default.graph.nodes]
+    assert [type(m).__name__ for m in custom.modules()] == [type(m).__name__ for m in default.modules()]
     with pytest.raises(quantfx.QuantArgumentError, match="unknown pass 'fuse'"):
         quantfx.parse_pipeline("trace,fuse")
+
+
+def test_spelled_options_round_trip():
+    pipeline = quantfx.parse_pipeline("trace{leaf_modules=('layers',)},canonicalize,annotate", target="finn")
+    assert pipeline.passes[0].leaf_modules == ("layers",)
+    assert pipeline.spell() == "trace{leaf_modules=('layers',)},canonicalize,annotate"
 
 
 def test_requires_is_checked():
