@@ -23,6 +23,7 @@ def _randomize_bn(module: nn.Module, seed: int = 1234) -> nn.Module:
 
 
 def conv_bn_relu(cin, cout, k=3, stride=1, groups=1, act=nn.ReLU):
+    """Conv (no bias, 'same' padding for odd k) -> BatchNorm2d -> activation."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
                          nn.BatchNorm2d(cout), act())
 
@@ -297,6 +298,7 @@ class DeepChain(nn.Module):
         self.layers = nn.ModuleList(conv_bn_relu(channels, channels) for _ in range(num_layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
+        _randomize_bn(self)
 
     def forward(self, x):
         x = self.stem(x)
