@@ -5,7 +5,9 @@ The fused layer is a new module of the same class that receives its parameters t
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import fx, nn
@@ -45,13 +47,14 @@ class FuseConvBN(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")  # once, not per BN
         for node in list(gm.graph.nodes):
             bn = module_of(gm, node)
             if not isinstance(bn, BN_TYPES) or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
             src = node.args[0]
             layer = module_of(gm, src)
-            reason = self.refuse(gm, src, layer, bn)
+            reason = self.refuse(gm, src, layer, bn, calls)
             if reason:
                 continue
             if bn.training:
@@ -71,13 +74,15 @@ class FuseConvBN(Pass):
         return PassResult(gm, modified)
 
     @staticmethod
-    def refuse(gm, src: fx.Node, layer, bn) -> str:
-        """Why this conv/bn pair cannot be fused ('' when it can)."""
+    def refuse(gm, src: fx.Node, layer, bn, calls: Optional[Counter] = None) -> str:
+        """Why this conv/bn pair cannot be fused ('' when it can). ``calls``: call_module target -> count."""
         if not isinstance(layer, FLOAT_COMPUTE_TYPES):
             return "producer is not a float conv/linear"
         if len(src.users) != 1:
             return f"{src.target} has {len(src.users)} users; folding would change the other users"
-        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) != 1:
+        if calls is None:
+            calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        if calls[src.target] != 1:
             return f"{src.target} is called more than once; its weights are shared"
         channels = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
         if bn.num_features != channels:

@@ -42,13 +42,12 @@ class ShareQuantizers(ProfilePass):
         # A group that mixes activation functions with plain requantizers, or signs, would force ReLU outputs
         # onto a signed or zero-pointed grid: those members keep their own quantizer and the add/cat edge
         # gets a QuantIdentity that joins the group instead.
-        for members in self._components(gm, edges):
-            if self._mixed(gm, members):
-                for edge in edges:
-                    consumer, inp, src = edge
-                    if src in members and type(module_of(gm, src)) is not QuantIdentity:
-                        edge[2] = self.requantize(gm, inp, inp.name + "_quant", taken, users=[consumer])
-                        edge[1] = edge[2]
+        mixed = {n for members in self._components(gm, edges) if self._mixed(gm, members) for n in members}
+        for edge in edges:  # one walk over the edges (a set lookup each), not one per group
+            consumer, inp, src = edge
+            if src in mixed and type(module_of(gm, src)) is not QuantIdentity:
+                edge[2] = self.requantize(gm, inp, inp.name + "_quant", taken, users=[consumer])
+                edge[1] = edge[2]
         for index, members in enumerate(self._components(gm, edges)):
             self._share(gm, members, f"share_group_{index}")
         return PassResult(gm, True)

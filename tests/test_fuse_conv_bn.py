@@ -62,6 +62,25 @@ def test_refused_when_the_conv_has_two_users():
     assert torch.equal(gm(x), model(x))
 
 
+def test_refused_when_the_conv_is_called_twice():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn2(self.conv(self.bn1(self.conv(x))))  # one set of weights, two BNs
+
+    model = _randomize_bn(Shared()).eval()
+    gm = Trace()(model).graph_module
+    first = next(n for n in gm.graph.nodes if n.target == "conv")
+    assert FuseConvBN.refuse(gm, first, gm.conv, gm.bn1) == "conv is called more than once; its weights are shared"
+    assert FuseConvBN()(gm).modified is False
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in gm.modules()) == 2
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(gm(x), model(x))
+
+
 def test_training_mode_is_a_clear_error():
     gm = Trace()(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train()).graph_module
     with pytest.raises(quantfx.QuantFXError, match="training mode.*model.eval"):
