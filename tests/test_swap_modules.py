@@ -1,5 +1,6 @@
 """swap_modules: quantized twins per target profile, input quantizers, overrides by name and type."""
 import pytest
+import torch
 from torch import nn
 
 import quantfx
@@ -7,6 +8,16 @@ from quantfx.graph import is_act_quant
 from quantfx.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU, QuantWBIOL
 from quantfx.targets import get_profile
 from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
+    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def q_of(model, target="finn", **kw):
