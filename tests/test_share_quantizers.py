@@ -108,10 +108,19 @@ def test_property_random_dags(seed, target):
     model = random_dag(seed).eval()
     x = torch.randn(2, 4, 5, 5)
     q = quantfx.quantize(model, target, calibration_data=[x], progress=False)
+    chained = 0
     for node in q.graph.nodes:
         if is_add(node) or is_cat(node):
             quantizers = input_quantizers(q, node)
             assert all(qz is quantizers[0] for qz in quantizers)
+        if is_add(node):  # an add fed (through its requantizer) by an add shares that add's group
+            for src in (producer(q, a) for a in tensor_inputs(node)):
+                upstream = producer(q, src.args[0])
+                if type(module_of(q, src)).__name__ == "QuantIdentity" and is_add(upstream):
+                    assert input_quantizers(q, upstream)[0] is input_quantizers(q, node)[0]
+                    chained += 1
+    assert chained == sum(1 for n in q.graph.nodes if is_add(n) for a in tensor_inputs(n)
+                          if is_add(producer(q, producer(q, a).args[0])))
     with torch.no_grad():
         y, yq = model(x), q(x)
     assert float((y - yq).pow(2).mean() / y.pow(2).mean()) < 0.05
