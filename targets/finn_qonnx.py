@@ -4,7 +4,9 @@ qonnx executes and FINN's frontend accepts.
 Activations: ``Quant(x, scale, 0, bits; signed, narrow, rounding_mode)``; weights: float initializers followed
 by ``Quant`` (per-channel scales shaped to broadcast); biases float or ``Quant`` with scale = input scale x
 weight scale; truncating average pools: ``AveragePool -> Mul(K) -> Trunc (v1, FLOOR) -> Mul(2^shift / K)``,
-which is exactly quantfx's integer sum with ``shift`` LSBs dropped. FINN's rules are checked before anything is written.
+which is exactly quantfx's integer sum with ``shift`` LSBs dropped. FINN's rules are checked before anything is
+written. ``run_qonnx`` executes the file with qonnx (after ``cleanup_model``); ``to_qcdq`` turns it into
+standard QuantizeLinear/Clip/DequantizeLinear ONNX for onnxruntime.
 """
 from __future__ import annotations
 
@@ -18,13 +20,15 @@ import torch
 
 from quantfx.errors import ExportError, TargetError
 from quantfx.export import Backend, register_backend
-from quantfx.graph import is_act_quant, is_compute, module_of, qmeta
+from quantfx.graph import is_act_quant, is_compute, is_trunc_pool, module_of, qmeta
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 
 from .onnx_base import OnnxLowering, np32
 from .onnx_qdq import NODE_VALUES_KEY, node_values
 
 DOMAIN = "qonnx.custom_op.general"
+# qonnx's ROUND is np.round (half to even); its HALF_UP rounds ties away from zero, which equals quantfx's
+# floor(x + 0.5) only on non-negative values, so 'half_up' is accepted on unsigned grids only.
 ROUNDING = {"half_even": "ROUND", "floor": "FLOOR", "half_up": "HALF_UP"}
 MAX_ACT_BITS = 8  # FINN turns activation quantizers into thresholds
 
@@ -33,7 +37,12 @@ class QONNXLowering(OnnxLowering):
     target = "finn"
     opset = 13
     # qonnx domain version 1: Trunc v1 (x, scale, zeropt, in_bits, out_bits), the form FINN's frontend
-    # recognises after AveragePool -> Mul(K)
+    # recognises after AveragePool -> Mul(K). The import is also what lets
+    # onnx.checker.check_model(full_check=True) pass: without it the checker stops at "No opset import for
+    # domain 'qonnx.custom_op.general'"; with it, nodes of a domain with no registered schemas are skipped by
+    # the schema check and by strict shape inference (every graph output is given its static shape, which
+    # full_check requires). IR 10 (the base's cap) loads in qonnx and FINN's onnx 1.17; onnxruntime 1.31 has no
+    # kernels for the qonnx ops but loads the to_qcdq form.
     extra_opsets = {DOMAIN: 1}
     dynamic_batch = False
 
@@ -50,14 +59,21 @@ class QONNXLowering(OnnxLowering):
                 if wq.is_quant_enabled:
                     weight_users.setdefault(id(wq), []).append(node.target)
                     self._check_common(f"{node.target} weight quantizer", wq, max_bits=8)
-                if layer.bias is not None and layer.bias_quant.is_quant_enabled and \
-                        layer.bias_quant.bias_scaling != "external":
-                    raise TargetError(f"finn: {node.target} bias has its own scale; FINN takes a float bias or "
-                                      "an external-scale one (Int32Bias, scale = input scale x weight scale)")
+                bq = layer.bias_quant
+                if layer.bias is not None and bq.is_quant_enabled:
+                    if bq.bias_scaling != "external":
+                        raise TargetError(f"finn: {node.target} bias has its own scale; FINN takes a float bias or "
+                                          "an external-scale one (Int32Bias, scale = input scale x weight scale)")
+                    self._check_rounding(f"{node.target} bias quantizer", bq.rounding, bq.signed)
+            elif is_trunc_pool(self.gm, node):
+                pool = module_of(self.gm, node)
+                self._check_rounding(f"{node.target} truncation", pool.rounding, qmeta(node.args[0]).signed)
         for users in weight_users.values():
             if len(users) > 1:
-                raise TargetError(f"finn: one weight quantizer feeds {', '.join(users)}; FINN needs a weight "
-                                  "quantizer per layer (give each layer its own weight_quant)")
+                what = f"one weight quantizer feeds {', '.join(users)}" if len(set(users)) == len(users) else \
+                    f"{users[0]} is called {len(users)} times, so its weight quantizer feeds {len(users)} nodes"
+                raise TargetError(f"finn: {what}; FINN needs a weight quantizer per layer (give each layer "
+                                  "its own weight_quant)")
 
     def _check_common(self, where, q, max_bits):
         if q.zero_point_type != "symmetric":
@@ -66,9 +82,16 @@ class QONNXLowering(OnnxLowering):
         if q.bit_width > max_bits:
             raise TargetError(f"finn: {where} is {q.bit_width}-bit; FINN takes at most {max_bits} bits here "
                               f"(use bit_width <= {max_bits})")
-        if q.rounding not in ROUNDING:
-            raise TargetError(f"finn: {where} rounds {q.rounding!r}; QONNX Quant rounds "
-                              f"{', '.join(ROUNDING)}")
+        self._check_rounding(where, q.rounding, q.signed)
+
+    @staticmethod
+    def _check_rounding(where, rounding, signed):
+        if rounding not in ROUNDING:
+            raise TargetError(f"finn: {where} rounds {rounding!r}; QONNX rounds {', '.join(ROUNDING)}")
+        if rounding == "half_up" and signed:
+            raise TargetError(f"finn: {where} is signed and rounds 'half_up' (ties toward +inf); QONNX's "
+                              "HALF_UP rounds ties away from zero, so negative ties would differ (use "
+                              "rounding='half_even' or 'floor')")
 
     def _check_act(self, node, m) -> None:
         q = m.act_quant
@@ -97,7 +120,8 @@ class QONNXLowering(OnnxLowering):
         scale_name = self.const(base + "_scale", s)
         if bits == 1:
             return self.op("BipolarQuant", [x, scale_name], base, domain=DOMAIN)
-        zp = self.const(base + "_zeropt", np.zeros_like(s))
+        # a 0-d zero point even for per-channel scales: QuantToQCDQ cannot read a vector zero point
+        zp = self.const(base + "_zeropt", np.float32(0))
         b = self.const(base + "_bitwidth", np.float32(bits))
         return self.op("Quant", [x, scale_name, zp, b], base, domain=DOMAIN, signed=int(signed),
                        narrow=int(narrow), rounding_mode=ROUNDING[rounding])
@@ -140,8 +164,11 @@ class QONNXLowering(OnnxLowering):
             ([pool.stride] * 2 if isinstance(pool.stride, int) else list(pool.stride))
         pad = getattr(pool, "padding", 0)
         pads = [pad] * 4 if isinstance(pad, int) else list(pad) * 2
+        # quantfx's sum counts padded zeros (torch's default), ONNX's AveragePool does not unless told; no
+        # attribute without padding, the plain form FINN's frontend matches
+        extra = {"count_include_pad": 1} if any(pads) else {}
         avg = self.op("AveragePool", [x], node.name + "_avg", kernel_shape=list(kernel), strides=stride,
-                      pads=pads)
+                      pads=pads, **extra)
         total = self.op("Mul", [avg, self.const(node.name + "_k", np.float32(k))], node.name + "_sum")
         scale = inp.scale.reshape(())
         # Trunc v1: floor(round(x / scale) / 2^(in_bits - out_bits)) * scale
@@ -204,10 +231,96 @@ def run_qonnx_intermediates(model, inputs, fx_names) -> dict:
 
 
 def to_qcdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """qonnx's QONNX -> QCDQ conversion (QuantizeLinear / Clip / DequantizeLinear), for bit widths 2..8."""
+    """The QONNX model as standard ONNX that onnxruntime runs, through qonnx's ``QuantToQCDQ``
+    (Quant -> QuantizeLinear [-> Clip] -> DequantizeLinear) where that conversion is exact: 2..8-bit Quant
+    nodes with ROUND rounding. Around it, with the same numbers qonnx computes: constant Quant/BipolarQuant
+    nodes the converter cannot take (32-bit biases, 1-bit or FLOOR-rounded weights) become float initializers,
+    and Trunc v1 becomes ``Div(scale) -> Round -> Div(2^(in-out)) -> Floor -> Mul(scale)``, its definition.
+
+    Raises ExportError naming an activation Quant the converter would change or drop (rounding other than
+    ROUND, which it silently treats as ROUND; 1-bit; more than 8 bits; unsigned narrow 8-bit, which it does not
+    clip) and anything left in the qonnx domain."""
+    from qonnx.transformation.general import RemoveUnusedTensors
     from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
     wrapper = _prepared(model, _static_batch(model), clean=True)
-    return wrapper.transform(QuantToQCDQ()).model
+    _fold_constant_quants(wrapper)
+    _trunc_to_standard_ops(wrapper)
+    for node in wrapper.graph.node:
+        reason = _qcdq_refusal(wrapper, node) if node.domain == DOMAIN else None
+        if reason:
+            raise ExportError(f"finn: QCDQ: {node.name} ({node.op_type} of an activation) {reason}")
+    out = wrapper.transform(RemoveUnusedTensors()).transform(QuantToQCDQ()).model
+    left = [f"{n.name} ({n.op_type})" for n in out.graph.node if n.domain == DOMAIN]
+    if left:
+        raise ExportError(f"finn: QCDQ: QuantToQCDQ left {', '.join(left)} in the qonnx domain")
+    return out
+
+
+def _qcdq_refusal(wrapper, node):
+    """Why QuantToQCDQ would not convert ``node`` exactly, or None."""
+    if node.op_type != "Quant":
+        return "has no QCDQ form (QuantToQCDQ converts Quant only)"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    rounding = attrs.get("rounding_mode", b"ROUND")
+    rounding = rounding.decode() if isinstance(rounding, bytes) else rounding
+    bits = float(wrapper.get_initializer(node.input[3]))
+    zeropt = wrapper.get_initializer(node.input[2])
+    if rounding.upper() not in ("ROUND", "HALF_EVEN"):
+        return f"rounds {rounding}; QuantToQCDQ would round it half to even (use rounding='half_even')"
+    if not 2 <= bits <= 8:
+        return f"is {bits:g}-bit; QuantToQCDQ converts 2..8 bits"
+    if zeropt is None or np.any(zeropt != 0):
+        return "has a zero point; QuantToQCDQ converts zero point 0 only"
+    if bits == 8 and attrs.get("narrow", 1) and not attrs.get("signed", 1):
+        return "is unsigned narrow 8-bit; QuantToQCDQ inserts no Clip for it (254 would become 255)"
+    return None
+
+
+def _fold_constant_quants(wrapper) -> None:
+    """Replace Quant/BipolarQuant nodes of initializers that QuantToQCDQ cannot convert exactly by their value,
+    computed by qonnx's own op."""
+    from qonnx.custom_op.registry import getCustomOp
+    graph = wrapper.graph
+    for node in list(graph.node):
+        if node.domain != DOMAIN or node.op_type not in ("Quant", "BipolarQuant") or \
+                wrapper.get_initializer(node.input[0]) is None or \
+                (node.op_type == "Quant" and _qcdq_refusal(wrapper, node) is None):
+            continue
+        context = {name: wrapper.get_initializer(name) for name in node.input}
+        getCustomOp(node).execute_node(context, graph)
+        wrapper.set_initializer(node.output[0], np.asarray(context[node.output[0]], np.float32))
+        graph.node.remove(node)
+
+
+_TRUNC_ROUNDING = {"FLOOR": "Floor", "ROUND": "Round", "HALF_EVEN": "Round", "CEIL": "Ceil"}
+
+
+def _trunc_to_standard_ops(wrapper) -> None:
+    """Trunc v1 (x, scale, zeropt = 0, in_bits, out_bits) -> its formula in standard ops, float op for float op:
+    ``floor(round(x / scale) / 2^(in_bits - out_bits)) * scale``."""
+    from onnx import helper
+    graph = wrapper.graph
+    for index, node in reversed(list(enumerate(graph.node))):
+        if node.domain != DOMAIN or node.op_type != "Trunc":
+            continue
+        x, scale, zeropt, in_bits, out_bits = node.input
+        rounding = onnx.helper.get_attribute_value(node.attribute[0]).decode().upper() \
+            if node.attribute else "FLOOR"
+        if rounding not in _TRUNC_ROUNDING or np.any(wrapper.get_initializer(zeropt) != 0):
+            raise ExportError(f"finn: QCDQ: {node.name} (Trunc) rounds {rounding} or has a zero point; only "
+                              f"zero point 0 with {', '.join(_TRUNC_ROUNDING)} has a standard-op form")
+        shift = float(wrapper.get_initializer(in_bits)) - float(wrapper.get_initializer(out_bits))
+        step = f"{node.name}_step"
+        wrapper.set_initializer(step, np.float32(2.0 ** shift))
+        names = [f"{node.name}_{s}" for s in ("ints", "round", "shifted", "trunc")]
+        new = [helper.make_node("Div", [x, scale], [names[0]], name=names[0]),
+               helper.make_node("Round", [names[0]], [names[1]], name=names[1]),
+               helper.make_node("Div", [names[1], step], [names[2]], name=names[2]),
+               helper.make_node(_TRUNC_ROUNDING[rounding], [names[2]], [names[3]], name=names[3]),
+               helper.make_node("Mul", [names[3], scale], [node.output[0]], name=f"{node.name}_rescale")]
+        graph.node.remove(node)
+        for offset, n in enumerate(new):
+            graph.node.insert(index + offset, n)
 
 
 def _static_batch(model) -> int:
