@@ -114,7 +114,10 @@ class SwapModules(ProfilePass):
             return QuantSigmoid(**self._act(True, over))
         if p.avgpool == "trunc":
             bits = over["act"].get("bit_width", p.act_bit_width)
-            if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None:
+            # the integer sum counts padded zeros: pools that leave them out of the average stay float
+            no_pad = m.padding in (0, (0, 0)) if isinstance(m, nn.AvgPool2d) else True
+            if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None and \
+                    (m.count_include_pad or no_pad):
                 return QuantAvgPool2d(m.kernel_size, m.stride, m.padding, bit_width=bits)
             if isinstance(m, nn.AdaptiveAvgPool2d):
                 return QuantAdaptiveAvgPool2d(m.output_size, bit_width=bits)

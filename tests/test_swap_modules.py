@@ -87,3 +87,18 @@ def test_every_compute_layer_is_swapped(name):
     q = quantfx.quantize(ctor().eval(), "onnx", example_inputs=(example_input(name, 1),))
     floats = [type(m).__name__ for m in q.modules() if type(m) in (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)]
     assert floats == []
+
+
+@pytest.mark.parametrize("pool, quantized", [
+    (nn.AvgPool2d(3, 1, 1), True), (nn.AvgPool2d(3, 1, 1, count_include_pad=False), False),
+    (nn.AvgPool2d(2, count_include_pad=False), True),
+])
+def test_avg_pool_swapped_only_when_integer_sums_match(pool, quantized):
+    import torch
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), pool).eval()
+    x = example_input("lenet", 2)
+    q = quantfx.quantize(model, "finn", calibration_data=[x], progress=False)
+    assert (type(q.get_submodule("2")).__name__ == "QuantAvgPool2d") is quantized
+    with torch.no_grad():
+        y, yq = model(x), q(x)
+    assert float((y - yq).abs().max()) < 0.05 * float(y.abs().max())
