@@ -72,10 +72,16 @@ class QuantTensor:
 
     @property
     def is_valid(self) -> bool:
-        """True when value / scale + zero_point is an integer inside the bit-width range."""
+        """True when value / scale + zero_point is an integer inside the bit-width range.
+
+        The tolerance depends on the bit width, not on each value: float32 carries 24 significant bits, so a wide
+        accumulator (a dot product of many terms, computed in float32) lands a few hundredths off its integers
+        even where the sum itself is small. ``2^(bit_width - 20)``, at least 1e-3 (8-bit values), at most 0.2
+        (the Brevitas convention, reached from 18 bits), so a half-integer is never valid."""
         pre = self._pre_round()
         rounded = torch.round(pre)
-        if not torch.allclose(pre, rounded, rtol=1e-5, atol=1e-3):
+        tol = min(0.2, max(1e-3, 2.0 ** (self.bit_width - 20)))
+        if not bool(((pre - rounded).abs() <= tol).all()):
             return False
         qmin, qmax = qf.int_range(self.bit_width, self.signed, False)
         return bool(((rounded >= qmin) & (rounded <= qmax)).all())
@@ -95,8 +101,10 @@ class QuantTensor:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, QuantTensor)), None)
-        if first is None and args and isinstance(args[0], (list, tuple)):
-            first = next((a for a in args[0] if isinstance(a, QuantTensor)), None)
+        if first is None:
+            seq = args[0] if args else kwargs.get("tensors")
+            if isinstance(seq, (list, tuple)):
+                first = next((a for a in seq if isinstance(a, QuantTensor)), None)
         out = func(*_unwrap(args), **_unwrap(kwargs))
         if func in (torch.cat, torch.concat):
             items = args[0] if args else kwargs.get("tensors")

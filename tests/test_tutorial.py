@@ -1,5 +1,8 @@
 """The QuantTensor / QuantConv2d tutorial (shared/seeds), every code cell ported to quantfx names, with each
 documented outcome asserted."""
+import inspect
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +10,11 @@ from torch.nn import Conv2d
 
 import quantfx
 from quantfx import QuantTensor
-from quantfx.nn import QuantConv2d, QuantIdentity
+from quantfx.nn import QuantConv2d, QuantIdentity, QuantWBIOL
 from quantfx.quant import Int8ActPerTensorFloat, Int8Bias, Int8BiasPerTensorFloatInternalScaling
+
+# float(t) of a tensor that requires grad (a learned scale) warns once per process; the value is what we assert
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
 
 @pytest.fixture(autouse=True)
@@ -24,14 +30,32 @@ def quant_tensor_input():
                        signed=True, training=True)
 
 
+def test_quant_conv2d_is_a_conv2d_with_four_quantizer_slots():
+    # cell 1: inspect.getsource(QuantConv2d.__init__)
+    source = inspect.getsource(QuantConv2d.__init__)
+    assert source.lstrip().startswith("def __init__(")
+    assert issubclass(QuantConv2d, Conv2d) and issubclass(QuantConv2d, QuantWBIOL)
+    conv = QuantConv2d(2, 3, (3, 3))
+    assert [name for name, _ in conv.named_children()] == ["weight_quant", "bias_quant", "input_quant",
+                                                           "output_quant"]
+    assert conv.return_quant_tensor is False
+
+
 def test_default_quantizers_enabled_flags():
     conv = QuantConv2d(in_channels=2, out_channels=3, kernel_size=(3, 3), bias=False)
     assert conv.weight_quant.is_quant_enabled is True
     assert conv.bias_quant.is_quant_enabled is False
     assert conv.input_quant.is_quant_enabled is False
     assert conv.output_quant.is_quant_enabled is False
-    out = conv(torch.randn(1, 2, 5, 5))
+    assert conv.weight_quant.bit_width == 8 and conv.weight_quant.signed and conv.weight_quant.scale_type == "float"
+    x = torch.randn(1, 2, 5, 5)
+    out = conv(x)
     assert type(out) is torch.Tensor and out.shape == (1, 3, 3, 3)
+    # the convolution of a float input with the quantized weights (bit for bit)
+    assert torch.equal(out, F.conv2d(x, conv.quant_weight().value))
+    # float input: the output is in general unquantized, even when a QuantTensor is asked for
+    conv.return_quant_tensor = True
+    assert type(conv(x)) is torch.Tensor
 
 
 def test_disabled_quantization_equals_float_conv_bit_for_bit():
@@ -49,7 +73,8 @@ def test_quant_weight_affine_invariant_and_valid():
     assert isinstance(qw, QuantTensor) and qw.bit_width == 8 and qw.signed
     int_weight = qw.int()
     zero_point, scale = conv.weight_quant.zero_point(), conv.weight_quant.scale()
-    assert torch.allclose(qw.value, (int_weight - zero_point) * scale)
+    assert int_weight.dtype == torch.int64
+    assert torch.equal(qw.value, (int_weight - zero_point) * scale)  # bit for bit
     assert float(scale) == pytest.approx(float(conv.weight.detach().abs().max()) / 127)
     assert qw.is_valid
     assert int(int_weight.abs().max()) == 127  # narrow range, max |w| maps to 127
@@ -65,6 +90,7 @@ def test_two_training_mode_outputs_have_different_scales_and_invalid_sum():
     assert total.bit_width == 9
     assert not total.is_valid
     assert torch.allclose(total.scale, (out0.scale + out1.scale) / 2)
+    assert torch.equal(total.value, out0.value + out1.value)
 
 
 def test_eval_mode_scales_are_identical():
@@ -74,6 +100,9 @@ def test_eval_mode_scales_are_identical():
     quant_act.eval()
     a, b = quant_act(torch.randn(1, 2, 5, 5)), quant_act(torch.randn(1, 2, 5, 5))
     assert torch.equal(a.scale, b.scale)
+    # the scale is the running max statistic of the training calls
+    assert torch.equal(a.scale, quant_act.act_quant.stat[1] / 127)
+    assert a.training is False and b.training is False
     total = a + b
     assert total.is_valid and total.bit_width == 9
 
@@ -94,8 +123,11 @@ def test_input_quantization_gives_valid_21_bit_output():
                        input_quant=Int8ActPerTensorFloat, return_quant_tensor=True)
     out = conv(torch.randn(1, 2, 5, 5))
     assert isinstance(out, QuantTensor) and out.is_valid
-    assert out.bit_width == 21 and out.signed
+    # worst case accumulator: 255 (8-bit input) * 254 (narrow 8-bit weight) * 18 (fan-in 2 x 3 x 3)
+    assert out.bit_width == math.ceil(math.log2(255 * 254 * 18)) == 21 and out.signed
     assert float(out.zero_point.abs().max()) == 0.0
+    in_scale = conv.input_quant.scale()
+    assert torch.equal(out.scale.reshape(()), in_scale * conv.quant_weight_scale())
 
 
 def test_quant_tensor_input_is_valid_and_gives_21_bits():
@@ -120,8 +152,12 @@ def test_input_quant_requantizes_a_quant_tensor_input():
 def test_output_quantization_gives_8_bits():
     conv = QuantConv2d(in_channels=2, out_channels=3, kernel_size=(3, 3), bias=False,
                        output_quant=Int8ActPerTensorFloat, return_quant_tensor=True)
-    out = conv(torch.randn(1, 2, 5, 5))
-    assert out.is_valid and out.bit_width == 8
+    x = torch.randn(1, 2, 5, 5)
+    out = conv(x)
+    assert out.is_valid and out.bit_width == 8 and out.signed
+    float_out = F.conv2d(x, conv.quant_weight().value)
+    assert float(out.scale) == pytest.approx(float(float_out.detach().abs().max()) / 127, rel=1e-6)
+    assert int(out.int().abs().max()) == 127
 
 
 def test_external_bias_without_quantized_input_raises():
@@ -145,13 +181,17 @@ def test_external_bias_with_quant_tensor_or_input_quant_gives_22_bits():
     for x in (torch.randn(1, 2, 5, 5), quant_tensor_input()):
         out = both(x)
         assert out.is_valid and out.bit_width == 22
+        assert torch.allclose(both.quant_bias_scale(), out.scale.reshape(()))  # bias on the accumulator grid
+        ints = both.int_bias()
+        assert -128 <= int(ints.min()) and int(ints.max()) <= 127  # (an 8-bit external bias saturates here)
 
 
 def test_output_quantization_does_not_help_external_bias():
     conv = QuantConv2d(in_channels=2, out_channels=3, kernel_size=(3, 3), bias=True,
                        output_quant=Int8ActPerTensorFloat, bias_quant=Int8Bias, return_quant_tensor=True)
-    with pytest.raises(quantfx.InputScaleRequiredError):
+    with pytest.raises(quantfx.InputScaleRequiredError, match="Input scale required") as e:
         conv(torch.randn(1, 2, 5, 5))
+    assert isinstance(e.value, quantfx.QuantFXError)
 
 
 def test_internal_scale_bias_needs_no_input_scale():
@@ -160,7 +200,8 @@ def test_internal_scale_bias_needs_no_input_scale():
     out = conv(torch.randn(1, 2, 5, 5))
     assert type(out) is torch.Tensor and out.shape == (1, 3, 3, 3)
     qb = conv.quant_bias()
-    assert qb.is_valid and float(qb.scale) == pytest.approx(float(conv.bias.abs().max()) / 127)
+    assert qb.is_valid and float(qb.scale) == pytest.approx(float(conv.bias.detach().abs().max()) / 127)
+    assert int(qb.int().abs().max()) == 127
 
 
 @pytest.mark.parametrize("bias_quant", [None, Int8BiasPerTensorFloatInternalScaling])
@@ -171,6 +212,8 @@ def test_float_or_internal_bias_gives_nonzero_zero_point(bias_quant):
     assert out.is_valid and out.bit_width == 21
     assert out.zero_point.shape == (1, 3, 1, 1)
     assert bool((out.zero_point != 0).all())
+    bias = conv.bias if bias_quant is None else conv.quant_bias().value
+    assert torch.allclose(out.zero_point.reshape(-1), -bias.detach() / out.scale.reshape(()))
 
 
 def test_return_quant_tensor_false_returns_a_tensor_with_quantized_values():
@@ -184,4 +227,9 @@ def test_return_quant_tensor_false_returns_a_tensor_with_quantized_values():
     x = torch.randn(1, 2, 5, 5)
     q = conv(x)
     conv.return_quant_tensor = False
-    assert torch.equal(conv(x), q.value)
+    plain = conv(x)
+    assert type(plain) is torch.Tensor and torch.equal(plain, q.value)
+    # implicitly quantized: on the 22-bit accumulator grid
+    assert q.is_valid and q.bit_width == 22
+    ints = plain.detach().double() / q.scale.double()
+    assert float((ints - ints.round()).abs().max()) < 1e-2

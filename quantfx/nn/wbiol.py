@@ -10,7 +10,7 @@ from torch import nn
 from ..quant import Int8WeightPerTensorFloat, make_quantizer
 from ..quant import functional as qf
 from ..quant_tensor import QuantTensor, value_of
-from .base import InputQuantMixin, split_overrides
+from .base import InputQuantMixin, is_calibrating, split_overrides
 
 _SLOTS = ("weight", "bias", "input", "output")
 
@@ -26,7 +26,10 @@ class QuantWBIOL(InputQuantMixin):
 
     def _init_quant(self, weight_quant, bias_quant, input_quant, output_quant, return_quant_tensor, kwargs):
         over = split_overrides(kwargs, _SLOTS, type(self).__name__)
-        if weight_quant is not None and "channel_axis" not in over["weight"] and self.weight_channel_axis:
+        if isinstance(weight_quant, type) and getattr(weight_quant, "channel_axis", None) is None \
+                and "channel_axis" not in over["weight"] and self.weight_channel_axis:
+            # output channels of this layer's weight are not on axis 0; a spec (or keyword) naming an axis wins,
+            # and a shared Quantizer instance is taken as it is
             over["weight"]["channel_axis"] = self.weight_channel_axis
         self.weight_quant = make_quantizer(weight_quant, "weight", **over["weight"])
         self.bias_quant = make_quantizer(bias_quant, "bias", **over["bias"])
@@ -57,9 +60,14 @@ class QuantWBIOL(InputQuantMixin):
     def quant_weight_bit_width(self) -> int:
         return self.weight_quant.bit_width
 
+    def _out_weight_scale(self, scale):
+        """The weight scale as one entry per output channel (or 0-d per tensor), flattened."""
+        return scale if scale is None or scale.numel() == 1 else scale.reshape(-1)
+
     def _bias_args(self):
         in_scale = self.__dict__.get("_input_scale_cache")
-        return in_scale, (self.quant_weight_scale() if self.weight_quant.is_quant_enabled else None)
+        return in_scale, (self._out_weight_scale(self.quant_weight_scale())
+                          if self.weight_quant.is_quant_enabled else None)
 
     def quant_bias(self):
         """The quantized bias as a QuantTensor; an external scale uses the input scale of the last call."""
@@ -86,14 +94,19 @@ class QuantWBIOL(InputQuantMixin):
         qw = self.quant_weight()
         wv = value_of(qw)
         qb, bv = None, self.bias
-        if self.bias is not None and self.bias_quant.is_quant_enabled:
-            w_scale = qw.scale if isinstance(qw, QuantTensor) else None
+        src = self.__dict__.get("input_quantizer")
+        observing = qx is None and (is_calibrating(self.input_quant) or (src is not None and is_calibrating(src)))
+        external = self.bias_quant.is_quant_enabled and self.bias_quant.bias_scaling == "external"
+        if self.bias is not None and self.bias_quant.is_quant_enabled and not (external and observing):
+            # (while the input quantizer observes, values are float and so is an input-scaled bias)
+            w_scale = self._out_weight_scale(qw.scale) if isinstance(qw, QuantTensor) else None
             qb = self.bias_quant.quant_tensor(self.bias, None if qx is None else qx.scale, w_scale,
                                               training=self.training)
             bv = value_of(qb)
         out = self.inner_forward(xv, wv, bv)
         result = out
-        if qx is not None and isinstance(qw, QuantTensor):
+        if qx is not None and isinstance(qw, QuantTensor) and qx.scale.numel() == 1:
+            # (a per-channel input scale puts each input channel on its own grid: the sum is on none)
             result = self._accumulator(out, qx, qw, qb)
         if self.output_quant.is_quant_enabled:
             result = self.output_quant.quant_tensor(out, training=self.training)
@@ -102,7 +115,7 @@ class QuantWBIOL(InputQuantMixin):
         return value_of(result)
 
     def _accumulator(self, out, qx, qw, qb) -> QuantTensor:
-        scale = qx.scale.reshape(-1) * qw.scale.reshape(-1)
+        scale = qx.scale.reshape(-1) * self._out_weight_scale(qw.scale).reshape(-1)
         axis = self.out_channel_axis % out.dim()
         scale = qf.broadcast_shape(scale if scale.numel() > 1 else scale.reshape(()), out.dim(), axis)
         bits = qf.accumulator_bit_width(qx.bit_width, qw.bit_width, self.weight_quant.narrow_range,
@@ -162,6 +175,12 @@ class _ConvTransposeMixin(QuantWBIOL):
 
     def fan_in(self) -> int:
         return (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    def _out_weight_scale(self, scale):
+        # weight [in, out / groups, k...]: a per-channel scale j serves output channel j of every group
+        if scale is None or scale.numel() == 1:
+            return scale
+        return scale.reshape(-1).repeat(self.groups)
 
     def inner_forward(self, x, w, b):
         return self._conv_transpose(x, w, b)

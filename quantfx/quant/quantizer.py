@@ -155,18 +155,28 @@ class Quantizer(nn.Module):
         if self.scale_param.numel() == 0:
             if x is None:
                 raise CalibrationError(f"{self._where}: learned scale not initialised; it never saw data")
-            init, _ = self._from_stat(self.batch_stat(x))
+            stat = self.batch_stat(x)
+            init, _ = self._from_stat(stat)
             self.scale_param.data = init.detach().clone()
+            if self.zero_point_type == "asymmetric":
+                self.stat = stat  # the observed low end places the zero point
             self.calibrated.fill_(True)
         scale = self.scale_param.abs() + qf.EPS
         if self.scale_type == "po2":
             scale = qf.po2_ste(scale)
+        if self.zero_point_type == "asymmetric" and self.stat.numel():
+            # the zero point follows the learned scale: the observed low end stays representable
+            qmin, qmax = self.int_range()
+            zp = torch.clamp(qmin - torch.round(self.stat[0] / scale.detach()), qmin, qmax)
+            return scale, zp
         return scale, torch.zeros_like(scale)
 
     def qparams(self, x: torch.Tensor | None = None):
         """(scale, zero_point) for tensor x; shapes 0-d or [C]. x may be None where state suffices."""
         if self.fixed_scale is not None:
             s = torch.tensor(float(self.fixed_scale))
+            if self.scale_type == "po2":  # a po2 quantizer's scale is a power of two, a fixed one too
+                s = qf.po2_ste(s)
             return s, torch.zeros_like(s)
         if self.learned_scale:
             return self._learned(x)
@@ -248,6 +258,14 @@ class Quantizer(nn.Module):
                     f"{self._where}: Input scale required: an external-scale bias (scale = input scale x weight "
                     "scale) needs a quantized input; quantize the layer input (input_quant=...) or pass a "
                     "QuantTensor, or use an internal-scale bias (Int8BiasPerTensorFloatInternalScaling)")
+            if input_scale.numel() != 1:
+                raise InputScaleRequiredError(
+                    f"{self._where}: an external-scale bias needs a per-tensor input scale; the input has "
+                    f"{input_scale.numel()} scales (quantize the input per tensor, or use an internal-scale bias)")
+            if weight_scale is None:
+                raise InputScaleRequiredError(
+                    f"{self._where}: Weight scale required: an external-scale bias (scale = input scale x weight "
+                    "scale) needs quantized weights; enable weight_quant or use an internal-scale bias")
             scale = (input_scale.reshape(-1) * weight_scale.reshape(-1))
             scale = scale.reshape(()) if scale.numel() == 1 else scale
             zp = torch.zeros_like(scale)
@@ -281,12 +299,16 @@ class Quantizer(nn.Module):
         """Integers (int64) that x quantizes to: recovered from the fake-quantized value, so they are exactly
         the integers the fake-quant arithmetic used."""
         y, s, z = self.quantize(x, input_scale, weight_scale)
+        if s is None:
+            raise QuantArgumentError(f"{self._where}: no integers: the quantizer is "
+                                     f"{'calibrating' if self.is_quant_enabled else 'disabled'}")
         with torch.no_grad():
             return torch.round(y.double() / s.double() + z.double()).to(torch.int64)
 
     # -- state -----------------------------------------------------------------------------------------
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # statistics and learned scales are shaped by the data they saw: adopt the saved shapes.
         for name in ("stat", "scale_param"):
             key = prefix + name
@@ -294,7 +316,14 @@ class Quantizer(nn.Module):
                 t = getattr(self, name)
                 if t.shape != state_dict[key].shape:
                     t.data = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        own = [prefix + name for name in ("stat", "calibrated", "scale_param") if hasattr(self, name)]
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not any(k in state_dict for k in own):
+            # a float model's state dict has no quantizer state: the quantizer keeps its own, so a float layer's
+            # state dict loads into its quantized twin with strict=True. A partial quantizer state stays an error.
+            missing_keys[before:] = [k for k in missing_keys[before:] if k not in own]
 
     def __getstate__(self):
         state = self.__dict__.copy()

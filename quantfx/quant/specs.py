@@ -74,6 +74,15 @@ def validate(f: dict, where: str = "quantizer") -> None:
     _choice(f, "rounding", ROUNDINGS, where)
     _choice(f, "scale_stat", SCALE_STATS, where)
     _choice(f, "bias_scaling", BIAS_SCALINGS, where)
+    for name in ("signed", "narrow_range", "scaling_per_output_channel", "learned_scale"):
+        if not isinstance(f[name], bool):
+            raise QuantArgumentError(f"{where}: {name}={f[name]!r} is not allowed; use True or False")
+    ax = f["channel_axis"]
+    if ax is not None and (isinstance(ax, bool) or not isinstance(ax, int)):
+        raise QuantArgumentError(f"{where}: channel_axis={ax!r} is not allowed; use None or an integer axis")
+    mom = f["momentum"]
+    if isinstance(mom, bool) or not isinstance(mom, (int, float)) or not 0.0 < mom <= 1.0:
+        raise QuantArgumentError(f"{where}: momentum={mom!r} is not allowed; use a number in (0, 1]")
     fs = f["fixed_scale"]
     if fs is not None and (isinstance(fs, bool) or not isinstance(fs, (int, float)) or not fs > 0):
         raise QuantArgumentError(
