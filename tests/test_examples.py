@@ -42,7 +42,8 @@ def test_custom_pass(capsys):
 
 def test_qat_recovers_accuracy():
     float_acc, ptq_acc, qat_acc = load("qat").main([])
-    assert qat_acc > ptq_acc  # measured: float 99.17, PTQ 4-bit 98.61, QAT 4-bit 99.17
+    # measured (1 and 2 torch threads): float 97.8, PTQ 4-bit 96.1-96.4, QAT 4-bit 98.3-98.6
+    assert qat_acc >= ptq_acc + 1.0
     assert qat_acc > 95.0
 
 
