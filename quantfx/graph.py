@@ -188,8 +188,9 @@ def insert_module_after(gm, node: fx.Node, module: nn.Module, name: str, users=N
     return new
 
 
-def fmt_scale(scale) -> str:
-    """A scale for people: ``2^-n`` for powers of two, 3 significant digits otherwise, ``[C] lo..hi`` per channel."""
+def fmt_scale(scale, digits: int = 4) -> str:
+    """A scale for people: ``2^-n`` for powers of two, ``digits`` significant digits otherwise, ``[C] lo..hi``
+    (3 digits) per channel."""
     if scale is None:
         return "uncalibrated"
     flat = scale.reshape(-1)
@@ -198,7 +199,7 @@ def fmt_scale(scale) -> str:
     v = float(flat)
     if v > 0 and math.log2(v) == int(math.log2(v)):
         return f"2^{int(math.log2(v))}"
-    return f"{v:.4g}"
+    return f"{v:.{digits}g}"
 
 
 def qmeta(node: fx.Node) -> QMeta:

@@ -6,6 +6,7 @@ finn and calibrated, drawn to docs/quantized_graph.svg.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ class ResidualConcat(nn.Module):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/quantized_graph.svg")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "quantized_graph.svg"),
+                        help="output file; the suffix picks the format (.svg, .png, .pdf, .dot); default: %(default)s")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = ResidualConcat().eval()
