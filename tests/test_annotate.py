@@ -14,16 +14,6 @@ from quantfx.quant import functional as qf
 from quantfx.zoo import TEST_MODELS, example_input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calibrated(name, target="finn"):
     torch.manual_seed(0)
     data = [example_input(name, batch=2, seed=i) for i in range(3)]

@@ -12,16 +12,6 @@ from torch import fx, nn
 from quantfx.passes import Canonicalize, Trace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def occurrences(gm) -> Counter:
     """(op, target) -> count; call_module targets are the module's class, functions their object."""
     out = Counter()

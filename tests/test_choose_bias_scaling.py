@@ -14,15 +14,6 @@ from quantfx.targets import get_profile
 from quantfx.zoo import LeNet, TEST_MODELS, example_input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 DATA = [example_input("lenet", batch=4, seed=i) for i in range(3)]
 
 

@@ -8,15 +8,6 @@ from quantfx.passes import FuseConvBN, Trace
 from quantfx.zoo import _randomize_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 CASES = [
     (nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6), (2, 3, 10)),
     (nn.Conv2d(3, 6, 3, groups=3), nn.BatchNorm2d(6), (2, 3, 8, 8)),

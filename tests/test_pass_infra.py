@@ -13,16 +13,6 @@ from quantfx.pass_infra import Pass, PassManager, PassResult, Pipeline
 from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def counting_recompiles(monkeypatch) -> list:
     calls = []
     original = fx.GraphModule.recompile

@@ -15,15 +15,6 @@ from quantfx.nn import QuantWBIOL
 from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TARGETS = ["finn", "onnx", "torch", "dpu"]
 # SQNR (dB) of the fake-quant output against float, calibrated on 8 batches of 4, evaluated on a fresh batch
 # (measured on this machine; the test asserts 3 dB below each figure):

@@ -12,15 +12,6 @@ from quantfx.graph import is_act_quant, is_add, is_cat, module_of, producer, ten
 from quantfx.zoo import TEST_MODELS, example_input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 GROUPED = ["resnet", "mobilenetv2", "unet", "densenet", "inception", "shufflenet"]
 
 

@@ -10,16 +10,6 @@ from quantfx.targets import get_profile
 from quantfx.zoo import LeNet, ResNetSmall, TEST_MODELS, example_input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def q_of(model, target="finn", **kw):
     return quantfx.quantize(model, target, example_inputs=(example_input("lenet", 1),), **kw)
 
@@ -94,7 +84,6 @@ def test_every_compute_layer_is_swapped(name):
     (nn.AvgPool2d(2, count_include_pad=False), True),
 ])
 def test_avg_pool_swapped_only_when_integer_sums_match(pool, quantized):
-    import torch
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), pool).eval()
     x = example_input("lenet", 2)
     q = quantfx.quantize(model, "finn", calibration_data=[x], progress=False)

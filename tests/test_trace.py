@@ -10,16 +10,6 @@ import quantfx
 from quantfx.passes import Trace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # small tensors on a 2-core machine shared with other test runs: torch's thread pool oversubscribes
-    # (these files: 23 s with one thread, 300 s with two under load); restored after the module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
