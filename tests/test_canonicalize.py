@@ -4,7 +4,6 @@ Each test counts node occurrences before and after the pass and compares outputs
 import operator
 from collections import Counter
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
