@@ -21,7 +21,7 @@ from quantfx.graph import (
 from quantfx.quant import functional as qf
 from quantfx.pass_infra import Pass, PassResult
 
-from .share_quantizers import GROUP_KEY
+from .share_quantizers import group_of
 
 
 def _qparams(q, x=None):
@@ -55,7 +55,7 @@ class Annotate(Pass):
             q = m.act_quant
             if not q.is_quant_enabled:
                 return FLOAT
-            group = node.meta.get(GROUP_KEY) or getattr(q, "group", None)
+            group = group_of(node, q)
             if not getattr(q, "group", None):
                 q.qname = f"{node.target}.act_quant"
             s, z = _qparams(q)
@@ -71,8 +71,12 @@ class Annotate(Pass):
             ins = [qmeta(a) for a in tensor_inputs(node)]
             if all(m.kind == "act" for m in ins) and len({m.group for m in ins}) == 1 and ins[0].group:
                 zp = None if any(m.zero_point is None for m in ins) else sum(m.zero_point for m in ins)
-                return QMeta("acc", max(m.bit_width for m in ins) + 1, any(m.signed for m in ins), False,
-                             ins[0].scale, zp, None, ins[0].group)
+                # the sum of the inputs' integers (members of a scale group may differ in sign and width)
+                ranges = [qf.int_range(m.bit_width, m.signed, m.narrow) for m in ins]
+                lo, hi = sum(r[0] for r in ranges), sum(r[1] for r in ranges)
+                signed = lo < 0
+                bits = max(hi.bit_length(), (-lo - 1).bit_length()) + 1 if signed else hi.bit_length()
+                return QMeta("acc", bits, signed, False, ins[0].scale, zp, None, ins[0].group)
             return FLOAT
         if is_cat(node):
             ins = [qmeta(a) for a in tensor_inputs(node)]

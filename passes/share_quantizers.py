@@ -7,6 +7,14 @@ cat of a cat; an add feeding an add, through the requantizer of the first add's 
 components of a networkx graph. Each component gets one new ``Quantizer`` (signed if any member is signed, the
 widest member's bit width), assigned to every member module, so after calibration every input of an add/cat
 carries the identical scale tensor.
+
+A group of residual-add inputs that mixes activation functions or signs (a ReLU output, unsigned with zero
+point 0, added to a signed branch: every ResNet block) shares its *scale* instead: each member keeps its own
+quantizer, sign and zero point, joined in a ``ScaleGroup`` whose scale is the largest any member needs. The
+integer sum stays exact and no requantizer is inserted. Where that cannot be done (a mixed group that feeds a
+concatenation, whose output must be one grid; learned or fixed scales; a profile with ``add_grid="quantizer"``,
+like FINN's, whose AddStreams needs identical input datatypes), the ReLU-side edge gets a QuantIdentity that
+joins the group instead.
 """
 from __future__ import annotations
 
@@ -17,11 +25,21 @@ from torch import fx
 
 from quantfx.graph import is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs
 from quantfx.nn import QuantIdentity
+from quantfx.quant import ScaleGroup
 from quantfx.pass_infra import PassResult
 
 from .base import ProfilePass
 
 GROUP_KEY = "quant_group"
+
+
+def group_of(node: fx.Node, quantizer) -> str | None:
+    """The shared group an activation-quantizer node belongs to: from the node (set by this pass), else from its
+    quantizer (a shared quantizer's or a ScaleGroup's name; node metadata does not survive pickling)."""
+    group = node.meta.get(GROUP_KEY) or getattr(quantizer, "group", None)
+    if group is None and getattr(quantizer, "scale_group", None) is not None:
+        group = quantizer.scale_group.name
+    return group
 
 
 @dataclass(frozen=True)
@@ -40,16 +58,22 @@ class ShareQuantizers(ProfilePass):
         if not edges:
             return PassResult(gm, False)
         # A group that mixes activation functions with plain requantizers, or signs, would force ReLU outputs
-        # onto a signed or zero-pointed grid: those members keep their own quantizer and the add/cat edge
-        # gets a QuantIdentity that joins the group instead.
-        mixed = {n for members in self._components(gm, edges) if self._mixed(gm, members) for n in members}
+        # onto a signed or zero-pointed grid. Add-only groups share a scale instead (ScaleGroup); otherwise
+        # those members keep their own quantizer and the add/cat edge gets a QuantIdentity that joins the group.
+        cat_sources = {src for consumer, _, src in edges if is_cat(consumer)}
+        mixed = {n for members in self._components(gm, edges)
+                 if self._mixed(gm, members) and not self._scale_shareable(gm, members, cat_sources)
+                 for n in members}
         for edge in edges:  # one walk over the edges (a set lookup each), not one per group
             consumer, inp, src = edge
             if src in mixed and type(module_of(gm, src)) is not QuantIdentity:
                 edge[2] = self.requantize(gm, inp, inp.name + "_quant", taken, users=[consumer])
                 edge[1] = edge[2]
         for index, members in enumerate(self._components(gm, edges)):
-            self._share(gm, members, f"share_group_{index}")
+            if self._mixed(gm, members) and self._scale_shareable(gm, members, cat_sources):
+                self._share_scale(gm, members, f"share_group_{index}")
+            else:
+                self._share(gm, members, f"share_group_{index}")
         return PassResult(gm, True)
 
     @staticmethod
@@ -63,6 +87,13 @@ class ShareQuantizers(ProfilePass):
             graph.add_edges_from(zip(srcs, srcs[1:]))
         # An add feeding an add: the requantizer of the first add's output joins its inputs' group, so the
         # residual chain shares one grid and requantizing between the adds is only a clip.
+        # one quantizer object reached from two groups (a module called twice) joins them
+        first_user: dict = {}
+        for srcs in by_consumer.values():
+            for src in srcs:
+                other = first_user.setdefault(id(module_of(gm, src).act_quant), src)
+                if other is not src:
+                    graph.add_edge(src, other)
         for consumer, srcs in by_consumer.items():
             for src in srcs if is_add(consumer) else ():
                 if type(module_of(gm, src)) is QuantIdentity and src.args:
@@ -79,6 +110,12 @@ class ShareQuantizers(ProfilePass):
         types = {type(m) for m in modules}
         signs = {m.act_quant.signed for m in modules}
         return len(signs) > 1 or (QuantIdentity in types and len(types) > 1)
+
+    def _scale_shareable(self, gm, members, cat_sources) -> bool:
+        if self.profile is not None and self.profile.add_grid != "scale":
+            return False
+        return not any(n in cat_sources for n in members) and \
+            all(ScaleGroup.accepts(module_of(gm, n).act_quant) for n in members)
 
     def _quantizer_node(self, gm, inp: fx.Node, consumer: fx.Node, taken) -> fx.Node:
         src = producer(gm, inp)
@@ -98,4 +135,11 @@ class ShareQuantizers(ProfilePass):
         shared.group = group
         for n in members:
             module_of(gm, n).act_quant = shared
+            n.meta[GROUP_KEY] = group
+
+    @staticmethod
+    def _share_scale(gm, members: list[fx.Node], group: str) -> None:
+        quantizers = list({id(q): q for q in (module_of(gm, n).act_quant for n in members)}.values())
+        ScaleGroup(group, quantizers)
+        for n in members:
             n.meta[GROUP_KEY] = group

@@ -48,8 +48,8 @@ def output_meta(gm: fx.GraphModule, node: fx.Node) -> tuple[QMeta, bool]:
     if is_act_quant(gm, node):
         q = module_of(gm, node).act_quant
         if q.is_quant_enabled:
-            from quantfx.passes.share_quantizers import GROUP_KEY
-            group = node.meta.get(GROUP_KEY) or getattr(q, "group", None)
+            from quantfx.passes.share_quantizers import group_of
+            group = group_of(node, q)
             return QMeta("act", q.bit_width, q.signed, q.narrow_range, group=group), False
     return qmeta(node), False
 

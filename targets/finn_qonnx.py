@@ -20,7 +20,7 @@ import torch
 
 from quantfx.errors import ExportError, TargetError
 from quantfx.export import Backend, register_backend
-from quantfx.graph import is_act_quant, is_compute, is_trunc_pool, module_of, qmeta
+from quantfx.graph import is_act_quant, is_add, is_compute, is_trunc_pool, module_of, qmeta, tensor_inputs
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 
 from .onnx_base import OnnxLowering, np32
@@ -68,12 +68,23 @@ class QONNXLowering(OnnxLowering):
             elif is_trunc_pool(self.gm, node):
                 pool = module_of(self.gm, node)
                 self._check_rounding(f"{node.target} truncation", pool.rounding, qmeta(node.args[0]).signed)
+            elif is_add(node):
+                self._check_add(node)
         for users in weight_users.values():
             if len(users) > 1:
                 what = f"one weight quantizer feeds {', '.join(users)}" if len(set(users)) == len(users) else \
                     f"{users[0]} is called {len(users)} times, so its weight quantizer feeds {len(users)} nodes"
                 raise TargetError(f"finn: {what}; FINN needs a weight quantizer per layer (give each layer "
                                   "its own weight_quant)")
+
+    @staticmethod
+    def _check_add(node) -> None:
+        grids = {(m.bit_width, m.signed) for m in (qmeta(a) for a in tensor_inputs(node)) if m.kind == "act"}
+        if len(grids) > 1:
+            kinds = ", ".join(sorted(f"{'INT' if s else 'UINT'}{b}" for b, s in grids))
+            raise TargetError(f"finn: {node.name} adds {kinds} inputs; FINN's AddStreams needs identical input "
+                              "datatypes (quantize with the finn profile's add_grid='quantizer', which requantizes "
+                              "the ReLU-side input onto the shared grid)")
 
     def _check_common(self, where, q, max_bits):
         if q.zero_point_type != "symmetric":

@@ -9,6 +9,7 @@ from quantfx import quant as Q
 
 BIAS_MODES = ("external", "internal", "float")
 AVGPOOL_MODES = ("trunc", "requant")
+ADD_GRIDS = ("scale", "quantizer")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class TargetProfile:
     power_of_two: bool = False
     per_channel_weights_allowed: bool = True
     zero_point_allowed: bool = False
+    # residual-add inputs of different kinds (a ReLU output and a signed branch): "scale" shares their scale and
+    # each keeps its sign and zero point (no requantizer); "quantizer" puts them on one grid (FINN's AddStreams
+    # needs identical input datatypes), requantizing the ReLU-side edge
+    add_grid: str = "scale"
     description: str = ""
     options: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -40,6 +45,8 @@ class TargetProfile:
         where = f"target {self.name!r}"
         if self.bias_scaling not in BIAS_MODES:
             raise QuantArgumentError(f"{where}: bias_scaling={self.bias_scaling!r}; use one of {BIAS_MODES}")
+        if self.add_grid not in ADD_GRIDS:
+            raise QuantArgumentError(f"{where}: add_grid={self.add_grid!r}; use one of {ADD_GRIDS}")
         if self.avgpool not in AVGPOOL_MODES:
             raise QuantArgumentError(f"{where}: avgpool={self.avgpool!r}; use one of {AVGPOOL_MODES}")
         for attr, rng in (("weight_bit_width", self.weight_bit_range), ("act_bit_width", self.act_bit_range),
@@ -85,7 +92,7 @@ def get_profile(target) -> TargetProfile:
 FINN = register_profile(TargetProfile(
     name="finn", weight_quant=Q.Int8WeightPerTensorFloat, act_quant=Q.Int8ActPerTensorFloat,
     act_quant_unsigned=Q.Uint8ActPerTensorFloat, bias_scaling="external", bias_bit_width=32,
-    avgpool="trunc", weight_bit_range=(1, 8), act_bit_range=(1, 8),
+    avgpool="trunc", weight_bit_range=(1, 8), act_bit_range=(1, 8), add_grid="quantizer",
     description="QONNX for FINN: 1-8 bit weights/activations, zero point 0, unsigned activations after ReLU, "
                 "external 32-bit or float bias"))
 

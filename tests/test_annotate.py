@@ -100,3 +100,20 @@ def test_inspect_table():
         assert (r["weight_bits"], r["bias"]) == (8, "32 external")
         assert r["acc_bits"] == qmeta(by_name[r["name"]]).bit_width > 32
         assert r["name"] in text
+
+
+def test_add_of_a_scale_group_counts_both_integer_ranges():
+    """UINT8 (a ReLU output, [0, 255]) + INT8 ([-128, 127]) on one scale: the sum spans [-128, 382], a signed
+    10-bit accumulator whose zero point is the sum of the inputs' zero points."""
+    from quantfx.targets.profile import FINN
+    torch.manual_seed(0)
+    model = TEST_MODELS["resnet"][0]().eval()
+    q = quantfx.quantize(model, FINN.replace(add_grid="scale"), progress=False,
+                         calibration_data=[example_input("resnet", batch=2, seed=0)])
+    mixed = [n for n in q.graph.nodes if is_add(n) and len({qmeta(a).signed for a in tensor_inputs(n)}) == 2]
+    assert mixed
+    for node in mixed:
+        meta = qmeta(node)
+        assert (meta.kind, meta.bit_width, meta.signed) == ("acc", 10, True)
+        assert torch.equal(meta.zero_point, sum(qmeta(a).zero_point for a in tensor_inputs(node)))
+        assert len({float(qmeta(a).scale) for a in tensor_inputs(node)}) == 1

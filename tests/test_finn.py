@@ -82,11 +82,11 @@ def model_input(name, batch, seed):
     return example_input(name, batch=batch, seed=seed)
 
 
-def quantized(name, **kwargs):
+def quantized(name, target="finn", **kwargs):
     torch.manual_seed(0)
     model = SMALL[name]() if name in SMALL else TEST_MODELS[name][0]().eval()
     data = [model_input(name, 4, i) for i in range(4)]
-    return quantfx.quantize(model, "finn", calibration_data=data, progress=False, **kwargs)
+    return quantfx.quantize(model, target, calibration_data=data, progress=False, **kwargs)
 
 
 def output_lsb(q) -> float:
@@ -400,3 +400,16 @@ def test_missing_qonnx_says_how_to_install(monkeypatch):
     artefact = quantfx.lower(q, (model_input("mlp", 1, 0),))
     with pytest.raises(quantfx.QuantFXError, match=r"pip install 'quantfx\[finn\]'"):
         run_qonnx(artefact, (model_input("mlp", 1, 0),))
+
+
+def test_rule_add_inputs_need_identical_datatypes():
+    """A profile that shares only the scale across a residual add (add_grid='scale', the onnx default) leaves a
+    UINT8 ReLU output and an INT8 branch on one Add; FINN's AddStreams would skip it."""
+    from quantfx.targets.profile import FINN
+    q = quantized("residual", target=FINN.replace(add_grid="scale"))
+    add = next(n for n in q.graph.nodes if n.op == "call_function" and "add" in n.name)
+    with pytest.raises(quantfx.TargetError, match=rf"^finn: {add.name} adds INT8, UINT8 inputs; FINN's AddStreams "
+                                                  r"needs identical input datatypes \(quantize with the finn "
+                                                  "profile's add_grid='quantizer'"):
+        quantfx.lower(q, (model_input("residual", 1, 0),))
+    assert quantfx.lower(quantized("residual"), (model_input("residual", 1, 0),)) is not None

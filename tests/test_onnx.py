@@ -109,6 +109,19 @@ def test_onnxruntime_fuses_into_int8_kernels(exported, tmp_path):
     assert int_compute > 0
 
 
+@pytest.mark.parametrize("name", ["lenet", "resnet", "mobilenetv2", "inception", "shufflenet", "mlp"])
+def test_no_float_requantization_left_after_fusion(name, tmp_path):
+    """With no float layer in the model, onnxruntime's optimised graph keeps one QuantizeLinear (the input) and
+    one DequantizeLinear (the output): residual adds of a ReLU output and a signed branch share a scale, so no
+    requantization runs in float between the integer kernels."""
+    _, q = quantized(name)
+    artefact = quantfx.lower(q, (example_input(name, batch=1),))
+    opt = tmp_path / "opt.onnx"
+    ort_session(artefact, optimized_path=opt)
+    ops = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    assert (ops["QuantizeLinear"], ops["DequantizeLinear"]) == (1, 1), dict(ops)
+
+
 def test_deterministic_bytes():
     _, q1 = quantized("lenet")
     _, q2 = quantized("lenet")

@@ -82,10 +82,15 @@ def test_a_profile_object_is_a_target():
         .profile.act_bit_width == 7  # x86/fbgemm reduce_range
 
 
-def calibrated_resnet():
+def calibrated_resnet(target="finn"):
     torch.manual_seed(0)
-    return quantfx.quantize(ResNetSmall().eval(), "finn", calibration_data=[torch.randn(2, 3, 32, 32)],
+    return quantfx.quantize(ResNetSmall().eval(), target, calibration_data=[torch.randn(2, 3, 32, 32)],
                             progress=False)
+
+
+def scale_groups(q):
+    quantizers = [m for m in q.modules() if isinstance(m, quantfx.quant.Quantizer)]
+    return quantizers, {id(g): g for g in (z.scale_group for z in quantizers) if g is not None}
 
 
 def shared_ids(q):
@@ -100,10 +105,17 @@ def torch_saved(q):
     return torch.load(buffer, weights_only=False)
 
 
-def test_pickle_and_deepcopy_keep_outputs_and_sharing():
-    q = calibrated_resnet()
+@pytest.mark.parametrize("target", ["finn", "onnx"])
+def test_pickle_and_deepcopy_keep_outputs_and_sharing(target):
+    q = calibrated_resnet(target)
     x = torch.randn(2, 3, 32, 32)
+    _, groups = scale_groups(q)
+    assert bool(groups) == (target == "onnx")  # onnx: the identity-edge adds share a scale, not a quantizer
     for clone in (pickle.loads(pickle.dumps(q)), torch_saved(q), copy.deepcopy(q)):
+        quantizers, clone_groups = scale_groups(clone)
+        assert len(clone_groups) == len(groups)
+        for group in clone_groups.values():  # the clone's groups hold the clone's own quantizers
+            assert all(any(m is z for z in quantizers) for m in group.members)
         assert isinstance(clone, quantfx.QuantGraphModule) and clone.profile == q.profile
         assert torch.equal(clone(x), q(x))
         ids = shared_ids(clone)

@@ -28,17 +28,78 @@ def input_quantizers(q, node):
     return [module_of(q, s).act_quant for s in sources]
 
 
+def assert_one_grid_or_one_scale(q, node):
+    """The inputs of an add/cat share one quantizer object; or, for an add on a profile with add_grid='scale',
+    one ScaleGroup: identical scale tensors, each input keeping its own sign and zero point."""
+    quantizers = input_quantizers(q, node)
+    scales = [qz.scale() for qz in quantizers]
+    assert all(torch.equal(scales[0], s) for s in scales), node.name
+    if all(qz is quantizers[0] for qz in quantizers):
+        return "quantizer"
+    assert is_add(node) and q.profile.add_grid == "scale", node.name
+    group = quantizers[0].scale_group
+    assert group is not None and all(qz.scale_group is group for qz in quantizers), node.name
+    # only a group that mixes activation functions or signs shares a scale rather than a quantizer
+    members = [m for m in q.modules() if getattr(m, "act_quant", None) is not None and m.act_quant.scale_group is group]
+    assert len({type(m) for m in members}) > 1 or len({m.act_quant.signed for m in members}) > 1
+    return "scale"
+
+
 @pytest.mark.parametrize("target", ["finn", "onnx", "dpu"])
 @pytest.mark.parametrize("name", GROUPED)
-def test_every_add_and_cat_input_shares_one_quantizer(name, target):
+def test_every_add_and_cat_input_shares_one_quantizer_or_scale(name, target):
     q = calibrated(name, target)
     joins = [n for n in q.graph.nodes if is_add(n) or is_cat(n)]
     assert joins
-    for node in joins:
-        quantizers = input_quantizers(q, node)
-        assert all(qz is quantizers[0] for qz in quantizers), node.name
-        scales = [qz.scale() for qz in quantizers]
-        assert all(torch.equal(scales[0], s) for s in scales)
+    kinds = [assert_one_grid_or_one_scale(q, node) for node in joins]
+    if target == "finn" or name not in ("resnet", "mobilenetv2"):
+        assert set(kinds) == {"quantizer"}
+    elif name == "resnet":  # ReLU output + signed branch: a scale group, no requantizer on the identity edge
+        assert "scale" in kinds
+        assert not any(n.name.endswith("_quant") and is_act_quant(q, n) and
+                       type(module_of(q, n)).__name__ == "QuantIdentity" and
+                       type(module_of(q, n.args[0])).__name__ == "QuantReLU" for n in q.graph.nodes
+                       if n.op == "call_module" and n.args and isinstance(n.args[0], torch.fx.Node)
+                       and n.args[0].op == "call_module")
+
+
+def test_scale_group_integer_add_is_exact():
+    """In a scale group each input is an integer times the one scale, so the add is exact: the sum divided by
+    the scale is an integer within the sum of the inputs' integer ranges."""
+    q = calibrated("resnet", "onnx")
+    x = example_input("resnet", batch=2, seed=7)
+    values = {}
+
+    class Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n] = super().run_node(n)
+            return values[n]
+    with torch.no_grad():
+        Rec(q).run(x)
+    checked = 0
+    for node in q.graph.nodes:
+        if is_add(node) and input_quantizers(q, node)[0].scale_group is not None:
+            quantizers = input_quantizers(q, node)
+            scale = quantizers[0].scale().double()
+            ints = [values[a].double() / scale + qz.zero_point().double()
+                    for a, qz in zip(tensor_inputs(node), quantizers)]
+            for i, qz in zip(ints, quantizers):
+                assert torch.allclose(i, i.round(), atol=1e-3)
+                lo, hi = qz.int_range()
+                assert lo <= int(i.round().min()) and int(i.round().max()) <= hi
+            assert {qz.signed for qz in quantizers} == {False} or len({qz.zero_point().item() for qz in quantizers}) > 1
+            checked += 1
+    assert checked >= 1
+
+
+def test_scale_group_scale_covers_every_member():
+    q = calibrated("resnet", "onnx")
+    groups = {id(qz.scale_group): qz.scale_group for qz in (m.act_quant for m in q.modules() if hasattr(m, "act_quant"))
+              if qz.scale_group is not None}
+    assert groups
+    for group in groups.values():
+        own = [qz._from_stat(qz.stat)[0] for qz in group.members]
+        assert torch.equal(group.members[0].scale(), torch.stack(own).max())
 
 
 def test_transitive_groups():
@@ -102,13 +163,13 @@ def test_property_random_dags(seed, target):
     chained = 0
     for node in q.graph.nodes:
         if is_add(node) or is_cat(node):
-            quantizers = input_quantizers(q, node)
-            assert all(qz is quantizers[0] for qz in quantizers)
+            assert_one_grid_or_one_scale(q, node)
         if is_add(node):  # an add fed (through its requantizer) by an add shares that add's group
             for src in (producer(q, a) for a in tensor_inputs(node)):
                 upstream = producer(q, src.args[0])
                 if type(module_of(q, src)).__name__ == "QuantIdentity" and is_add(upstream):
-                    assert input_quantizers(q, upstream)[0] is input_quantizers(q, node)[0]
+                    a, b = input_quantizers(q, upstream)[0], input_quantizers(q, node)[0]
+                    assert a is b or (a.scale_group is not None and a.scale_group is b.scale_group)
                     chained += 1
     assert chained == sum(1 for n in q.graph.nodes if is_add(n) for a in tensor_inputs(n)
                           if is_add(producer(q, producer(q, a).args[0])))

@@ -34,17 +34,23 @@ def float_onnx(model, x) -> onnx.ModelProto:
     return OnnxLowering(gm, (x,)).lower()
 
 
-def latency_ms(model: onnx.ModelProto, x: np.ndarray, runs: int, threads: int) -> float:
-    sess = ort_session(model, threads=threads)
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+def latencies_ms(models: dict, x: np.ndarray, runs: int, threads: int, rounds: int = 5) -> dict:
+    """Median latency of each model. The sessions take turns (``rounds`` rounds of runs/rounds calls each),
+    so a change in machine speed during the measurement hits every model alike."""
+    sessions = {name: ort_session(m, threads=threads) for name, m in models.items()}
+    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+    times = {name: [] for name in sessions}
+    for name, sess in sessions.items():
+        for _ in range(5):
+            sess.run(None, feeds[name])
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                sess.run(None, feeds[name])
+                times[name].append((time.perf_counter() - t) * 1000)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def ort_static(float_model: onnx.ModelProto, calib: list, workdir: Path) -> onnx.ModelProto:
@@ -70,7 +76,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18_like", help="a quantfx.zoo constructor name")
     parser.add_argument("--size", type=int, default=224, help="input height/width")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=60, help="timed runs per model, in 5 interleaved rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calib", type=int, default=8, help="calibration batches (batch 1)")
     parser.add_argument("--no-ort-quantizer", action="store_true", help="skip onnxruntime's quantize_static")
@@ -89,12 +95,11 @@ def main(argv=None):
     t_export = time.perf_counter() - t
     f32 = float_onnx(model, x)
     xn = x.numpy()
-    rows = [("float (quantfx lowering)", latency_ms(f32, xn, args.runs, args.threads)),
-            ("int8 quantfx QDQ", latency_ms(int8, xn, args.runs, args.threads))]
+    models = {"float (quantfx lowering)": f32, "int8 quantfx QDQ": int8}
     if not args.no_ort_quantizer:
         with tempfile.TemporaryDirectory() as d:
-            ort_q = ort_static(f32, [c.numpy() for c in calib], Path(d))
-        rows.append(("int8 onnxruntime quantize_static", latency_ms(ort_q, xn, args.runs, args.threads)))
+            models["int8 onnxruntime quantize_static"] = ort_static(f32, [c.numpy() for c in calib], Path(d))
+    rows = list(latencies_ms(models, xn, args.runs, args.threads).items())
     report = quantfx.verify(qmodel, int8, (x,))
 
     t50 = None

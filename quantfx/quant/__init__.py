@@ -1,5 +1,5 @@
 """Quantizers: specs (plain classes), the ``Quantizer`` module and the integer arithmetic."""
-from .quantizer import Quantizer, make_quantizer
+from .quantizer import Quantizer, ScaleGroup, make_quantizer
 from .specs import (
     FIELDS, QuantSpec,
     Int8WeightPerTensorFloat, Int8WeightPerChannelFloat, Int8WeightPerTensorFixedPoint,

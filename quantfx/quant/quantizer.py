@@ -20,6 +20,8 @@ class Quantizer(nn.Module):
     weight scales (external) or from the bias itself (internal).
     """
 
+    scale_group = None  # class default: quantizers pickled before scale groups existed load without one
+
     def __init__(self, spec=QuantSpec, name: str | None = None, **overrides):
         super().__init__()
         self.qname = name
@@ -27,6 +29,7 @@ class Quantizer(nn.Module):
         self.calibrating = False
         self._calib = None
         self._last = None  # (scale, zero_point) of the last call, for dependents in the same forward
+        self.scale_group = None  # a ScaleGroup: peers whose scale this quantizer shares (see ScaleGroup)
         if not self.is_quant_enabled:
             if overrides:
                 raise QuantArgumentError(f"{self._where}: arguments {sorted(overrides)} given to a disabled slot")
@@ -131,10 +134,14 @@ class Quantizer(nn.Module):
             best_hi = torch.where(better, hi * a, best_hi)
         return best_lo, best_hi
 
-    def _from_stat(self, stat: torch.Tensor):
-        """(scale, zero_point) from a (low, high) statistic."""
+    def _from_stat(self, stat: torch.Tensor, scale: torch.Tensor | None = None):
+        """(scale, zero_point) from a (low, high) statistic; with ``scale`` given, only the zero point."""
         lo, hi = stat[0], stat[1]
         qmin, qmax = self.int_range()
+        if scale is not None:
+            if self.zero_point_type == "asymmetric":
+                return scale, torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+            return scale, torch.zeros_like(scale)
         if self.bit_width == 1:
             scale, zp = hi, torch.zeros_like(hi)
         elif self.zero_point_type == "asymmetric":
@@ -190,14 +197,18 @@ class Quantizer(nn.Module):
                         self.stat = batch
                         self.calibrated.fill_(True)
             if bool(self.calibrated):
-                return self._from_stat(self.stat)
-            if x is None:
+                stat = self.stat
+            elif x is None:
                 if self._last is not None:
                     return self._last
                 raise CalibrationError(
                     f"{self._where} never saw data, so it has no scale; run quantfx.calibrate(model, data) "
                     "(or train the model) before using or exporting it")
-            return self._from_stat(self.batch_stat(x))  # eval, uncalibrated: dynamic
+            else:
+                stat = self.batch_stat(x)  # eval, uncalibrated: dynamic
+            if self.scale_group is not None:
+                return self._from_stat(stat, self.scale_group.scale(self, stat))
+            return self._from_stat(stat)
         if x is None:
             if self._last is not None:
                 return self._last
@@ -332,6 +343,41 @@ class Quantizer(nn.Module):
         return state
 
 
+class ScaleGroup:
+    """Activation quantizers that share one scale but keep their own sign, range and zero point.
+
+    A residual add whose inputs are a ReLU output (unsigned, zero point 0) and a signed branch needs one scale
+    on both inputs for an exact integer sum, not one quantizer: each member keeps its own grid offset, and the
+    group's scale is the largest scale any member needs for its own statistics, so every member's values stay
+    in range. Members are plain statistics-based, per-tensor activation quantizers (see :meth:`accepts`)."""
+
+    def __init__(self, name: str, members):
+        self.name = name
+        self.members = list(members)
+        for q in self.members:
+            if not self.accepts(q):
+                raise QuantArgumentError(f"{name}: {q._where} cannot share a scale with other quantizers "
+                                         f"({q.extra_repr()}); only statistics-based per-tensor activation "
+                                         "quantizers of 2 or more bits can")
+            q.scale_group = self
+
+    @staticmethod
+    def accepts(q: Quantizer) -> bool:
+        return (q.is_quant_enabled and q.kind == "act" and not q.learned_scale and q.fixed_scale is None
+                and not q.scaling_per_output_channel and q.bit_width >= 2)
+
+    def scale(self, member: Quantizer, stat: torch.Tensor) -> torch.Tensor:
+        """The shared scale: the largest of the members' own scales (``stat`` is ``member``'s statistic)."""
+        scale = member._from_stat(stat)[0]
+        for q in self.members:
+            if q is not member and bool(q.calibrated):
+                scale = torch.maximum(scale, q._from_stat(q.stat)[0])
+        return scale
+
+    def __repr__(self):
+        return f"ScaleGroup({self.name!r}, {len(self.members)} members)"
+
+
 def make_quantizer(spec, kind: str, name: str | None = None, **overrides) -> Quantizer:
     """A quantizer for a layer slot. ``spec`` None gives a disabled slot; a ``Quantizer`` instance is shared as is."""
     if isinstance(spec, Quantizer):
@@ -346,4 +392,4 @@ def make_quantizer(spec, kind: str, name: str | None = None, **overrides) -> Qua
     return Quantizer(spec, name=name, **overrides)
 
 
-__all__ = ["Quantizer", "make_quantizer", "FIELDS"]
+__all__ = ["Quantizer", "ScaleGroup", "make_quantizer", "FIELDS"]
