@@ -7,6 +7,11 @@
 Layers whose arithmetic needs the input scale at run time (external-scale biases, truncating average pools)
 are linked to the activation quantizer upstream of them. When such a layer has no quantizer upstream, one is
 inserted, so users never meet a run-time "input scale required".
+
+On profiles with ``requant='multiplier'`` (onnx, torch), each conv/linear whose output goes straight into an
+identity or ReLU activation quantizer is linked to it: in eval mode the layer computes its integer accumulator
+exactly and the activation requantizes it with the runtime's float32 multiplier, so the fake-quant model and
+the integer kernels agree to the bit (not only to within a rounding tie).
 """
 from __future__ import annotations
 
@@ -64,4 +69,18 @@ class ChooseBiasScaling(ProfilePass):
                 continue
             bias_over = {"bit_width": p.bias_bit_width, **over["bias"]}
             layer.bias_quant = make_quantizer(spec, "bias", name=f"{node.target}.bias_quant", **bias_over)
+        self._link_requantizers(gm, p.requant == "multiplier")
         return PassResult(gm, True)
+
+    @staticmethod
+    def _link_requantizers(gm, multiplier: bool) -> None:
+        for node in gm.graph.nodes:
+            if not is_act_quant(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            src, act = node.args[0], module_of(gm, node)
+            if is_compute(gm, src):
+                layer = module_of(gm, src)
+                # plain attributes, not submodules: the layer belongs to its own node
+                layer.__dict__["exact_accumulator"] = True
+                if multiplier and act.runtime_requant_ok():
+                    act.__dict__["requant_from"] = layer

@@ -10,6 +10,7 @@ from quantfx import quant as Q
 BIAS_MODES = ("external", "internal", "float")
 AVGPOOL_MODES = ("trunc", "requant")
 ADD_GRIDS = ("scale", "quantizer")
+REQUANT_MODES = ("float", "multiplier")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class TargetProfile:
     # each keeps its sign and zero point (no requantizer); "quantizer" puts them on one grid (FINN's AddStreams
     # needs identical input datatypes), requantizing the ReLU-side edge
     add_grid: str = "scale"
+    # how the runtime turns a conv/linear accumulator into the next activation's integers: "float" divides the
+    # float result by the output scale (qonnx's Quant); "multiplier" scales the exact integer accumulator by
+    # one float32 multiplier, in_scale x w_scale / out_scale (onnxruntime's QLinearConv/QGemm, PyTorch's fbgemm).
+    # With "multiplier" the fake-quant model computes the same way in eval mode, so the artefact agrees to the bit.
+    requant: str = "float"
     description: str = ""
     options: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -45,6 +51,8 @@ class TargetProfile:
         where = f"target {self.name!r}"
         if self.bias_scaling not in BIAS_MODES:
             raise QuantArgumentError(f"{where}: bias_scaling={self.bias_scaling!r}; use one of {BIAS_MODES}")
+        if self.requant not in REQUANT_MODES:
+            raise QuantArgumentError(f"{where}: requant={self.requant!r}; use one of {REQUANT_MODES}")
         if self.add_grid not in ADD_GRIDS:
             raise QuantArgumentError(f"{where}: add_grid={self.add_grid!r}; use one of {ADD_GRIDS}")
         if self.avgpool not in AVGPOOL_MODES:
@@ -100,6 +108,7 @@ ONNX = register_profile(TargetProfile(
     name="onnx", weight_quant=Q.Int8WeightPerChannelFloat, act_quant=Q.Uint8ActPerTensorFloatAsym,
     act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external", bias_bit_width=32,
     avgpool="requant", weight_bit_range=(2, 8), act_bit_range=(2, 8), zero_point_allowed=True,
+    requant="multiplier",
     description="standard ONNX QDQ for onnxruntime: int8 per-channel weights (axis 0), uint8 activations "
                 "with zero point, int32 external bias"))
 
@@ -113,7 +122,7 @@ TORCH = register_profile(TargetProfile(
     name="torch", weight_quant=Int8WeightPerChannelFullRange,
     act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external", bias_bit_width=32,
     avgpool="requant", act_bit_width=7, input_bit_width=7, weight_bit_range=(8, 8), act_bit_range=(7, 8),
-    zero_point_allowed=True, options={"engine": "x86"},
+    zero_point_allowed=True, requant="multiplier", options={"engine": "x86"},
     description="PyTorch quantized ops: int8 per-channel weights, quint8 activations with zero point; 7-bit "
                 "activation range on x86/fbgemm (reduce_range), 8-bit on qnnpack"))
 

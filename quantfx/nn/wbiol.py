@@ -103,7 +103,14 @@ class QuantWBIOL(InputQuantMixin):
             qb = self.bias_quant.quant_tensor(self.bias, None if qx is None else qx.scale, w_scale,
                                               training=self.training)
             bv = value_of(qb)
-        out = self.inner_forward(xv, wv, bv)
+        exact = self._exact_ok(qx, qw, qb)
+        self.__dict__["_acc_scale"] = None
+        if exact and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            out = self._exact_accumulator(xv, qx, qw, qb)
+        else:
+            out = self.inner_forward(xv, wv, bv)
+            if exact:  # exact values, float gradients
+                out = out + (self._exact_accumulator(xv, qx, qw, qb) - out).detach()
         result = out
         if qx is not None and isinstance(qw, QuantTensor) and qx.scale.numel() == 1:
             # (a per-channel input scale puts each input channel on its own grid: the sum is on none)
@@ -113,6 +120,35 @@ class QuantWBIOL(InputQuantMixin):
         if self.return_quant_tensor and isinstance(result, QuantTensor):
             return result
         return value_of(result)
+
+    def _exact_ok(self, qx, qw, qb) -> bool:
+        """Whether this call computes its accumulator exactly: asked for (``exact_accumulator``, set by the
+        compiler on targets that requantize integer accumulators), in eval mode, with a per-tensor quantized
+        input, zero-point-free quantized weights and no bias or an input-scaled one."""
+        if not self.__dict__.get("exact_accumulator") or self.training or qx is None or qx.scale.numel() != 1 \
+                or not isinstance(qw, QuantTensor) or bool(torch.any(qw.zero_point != 0)):
+            return False
+        if self.bias is None:
+            return True
+        return isinstance(qb, QuantTensor) and self.bias_quant.bias_scaling == "external"
+
+    def _exact_accumulator(self, xv, qx, qw, qb) -> torch.Tensor:
+        """The layer output as the integer hardware computes it: the integer accumulator (input integers minus
+        zero point, times weight integers, plus bias integers; exact in float64) times the accumulator scale,
+        rounded once to float32. The accumulator scale is the float32 product input scale x weight scale, as
+        the runtimes compute it; it is kept in ``_acc_scale`` for the requantizer that follows."""
+        with torch.no_grad():
+            x_int = torch.round(xv.detach().double() / qx.scale.detach().double())
+            w_int = torch.round(qw.value.detach().double() / qw.scale.detach().double())
+            acc_scale = qx.scale.detach().reshape(-1).float() * \
+                self._out_weight_scale(qw.scale.detach()).reshape(-1).float()
+            b_int = None if qb is None else torch.round(qb.value.detach().double() / acc_scale.double())
+            acc = self.inner_forward(x_int, w_int, b_int)
+            axis = self.out_channel_axis % acc.dim()
+            acc_scale = qf.broadcast_shape(acc_scale if acc_scale.numel() > 1 else acc_scale.reshape(()),
+                                           acc.dim(), axis)
+            self.__dict__["_acc_scale"] = acc_scale
+            return (acc * acc_scale.double()).float()
 
     def _accumulator(self, out, qx, qw, qb) -> QuantTensor:
         scale = qx.scale.reshape(-1) * self._out_weight_scale(qw.scale).reshape(-1)

@@ -62,6 +62,17 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int, rounding: str) -> tor
     return (q - zero_point) * scale
 
 
+def requantize_multiplier(acc, acc_scale, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Integers of an integer accumulator ``acc`` (exact, any float dtype) requantized the way onnxruntime's
+    QLinearConv/QGemm and PyTorch's fbgemm do it: one float32 multiplier ``m = (acc_scale / scale)`` in float32
+    (``acc_scale`` = input scale x weight scale, itself a float32 product), ``rne(float32(acc) * m)`` clamped
+    to the range, plus the zero point. No gradient (an exact model of the runtime, used in eval mode)."""
+    m = acc_scale.float() / scale.float()
+    v = acc.float() * m
+    v = torch.minimum(torch.maximum(v, qmin - zero_point.float()), qmax - zero_point.float())
+    return torch.round(v) + zero_point.float()
+
+
 def bipolar_quant(x, scale) -> torch.Tensor:
     """1-bit: +scale where x >= 0, -scale elsewhere; identity gradient inside [-1, 1] * scale."""
     sign = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))

@@ -1,0 +1,97 @@
+"""Exact integer accumulators and the runtimes' requantization in the fake-quant model (eval mode)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantfx
+from quantfx.graph import is_act_quant, is_compute, module_of
+from quantfx.quant import functional as qf
+from quantfx.zoo import TEST_MODELS, example_input
+
+
+def quantized(name, target):
+    torch.manual_seed(0)
+    data = [example_input(name, batch=2, seed=i) for i in range(3)]
+    return quantfx.quantize(TEST_MODELS[name][0]().eval(), target, calibration_data=data, progress=False)
+
+
+def test_requantize_multiplier_is_the_float32_multiplier_not_the_quotient():
+    """rne(float32(acc) * float32(s_acc / s_y)) + zp, clamped: the runtime's formula, checked against numpy
+    float32 arithmetic. On accumulators placed at rounding ties (acc x s_acc / s_y = n + 1/2 up to float32
+    rounding of s_acc) it parts from rounding the exact quotient, one step either way, and only there."""
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randint(100, 2000, (5000,), generator=gen).double() * (torch.randint(0, 2, (5000,), generator=gen) * 2 - 1)
+    n = torch.randint(-100, 100, (5000,), generator=gen).double()
+    scale, zp = torch.tensor(0.0123), torch.tensor(128.0)
+    acc_scale = ((n + 0.5) * scale.double() / acc).abs().float()  # float32, so only near the tie
+    got = qf.requantize_multiplier(acc, acc_scale, scale, zp, 0, 255)
+    m = acc_scale.numpy() / np.float32(scale.item())
+    v = np.clip(acc.numpy().astype(np.float32) * m, np.float32(-128), np.float32(127))
+    assert np.array_equal(got.numpy(), np.round(v) + np.float32(128))
+    exact = acc * acc_scale.double() / scale.double()
+    quotient = torch.clamp(torch.round(exact) + 128, 0, 255)
+    parted = got.double() != quotient
+    assert 100 < int(parted.sum()) < 5000
+    assert float((got.double() - quotient).abs().max()) == 1.0
+    assert float((exact[parted].abs() % 1 - 0.5).abs().max()) < 1e-4  # every parting is at a tie
+
+
+def test_links_follow_the_profile():
+    onnx_q, finn_q = quantized("resnet", "onnx"), quantized("resnet", "finn")
+    for q, linked in ((onnx_q, True), (finn_q, False)):
+        acts = [module_of(q, n) for n in q.graph.nodes if is_act_quant(q, n) and is_compute(q, n.args[0])]
+        assert acts
+        assert all((a.__dict__.get("requant_from") is not None) == linked for a in acts)
+        layers = [module_of(q, n) for n in q.graph.nodes if is_compute(q, n)]
+        assert all(m.__dict__.get("exact_accumulator") for m in layers)  # every target: exact accumulators
+
+
+@pytest.mark.parametrize("target", ["onnx", "finn"])
+def test_conv_output_is_the_exact_integer_accumulator(target):
+    """In eval mode a compiled conv's output is acc x acc_scale rounded once, with acc the int64 result of
+    (input integers - zero point) x weight integers + bias integers."""
+    q = quantized("lenet", target)
+    node = next(n for n in q.graph.nodes if is_compute(q, n))
+    layer = module_of(q, node)
+    src = layer.__dict__["input_quantizer"]
+    x = example_input("lenet", batch=2, seed=9)
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    with torch.no_grad():
+        q(x)
+    handle.remove()
+    s_x, z_x = src.qparams(None)
+    x_int = torch.round(seen["x"].double() / s_x.double()).long()  # integers minus zero point
+    w_int = layer.int_weight()
+    acc_scale = layer.__dict__["_acc_scale"]
+    b_int = layer.int_bias() if layer.bias is not None else torch.zeros(layer.out_channels, dtype=torch.long)
+    cols = F.unfold(x_int.double(), layer.kernel_size, padding=layer.padding, stride=layer.stride).long()
+    acc = torch.einsum("ok,bkl->bol", w_int.reshape(layer.out_channels, -1), cols) + b_int.reshape(1, -1, 1)
+    acc = acc.reshape(seen["y"].shape)
+    assert torch.equal(seen["y"], (acc.double() * acc_scale.double()).float())
+
+
+def test_eval_values_do_not_depend_on_grad_mode_and_gradients_flow():
+    q = quantized("resnet", "onnx").eval()
+    x = example_input("resnet", batch=2, seed=3)
+    with torch.no_grad():
+        y0 = q(x)
+    xg = x.clone().requires_grad_(True)
+    y1 = q(xg)
+    assert torch.equal(y0, y1.detach())
+    y1.sum().backward()
+    assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in q.parameters())
+
+
+def test_training_mode_keeps_the_plain_fake_quant_path():
+    q = quantized("lenet", "onnx")
+    layer = next(module_of(q, n) for n in q.graph.nodes if is_compute(q, n))
+    q.train()
+    q(example_input("lenet", batch=2, seed=1))
+    assert layer.__dict__["_acc_scale"] is None  # no exact accumulator while training
+    q.eval()
+    with torch.no_grad():
+        q(example_input("lenet", batch=2, seed=1))
+    assert layer.__dict__["_acc_scale"] is not None
