@@ -95,3 +95,18 @@ def test_training_mode_keeps_the_plain_fake_quant_path():
     with torch.no_grad():
         q(example_input("lenet", batch=2, seed=1))
     assert layer.__dict__["_acc_scale"] is not None
+
+
+@pytest.mark.parametrize("fan_in, digits", [(200, 1), (600, 2), (5000, 2), (70000, 0)])
+def test_exact_integer_op_splits_weights_until_float32_is_exact(fan_in, digits):
+    """One float32 matmul while fan_in x 255 x 127 < 2^24; base-2^b weight digits beyond; float64 operands when
+    even one-bit digits would overflow float32. Always equal to the int64 result."""
+    from quantfx.nn.wbiol import ExactIntegerOp
+    gen = torch.Generator().manual_seed(fan_in)
+    x = torch.randint(-255, 256, (3, fan_in), generator=gen)
+    w = torch.randint(-127, 128, (5, fan_in), generator=gen)
+    w[0, 0] = -127  # the bound is reached
+    op = ExactIntegerOp(w.float(), fan_in, 255.0)
+    assert len(op.digits) == digits and (op.double_w is not None) == (digits == 0)
+    got = op(F.linear, x.float())
+    assert torch.equal(got.double(), (x @ w.T).double())

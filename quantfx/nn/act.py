@@ -37,49 +37,56 @@ class QuantAct(nn.Module):
         if self.input_quant.is_quant_enabled:
             xv = self.input_quant(xv)
         y = self.act_fn(xv)
-        qt = self.act_quant.quant_tensor(y, training=self.training)
-        src = self.__dict__.get("requant_from")
-        if src is not None and not self.training and isinstance(qt, QuantTensor):
-            qt = self._requantize_like_runtime(src, xv, qt)
+        layer = self.__dict__.get("requant_from")
+        acc_scale = None if layer is None or self.training else layer.__dict__.get("_acc_scale")
+        if acc_scale is not None and not self.act_quant.calibrating and self.runtime_requant_ok():
+            qt = self._requantize_like_runtime(acc_scale, xv, y)
+        else:
+            qt = self.act_quant.quant_tensor(y, training=self.training)
         if self.return_quant_tensor and isinstance(qt, QuantTensor):
             return qt
         return value_of(qt)
 
 
-    def _requantize_like_runtime(self, layer, xv, qt: QuantTensor) -> QuantTensor:
+    def _requantize_like_runtime(self, acc_scale, xv, y) -> QuantTensor:
         """Eval mode, after a layer that computed its accumulator exactly (``requant_from``, linked by the
         compiler on ``requant='multiplier'`` targets): the integers the runtime's requantization gives
-        (:func:`quantfx.quant.functional.requantize_multiplier`), instead of rounding a float quotient. The
-        values differ from the plain fake-quant only where the two roundings part, at ties; gradients are the
-        plain fake-quant's."""
-        acc_scale = layer.__dict__.get("_acc_scale")
-        if acc_scale is None or not self.runtime_requant_ok(qt):
-            return qt
+        (:func:`quantfx.quant.functional.requantize_multiplier`), not a rounded float quotient. The values
+        differ from the plain fake quantization only where the two roundings part, at ties; gradients, when
+        needed, are the plain path's."""
+        q = self.act_quant
+        plain = q.quant_tensor(y, training=False) if torch.is_grad_enabled() and y.requires_grad else None
+        if plain is not None:
+            scale, zp = plain.scale, plain.zero_point
+        else:
+            s0, z0 = q.qparams(y)
+            q._last = (s0.detach(), z0.detach())
+            axis = q.channel_axis if y.dim() > q.channel_axis else 0
+            scale, zp = qf.broadcast_shape(s0, y.dim(), axis), qf.broadcast_shape(z0, y.dim(), axis)
+        qmin, qmax = q.int_range()
         with torch.no_grad():
-            acc = torch.round(xv.detach().double() / acc_scale.double())
-            if acc.numel() and float(acc.abs().max()) >= 2.0 ** 22:
-                return qt  # beyond what a float32 layer output carries exactly
+            # the layer output is float32(acc x acc_scale), |acc| < 2^22 (else the layer leaves no acc_scale):
+            # its float32 quotient rounds back to acc
+            acc = torch.round(xv.detach().float() / acc_scale)
+            relu6_ok = not (isinstance(self, QuantReLU) and self.max_val is not None) or \
+                bool(torch.all((qmax - zp) * scale <= self.max_val))
+            if not relu6_ok:
+                return plain if plain is not None else q.quant_tensor(y, training=False)
             if isinstance(self, QuantReLU):
                 acc = torch.clamp(acc, min=0.0)
-            qmin, qmax = self.act_quant.int_range()
-            ints = qf.requantize_multiplier(acc, acc_scale, qt.scale, qt.zero_point, qmin, qmax)
-            value = (ints - qt.zero_point) * qt.scale
-        return QuantTensor(qt.value + (value - qt.value).detach(), qt.scale, qt.zero_point, qt.bit_width,
-                           qt.signed, qt.training, narrow=qt.narrow)
+            ints = qf.requantize_multiplier(acc, acc_scale, scale.detach(), zp.detach(), qmin, qmax)
+            value = (ints - zp.detach()) * scale.detach()
+        if plain is not None:
+            value = plain.value + (value - plain.value).detach()
+        return QuantTensor(value, scale, zp, q.bit_width, q.signed, False, narrow=q.narrow_range)
 
-    def runtime_requant_ok(self, qt=None) -> bool:
+    def runtime_requant_ok(self) -> bool:
         """Whether this activation can be requantized from an integer accumulator by one multiplier: identity
-        or ReLU (ReLU6 when its quantizer's range ends inside 6), half-even rounding, per-tensor."""
+        or ReLU (ReLU6 too, when at run time its quantizer's range ends inside 6), half-even rounding,
+        per-tensor."""
         q = self.act_quant
-        if type(self) not in (QuantIdentity, QuantReLU) or not q.is_quant_enabled or q.rounding != "half_even" \
-                or q.scaling_per_output_channel or self.input_quant.is_quant_enabled or q.bit_width < 2:
-            return False
-        if isinstance(self, QuantReLU) and self.max_val is not None:
-            if qt is None:
-                return True
-            top = (q.int_range()[1] - qt.zero_point) * qt.scale
-            return bool(torch.all(top <= self.max_val))
-        return True
+        return type(self) in (QuantIdentity, QuantReLU) and q.is_quant_enabled and q.rounding == "half_even" \
+            and not q.scaling_per_output_channel and not self.input_quant.is_quant_enabled and q.bit_width >= 2
 
 
 class QuantIdentity(QuantAct):

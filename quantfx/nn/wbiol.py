@@ -105,7 +105,8 @@ class QuantWBIOL(InputQuantMixin):
             bv = value_of(qb)
         exact = self._exact_ok(qx, qw, qb)
         self.__dict__["_acc_scale"] = None
-        if exact and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+        needs_grad = torch.is_grad_enabled() and (xv.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if exact and not needs_grad:
             out = self._exact_accumulator(xv, qx, qw, qb)
         else:
             out = self.inner_forward(xv, wv, bv)
@@ -134,21 +135,37 @@ class QuantWBIOL(InputQuantMixin):
 
     def _exact_accumulator(self, xv, qx, qw, qb) -> torch.Tensor:
         """The layer output as the integer hardware computes it: the integer accumulator (input integers minus
-        zero point, times weight integers, plus bias integers; exact in float64) times the accumulator scale,
-        rounded once to float32. The accumulator scale is the float32 product input scale x weight scale, as
-        the runtimes compute it; it is kept in ``_acc_scale`` for the requantizer that follows."""
+        zero point, times weight integers, plus bias integers; exact, see :class:`ExactIntegerOp`) times the
+        accumulator scale, rounded once to float32. The accumulator scale is the float32 product input scale x
+        weight scale, as the runtimes compute it; it is kept in ``_acc_scale`` for the requantizer that
+        follows, when the output carries the accumulator exactly (below 2^22)."""
         with torch.no_grad():
-            x_int = torch.round(xv.detach().double() / qx.scale.detach().double())
-            w_int = torch.round(qw.value.detach().double() / qw.scale.detach().double())
+            # float32 quotients of values on the grid round back to their integers (|int| < 2^22)
+            x_int = torch.round(xv.detach().float() / qx.scale.detach().float())
+            lo, hi = qf.int_range(qx.bit_width, qx.signed, qx.narrow)
+            zp = float(qx.zero_point.detach().reshape(-1)[0])
+            x_bound = max(abs(lo - zp), abs(hi - zp))  # from the input's integer range, not its data
+            key = (self.weight.data_ptr(), self.weight._version, qw.scale.detach().reshape(-1).tolist())
+            op = self.__dict__.get("_exact_op")
+            if op is None or op.key != key or op.x_bound < x_bound:
+                w_int = torch.round(qw.value.detach().float() / qw.scale.detach().float())
+                op = ExactIntegerOp(w_int, self.fan_in(), x_bound, key)
+                self.__dict__["_exact_op"] = op
+            acc = op(lambda a, b: self.inner_forward(a, b, None), x_int)
             acc_scale = qx.scale.detach().reshape(-1).float() * \
                 self._out_weight_scale(qw.scale.detach()).reshape(-1).float()
-            b_int = None if qb is None else torch.round(qb.value.detach().double() / acc_scale.double())
-            acc = self.inner_forward(x_int, w_int, b_int)
             axis = self.out_channel_axis % acc.dim()
+            if qb is not None:
+                b_int = torch.round(qb.value.detach().double() / acc_scale.double())
+                acc = acc.double() + qf.broadcast_shape(b_int, acc.dim(), axis)
             acc_scale = qf.broadcast_shape(acc_scale if acc_scale.numel() > 1 else acc_scale.reshape(()),
                                            acc.dim(), axis)
-            self.__dict__["_acc_scale"] = acc_scale
-            return (acc * acc_scale.double()).float()
+            small = op.bound + (float(qb.value.abs().max() / acc_scale.min()) + 1 if qb is not None else 0) \
+                < 2 ** 22 or float(acc.abs().max()) < 2 ** 22
+            self.__dict__["_acc_scale"] = acc_scale if small else None
+            if small:  # exact integers below 2^22: one float32 product rounds once
+                return acc.float() * acc_scale
+            return (acc.double() * acc_scale.double()).float()
 
     def _accumulator(self, out, qx, qw, qb) -> QuantTensor:
         scale = qx.scale.reshape(-1) * self._out_weight_scale(qw.scale).reshape(-1)
@@ -164,6 +181,54 @@ class QuantWBIOL(InputQuantMixin):
             bias = value_of(qb) if qb is not None else self.bias
             zero_point = -qf.broadcast_shape(bias, out.dim(), axis) / scale
         return QuantTensor(out, scale, zero_point, bits, True, self.training)
+
+
+F32_EXACT = 2 ** 24  # float32 holds every integer below this
+
+
+class ExactIntegerOp:
+    """``op(x_int, w_int)`` (a convolution or matmul, bilinear in its operands) computed exactly on
+    integer-valued float tensors, for inputs with ``|x_int| <= x_bound``.
+
+    The op is passed at each call (the object holds tensors only, so models that carry it still pickle).
+    Every partial sum of a float32 dot product of ``fan_in`` terms is an integer no larger than
+    ``fan_in * x_bound * max|w|``; below 2^24 one float32 call is exact, in any summation order. Otherwise the
+    weights are split into base-2^b digits that each meet the bound, and the float32 results are summed in
+    float64; float64 operands are the last resort. The weight digits are computed once (the weights of an eval
+    model do not change; ``key`` says which weights these are)."""
+
+    def __init__(self, w_int: torch.Tensor, fan_in: int, x_bound: float, key=None):
+        self.key, self.x_bound = key, x_bound
+        mw = float(w_int.abs().max()) if w_int.numel() else 0.0
+        self.bound = fan_in * x_bound * mw  # largest |result|
+        self.digits: list = []  # (weight digits, place value)
+        self.double_w = None
+        if self.bound < F32_EXACT:
+            self.digits = [(w_int, 1.0)]
+            return
+        digit_max = F32_EXACT / (fan_in * max(x_bound, 1.0))
+        bits = int(math.floor(math.log2(digit_max))) if digit_max >= 2 else 0
+        if bits < 1:
+            self.double_w = w_int.double()
+            return
+        base, rest, place = float(2 ** bits), w_int, 1.0
+        while float(rest.abs().max()) * fan_in * x_bound >= F32_EXACT:
+            digit = torch.remainder(rest, base)
+            self.digits.append((digit, place))
+            rest, place = (rest - digit) / base, place * base
+        self.digits.append((rest, place))
+
+    def __call__(self, op, x_int: torch.Tensor) -> torch.Tensor:
+        """``op(x_int, w_int)``: float32 when every result is below 2^24, else float64."""
+        if self.double_w is not None:
+            return op(x_int.double(), self.double_w)
+        if len(self.digits) == 1:
+            return op(x_int, self.digits[0][0])
+        acc = None
+        for digit, place in self.digits:
+            part = op(x_int, digit).double() * place
+            acc = part if acc is None else acc + part
+        return acc
 
 
 class _ConvMixin(QuantWBIOL):
