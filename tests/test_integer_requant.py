@@ -97,7 +97,7 @@ def test_training_mode_keeps_the_plain_fake_quant_path():
     assert layer.__dict__["_acc_scale"] is not None
 
 
-@pytest.mark.parametrize("fan_in, digits", [(200, 1), (600, 2), (5000, 2), (70000, 0)])
+@pytest.mark.parametrize("fan_in, digits", [(200, 1), (600, 2), (5000, 3), (70000, 0)])
 def test_exact_integer_op_splits_weights_until_float32_is_exact(fan_in, digits):
     """One float32 matmul while fan_in x 255 x 127 < 2^24; base-2^b weight digits beyond; float64 operands when
     even one-bit digits would overflow float32. Always equal to the int64 result."""
