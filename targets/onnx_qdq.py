@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from quantfx.errors import TargetError
 from quantfx.export import Backend, register_backend
@@ -115,6 +116,56 @@ class QDQLowering(OnnxLowering):
         scale = scale.float()
         scale = scale.reshape(()) if scale.numel() == 1 else scale
         return self._dq_const(base + ".bias", ints, scale, np.int32, 0)
+
+    # -- ConvTranspose with kernel == stride -------------------------------------------------------------
+
+    def _pixel_shuffle_form(self, node, layer):
+        """The act quantizer after a ConvTranspose2d that onnxruntime can run as an integer 1x1 convolution
+        followed by DepthToSpace (square kernel == stride, no padding, dilation, groups or output padding: every
+        output pixel is one input pixel times one kernel tap), or None."""
+        if not isinstance(layer, nn.ConvTranspose2d) or not layer.weight_quant.is_quant_enabled:
+            return None
+        k = layer.kernel_size
+        if k[0] != k[1] or tuple(layer.stride) != tuple(k) or any(layer.padding) or any(layer.output_padding) \
+                or any(d != 1 for d in layer.dilation) or layer.groups != 1 or \
+                getattr(layer, "padding_mode", "zeros") != "zeros" or len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        if not is_act_quant(self.gm, user):
+            return None
+        q = module_of(self.gm, user).act_quant
+        return q if q.is_quant_enabled and not q.scaling_per_output_channel else None
+
+    def emit_compute(self, node):
+        layer = module_of(self.gm, node)
+        q = self._pixel_shuffle_form(node, layer)
+        if q is None:
+            return super().emit_compute(node)
+        # W [Cin, Cout, k, k] -> W' [Cout*k*k, Cin, 1, 1], channel c*k*k + i*k + j = tap (i, j) of output c:
+        # DepthToSpace (mode CRD) puts it at pixel (h*k + i, w*k + j). The Q/DQ pair between the 1x1 Conv and
+        # DepthToSpace is the following activation quantizer's (a move does not change the grid), so
+        # onnxruntime fuses DQ -> Conv -> Q into QLinearConv; the arithmetic is the transposed conv's.
+        k = layer.kernel_size[0]
+        wq = layer.weight_quant
+        with torch.no_grad():
+            ints = wq.int_repr(layer.weight)  # [Cin, Cout, k, k]
+            w_scale = wq.scale(layer.weight)
+        cin, cout = ints.shape[:2]
+        ints = ints.permute(1, 2, 3, 0).reshape(cout * k * k, cin, 1, 1)
+        w_scale = w_scale.reshape(-1).repeat_interleave(k * k) if w_scale.numel() > 1 else w_scale
+        w = self._dq_const(node.target + ".weight", ints, w_scale, np.int8, 0)
+        ins = [self.env[node.args[0]], w]
+        if layer.bias is not None:
+            in_scale = self.input_scale(node)
+            with torch.no_grad():
+                b_ints = layer.bias_quant.int_repr(layer.bias, in_scale, wq.scale(layer.weight))
+            b_scale = (in_scale.reshape(-1).double() * wq.scale(layer.weight).reshape(-1).double()).float()
+            b_scale = b_scale.repeat_interleave(k * k) if b_scale.numel() > 1 else b_scale.reshape(())
+            ins.append(self._dq_const(node.target + ".bias", b_ints.repeat_interleave(k * k), b_scale, np.int32, 0))
+        y = self.op("Conv", ins, node.name + "_taps", kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0])
+        scale, zp = q.qparams(None)
+        y = self._qdq(y, scale, zp, q.int_range(), q.signed, node.name + "_taps_quant")
+        return self.op("DepthToSpace", [y], node.name, blocksize=k, mode="CRD")
 
     def lower(self):
         model = super().lower()

@@ -76,7 +76,11 @@ def test_node_occurrences(exported):
     assert len(weight_dq) == len(layers)
     assert len(bias_dq) == biases
     requant = sum(1 for n in artefact.graph.node if n.op_type == "QuantizeLinear" and "_requant" in n.name)
-    assert ops["QuantizeLinear"] == act_nodes + requant
+    # a ConvTranspose with kernel == stride lowers to a 1x1 Conv, its output quantizer, and DepthToSpace
+    shuffles = sum(1 for n in artefact.graph.node if n.op_type == "DepthToSpace")
+    assert shuffles == {"unet": 2}.get(name, 0)
+    assert ops["QuantizeLinear"] == act_nodes + requant + shuffles
+    assert ops["ConvTranspose"] == 0
     weight_inits = {i.name: i for i in artefact.graph.initializer}
     for n in weight_dq:
         assert weight_inits[n.input[0]].data_type == onnx.TensorProto.INT8
@@ -115,8 +119,6 @@ def test_onnxruntime_fuses_into_int8_kernels(exported, tmp_path):
     float_compute = ops["Conv"] + ops["FusedConv"] + ops["Gemm"] + ops["MatMul"] + ops["FusedGemm"] + \
         ops["ConvTranspose"]
     int_compute = ops["QLinearConv"] + ops["QGemm"] + ops["QLinearMatMul"] + ops["MatMulInteger"]
-    if name == "unet":  # onnxruntime has no integer ConvTranspose kernel
-        float_compute -= ops["ConvTranspose"]
     assert float_compute == 0, dict(ops)
     assert int_compute > 0
 
@@ -188,3 +190,36 @@ def test_export_writes_file_and_verify_reads_path(tmp_path):
     assert path.stat().st_size > 1000
     report = quantfx.verify(q, path, (example_input("mlp", batch=3, seed=9),))
     assert report.ok and report.outputs[0].lsb > 0
+
+
+class _Upsamplers(torch.nn.Module):
+    """A ConvTranspose with kernel == stride (pixel-shuffle form) and one with overlapping taps."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(4, 6, 3, stride=3)
+        self.act = torch.nn.ReLU()
+        self.overlap = torch.nn.ConvTranspose2d(6, 5, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x):
+        return self.overlap(self.act(self.up(x)))
+
+
+def test_conv_transpose_with_kernel_equal_stride_runs_as_integer_conv(tmp_path):
+    """up (k = s = 3) becomes Conv 1x1 -> Q/DQ -> DepthToSpace, which onnxruntime runs as QLinearConv on uint8;
+    the overlapping one stays a ConvTranspose. Both agree with the fake-quant model to the bit."""
+    torch.manual_seed(0)
+    model = _Upsamplers().eval()
+    q = quantfx.quantize(model, "onnx", calibration_data=[torch.randn(2, 4, 5, 5) for _ in range(3)],
+                         progress=False)
+    artefact = quantfx.lower(q, (torch.randn(1, 4, 5, 5),))
+    onnx.checker.check_model(artefact, full_check=True)
+    ops = Counter(n.op_type for n in artefact.graph.node)
+    assert (ops["DepthToSpace"], ops["ConvTranspose"], ops["Conv"]) == (1, 1, 1)
+    for seed in range(3):
+        x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(seed))
+        assert quantfx.verify(q, artefact, (x,)).max_error_lsb == 0.0
+    opt = tmp_path / "opt.onnx"
+    ort_session(artefact, optimized_path=opt)
+    fused = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    assert fused["QLinearConv"] == 1 and fused["DepthToSpace"] == 1
