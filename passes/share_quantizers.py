@@ -3,8 +3,8 @@
 Each add/cat input is walked back through quantization-invariant ops (max-pool, flatten, view, reshape,
 transpose, permute, chunk/split, getitem, pixel shuffle, identity) to the activation quantizer that produced
 it; an input with none gets a QuantIdentity. Quantizers feeding the same add/cat are joined, transitively (a
-cat of a cat; an add feeding an add, through the requantizer of the first add's output), as connected
-components of a networkx graph. Each component gets one new ``Quantizer`` (signed if any member is signed, the
+cat of a cat), as connected components of a networkx graph; an add feeding an add reaches it through a
+requantizer of its own output, in the second add's group. Each component gets one new ``Quantizer`` (signed if any member is signed, the
 widest member's bit width), assigned to every member module, so after calibration every input of an add/cat
 carries the identical scale tensor.
 
@@ -85,8 +85,6 @@ class ShareQuantizers(ProfilePass):
         for srcs in by_consumer.values():
             graph.add_nodes_from(srcs)
             graph.add_edges_from(zip(srcs, srcs[1:]))
-        # An add feeding an add: the requantizer of the first add's output joins its inputs' group, so the
-        # residual chain shares one grid and requantizing between the adds is only a clip.
         # one quantizer object reached from two groups (a module called twice) joins them
         first_user: dict = {}
         for srcs in by_consumer.values():
@@ -94,12 +92,10 @@ class ShareQuantizers(ProfilePass):
                 other = first_user.setdefault(id(module_of(gm, src).act_quant), src)
                 if other is not src:
                     graph.add_edge(src, other)
-        for consumer, srcs in by_consumer.items():
-            for src in srcs if is_add(consumer) else ():
-                if type(module_of(gm, src)) is QuantIdentity and src.args:
-                    upstream = producer(gm, src.args[0])
-                    if is_add(upstream) and upstream in by_consumer:
-                        graph.add_edge(src, by_consumer[upstream][0])
+        # An add feeding an add is not joined to it: the first add's output requantizer belongs to the second
+        # add's group only. (Joining them put a whole residual chain on one grid, sized for its largest sum: a
+        # 2000-layer chain of 500 adds kept no signal, 0 dB SQNR, against 43.7 dB with a grid per add. The
+        # requantizer costs nothing more in onnxruntime, where it is the add's own output QuantizeLinear.)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         return sorted((sorted(c, key=order.__getitem__) for c in nx.connected_components(graph)),
                       key=lambda c: order[c[0]])

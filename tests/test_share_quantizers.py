@@ -111,12 +111,26 @@ def test_transitive_groups():
     adds = [n for n in q.graph.nodes if is_add(n)]
     assert len(adds) == 4
     groups = [id(input_quantizers(q, n)[0]) for n in adds]
-    assert groups[0] == groups[1] and groups[2] == groups[3] and groups[1] != groups[2]
+    assert len(set(groups)) == 4  # one grid per add, not one per residual chain
     for first, second in ((adds[0], adds[1]), (adds[2], adds[3])):
-        # the first add's output reaches the second through one requantizer on the same (shared) grid
+        # the first add's output reaches the second through one requantizer, in the second add's group
         requant = [s for s in (producer(q, a) for a in tensor_inputs(second)) if s.args[0] is first]
         assert len(requant) == 1 and type(module_of(q, requant[0])).__name__ == "QuantIdentity"
-        assert module_of(q, requant[0]).act_quant is input_quantizers(q, first)[0]
+        assert module_of(q, requant[0]).act_quant is input_quantizers(q, second)[0]
+        assert module_of(q, requant[0]).act_quant is not input_quantizers(q, first)[0]
+
+
+def test_a_long_residual_chain_keeps_its_signal():
+    """150 chained adds whose sums grow along the chain: a grid per add keeps the signal, 43.9 dB (a single grid
+    for the whole chain, sized for its largest sum, gave 27.4 dB here and 1.8 dB with 250 adds)."""
+    from quantfx.zoo import deep_chain
+    torch.manual_seed(0)
+    model = deep_chain(600).eval()
+    x = torch.randn(2, 3, 16, 16)
+    q = quantfx.quantize(model, "onnx", calibration_data=[torch.randn(2, 3, 16, 16)], progress=False)
+    with torch.no_grad():
+        y, yq = model(x), q(x)
+    assert float(10 * torch.log10(y.pow(2).mean() / (y - yq).pow(2).mean())) > 38
 
 
 def test_relu_outputs_keep_their_unsigned_grid_for_finn():
@@ -160,19 +174,12 @@ def test_property_random_dags(seed, target):
     model = random_dag(seed).eval()
     x = torch.randn(2, 4, 5, 5)
     q = quantfx.quantize(model, target, calibration_data=[x], progress=False)
-    chained = 0
     for node in q.graph.nodes:
         if is_add(node) or is_cat(node):
             assert_one_grid_or_one_scale(q, node)
-        if is_add(node):  # an add fed (through its requantizer) by an add shares that add's group
+        if is_add(node):  # an add fed by an add reaches it through a requantizer of its own
             for src in (producer(q, a) for a in tensor_inputs(node)):
-                upstream = producer(q, src.args[0])
-                if type(module_of(q, src)).__name__ == "QuantIdentity" and is_add(upstream):
-                    a, b = input_quantizers(q, upstream)[0], input_quantizers(q, node)[0]
-                    assert a is b or (a.scale_group is not None and a.scale_group is b.scale_group)
-                    chained += 1
-    assert chained == sum(1 for n in q.graph.nodes if is_add(n) for a in tensor_inputs(n)
-                          if is_add(producer(q, producer(q, a).args[0])))
+                assert is_act_quant(q, src) and not is_add(src)
     with torch.no_grad():
         y, yq = model(x), q(x)
     assert float((y - yq).pow(2).mean() / y.pow(2).mean()) < 0.05
