@@ -8,7 +8,7 @@ Layers whose arithmetic needs the input scale at run time (external-scale biases
 are linked to the activation quantizer upstream of them. When such a layer has no quantizer upstream, one is
 inserted, so users never meet a run-time "input scale required".
 
-On profiles with ``requant='multiplier'`` (onnx, torch), each conv/linear whose output goes straight into an
+On profiles with ``requant='multiplier'`` (onnx), each conv/linear whose output goes straight into an
 identity or ReLU activation quantizer is linked to it: in eval mode the layer computes its integer accumulator
 exactly and the activation requantizes it with the runtime's float32 multiplier, so the fake-quant model and
 the integer kernels agree to the bit (not only to within a rounding tie).

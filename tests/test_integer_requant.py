@@ -21,7 +21,8 @@ def test_requantize_multiplier_is_the_float32_multiplier_not_the_quotient():
     float32 arithmetic. On accumulators placed at rounding ties (acc x s_acc / s_y = n + 1/2 up to float32
     rounding of s_acc) it parts from rounding the exact quotient, one step either way, and only there."""
     gen = torch.Generator().manual_seed(0)
-    acc = torch.randint(100, 2000, (5000,), generator=gen).double() * (torch.randint(0, 2, (5000,), generator=gen) * 2 - 1)
+    sign = torch.randint(0, 2, (5000,), generator=gen) * 2 - 1
+    acc = torch.randint(100, 2000, (5000,), generator=gen).double() * sign
     n = torch.randint(-100, 100, (5000,), generator=gen).double()
     scale, zp = torch.tensor(0.0123), torch.tensor(128.0)
     acc_scale = ((n + 0.5) * scale.double() / acc).abs().float()  # float32, so only near the tie

@@ -64,7 +64,7 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int, rounding: str) -> tor
 
 def requantize_multiplier(acc, acc_scale, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """Integers of an integer accumulator ``acc`` (exact, any float dtype) requantized the way onnxruntime's
-    QLinearConv/QGemm and PyTorch's fbgemm do it: one float32 multiplier ``m = (acc_scale / scale)`` in float32
+    QLinearConv/QGemm do it: one float32 multiplier ``m = (acc_scale / scale)`` in float32
     (``acc_scale`` = input scale x weight scale, itself a float32 product), ``rne(float32(acc) * m)`` clamped
     to the range, plus the zero point. No gradient (an exact model of the runtime, used in eval mode)."""
     m = acc_scale.float() / scale.float()
