@@ -5,8 +5,8 @@ transpose, permute, chunk/split, getitem, pixel shuffle, identity) to the activa
 it; an input with none gets a QuantIdentity. Quantizers feeding the same add/cat are joined, transitively (a
 cat of a cat), as connected components of a networkx graph; an add feeding an add reaches it through a
 requantizer of its own output, in the second add's group. Each component gets one new ``Quantizer`` (signed
-if any member is signed, the widest member's bit width), assigned to every member module, so after calibration every input of an add/cat
-carries the identical scale tensor.
+if any member is signed, the widest member's bit width), assigned to every member module, so after
+calibration every input of an add/cat carries the identical scale tensor.
 
 A group of residual-add inputs that mixes activation functions or signs (a ReLU output, unsigned with zero
 point 0, added to a signed branch: every ResNet block) shares its *scale* instead: each member keeps its own
