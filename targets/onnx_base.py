@@ -23,7 +23,7 @@ from quantfx.errors import CalibrationError, ExportError, TargetError
 from quantfx.graph import (
     data_input, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta, tensor_inputs,
 )
-from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
+from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid, exact_arithmetic
 from quantfx.quant import Quantizer
 
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -108,7 +108,7 @@ class OnnxLowering:
     def lower(self) -> onnx.ModelProto:
         self.check_rules()
         self._check_calibrated()
-        with torch.no_grad():
+        with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
             ShapeProp(self.gm).propagate(*self.example_inputs)
         inputs, outputs = [], []
         for node in self.gm.graph.nodes:

@@ -117,6 +117,67 @@ class QDQLowering(OnnxLowering):
         scale = scale.reshape(()) if scale.numel() == 1 else scale
         return self._dq_const(base + ".bias", ints, scale, np.int32, 0)
 
+    # -- strided convolution over few channels (a stem) ---------------------------------------------------
+
+    S2D_MAX_CHANNELS = 16  # input channels x stride^2 at most: the im2col of a 3-channel NHWC input is slow
+
+    def _space_to_depth_form(self, node, layer) -> bool:
+        """A Conv2d with a square stride s >= 2 over so few input channels that ``C * s * s <= 16`` (a
+        network's stem: 7x7/2 or 3x3/2 over RGB), with zero padding, no dilation or groups, on a per-tensor
+        quantized input."""
+        if not isinstance(layer, nn.Conv2d) or not layer.weight_quant.is_quant_enabled or layer.groups != 1:
+            return False
+        s = tuple(layer.stride)
+        meta = qmeta(node.args[0])
+        if len(set(s)) != 1 or s[0] < 2 or layer.in_channels * s[0] * s[0] > self.S2D_MAX_CHANNELS or \
+                any(d != 1 for d in layer.dilation) or isinstance(layer.padding, str) or \
+                getattr(layer, "padding_mode", "zeros") != "zeros" or max(layer.kernel_size) <= 1 or \
+                meta.kind != "act" or meta.scale is None or meta.scale.numel() != 1 or meta.bit_width > 8:
+            return False
+        shape, out = self.shape(node.args[0]), self.shape(node)
+        if len(shape) != 4 or len(out) != 4 or not all(isinstance(d, int) for d in tuple(shape[2:]) + tuple(out[2:])):
+            return False
+        s = s[0]
+        # the padded input must reach the last block the output reads (no cropping)
+        return all((o - 1 + -(-k // s)) * s >= size + p for o, k, size, p in
+                   zip(out[2:], layer.kernel_size, shape[2:], layer.padding))
+
+    def _emit_space_to_depth_conv(self, node, layer):
+        """Conv(k, stride s, pad p) as Pad (with the input's zero point) -> SpaceToDepth(s) -> Conv(ceil(k/s),
+        stride 1) on the quantized input. Tap (a*s + i, b*s + j) of input channel c becomes tap (a, b) of
+        channel (i*s + j)*C + c, taps past k are zero: the same products and sums, so the same integers, with
+        s*s*C channels for the im2col instead of C."""
+        s = layer.stride[0]
+        meta = qmeta(node.args[0])
+        n, c, h, w = self.shape(node.args[0])
+        kh, kw = layer.kernel_size
+        ph, pw = layer.padding
+        oh, ow = tuple(self.shape(node)[2:])
+        kh2, kw2 = -(-kh // s), -(-kw // s)  # kernel in blocks
+        # padded extent: what the output needs, (o - 1) * s + k rounded up to whole blocks
+        hp, wp = (oh - 1 + kh2) * s, (ow - 1 + kw2) * s
+        bottom, right = hp - h - ph, wp - w - pw  # >= 0 (checked): whole blocks of padding at the end
+        dtype = _int_dtype(8, meta.signed)
+        sc = self.const(node.name + "_in_scale", np32(meta.scale.reshape(())))
+        zp = self.const(node.name + "_in_zero_point", np.asarray(meta.zero_point.reshape(()).round().item(), dtype))
+        xq = self.op("QuantizeLinear", [self.env[node.args[0]], sc, zp], node.name + "_in_q")
+        pads = self.const(node.name + "_pads", np.asarray([0, 0, ph, pw, 0, 0, bottom, right], np.int64))
+        xq = self.op("Pad", [xq, pads, zp], node.name + "_pad")
+        xq = self.op("SpaceToDepth", [xq], node.name + "_blocks", blocksize=s)
+        x = self.op("DequantizeLinear", [xq, sc, zp], node.name + "_in")
+        wq = layer.weight_quant
+        with torch.no_grad():
+            ints = wq.int_repr(layer.weight)  # [O, C, kh, kw]
+            w_scale = wq.scale(layer.weight)
+        o = ints.shape[0]
+        ints = torch.nn.functional.pad(ints, (0, kw2 * s - kw, 0, kh2 * s - kh))
+        ints = ints.reshape(o, c, kh2, s, kw2, s).permute(0, 3, 5, 1, 2, 4).reshape(o, s * s * c, kh2, kw2)
+        wname = self._dq_const(node.target + ".weight", ints, w_scale, np.int8, 0)
+        ins = [x, wname]
+        if layer.bias is not None:
+            ins.append(self.emit_bias(layer, self.input_scale(node), node.target))
+        return self.op("Conv", ins, node.name, kernel_shape=[kh2, kw2], strides=[1, 1], pads=[0, 0, 0, 0])
+
     # -- ConvTranspose with kernel == stride -------------------------------------------------------------
 
     def _pixel_shuffle_form(self, node, layer):
@@ -138,6 +199,8 @@ class QDQLowering(OnnxLowering):
 
     def emit_compute(self, node):
         layer = module_of(self.gm, node)
+        if self._space_to_depth_form(node, layer):
+            return self._emit_space_to_depth_conv(node, layer)
         q = self._pixel_shuffle_form(node, layer)
         if q is None:
             return super().emit_compute(node)

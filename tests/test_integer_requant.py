@@ -111,3 +111,19 @@ def test_exact_integer_op_splits_weights_until_float32_is_exact(fan_in, digits):
     assert len(op.digits) == digits and (op.double_w is not None) == (digits == 0)
     got = op(F.linear, x.float())
     assert torch.equal(got.double(), (x @ w.T).double())
+
+
+def test_exact_arithmetic_can_be_switched_off_for_a_block():
+    q = quantized("resnet", "onnx")
+    layer = next(module_of(q, n) for n in q.graph.nodes if is_compute(q, n))
+    x = example_input("resnet", batch=2, seed=4)
+    with torch.no_grad():
+        exact = q(x)
+        assert layer.__dict__["_acc_scale"] is not None
+        with quantfx.nn.exact_arithmetic(False):
+            plain = q(x)
+            assert layer.__dict__["_acc_scale"] is None
+        again = q(x)
+    assert torch.equal(exact, again)
+    step = float(next(n for n in q.graph.nodes if n.op == "output").args[0].meta["quant"].scale)
+    assert float((exact - plain).abs().max()) <= 2 * step + 1e-6  # ties apart, the same values

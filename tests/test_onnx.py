@@ -79,7 +79,10 @@ def test_node_occurrences(exported):
     # a ConvTranspose with kernel == stride lowers to a 1x1 Conv, its output quantizer, and DepthToSpace
     shuffles = sum(1 for n in artefact.graph.node if n.op_type == "DepthToSpace")
     assert shuffles == {"unet": 2}.get(name, 0)
-    assert ops["QuantizeLinear"] == act_nodes + requant + shuffles
+    # a strided conv over few channels requantizes its input for Pad -> SpaceToDepth (mobilenetv2's stem)
+    blocks = sum(1 for n in artefact.graph.node if n.op_type == "SpaceToDepth")
+    assert blocks == {"mobilenetv2": 1}.get(name, 0)
+    assert ops["QuantizeLinear"] == act_nodes + requant + shuffles + blocks
     assert ops["ConvTranspose"] == 0
     weight_inits = {i.name: i for i in artefact.graph.initializer}
     for n in weight_dq:
@@ -223,3 +226,37 @@ def test_conv_transpose_with_kernel_equal_stride_runs_as_integer_conv(tmp_path):
     ort_session(artefact, optimized_path=opt)
     fused = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
     assert fused["QLinearConv"] == 1 and fused["DepthToSpace"] == 1
+
+
+class _Stem(torch.nn.Module):
+    def __init__(self, k, s, p):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, k, stride=s, padding=p)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("k, s, p, size, s2d", [(7, 2, 3, 32, True), (3, 2, 1, 30, True), (3, 2, 0, 31, True),
+                                                (2, 2, 0, 33, False), (5, 3, 2, 33, False), (3, 1, 1, 16, False)])
+def test_strided_stem_lowers_through_space_to_depth(k, s, p, size, s2d, tmp_path):
+    """A strided conv over 3 channels becomes Pad -> SpaceToDepth -> a stride-1 conv over 3*s*s channels on
+    the quantized input (onnxruntime's im2col of 3-channel NHWC input is slow); the integers are the same.
+    Where the padded input would have to be cropped (k = s = 2 over 33 rows), 3 x s x s > 16 channels would
+    result, or the stride is 1, the conv stays as it is."""
+    torch.manual_seed(0)
+    model = _Stem(k, s, p).eval()
+    q = quantfx.quantize(model, "onnx", calibration_data=[torch.randn(2, 3, size, size) for _ in range(3)],
+                         progress=False)
+    artefact = quantfx.lower(q, (torch.randn(1, 3, size, size),))
+    onnx.checker.check_model(artefact, full_check=True)
+    ops = Counter(n.op_type for n in artefact.graph.node)
+    assert ops["SpaceToDepth"] == int(s2d)
+    for seed in range(3):
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        assert quantfx.verify(q, artefact, (x,)).max_error_lsb == 0.0
+    opt = tmp_path / "opt.onnx"
+    ort_session(artefact, optimized_path=opt)
+    fused = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    assert fused["QLinearConv"] == 2 and (fused["QuantizeLinear"], fused["DequantizeLinear"]) == (1, 1)

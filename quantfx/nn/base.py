@@ -1,6 +1,9 @@
 """Shared plumbing of quantized layers: keyword-prefix overrides and input quantization."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from ..errors import QuantArgumentError
@@ -54,8 +57,28 @@ class InputQuantMixin:
         return x, None
 
 
+_EXACT = contextvars.ContextVar("quantfx_exact_arithmetic", default=True)
+
+
+@contextlib.contextmanager
+def exact_arithmetic(enabled: bool = True):
+    """Within the block, compiled eval-mode layers compute exact integer accumulators and runtime
+    requantization (``enabled``, the default everywhere) or the plain float fake quantization (``False``:
+    about 1.7x faster, equal but for rounding ties; for shape propagation, or large evaluations where ties do
+    not matter)."""
+    token = _EXACT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
+def exact_enabled() -> bool:
+    return _EXACT.get()
+
+
 def is_calibrating(*quantizers) -> bool:
     return any(q.is_quant_enabled and q.calibrating for q in quantizers)
 
 
-__all__ = ["split_overrides", "InputQuantMixin", "is_calibrating", "torch"]
+__all__ = ["split_overrides", "InputQuantMixin", "is_calibrating", "exact_arithmetic", "exact_enabled", "torch"]

@@ -10,7 +10,7 @@ from torch import nn
 from ..quant import Int8WeightPerTensorFloat, make_quantizer
 from ..quant import functional as qf
 from ..quant_tensor import QuantTensor, value_of
-from .base import InputQuantMixin, is_calibrating, split_overrides
+from .base import InputQuantMixin, exact_enabled, is_calibrating, split_overrides
 
 _SLOTS = ("weight", "bias", "input", "output")
 
@@ -126,7 +126,8 @@ class QuantWBIOL(InputQuantMixin):
         """Whether this call computes its accumulator exactly: asked for (``exact_accumulator``, set by the
         compiler on targets that requantize integer accumulators), in eval mode, with a per-tensor quantized
         input, zero-point-free quantized weights and no bias or an input-scaled one."""
-        if not self.__dict__.get("exact_accumulator") or self.training or qx is None or qx.scale.numel() != 1 \
+        if not self.__dict__.get("exact_accumulator") or self.training or not exact_enabled() or qx is None \
+                or qx.scale.numel() != 1 \
                 or not isinstance(qw, QuantTensor) or bool(torch.any(qw.zero_point != 0)):
             return False
         if self.bias is None:
