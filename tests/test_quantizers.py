@@ -425,3 +425,22 @@ def test_quant_spec_defaults_are_a_plain_class():
     assert set(quantfx.quant.FIELDS) >= {"kind", "bit_width", "signed", "narrow_range", "scale_type",
                                          "scaling_per_output_channel", "zero_point_type", "rounding",
                                          "scale_stat", "learned_scale", "bias_scaling"}
+
+
+def test_weight_quantization_is_cached_until_the_weight_or_a_field_changes():
+    from quantfx.quant import Int8WeightPerChannelFloat, Quantizer
+    q = Quantizer(Int8WeightPerChannelFloat)
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    with torch.no_grad():
+        first = q(w)
+        assert q(w) is first  # cached
+        assert q.scale(w) is q.scale(w)
+        w.mul_(2.0)  # in place: the version counter moves
+        doubled = q(w)
+        assert doubled is not first and torch.allclose(doubled, 2 * first)
+        q.bit_width = 4  # a field changes
+        coarse = q(w)
+        assert coarse is not doubled and len(torch.unique(q.int_repr(w))) <= 16
+    y = q(w)  # gradients asked for: computed afresh, with a graph
+    assert y.grad_fn is not None and torch.equal(y.detach(), coarse)
+    assert "_wcache" not in q.__getstate__()

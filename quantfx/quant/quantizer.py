@@ -214,6 +214,10 @@ class Quantizer(nn.Module):
                 return self._last
             raise QuantArgumentError(f"{self._where}: a {self.kind} quantizer needs the tensor to give a scale "
                                      "(call the layer's quant_weight() first, or pass the tensor)")
+        key = self._weight_cache_key(x)
+        hit = self.__dict__.get("_wcache") if key is not None else None
+        if hit is not None and hit[0] is x and hit[1] == key:
+            return hit[2][3]
         return self._from_stat(self.batch_stat(x))
 
     def scale(self, x=None) -> torch.Tensor:
@@ -263,6 +267,14 @@ class Quantizer(nn.Module):
             if self.kind == "act":
                 self.observe(x)
             return x, None, None
+        # Weights of an eval model are quantized once: the result is kept while the tensor (same object, same
+        # version counter) and every field of the quantizer stay the same, and no gradient is asked for.
+        cache_key = self._weight_cache_key(x)
+        if cache_key is not None:
+            hit = self.__dict__.get("_wcache")
+            if hit is not None and hit[0] is x and hit[1] == cache_key:
+                y, s, z, self._last = hit[2]
+                return y, s, z
         if self.kind == "bias" and self.bias_scaling == "external":
             if input_scale is None:
                 raise InputScaleRequiredError(
@@ -295,7 +307,14 @@ class Quantizer(nn.Module):
         else:
             qmin, qmax = self.int_range()
             y = qf.fake_quant(x, s, z, qmin, qmax, self.rounding)
+        if cache_key is not None:
+            self.__dict__["_wcache"] = (x, cache_key, (y, s, z, self._last))
         return y, s, z
+
+    def _weight_cache_key(self, x):
+        if self.kind != "weight" or self.learned_scale or x is None or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        return (x._version, tuple(x.shape), x.dtype, tuple(getattr(self, f) for f in FIELDS))
 
     def quant_tensor(self, x, input_scale=None, weight_scale=None, training=None):
         """Quantize x and return a :class:`quantfx.QuantTensor` (a plain tensor when disabled/calibrating)."""
@@ -314,6 +333,9 @@ class Quantizer(nn.Module):
             raise QuantArgumentError(f"{self._where}: no integers: the quantizer is "
                                      f"{'calibrating' if self.is_quant_enabled else 'disabled'}")
         with torch.no_grad():
+            if self.bit_width <= 16 and y.dtype == torch.float32:
+                # float32 quotients of values on the grid round back to their integers (|int| < 2^22)
+                return torch.round(y.detach() / s + z).to(torch.int64)
             return torch.round(y.double() / s.double() + z.double()).to(torch.int64)
 
     # -- state -----------------------------------------------------------------------------------------
@@ -340,6 +362,7 @@ class Quantizer(nn.Module):
         state = self.__dict__.copy()
         state["_last"] = None
         state["_calib"] = None
+        state.pop("_wcache", None)
         return state
 
 
