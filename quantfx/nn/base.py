@@ -64,7 +64,7 @@ _EXACT = contextvars.ContextVar("quantfx_exact_arithmetic", default=True)
 def exact_arithmetic(enabled: bool = True):
     """Within the block, compiled eval-mode layers compute exact integer accumulators and runtime
     requantization (``enabled``, the default everywhere) or the plain float fake quantization (``False``:
-    about 1.7x faster, equal but for rounding ties; for shape propagation, or large evaluations where ties do
+    about 2x faster, equal but for rounding ties; for shape propagation, or large evaluations where ties do
     not matter)."""
     token = _EXACT.set(bool(enabled))
     try:
