@@ -47,7 +47,6 @@ class QuantAct(nn.Module):
             return qt
         return value_of(qt)
 
-
     def _requantize_like_runtime(self, acc_scale, xv, y) -> QuantTensor:
         """Eval mode, after a layer that computed its accumulator exactly (``requant_from``, linked by the
         compiler on ``requant='multiplier'`` targets): the integers the runtime's requantization gives
