@@ -106,13 +106,42 @@ def exported(request, tmp_path_factory):
 # -- fidelity ---------------------------------------------------------------------------------------------
 
 
+# qonnx runs each Conv as an onnxruntime float32 convolution, whose rounding no integer model reproduces. On
+# UNet an activation a hair from a rounding tie now and then lands one step off, and the decoder spreads the
+# step: 2 LSB at the output on 2 of 12 input seeds (batch 4), this one among them; 0-1 on every other model.
+FLOAT_CONV_LIMITED = {"unet": 2.0}
+
+
 def test_checker_and_qonnx_execution_within_one_lsb(exported):
     name, q, artefact, path = exported
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 10 and {o.domain: o.version for o in model.opset_import} == {"": 13, DOMAIN: 1}
-    report = quantfx.verify(q, path, (model_input(name, 2, 50),))
-    assert report.max_error_lsb <= 1.0 + 1e-3, str(report)
+    for batch, seed in ((2, 50), (4, 123)):
+        report = quantfx.verify(q, path, (model_input(name, batch, seed),))
+        assert report.max_error_lsb <= FLOAT_CONV_LIMITED.get(name, 1.0) + 1e-3, str(report)
+
+
+def test_unet_divergence_starts_at_one_float_tie():
+    """Where qonnx and the fake-quant model part on UNet, the first activation that differs differs in a
+    handful of its elements, by exactly one step: a float32 rounding tie, not a systematic error."""
+    from quantfx.export import _intermediates, backend_for
+    q = quantized("unet")
+    artefact = quantfx.lower(q, (model_input("unet", 1, 0),))
+    x = model_input("unet", 4, 123)
+    expected = _intermediates(q, (x,))
+    got = backend_for(q).run_with_intermediates(artefact, (x,), list(expected))
+    first = None
+    for node in q.graph.nodes:
+        if node.name in got:
+            lsb = float(node.meta["quant"].scale.reshape(-1).min())
+            diff = np.abs(expected[node.name] - got[node.name]) / lsb
+            if diff.max() > 1e-3:
+                first = (node.name, diff)
+                break
+    assert first is not None  # this input does show the effect
+    name, diff = first
+    assert abs(diff.max() - 1.0) < 1e-3 and (diff > 1e-3).sum() <= 4, (name, diff.max(), (diff > 1e-3).sum())
 
 
 def test_qcdq_conversion_agrees_in_onnxruntime(exported):
