@@ -216,3 +216,19 @@ def test_qat_trains_weights_and_learned_scales():
     assert all(not torch.equal(b, p) for b, p in zip(before, learned))  # the scales were trained too
     q.eval()
     assert not any(m.training for m in q.modules())
+
+
+def test_quantize_pauses_the_garbage_collector_and_restores_it():
+    import gc
+    assert gc.isenabled()
+    seen = []
+    pipeline = quantfx.pipeline_for("finn").insert_after("trace", quantfx.FunctionPass(
+        lambda gm: (seen.append(gc.isenabled()), gm)[1], name="record_gc"))
+    quantfx.quantize(LeNet().eval(), "finn", example_inputs=(example_input("lenet", 1),), pipeline=pipeline)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        quantfx.quantize(LeNet().eval(), "finn", example_inputs=(example_input("lenet", 1),))
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
