@@ -67,10 +67,15 @@ class QDQLowering(OnnxLowering):
         scale, zp = q.qparams(None)
         return self._qdq(x, scale, zp, q.int_range(), q.signed, base)
 
+    def _q_consts(self, base, scale, zp, signed):
+        """Initializers of a per-tensor QuantizeLinear/DequantizeLinear pair: (scale, zero point) names."""
+        s = self.const(base + "_scale", np32(scale.reshape(())))
+        z = self.const(base + "_zero_point", np.asarray(zp.reshape(()).round().item(), _int_dtype(8, signed)))
+        return s, z
+
     def _qdq(self, x, scale, zp, int_range, signed, base):
         dtype = _int_dtype(8, signed)
-        s = self.const(base + "_scale", np32(scale.reshape(())))
-        z = self.const(base + "_zero_point", np.asarray(zp.reshape(()).round().item(), dtype))
+        s, z = self._q_consts(base, scale, zp, signed)
         y = self.op("QuantizeLinear", [x, s, z], base + "_q")
         info = np.iinfo(dtype)
         if tuple(int_range) != (info.min, info.max):
@@ -101,21 +106,28 @@ class QDQLowering(OnnxLowering):
         attrs = {"axis": axis} if scale.dim() == 1 else {}
         return self.op("DequantizeLinear", [w, s, z], base, **attrs)
 
-    def emit_weight(self, layer, base):
-        wq = layer.weight_quant
+    @staticmethod
+    def _weight_ints(layer):
+        """(int weights, weight scale) of a quantized layer, in the layer's own weight layout."""
         with torch.no_grad():
-            ints = wq.int_repr(layer.weight)
-            scale = wq.scale(layer.weight)
-        return self._dq_const(base + ".weight", ints, scale, np.int8, wq.channel_axis)
+            return layer.weight_quant.int_repr(layer.weight), layer.weight_quant.scale(layer.weight)
 
-    def emit_bias(self, layer, in_scale, base):
+    @staticmethod
+    def _bias_ints(layer, in_scale):
+        """(int32 bias, its scale = input scale x weight scale as a float32 product, flat)."""
         with torch.no_grad():
             w_scale = layer.weight_quant.scale(layer.weight)
             ints = layer.bias_quant.int_repr(layer.bias, in_scale, w_scale)
-            scale = in_scale.reshape(-1).double() * w_scale.reshape(-1).double()
-        scale = scale.float()
-        scale = scale.reshape(()) if scale.numel() == 1 else scale
-        return self._dq_const(base + ".bias", ints, scale, np.int32, 0)
+            return ints, (in_scale.reshape(-1).double() * w_scale.reshape(-1).double()).float()
+
+    def emit_weight(self, layer, base):
+        ints, scale = self._weight_ints(layer)
+        return self._dq_const(base + ".weight", ints, scale, np.int8, layer.weight_quant.channel_axis)
+
+    def emit_bias(self, layer, in_scale, base):
+        ints, scale = self._bias_ints(layer, in_scale)
+        return self._dq_const(base + ".bias", ints, scale.reshape(()) if scale.numel() == 1 else scale,
+                              np.int32, 0)
 
     # -- strided convolution over few channels (a stem) ---------------------------------------------------
 
@@ -157,18 +169,13 @@ class QDQLowering(OnnxLowering):
         # padded extent: what the output needs, (o - 1) * s + k rounded up to whole blocks
         hp, wp = (oh - 1 + kh2) * s, (ow - 1 + kw2) * s
         bottom, right = hp - h - ph, wp - w - pw  # >= 0 (checked): whole blocks of padding at the end
-        dtype = _int_dtype(8, meta.signed)
-        sc = self.const(node.name + "_in_scale", np32(meta.scale.reshape(())))
-        zp = self.const(node.name + "_in_zero_point", np.asarray(meta.zero_point.reshape(()).round().item(), dtype))
+        sc, zp = self._q_consts(node.name + "_in", meta.scale, meta.zero_point, meta.signed)
         xq = self.op("QuantizeLinear", [self.env[node.args[0]], sc, zp], node.name + "_in_q")
         pads = self.const(node.name + "_pads", np.asarray([0, 0, ph, pw, 0, 0, bottom, right], np.int64))
         xq = self.op("Pad", [xq, pads, zp], node.name + "_pad")
         xq = self.op("SpaceToDepth", [xq], node.name + "_blocks", blocksize=s)
         x = self.op("DequantizeLinear", [xq, sc, zp], node.name + "_in")
-        wq = layer.weight_quant
-        with torch.no_grad():
-            ints = wq.int_repr(layer.weight)  # [O, C, kh, kw]
-            w_scale = wq.scale(layer.weight)
+        ints, w_scale = self._weight_ints(layer)  # [O, C, kh, kw]
         o = ints.shape[0]
         ints = torch.nn.functional.pad(ints, (0, kw2 * s - kw, 0, kh2 * s - kh))
         ints = ints.reshape(o, c, kh2, s, kw2, s).permute(0, 3, 5, 1, 2, 4).reshape(o, s * s * c, kh2, kw2)
@@ -209,20 +216,14 @@ class QDQLowering(OnnxLowering):
         # DepthToSpace is the following activation quantizer's (a move does not change the grid), so
         # onnxruntime fuses DQ -> Conv -> Q into QLinearConv; the arithmetic is the transposed conv's.
         k = layer.kernel_size[0]
-        wq = layer.weight_quant
-        with torch.no_grad():
-            ints = wq.int_repr(layer.weight)  # [Cin, Cout, k, k]
-            w_scale = wq.scale(layer.weight)
+        ints, w_scale = self._weight_ints(layer)  # [Cin, Cout, k, k]
         cin, cout = ints.shape[:2]
         ints = ints.permute(1, 2, 3, 0).reshape(cout * k * k, cin, 1, 1)
         w_scale = w_scale.reshape(-1).repeat_interleave(k * k) if w_scale.numel() > 1 else w_scale
         w = self._dq_const(node.target + ".weight", ints, w_scale, np.int8, 0)
         ins = [self.env[node.args[0]], w]
         if layer.bias is not None:
-            in_scale = self.input_scale(node)
-            with torch.no_grad():
-                b_ints = layer.bias_quant.int_repr(layer.bias, in_scale, wq.scale(layer.weight))
-            b_scale = (in_scale.reshape(-1).double() * wq.scale(layer.weight).reshape(-1).double()).float()
+            b_ints, b_scale = self._bias_ints(layer, self.input_scale(node))
             b_scale = b_scale.repeat_interleave(k * k) if b_scale.numel() > 1 else b_scale.reshape(())
             ins.append(self._dq_const(node.target + ".bias", b_ints.repeat_interleave(k * k), b_scale, np.int32, 0))
         y = self.op("Conv", ins, node.name + "_taps", kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0])

@@ -9,7 +9,6 @@ import argparse
 
 import torch
 
-import quantfx
 from quantfx.export import BACKENDS
 from quantfx.zoo import TEST_MODELS, example_input
 

@@ -60,8 +60,7 @@ class QuantAct(nn.Module):
         else:
             s0, z0 = q.qparams(y)
             q._last = (s0.detach(), z0.detach())
-            axis = q.channel_axis if y.dim() > q.channel_axis else 0
-            scale, zp = qf.broadcast_shape(s0, y.dim(), axis), qf.broadcast_shape(z0, y.dim(), axis)
+            scale, zp = q.broadcast(s0, z0, y)
         qmin, qmax = q.int_range()
         with torch.no_grad():
             # the layer output is float32(acc x acc_scale), |acc| < 2^22 (else the layer leaves no acc_scale):

@@ -122,6 +122,13 @@ class QuantWBIOL(InputQuantMixin):
             return result
         return value_of(result)
 
+    def _acc_scale_of(self, qx, qw, ndim: int) -> torch.Tensor:
+        """input scale x weight scale (float32, as the runtimes compute it), shaped to broadcast over an output
+        of ``ndim`` dims (0-d per tensor, along the output channels per channel)."""
+        scale = qx.scale.reshape(-1) * self._out_weight_scale(qw.scale).reshape(-1)
+        return qf.broadcast_shape(scale if scale.numel() > 1 else scale.reshape(()), ndim,
+                                  self.out_channel_axis % ndim)
+
     def _exact_ok(self, qx, qw, qb) -> bool:
         """Whether this call computes its accumulator exactly: asked for (``exact_accumulator``, set by the
         compiler on targets that requantize integer accumulators), in eval mode, with a per-tensor quantized
@@ -153,25 +160,19 @@ class QuantWBIOL(InputQuantMixin):
                 op = ExactIntegerOp(w_int, self.fan_in(), x_bound, key)
                 self.__dict__["_exact_op"] = op
             acc = op(lambda a, b: self.inner_forward(a, b, None), x_int)
-            acc_scale = qx.scale.detach().reshape(-1).float() * \
-                self._out_weight_scale(qw.scale.detach()).reshape(-1).float()
-            axis = self.out_channel_axis % acc.dim()
-            if qb is not None:
-                b_int = torch.round(qb.value.detach().double() / acc_scale.double())
-                acc = acc.double() + qf.broadcast_shape(b_int, acc.dim(), axis)
-            acc_scale = qf.broadcast_shape(acc_scale if acc_scale.numel() > 1 else acc_scale.reshape(()),
-                                           acc.dim(), axis)
-            small = op.bound + (float(qb.value.abs().max() / acc_scale.min()) + 1 if qb is not None else 0) \
-                < 2 ** 22 or float(acc.abs().max()) < 2 ** 22
+            acc_scale = self._acc_scale_of(qx, qw, acc.dim()).detach().float()
+            if qb is not None:  # the bias integers, on the accumulator grid (external scale)
+                b_int = torch.round(qb.value.detach().double() / acc_scale.reshape(-1).double())
+                acc = acc.double() + qf.broadcast_shape(b_int, acc.dim(), self.out_channel_axis % acc.dim())
+            small = float(acc.abs().max()) < 2 ** 22 if acc.numel() else True
             self.__dict__["_acc_scale"] = acc_scale if small else None
             if small:  # exact integers below 2^22: one float32 product rounds once
                 return acc.float() * acc_scale
             return (acc.double() * acc_scale.double()).float()
 
     def _accumulator(self, out, qx, qw, qb) -> QuantTensor:
-        scale = qx.scale.reshape(-1) * self._out_weight_scale(qw.scale).reshape(-1)
+        scale = self._acc_scale_of(qx, qw, out.dim())
         axis = self.out_channel_axis % out.dim()
-        scale = qf.broadcast_shape(scale if scale.numel() > 1 else scale.reshape(()), out.dim(), axis)
         bits = qf.accumulator_bit_width(qx.bit_width, qw.bit_width, self.weight_quant.narrow_range,
                                         self.fan_in())
         zero_point = torch.zeros_like(scale)

@@ -20,7 +20,7 @@ class Quantizer(nn.Module):
     weight scales (external) or from the bias itself (internal).
     """
 
-    scale_group = None  # class default: quantizers pickled before scale groups existed load without one
+    scale_group = None  # a ScaleGroup whose scale this quantizer shares (set on the instance by ScaleGroup)
 
     def __init__(self, spec=QuantSpec, name: str | None = None, **overrides):
         super().__init__()
@@ -29,7 +29,6 @@ class Quantizer(nn.Module):
         self.calibrating = False
         self._calib = None
         self._last = None  # (scale, zero_point) of the last call, for dependents in the same forward
-        self.scale_group = None  # a ScaleGroup: peers whose scale this quantizer shares (see ScaleGroup)
         if not self.is_quant_enabled:
             if overrides:
                 raise QuantArgumentError(f"{self._where}: arguments {sorted(overrides)} given to a disabled slot")
@@ -214,11 +213,8 @@ class Quantizer(nn.Module):
                 return self._last
             raise QuantArgumentError(f"{self._where}: a {self.kind} quantizer needs the tensor to give a scale "
                                      "(call the layer's quant_weight() first, or pass the tensor)")
-        key = self._weight_cache_key(x)
-        hit = self.__dict__.get("_wcache") if key is not None else None
-        if hit is not None and hit[0] is x and hit[1] == key:
-            return hit[2][3]
-        return self._from_stat(self.batch_stat(x))
+        hit = self._cached(x, self._weight_cache_key(x))
+        return hit[3] if hit is not None else self._from_stat(self.batch_stat(x))
 
     def scale(self, x=None) -> torch.Tensor:
         """The scale (0-d or [C]); weight quantizers use x or the tensor of their last call."""
@@ -270,11 +266,10 @@ class Quantizer(nn.Module):
         # Weights of an eval model are quantized once: the result is kept while the tensor (same object, same
         # version counter) and every field of the quantizer stay the same, and no gradient is asked for.
         cache_key = self._weight_cache_key(x)
-        if cache_key is not None:
-            hit = self.__dict__.get("_wcache")
-            if hit is not None and hit[0] is x and hit[1] == cache_key:
-                y, s, z, self._last = hit[2]
-                return y, s, z
+        hit = self._cached(x, cache_key)
+        if hit is not None:
+            y, s, z, self._last = hit
+            return y, s, z
         if self.kind == "bias" and self.bias_scaling == "external":
             if input_scale is None:
                 raise InputScaleRequiredError(
@@ -295,9 +290,7 @@ class Quantizer(nn.Module):
         else:
             scale, zp = self.qparams(x)
         self._last = (scale.detach(), zp.detach())
-        axis = self.channel_axis if x.dim() > self.channel_axis else 0
-        s = qf.broadcast_shape(scale, x.dim(), axis)
-        z = qf.broadcast_shape(zp, x.dim(), axis)
+        s, z = self.broadcast(scale, zp, x)
         if self.bit_width == 1:
             y = qf.bipolar_quant(x, s)
         elif self.kind == "bias" and self.bit_width > 16:
@@ -310,6 +303,16 @@ class Quantizer(nn.Module):
         if cache_key is not None:
             self.__dict__["_wcache"] = (x, cache_key, (y, s, z, self._last))
         return y, s, z
+
+    def broadcast(self, scale, zero_point, x):
+        """``scale`` and ``zero_point`` (0-d or per channel) shaped to broadcast over ``x``."""
+        axis = self.channel_axis if x.dim() > self.channel_axis else 0
+        return qf.broadcast_shape(scale, x.dim(), axis), qf.broadcast_shape(zero_point, x.dim(), axis)
+
+    def _cached(self, x, key):
+        """(y, s, z, (scale, zero_point)) of an earlier call on the same weight tensor, or None."""
+        hit = self.__dict__.get("_wcache") if key is not None else None
+        return hit[2] if hit is not None and hit[0] is x and hit[1] == key else None
 
     def _weight_cache_key(self, x):
         if self.kind != "weight" or self.learned_scale or x is None or (torch.is_grad_enabled() and x.requires_grad):
