@@ -216,14 +216,31 @@ class OnnxLowering:
                 else self.const(node.target + ".bias", np32(layer.bias))
         return self.emit_layer(node, layer, x, w, b)
 
-    def emit_layer(self, node, layer, x, w, b):
+    @staticmethod
+    def _weight_ints(layer):
+        """(int weights, weight scale) of a quantized layer, in the layer's own weight layout."""
+        with torch.no_grad():
+            return layer.weight_quant.int_repr(layer.weight), layer.weight_quant.scale(layer.weight)
+
+    @staticmethod
+    def _bias_ints(layer, in_scale):
+        """(int32 bias, its scale = input scale x weight scale as a float32 product, flat)."""
+        with torch.no_grad():
+            w_scale = layer.weight_quant.scale(layer.weight)
+            ints = layer.bias_quant.int_repr(layer.bias, in_scale, w_scale)
+            return ints, layer.acc_scale(in_scale, w_scale).reshape(-1)
+
+    def emit_layer(self, node, layer, x, w, b, name=None):
+        """The ONNX op of a conv/linear layer on inputs ``x``, ``w``, ``b`` (value names); its output is called
+        ``name`` (the node's name by default)."""
         ins = [x, w] + ([b] if b is not None else [])
+        node_name = name or node.name
         if isinstance(layer, nn.Linear):
             if len(self.shape(node.args[0])) == 2:
-                return self.op("Gemm", ins, node.name, transB=1)
-            wt = self.op("Transpose", [w], node.name + "_wT", perm=[1, 0])
-            y = self.op("MatMul", [x, wt], node.name + "_matmul")
-            return self.op("Add", [y, b], node.name) if b is not None else y
+                return self.op("Gemm", ins, node_name, transB=1)
+            wt = self.op("Transpose", [w], node_name + "_wT", perm=[1, 0])
+            y = self.op("MatMul", [x, wt], node_name + "_matmul")
+            return self.op("Add", [y, b], node_name) if b is not None else y
         n = len(layer.kernel_size)
         attrs = dict(kernel_shape=list(layer.kernel_size), strides=_pair(layer.stride, n),
                      dilations=_pair(layer.dilation, n), group=layer.groups)
@@ -240,8 +257,8 @@ class OnnxLowering:
                               "only zero padding lowers to ONNX Conv")
         if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
             attrs["output_padding"] = _pair(layer.output_padding, n)
-            return self.op("ConvTranspose", ins, node.name, **attrs)
-        return self.op("Conv", ins, node.name, **attrs)
+            return self.op("ConvTranspose", ins, node_name, **attrs)
+        return self.op("Conv", ins, node_name, **attrs)
 
     # -- standard ops ---------------------------------------------------------------------------------
 

@@ -106,20 +106,6 @@ class QDQLowering(OnnxLowering):
         attrs = {"axis": axis} if scale.dim() == 1 else {}
         return self.op("DequantizeLinear", [w, s, z], base, **attrs)
 
-    @staticmethod
-    def _weight_ints(layer):
-        """(int weights, weight scale) of a quantized layer, in the layer's own weight layout."""
-        with torch.no_grad():
-            return layer.weight_quant.int_repr(layer.weight), layer.weight_quant.scale(layer.weight)
-
-    @staticmethod
-    def _bias_ints(layer, in_scale):
-        """(int32 bias, its scale = input scale x weight scale as a float32 product, flat)."""
-        with torch.no_grad():
-            w_scale = layer.weight_quant.scale(layer.weight)
-            ints = layer.bias_quant.int_repr(layer.bias, in_scale, w_scale)
-            return ints, (in_scale.reshape(-1).double() * w_scale.reshape(-1).double()).float()
-
     def emit_weight(self, layer, base):
         ints, scale = self._weight_ints(layer)
         return self._dq_const(base + ".weight", ints, scale, np.int8, layer.weight_quant.channel_axis)

@@ -122,17 +122,32 @@ class QuantWBIOL(InputQuantMixin):
             return result
         return value_of(result)
 
+    def acc_scale(self, in_scale, w_scale) -> torch.Tensor:
+        """input scale x weight scale as the float32 product the runtimes compute: 0-d per tensor, else one
+        entry per output channel (flat)."""
+        scale = in_scale.reshape(-1).float() * self._out_weight_scale(w_scale).reshape(-1).float()
+        return scale if scale.numel() > 1 else scale.reshape(())
+
     def _acc_scale_of(self, qx, qw, ndim: int) -> torch.Tensor:
-        """input scale x weight scale (float32, as the runtimes compute it), shaped to broadcast over an output
-        of ``ndim`` dims (0-d per tensor, along the output channels per channel)."""
-        scale = qx.scale.reshape(-1) * self._out_weight_scale(qw.scale).reshape(-1)
-        return qf.broadcast_shape(scale if scale.numel() > 1 else scale.reshape(()), ndim,
-                                  self.out_channel_axis % ndim)
+        """:meth:`acc_scale` shaped to broadcast over an output of ``ndim`` dims (along the output channels
+        per channel)."""
+        return qf.broadcast_shape(self.acc_scale(qx.scale, qw.scale), ndim, self.out_channel_axis % ndim)
+
+    def exact_integer_form(self) -> bool:
+        """Whether this layer computes its accumulator exactly in eval mode (given a per-tensor quantized
+        input): asked for (``exact_accumulator``, set by the compiler on targets that requantize integer
+        accumulators), with zero-point-free quantized weights and no bias or an input-scaled one. Backends
+        that write integer convolutions read this to know where the fake-quant model is integer-exact."""
+        if not self.__dict__.get("exact_accumulator") or not self.weight_quant.is_quant_enabled:
+            return False
+        with torch.no_grad():
+            if bool(torch.any(self.quant_weight_zero_point() != 0)):
+                return False
+        return self.bias is None or (self.bias_quant.is_quant_enabled and self.bias_quant.bias_scaling == "external")
 
     def _exact_ok(self, qx, qw, qb) -> bool:
-        """Whether this call computes its accumulator exactly: asked for (``exact_accumulator``, set by the
-        compiler on targets that requantize integer accumulators), in eval mode, with a per-tensor quantized
-        input, zero-point-free quantized weights and no bias or an input-scaled one."""
+        """Whether this call computes its accumulator exactly: :meth:`exact_integer_form`, in eval mode, with a
+        per-tensor quantized input (and a bias quantized on the accumulator grid)."""
         if not self.__dict__.get("exact_accumulator") or self.training or not exact_enabled() or qx is None \
                 or qx.scale.numel() != 1 \
                 or not isinstance(qw, QuantTensor) or bool(torch.any(qw.zero_point != 0)):
