@@ -1,12 +1,19 @@
 """finn target: QONNX (``Quant`` / ``BipolarQuant`` / ``Trunc`` in domain ``qonnx.custom_op.general``) that
 qonnx executes and FINN's frontend accepts.
 
-Activations: ``Quant(x, scale, 0, bits; signed, narrow, rounding_mode)``; weights: float initializers followed
-by ``Quant`` (per-channel scales shaped to broadcast); biases float or ``Quant`` with scale = input scale x
-weight scale; truncating average pools: ``AveragePool -> Mul(K) -> Trunc (v1, FLOOR) -> Mul(2^shift / K)``,
-which is exactly quantfx's integer sum with ``shift`` LSBs dropped. FINN's rules are checked before anything is
-written. ``run_qonnx`` executes the file with qonnx (after ``cleanup_model``); ``to_qcdq`` turns it into
-standard QuantizeLinear/Clip/DequantizeLinear ONNX for onnxruntime.
+Activations: ``Div(x, scale) -> Quant(1, 0, bits; signed, narrow, rounding_mode)`` (after the ``Relu``/``Clip``
+of the activation, which commutes with the division), so each activation is held as its integers;
+``Mul(scale)`` turns them back into values where a float op needs them. Convolutions and linear layers whose
+fake-quant accumulator is integer-exact run on integers: integer weight initializers with ``Quant(1)``, an
+integer bias with ``Quant(1)`` (on the accumulator grid), then ``Mul(input scale x weight scale)``, per output
+channel. A float32 convolution of integers is exact (every partial sum below 2^24), so qonnx computes what the
+integer hardware and the fake-quant model compute, to the bit; the scales are the ``Mul`` nodes FINN's
+streamlining absorbs into thresholds. Other layers: float weights followed by ``Quant`` (per-channel scales
+shaped to broadcast); biases float or ``Quant`` with scale = input scale x weight scale. Integer tensors carry
+their FINN datatype annotation. Truncating average pools: ``AveragePool -> Mul(K) -> Trunc (v1, FLOOR) ->
+Mul(2^shift / K)``, which is exactly quantfx's integer sum with ``shift`` LSBs dropped. FINN's rules are checked
+before anything is written. ``run_qonnx`` executes the file with qonnx (after ``cleanup_model``); ``to_qcdq``
+turns it into standard QuantizeLinear/Clip/DequantizeLinear ONNX for onnxruntime.
 """
 from __future__ import annotations
 
@@ -17,16 +24,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from quantfx.errors import ExportError, TargetError
 from quantfx.export import Backend, register_backend
 from quantfx.graph import is_act_quant, is_add, is_compute, is_trunc_pool, module_of, qmeta, tensor_inputs
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
+from quantfx.quant import functional as qf
 
 from .onnx_base import OnnxLowering, np32
 from .onnx_qdq import NODE_VALUES_KEY, node_values
 
 DOMAIN = "qonnx.custom_op.general"
+# ops that only move values: on integers of one grid they give the integers of the result
+_GRID_OPS = {"MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Slice", "Split", "Squeeze",
+             "Unsqueeze", "DepthToSpace", "Pad", "Concat"}
 # qonnx's ROUND is np.round (half to even); its HALF_UP rounds ties away from zero, which equals quantfx's
 # floor(x + 0.5) only on non-negative values, so 'half_up' is accepted on unsigned grids only.
 ROUNDING = {"half_even": "ROUND", "floor": "FLOOR", "half_up": "HALF_UP"}
@@ -45,6 +57,115 @@ class QONNXLowering(OnnxLowering):
     # kernels for the qonnx ops but loads the to_qcdq form.
     extra_opsets = {DOMAIN: 1}
     dynamic_batch = False
+
+    def __init__(self, qmodel, example_inputs):
+        super().__init__(qmodel, example_inputs)
+        self.grid_of: dict = {}  # value on an activation grid -> (its integers' value name, scale as float32)
+        self.int_types: dict = {}  # integers' value name -> FINN datatype name (annotated in the file)
+        self.consts: dict = {}  # initializer name -> array
+
+    def const(self, base, array, dtype=None):
+        name = super().const(base, array, dtype)
+        self.consts[name] = numpy_helper.to_array(self.initializers[-1])
+        return name
+
+    # -- integer activations --------------------------------------------------------------------------
+
+    def dequant(self, ints, scale, base, grid=True):
+        """``Mul(ints, scale)``: the values of integers ``ints``; ``grid`` records them as an activation grid
+        that value-moving ops and integer layers may work on."""
+        y = super().op("Mul", [ints, self.const(base + "_scale", scale)], base)
+        if grid:
+            self.grid_of[y] = (ints, scale)
+        return y
+
+    def op(self, op_type, inputs, base, n_out=1, domain="", **attrs):
+        """Ops that only move values (pools of max, reshapes, concatenation of one grid, zero padding) run on
+        the integers of their grid input and are dequantized after, which gives the same float32 numbers (the
+        rounding of ``int x scale`` is monotonic); the Mul nodes nobody reads are dropped at the end."""
+        grid = self._grid_inputs(op_type, inputs)
+        if grid is None:
+            return super().op(op_type, inputs, base, n_out, domain, **attrs)
+        ints, scale = grid
+        outs = super().op(op_type, ints, base + "_int", n_out, domain, **attrs)
+        for o in [outs] if n_out == 1 else outs:
+            self.int_types[o] = self.int_types[ints[0]]
+        if n_out == 1:
+            return self.dequant(outs, scale, base)
+        return [self.dequant(o, scale, f"{base}_{i}") for i, o in enumerate(outs)]
+
+    def _grid_inputs(self, op_type, inputs):
+        if op_type not in _GRID_OPS:
+            return None
+        data = list(inputs) if op_type == "Concat" else list(inputs[:1])
+        grids = [self.grid_of.get(v) for v in data]
+        if any(g is None for g in grids) or any(not np.array_equal(g[1], grids[0][1]) or
+                                                self.int_types[g[0]] != self.int_types[grids[0][0]] for g in grids):
+            return None
+        if op_type == "Pad" and len(inputs) > 2 and np.any(self.consts[inputs[2]] != 0):
+            return None  # a pad value off the grid
+        return [g[0] for g in grids] + list(inputs[len(data):]), grids[0][1]
+
+    def emit_act(self, node):
+        m = module_of(self.gm, node)
+        q = m.act_quant
+        if not q.is_quant_enabled or m.input_quant.is_quant_enabled:
+            return super().emit_act(node)
+        x = self.env[node.args[0]]
+        scale = np32(q.qparams(None)[0].reshape(()))
+        if isinstance(m, QuantSigmoid):
+            x = self.op("Sigmoid", [x], node.name + "_sigmoid")
+        if q.bit_width > 1:  # BipolarQuant takes the sign, which the division keeps
+            x = super().op("Div", [x, self.const(node.name + "_act_scale", scale)], node.name + "_scaled")
+
+        def bound(v):  # the clip bound on the divided values: monotonic rounding makes clip and divide commute
+            return self.const(node.name + "_bound", np.float32(np.float32(v) / scale) if q.bit_width > 1
+                              else np.float32(v))
+        if isinstance(m, QuantReLU):
+            x = super().op("Relu", [x], node.name + "_relu") if self._clip_is_rounded_off(m) else \
+                super().op("Clip", [x, bound(0.0), bound(m.max_val)], node.name + "_relu6")
+        elif isinstance(m, QuantHardTanh):
+            x = super().op("Clip", [x, bound(m.min_val), bound(m.max_val)], node.name + "_hardtanh")
+        ints = self._quant(x, np.float32(1), q.bit_width, q.signed, q.narrow_range, q.rounding, node.name + "_int")
+        self.int_types[ints] = "BIPOLAR" if q.bit_width == 1 else f"{'INT' if q.signed else 'UINT'}{q.bit_width}"
+        return self.dequant(ints, scale, node.name)
+
+    @staticmethod
+    def _clip_is_rounded_off(m) -> bool:
+        """Whether a ReLU's upper clip (ReLU6) changes no output: its bound quantizes to the top integer, so the
+        quantizer's own clamp does the clipping. Then the file says ``Relu -> Quant``, the pattern FINN's
+        frontend turns into thresholds (it takes no Clip before an unsigned Quant)."""
+        if m.max_val is None:
+            return True
+        q = m.act_quant
+        with torch.no_grad():
+            top = q.int_repr(torch.tensor([float(m.max_val)]))
+        return int(top.reshape(-1)[0]) == qf.int_range(q.bit_width, q.signed, q.narrow_range)[1]
+
+    def emit_compute(self, node):
+        layer = module_of(self.gm, node)
+        grid = self.grid_of.get(self.env[node.args[0]])
+        if grid is None or not layer.exact_integer_form() or \
+                not np.array_equal(grid[1], np32(self.input_scale(node).reshape(-1)[0])):
+            return super().emit_compute(node)
+        in_scale = self.input_scale(node)
+        w_ints, w_scale = self._weight_ints(layer)
+        wq = layer.weight_quant
+        w = self._quant(self.const(node.target + ".weight_int", np32(w_ints)), np.float32(1), wq.bit_width,
+                        wq.signed, wq.narrow_range, wq.rounding, node.target + ".weight")
+        b = None
+        if layer.bias is not None:
+            bq = layer.bias_quant
+            b_ints, _ = self._bias_ints(layer, in_scale)
+            b = self._quant(self.const(node.target + ".bias_int", np32(b_ints)), np.float32(1), bq.bit_width,
+                            bq.signed, bq.narrow_range, bq.rounding, node.target + ".bias", vector=True)
+        acc = self.emit_layer(node, layer, grid[0], w, b, name=node.name + "_acc")
+        with torch.no_grad():
+            scale = np32(layer.acc_scale(in_scale, w_scale))
+        rank = len(self.shape(node))
+        if scale.size > 1 and not isinstance(layer, torch.nn.Linear):
+            scale = scale.reshape([1, -1] + [1] * (rank - 2))  # output channels on axis 1, FINN's layout
+        return self.dequant(acc, scale, node.name, grid=False)
 
     # -- rules ----------------------------------------------------------------------------------------
 
@@ -126,13 +247,17 @@ class QONNXLowering(OnnxLowering):
 
     # -- quantizers -----------------------------------------------------------------------------------
 
-    def _quant(self, x, scale, bits, signed, narrow, rounding, base, shape=None):
+    def _quant(self, x, scale, bits, signed, narrow, rounding, base, shape=None, vector=False):
+        """A Quant (BipolarQuant for 1 bit) of ``x``; ``shape`` reshapes the scale. ``vector`` gives scale and
+        zero point one dimension at least: FINN's ExtractBiasFromConv reshapes a bias Quant's parameters onto
+        the channel axis and fails on 0-d ones."""
         s = np32(scale if shape is None else scale.reshape(shape))
-        scale_name = self.const(base + "_scale", s)
+        scale_name = self.const(base + "_scale", s.reshape(-1) if vector else s)
         if bits == 1:
             return self.op("BipolarQuant", [x, scale_name], base, domain=DOMAIN)
-        # a 0-d zero point even for per-channel scales: QuantToQCDQ cannot read a vector zero point
-        zp = self.const(base + "_zeropt", np.float32(0))
+        # otherwise a 0-d zero point, even for per-channel scales: QuantToQCDQ cannot read a vector zero point
+        # (bias Quants, 16 or 32 bits, are folded to constants before that conversion)
+        zp = self.const(base + "_zeropt", np.zeros(1, np.float32) if vector else np.float32(0))
         b = self.const(base + "_bitwidth", np.float32(bits))
         return self.op("Quant", [x, scale_name, zp, b], base, domain=DOMAIN, signed=int(signed),
                        narrow=int(narrow), rounding_mode=ROUNDING[rounding])
@@ -160,7 +285,8 @@ class QONNXLowering(OnnxLowering):
             scale = (in_scale.reshape(-1).double() * w_scale.reshape(-1).double()).float()
         b = self.const(base + ".bias_float", np32(layer.bias))
         scale = scale.reshape(()) if scale.numel() == 1 else scale
-        return self._quant(b, scale, bq.bit_width, bq.signed, bq.narrow_range, bq.rounding, base + ".bias")
+        return self._quant(b, scale, bq.bit_width, bq.signed, bq.narrow_range, bq.rounding, base + ".bias",
+                           vector=True)
 
     def emit_trunc_pool(self, node, x):
         pool = module_of(self.gm, node)
@@ -193,8 +319,36 @@ class QONNXLowering(OnnxLowering):
 
     def lower(self):
         model = super().lower()
+        self._drop_unread(model)
+        # the integer tensors' datatypes, as qonnx's ModelWrapper.set_tensor_datatype writes them: FINN reads
+        # them where its own inference stops (the input of a Trunc reached through a Reshape, for one)
+        present = {o for n in model.graph.node for o in n.output}
+        for name, dtype in self.int_types.items():
+            if name in present:
+                model.graph.quantization_annotation.append(onnx.TensorAnnotation(
+                    tensor_name=name, quant_parameter_tensor_names=[
+                        onnx.StringStringEntryProto(key="finn_datatype", value=dtype)]))
         onnx.helper.set_model_props(model, {NODE_VALUES_KEY: json.dumps(self.value_of_node)})
         return model
+
+    def _drop_unread(self, model) -> None:
+        """Remove the dequantizing Mul nodes (and their scales) whose values no op reads: the activations that
+        only integer ops consume. An fx node whose value was such a Mul maps to its integers and scale."""
+        graph = model.graph
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dropped = [n for n in graph.node if n.op_type == "Mul" and n.output[0] in self.grid_of
+                   and n.output[0] not in read]
+        for n in dropped:
+            graph.node.remove(n)
+        read = {i for n in graph.node for i in n.input}
+        unread = [i for i in graph.initializer if i.name not in read]
+        for i in unread:
+            graph.initializer.remove(i)
+        gone = {n.output[0] for n in dropped}
+        for fx_name, value in list(self.value_of_node.items()):
+            if value in gone:
+                ints, scale = self.grid_of[value]
+                self.value_of_node[fx_name] = {"ints": ints, "scale": scale.tolist()}
 
 
 # -- runtime -----------------------------------------------------------------------------------------------
@@ -237,8 +391,16 @@ def run_qonnx_intermediates(model, inputs, fx_names) -> dict:
     _, execute_onnx, *_ = _qonnx()
     wrapper = _prepared(model, int(inputs[0].shape[0]), clean=False)  # keeps tensor names
     context = execute_onnx(wrapper, _feed(wrapper, inputs), return_full_exec_context=True)
-    mapping = node_values(model)
-    return {n: context[mapping[n]] for n in fx_names if n in mapping and mapping[n] in context}
+    out, wanted = {}, set(fx_names)
+    for name, value in node_values(model).items():
+        if name not in wanted:
+            continue
+        if isinstance(value, dict):  # held as integers only: their values, as the Mul would compute them
+            if value["ints"] in context:
+                out[name] = context[value["ints"]] * np.asarray(value["scale"], np.float32)
+        elif value in context:
+            out[name] = context[value]
+    return out
 
 
 def to_qcdq(model: onnx.ModelProto) -> onnx.ModelProto:
