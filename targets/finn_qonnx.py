@@ -124,7 +124,7 @@ class QONNXLowering(OnnxLowering):
         if isinstance(m, QuantReLU):
             x = super().op("Relu", [x], node.name + "_relu") if self._clip_is_rounded_off(m) else \
                 super().op("Clip", [x, bound(0.0), bound(m.max_val)], node.name + "_relu6")
-        elif isinstance(m, QuantHardTanh):
+        elif isinstance(m, QuantHardTanh) and not self._clip_is_rounded_off(m):
             x = super().op("Clip", [x, bound(m.min_val), bound(m.max_val)], node.name + "_hardtanh")
         ints = self._quant(x, np.float32(1), q.bit_width, q.signed, q.narrow_range, q.rounding, node.name + "_int")
         self.int_types[ints] = "BIPOLAR" if q.bit_width == 1 else f"{'INT' if q.signed else 'UINT'}{q.bit_width}"
@@ -132,15 +132,19 @@ class QONNXLowering(OnnxLowering):
 
     @staticmethod
     def _clip_is_rounded_off(m) -> bool:
-        """Whether a ReLU's upper clip (ReLU6) changes no output: its bound quantizes to the top integer, so the
-        quantizer's own clamp does the clipping. Then the file says ``Relu -> Quant``, the pattern FINN's
-        frontend turns into thresholds (it takes no Clip before an unsigned Quant)."""
-        if m.max_val is None:
-            return True
+        """Whether an activation's clip bounds (ReLU6's 6, HardTanh's min and max) change no output: each
+        quantizes to the end of the integer range, so the quantizer's own clamp does the clipping (a 1-bit sign
+        quantizer: any bounds around 0). Then the file has no Clip: ``Relu -> Quant``, the pattern FINN's
+        frontend turns into thresholds (it takes no Clip before an unsigned Quant), or just the Quant (a Clip
+        before a 1-bit Quant keeps FINN's streamlining from absorbing the bias add before it)."""
         q = m.act_quant
+        lo, hi = qf.int_range(q.bit_width, q.signed, q.narrow_range)
+        ends = [(m.max_val, hi)] if isinstance(m, QuantReLU) else [(m.min_val, lo), (m.max_val, hi)]
         with torch.no_grad():
-            top = q.int_repr(torch.tensor([float(m.max_val)]))
-        return int(top.reshape(-1)[0]) == qf.int_range(q.bit_width, q.signed, q.narrow_range)[1]
+            for bound, end in ends:
+                if bound is not None and int(q.int_repr(torch.tensor([float(bound)])).reshape(-1)[0]) != end:
+                    return False
+        return True
 
     def emit_compute(self, node):
         layer = module_of(self.gm, node)

@@ -279,6 +279,24 @@ def test_relu6_clip_kept_only_where_it_clips():
         assert quantfx.verify(q, artefact, (x,)).max_error_lsb == 0.0
 
 
+def test_hardtanh_clip_dropped_before_a_sign_quantizer():
+    """HardTanh(-1, 1) before a 1-bit sign quantizer: the clip changes no integer, so the file has none (FINN's
+    streamlining cannot absorb the bias add before a Clip); integer layers read the BipolarQuant's +-1."""
+    bits = 1
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Hardtanh(), nn.Conv2d(8, 8, 3), nn.Hardtanh(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    data = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    q = quantfx.quantize(model, "finn", calibration_data=data, progress=False,
+                         overrides={nn.Hardtanh: {"act_bit_width": bits}})
+    artefact = quantfx.lower(q, (x[:1],))
+    ops = Counter(n.op_type for n in artefact.graph.node)
+    assert ops["Clip"] == 0 and ops["BipolarQuant"] == 2
+    assert all(n.input[0].endswith("_int") for n in artefact.graph.node if n.op_type in ("Conv", "Gemm"))
+    assert quantfx.verify(q, artefact, (x,)).max_error_lsb == 0.0
+
+
 # -- widths, pools, per-channel weights -------------------------------------------------------------------
 
 
