@@ -107,6 +107,8 @@ class QONNXLowering(OnnxLowering):
         return [g[0] for g in grids] + list(inputs[len(data):]), grids[0][1]
 
     def emit_act(self, node):
+        """An activation and its quantizer as integers (the base class's ``emit_act_quant`` hook is not used:
+        the division by the scale goes before the activation op)."""
         m = module_of(self.gm, node)
         q = m.act_quant
         if not q.is_quant_enabled or m.input_quant.is_quant_enabled:
@@ -265,10 +267,6 @@ class QONNXLowering(OnnxLowering):
         b = self.const(base + "_bitwidth", np.float32(bits))
         return self.op("Quant", [x, scale_name, zp, b], base, domain=DOMAIN, signed=int(signed),
                        narrow=int(narrow), rounding_mode=ROUNDING[rounding])
-
-    def emit_act_quant(self, x, q, base):
-        scale, _ = q.qparams(None)
-        return self._quant(x, scale.reshape(()), q.bit_width, q.signed, q.narrow_range, q.rounding, base)
 
     def emit_weight(self, layer, base):
         wq = layer.weight_quant
