@@ -126,6 +126,10 @@ class QONNXLowering(OnnxLowering):
         if isinstance(m, QuantReLU):
             x = super().op("Relu", [x], node.name + "_relu") if self._clip_is_rounded_off(m) else \
                 super().op("Clip", [x, bound(0.0), bound(m.max_val)], node.name + "_relu6")
+        elif isinstance(m, QuantSigmoid) and not q.signed:
+            # a Relu of the (non-negative) sigmoid changes nothing, and FINN's frontend takes an unsigned Quant
+            # only right after a Relu
+            x = super().op("Relu", [x], node.name + "_relu")
         elif isinstance(m, QuantHardTanh) and not self._clip_is_rounded_off(m):
             x = super().op("Clip", [x, bound(m.min_val), bound(m.max_val)], node.name + "_hardtanh")
         ints = self._quant(x, np.float32(1), q.bit_width, q.signed, q.narrow_range, q.rounding, node.name + "_int")

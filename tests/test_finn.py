@@ -297,6 +297,24 @@ def test_hardtanh_clip_dropped_before_a_sign_quantizer():
     assert quantfx.verify(q, artefact, (x,)).max_error_lsb == 0.0
 
 
+def test_sigmoid_output_quantized_after_a_relu():
+    """A sigmoid's unsigned quantizer follows a Relu in the file (a no-op on sigmoid outputs): FINN's frontend
+    takes an unsigned Quant only right after a Relu. Every unsigned Quant of the file is after a Relu."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Conv2d(4, 4, 1)).eval()
+    data = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    q = quantfx.quantize(model, "finn", calibration_data=data, progress=False)
+    artefact = quantfx.lower(q, (x[:1],))
+    producers = {o: n for n in artefact.graph.node for o in n.output}
+    unsigned = [n for n in artefact.graph.node if n.op_type == "Quant"
+                and not next(a.i for a in n.attribute if a.name == "signed")]
+    assert len(unsigned) == 1 and producers[unsigned[0].input[0]].op_type == "Relu"
+    assert [n.op_type for n in artefact.graph.node if n.op_type in ("Sigmoid", "Div", "Relu")] == \
+        ["Div", "Sigmoid", "Div", "Relu", "Div"]
+    assert quantfx.verify(q, artefact, (x,)).max_error_lsb == 0.0
+
+
 # -- widths, pools, per-channel weights -------------------------------------------------------------------
 
 
