@@ -23,7 +23,8 @@ from quantfx.graph import (
     is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of,
 )
 from quantfx.nn import (
-    QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantReLU, QuantSigmoid, build_from_state, float_layer_kwargs,
+    QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantReLU, QuantSigmoid, build_from_state,
+    float_layer_kwargs,
 )
 from quantfx.pass_infra import PassResult
 from quantfx.quant.specs import FIELDS

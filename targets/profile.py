@@ -121,7 +121,8 @@ class Int8WeightPerChannelFullRange(Q.Int8WeightPerChannelFloat):
 
 TORCH = register_profile(TargetProfile(
     name="torch", weight_quant=Int8WeightPerChannelFullRange,
-    act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external", bias_bit_width=32,
+    act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external",
+    bias_bit_width=32,
     avgpool="requant", act_bit_width=7, input_bit_width=7, weight_bit_range=(8, 8), act_bit_range=(7, 8),
     zero_point_allowed=True, options={"engine": "x86"},
     description="PyTorch quantized ops: int8 per-channel weights, quint8 activations with zero point; 7-bit "

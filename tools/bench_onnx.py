@@ -118,12 +118,14 @@ def main(argv=None):
                 times.append(time.perf_counter() - t)
             t50[target] = min(times)
 
-    print(f"model {args.model}, input 1x3x{args.size}x{args.size}, onnxruntime {__import__('onnxruntime').__version__}, "
+    ort_version = __import__("onnxruntime").__version__
+    print(f"model {args.model}, input 1x3x{args.size}x{args.size}, onnxruntime {ort_version}, "
           f"{args.threads} thread(s), median of {args.runs} runs")
     base = rows[0][1]
     for name, ms in rows:
         print(f"  {name:34s} {ms:8.2f} ms   {base / ms:5.2f}x vs float")
-    print(f"  quantize (incl. calibration of {args.calib} batches): {t_quantize:.2f} s; lower to ONNX: {t_export:.3f} s")
+    print(f"  quantize (incl. calibration of {args.calib} batches): {t_quantize:.2f} s; "
+          f"lower to ONNX: {t_export:.3f} s")
     print(f"  verify: max error {report.max_error_lsb:.3f} LSB ({'ok' if report.ok else 'FAILED'})")
     for target, t in t50.items():
         print(f"  lower resnet50_like for {target}: {t:.3f} s")
