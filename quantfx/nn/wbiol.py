@@ -138,23 +138,23 @@ class QuantWBIOL(InputQuantMixin):
         input): asked for (``exact_accumulator``, set by the compiler on targets that requantize integer
         accumulators), with zero-point-free quantized weights and no bias or an input-scaled one. Backends
         that write integer convolutions read this to know where the fake-quant model is integer-exact."""
-        if not self.__dict__.get("exact_accumulator") or not self.weight_quant.is_quant_enabled:
+        if not self.weight_quant.is_quant_enabled:
             return False
         with torch.no_grad():
-            if bool(torch.any(self.quant_weight_zero_point() != 0)):
-                return False
-        return self.bias is None or (self.bias_quant.is_quant_enabled and self.bias_quant.bias_scaling == "external")
+            return self._integer_layer(self.quant_weight_zero_point())
+
+    def _integer_layer(self, w_zero_point) -> bool:
+        """The configuration part of :meth:`exact_integer_form`, for weights with zero point ``w_zero_point``."""
+        return bool(self.__dict__.get("exact_accumulator")) and not bool(torch.any(w_zero_point != 0)) and \
+            (self.bias is None or (self.bias_quant.is_quant_enabled and self.bias_quant.bias_scaling == "external"))
 
     def _exact_ok(self, qx, qw, qb) -> bool:
         """Whether this call computes its accumulator exactly: :meth:`exact_integer_form`, in eval mode, with a
-        per-tensor quantized input (and a bias quantized on the accumulator grid)."""
-        if not self.__dict__.get("exact_accumulator") or self.training or not exact_enabled() or qx is None \
-                or qx.scale.numel() != 1 \
-                or not isinstance(qw, QuantTensor) or bool(torch.any(qw.zero_point != 0)):
-            return False
-        if self.bias is None:
-            return True
-        return isinstance(qb, QuantTensor) and self.bias_quant.bias_scaling == "external"
+        per-tensor quantized input (and the bias quantized on the accumulator grid: not while the input's
+        quantizer observes)."""
+        return not self.training and exact_enabled() and qx is not None and qx.scale.numel() == 1 and \
+            isinstance(qw, QuantTensor) and self._integer_layer(qw.zero_point) and \
+            (self.bias is None or isinstance(qb, QuantTensor))
 
     def _exact_accumulator(self, xv, qx, qw, qb) -> torch.Tensor:
         """The layer output as the integer hardware computes it: the integer accumulator (input integers minus
