@@ -60,23 +60,17 @@ class QONNXLowering(OnnxLowering):
 
     def __init__(self, qmodel, example_inputs):
         super().__init__(qmodel, example_inputs)
-        self.grid_of: dict = {}  # value on an activation grid -> (its integers' value name, scale as float32)
-        self.int_types: dict = {}  # integers' value name -> FINN datatype name (annotated in the file)
-        self.consts: dict = {}  # initializer name -> array
-
-    def const(self, base, array, dtype=None):
-        name = super().const(base, array, dtype)
-        self.consts[name] = numpy_helper.to_array(self.initializers[-1])
-        return name
+        # value on an activation grid -> (its integers' value name, scale as float32, FINN datatype name)
+        self.grid_of: dict = {}
 
     # -- integer activations --------------------------------------------------------------------------
 
-    def dequant(self, ints, scale, base, grid=True):
-        """``Mul(ints, scale)``: the values of integers ``ints``; ``grid`` records them as an activation grid
-        that value-moving ops and integer layers may work on."""
+    def dequant(self, ints, scale, base, dtype=None):
+        """``Mul(ints, scale)``: the values of integers ``ints``. With their FINN datatype ``dtype`` they are
+        recorded as an activation grid that value-moving ops and integer layers may work on."""
         y = super().op("Mul", [ints, self.const(base + "_scale", scale)], base)
-        if grid:
-            self.grid_of[y] = (ints, scale)
+        if dtype is not None:
+            self.grid_of[y] = (ints, scale, dtype)
         return y
 
     def op(self, op_type, inputs, base, n_out=1, domain="", **attrs):
@@ -86,25 +80,25 @@ class QONNXLowering(OnnxLowering):
         grid = self._grid_inputs(op_type, inputs)
         if grid is None:
             return super().op(op_type, inputs, base, n_out, domain, **attrs)
-        ints, scale = grid
+        ints, scale, dtype = grid
         outs = super().op(op_type, ints, base + "_int", n_out, domain, **attrs)
-        for o in [outs] if n_out == 1 else outs:
-            self.int_types[o] = self.int_types[ints[0]]
         if n_out == 1:
-            return self.dequant(outs, scale, base)
-        return [self.dequant(o, scale, f"{base}_{i}") for i, o in enumerate(outs)]
+            return self.dequant(outs, scale, base, dtype)
+        return [self.dequant(o, scale, f"{base}_{i}", dtype) for i, o in enumerate(outs)]
 
     def _grid_inputs(self, op_type, inputs):
         if op_type not in _GRID_OPS:
             return None
         data = list(inputs) if op_type == "Concat" else list(inputs[:1])
         grids = [self.grid_of.get(v) for v in data]
-        if any(g is None for g in grids) or any(not np.array_equal(g[1], grids[0][1]) or
-                                                self.int_types[g[0]] != self.int_types[grids[0][0]] for g in grids):
+        if any(g is None or g[2] != grids[0][2] or not np.array_equal(g[1], grids[0][1]) for g in grids):
             return None
-        if op_type == "Pad" and len(inputs) > 2 and np.any(self.consts[inputs[2]] != 0):
+        if op_type == "Pad" and len(inputs) > 2 and np.any(self._initializer(inputs[2]) != 0):
             return None  # a pad value off the grid
-        return [g[0] for g in grids] + list(inputs[len(data):]), grids[0][1]
+        return [g[0] for g in grids] + list(inputs[len(data):]), grids[0][1], grids[0][2]
+
+    def _initializer(self, name) -> np.ndarray:
+        return numpy_helper.to_array(next(i for i in self.initializers if i.name == name))
 
     def emit_act(self, node):
         """An activation and its quantizer as integers (the base class's ``emit_act_quant`` hook is not used:
@@ -133,8 +127,8 @@ class QONNXLowering(OnnxLowering):
         elif isinstance(m, QuantHardTanh) and not self._clip_is_rounded_off(m):
             x = super().op("Clip", [x, bound(m.min_val), bound(m.max_val)], node.name + "_hardtanh")
         ints = self._quant(x, np.float32(1), q.bit_width, q.signed, q.narrow_range, q.rounding, node.name + "_int")
-        self.int_types[ints] = "BIPOLAR" if q.bit_width == 1 else f"{'INT' if q.signed else 'UINT'}{q.bit_width}"
-        return self.dequant(ints, scale, node.name)
+        dtype = "BIPOLAR" if q.bit_width == 1 else f"{'INT' if q.signed else 'UINT'}{q.bit_width}"
+        return self.dequant(ints, scale, node.name, dtype)
 
     @staticmethod
     def _clip_is_rounded_off(m) -> bool:
@@ -175,7 +169,7 @@ class QONNXLowering(OnnxLowering):
         rank = len(self.shape(node))
         if scale.size > 1 and not isinstance(layer, torch.nn.Linear):
             scale = scale.reshape([1, -1] + [1] * (rank - 2))  # output channels on axis 1, FINN's layout
-        return self.dequant(acc, scale, node.name, grid=False)
+        return self.dequant(acc, scale, node.name)  # an accumulator: no activation grid
 
     # -- rules ----------------------------------------------------------------------------------------
 
@@ -287,10 +281,8 @@ class QONNXLowering(OnnxLowering):
     def emit_bias(self, layer, in_scale, base):
         bq = layer.bias_quant
         with torch.no_grad():
-            w_scale = layer.weight_quant.scale(layer.weight)
-            scale = (in_scale.reshape(-1).double() * w_scale.reshape(-1).double()).float()
+            scale = layer.acc_scale(in_scale, layer.weight_quant.scale(layer.weight))
         b = self.const(base + ".bias_float", np32(layer.bias))
-        scale = scale.reshape(()) if scale.numel() == 1 else scale
         return self._quant(b, scale, bq.bit_width, bq.signed, bq.narrow_range, bq.rounding, base + ".bias",
                            vector=True)
 
@@ -328,12 +320,10 @@ class QONNXLowering(OnnxLowering):
         self._drop_unread(model)
         # the integer tensors' datatypes, as qonnx's ModelWrapper.set_tensor_datatype writes them: FINN reads
         # them where its own inference stops (the input of a Trunc reached through a Reshape, for one)
-        present = {o for n in model.graph.node for o in n.output}
-        for name, dtype in self.int_types.items():
-            if name in present:
-                model.graph.quantization_annotation.append(onnx.TensorAnnotation(
-                    tensor_name=name, quant_parameter_tensor_names=[
-                        onnx.StringStringEntryProto(key="finn_datatype", value=dtype)]))
+        for name, dtype in {ints: dtype for ints, _, dtype in self.grid_of.values()}.items():
+            model.graph.quantization_annotation.append(onnx.TensorAnnotation(
+                tensor_name=name, quant_parameter_tensor_names=[
+                    onnx.StringStringEntryProto(key="finn_datatype", value=dtype)]))
         onnx.helper.set_model_props(model, {NODE_VALUES_KEY: json.dumps(self.value_of_node)})
         return model
 
@@ -342,18 +332,17 @@ class QONNXLowering(OnnxLowering):
         only integer ops consume. An fx node whose value was such a Mul maps to its integers and scale."""
         graph = model.graph
         read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dropped = [n for n in graph.node if n.op_type == "Mul" and n.output[0] in self.grid_of
-                   and n.output[0] not in read]
-        for n in dropped:
-            graph.node.remove(n)
+        gone = {v for v in self.grid_of if v not in read}
+        kept = [n for n in graph.node if n.output[0] not in gone]
+        del graph.node[:]
+        graph.node.extend(kept)
         read = {i for n in graph.node for i in n.input}
-        unread = [i for i in graph.initializer if i.name not in read]
-        for i in unread:
-            graph.initializer.remove(i)
-        gone = {n.output[0] for n in dropped}
+        kept = [i for i in graph.initializer if i.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
         for fx_name, value in list(self.value_of_node.items()):
             if value in gone:
-                ints, scale = self.grid_of[value]
+                ints, scale, _ = self.grid_of[value]
                 self.value_of_node[fx_name] = {"ints": ints, "scale": scale.tolist()}
 
 
