@@ -171,14 +171,13 @@ class QuantWBIOL(InputQuantMixin):
             key = (self.weight.data_ptr(), self.weight._version, qw.scale.detach().reshape(-1).tolist())
             op = self.__dict__.get("_exact_op")
             if op is None or op.key != key or op.x_bound < x_bound:
-                w_int = torch.round(qw.value.detach().float() / qw.scale.detach().float())
-                op = ExactIntegerOp(w_int, self.fan_in(), x_bound, key)
+                op = ExactIntegerOp(self.int_weight().float(), self.fan_in(), x_bound, key)
                 self.__dict__["_exact_op"] = op
             acc = op(lambda a, b: self.inner_forward(a, b, None), x_int)
             acc_scale = self._acc_scale_of(qx, qw, acc.dim()).detach().float()
-            if qb is not None:  # the bias integers, on the accumulator grid (external scale)
-                b_int = torch.round(qb.value.detach().double() / acc_scale.reshape(-1).double())
-                acc = acc.double() + qf.broadcast_shape(b_int, acc.dim(), self.out_channel_axis % acc.dim())
+            if qb is not None:  # the bias integers, on the accumulator grid (external scale), as exported
+                acc = acc.double() + qf.broadcast_shape(self.int_bias().double(), acc.dim(),
+                                                        self.out_channel_axis % acc.dim())
             small = float(acc.abs().max()) < 2 ** 22 if acc.numel() else True
             self.__dict__["_acc_scale"] = acc_scale if small else None
             if small:  # exact integers below 2^22: one float32 product rounds once
