@@ -100,6 +100,8 @@ def main(argv=None):
         path = out / f"digits_{target}{backend_for(qmodel).suffix}"
         artefact = quantfx.export(qmodel, path, example_inputs=(x_test[:1],))
         report = quantfx.verify(qmodel, artefact, (x_test[:64],))
+        if not report.ok:
+            print(report)  # which node is off first, and the backend's reading of why
         backend = backend_for(qmodel)
         runtime_acc = accuracy(backend.run(artefact, (x_test,))[0], y_test)
         diagram = None

@@ -136,7 +136,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def _profile_opts(options: dict) -> dict:
-    keys = ("weight_bit_width", "act_bit_width", "bias_bit_width", "input_bit_width", "bias_scaling")
+    keys = ("weight_bit_width", "act_bit_width", "bias_bit_width", "input_bit_width", "bias_scaling", "cpu")
     return {k: options.get(k) for k in keys if options.get(k) is not None}
 
 
@@ -183,8 +183,8 @@ def gc_paused():
 def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_data=None, *,
              weight_bit_width: Optional[int] = None, act_bit_width: Optional[int] = None,
              bias_bit_width: Optional[int] = None, input_bit_width: Optional[int] = None,
-             bias_scaling: Optional[str] = None, overrides: Optional[dict] = None, leaf_modules=(),
-             concrete_args: Optional[dict] = None, pipeline: Optional[Pipeline] = None,
+             bias_scaling: Optional[str] = None, cpu: Optional[str] = None, overrides: Optional[dict] = None,
+             leaf_modules=(), concrete_args: Optional[dict] = None, pipeline: Optional[Pipeline] = None,
              calibration_method: str = "minmax", progress: bool = True, bias_correction: bool = False,
              dump_dir=None, on_dump=None) -> QuantGraphModule:
     """Quantize a float model for ``target`` ('finn' | 'torch' | 'onnx' | 'dpu' or a TargetProfile).
@@ -192,6 +192,9 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     The model is copied (never modified); BatchNorm is folded with its running statistics, so the copy is put
     in eval mode. ``overrides`` maps module names or types to keyword overrides or ``None`` (keep float).
     With ``calibration_data`` (a DataLoader, or a list of tensors or tuples) the result is calibrated.
+    ``cpu`` ('any' | 'vnni', onnx and torch): 'any' (the default) keeps every integer layer exact on x86 CPUs
+    without VNNI too, whose 8-bit kernels sum products in saturating int16 pairs; 'vnni' is for deployments on
+    AVX512-VNNI/AVX-VNNI x86 or ARM only, and allows full 8-bit weights.
     Returns a :class:`QuantGraphModule` in eval mode. Raises TraceError, QuantArgumentError, PassError."""
     if not isinstance(model, nn.Module):
         raise QuantArgumentError(f"quantize: expected an nn.Module, got {type(model).__name__}")
@@ -200,7 +203,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
                                  f"{', '.join(CALIBRATION_METHODS)}")
     profile = _profile(target, **_profile_opts(dict(
         weight_bit_width=weight_bit_width, act_bit_width=act_bit_width, bias_bit_width=bias_bit_width,
-        input_bit_width=input_bit_width, bias_scaling=bias_scaling)))
+        input_bit_width=input_bit_width, bias_scaling=bias_scaling, cpu=cpu)))
     if example_inputs is None and calibration_data is not None:
         example_inputs = _first_batch(calibration_data, model)
     if example_inputs is not None and torch.is_tensor(example_inputs):

@@ -91,7 +91,7 @@ def cmd_quantize(args) -> int:
     qmodel = quantfx.quantize(
         model, args.target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
         weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
-        bias_bit_width=args.bias_bit_width, pipeline=pipeline, calibration_method=args.calib_method,
+        bias_bit_width=args.bias_bit_width, cpu=args.cpu, pipeline=pipeline, calibration_method=args.calib_method,
         progress=not args.quiet, dump_dir=args.dump_dir)
     if args.save:
         torch.save(qmodel, args.save)
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bit-width", type=int)
     q.add_argument("--act-bit-width", type=int)
     q.add_argument("--bias-bit-width", type=int)
+    q.add_argument("--cpu", choices=["any", "vnni"],
+                   help="onnx/torch: 'any' (default) is exact on every CPU; 'vnni' allows 8-bit weights, for "
+                        "deployments on AVX512-VNNI/AVX-VNNI x86 or ARM only")
     q.add_argument("--pipeline", help="pass pipeline spelled as a string (see `quantfx passes`)")
     q.add_argument("-o", "--output", help="artefact path (e.g. out.onnx)")
     q.add_argument("--save", help="also save the quantized model (torch.save) for verify/inspect/draw")

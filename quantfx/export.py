@@ -26,6 +26,8 @@ class Backend:
     load: Callable[[Path], Any]
     run: Callable[[Any, tuple], list]  # (artefact, inputs) -> list of numpy outputs
     run_with_intermediates: Optional[Callable[[Any, tuple, list], dict]] = None
+    # (artefact, inputs) -> a sentence on what could make it differ from the fake-quant model (runtime/CPU causes)
+    diagnose: Optional[Callable[[Any, tuple], str]] = None
     suffix: str = ".onnx"
 
 
@@ -95,6 +97,7 @@ class VerifyReport:
     tolerance_lsb: float = 1.0
     worst_node: Optional[str] = None
     worst_node_error_lsb: Optional[float] = None
+    diagnosis: Optional[str] = None  # the backend's reading of a mismatch (e.g. CPU arithmetic), when it fails
 
     @property
     def ok(self) -> bool:
@@ -113,6 +116,8 @@ class VerifyReport:
         if self.worst_node:
             lines.append(f"  first node off by more than the tolerance: {self.worst_node} "
                          f"({self.worst_node_error_lsb:.2f} LSB)")
+        if self.diagnosis:
+            lines.append(f"  diagnosis: {self.diagnosis}")
         return "\n".join(lines)
 
 
@@ -168,6 +173,8 @@ def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[st
                                            err / lsb if lsb == lsb and lsb > 0 else float("inf") if err else 0.0))
     if not report.ok and backend.run_with_intermediates is not None:
         _find_worst(qmodel, artefact, inputs, backend, report)
+    if not report.ok and backend.diagnose is not None:
+        report.diagnosis = backend.diagnose(artefact, inputs)
     return report
 
 

@@ -20,6 +20,7 @@ from quantfx.export import Backend, register_backend
 from quantfx.graph import is_act_quant, is_cat, is_compute, is_invariant, module_of, qmeta
 from quantfx.quant import functional as qf
 
+from .int16_pairs import INT16_MAX, check_layer, code_max, cpu_has_int32_dot, integer_layers, pair_risks, top2_sum
 from .onnx_base import OnnxLowering, np32
 
 NODE_VALUES_KEY = "quantfx.node_values"
@@ -62,6 +63,26 @@ class QDQLowering(OnnxLowering):
                 if bq.is_quant_enabled and bq.bias_scaling != "external":
                     raise TargetError(f"onnx: {node.target} bias has its own scale; ONNX integer kernels need "
                                       "an int32 bias with scale = input scale x weight scale (use Int32Bias)")
+                if wq.is_quant_enabled and getattr(getattr(self.gm, "profile", None), "cpu", "any") == "any":
+                    self._check_pairs(node, layer)
+
+    def _check_pairs(self, node, layer) -> None:
+        """The int16_pairs rule for one integer layer: no two of its weights times its largest input code may
+        pass 32767, or onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI saturate."""
+        meta = qmeta(node.args[0])
+        if meta.kind != "act" or meta.scale is None or meta.bit_width > 8:
+            return  # a float input: onnxruntime runs the layer in float
+        a_max = code_max(*qf.int_range(meta.bit_width, meta.signed, meta.narrow))
+        ints, _ = self._weight_ints(layer)
+        top = int(top2_sum(ints.reshape(1, -1).numpy()).max(initial=0))
+        if a_max * top > INT16_MAX:
+            name = node.target
+            raise TargetError(
+                f"onnx: {name} can sum {a_max} x {top} = {a_max * top} in one int16 pair of onnxruntime's u8 x s8 "
+                f"kernels (input codes up to {a_max}, its two largest weight magnitudes summing to {top}; limit {INT16_MAX}), "
+                "which saturates on x86 CPUs without VNNI, so the file would give other integers there. Give it "
+                f"7-bit weights (overrides={{{name!r}: dict(weight_bit_width=7)}}) or a 7-bit input, or quantize "
+                "with cpu='vnni' if every CPU it will run on has AVX512-VNNI/AVX-VNNI or is ARM")
 
     def emit_act_quant(self, x, q, base):
         scale, zp = q.qparams(None)
@@ -281,6 +302,44 @@ def _lower(qmodel, example_inputs):
     return QDQLowering(qmodel, example_inputs).lower()
 
 
+def layer_checks(model: onnx.ModelProto, inputs) -> list:
+    """Each u8 x s8 layer of ``model`` on ``inputs``: its accumulators as CPUs with int32 dot products (VNNI x86,
+    ARM) compute them against an emulation of AVX2's saturating int16 pair sums (int16_pairs.check_layer), the
+    integer inputs taken from onnxruntime."""
+    layers = integer_layers(model)
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    existing = {o.name for o in extended.graph.output}
+    for name in dict.fromkeys(layer.codes for layer in layers):
+        if name not in existing:
+            extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = ort_session(extended, optimize=False)  # the codes are the Q outputs, whichever kernels run after them
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feed(extended, inputs))))
+    return [check_layer(layer, values[layer.codes]) for layer in layers]
+
+
+def diagnose(model: onnx.ModelProto, inputs) -> str:
+    """Whether a mismatch of ``model`` in onnxruntime on ``inputs`` is consistent with int16 pair saturation."""
+    fix = "quantize with cpu='any' (the default: 7-bit weights) for a file that is exact on every CPU"
+    risky = [r for r in pair_risks(model) if not r.safe]
+    if not risky:
+        return (f"no integer layer of the file can pass {INT16_MAX} in an int16 pair sum of onnxruntime's u8 x s8 "
+                "kernels, so CPU differences (VNNI or not) are not the cause")
+    hit = [c for c in layer_checks(model, inputs) if not c.exact]
+    has_dot = cpu_has_int32_dot()
+    if not hit:
+        return (f"not int16 pair saturation: {len(risky)} integer layer(s) could saturate on x86 CPUs without "
+                "VNNI, but none does on these inputs (emulated)")
+    names = ", ".join(f"{c.node} ({c.differing} of {c.outputs} accumulators, up to {c.max_diff} off)"
+                      for c in hit[:3]) + (", ..." if len(hit) > 3 else "")
+    where = {False: "this CPU has no VNNI, so it sums u8 x s8 products in saturating int16 pairs",
+             True: "this CPU has VNNI (or is ARM), so the file is exact here but not on x86 CPUs without VNNI",
+             None: "this CPU's kernels are unknown"}[has_dot]
+    return (f"{'consistent with' if has_dot is not True else 'not the cause here, but note'} int16 pair "
+            f"saturation: on these inputs, emulated AVX2 arithmetic changes {len(hit)} layer(s): {names}; "
+            f"{where}; {fix}")
+
+
 BACKEND = register_backend(Backend(
     name="onnx", lower=_lower, save=lambda m, p: onnx.save(m, str(p)), load=lambda p: onnx.load(str(Path(p))),
-    run=run_onnx, run_with_intermediates=run_onnx_intermediates))
+    run=run_onnx, run_with_intermediates=run_onnx_intermediates, diagnose=diagnose))

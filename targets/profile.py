@@ -11,6 +11,7 @@ BIAS_MODES = ("external", "internal", "float")
 AVGPOOL_MODES = ("trunc", "requant")
 ADD_GRIDS = ("scale", "quantizer")
 REQUANT_MODES = ("float", "multiplier")
+CPU_MODES = ("any", "vnni")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ class TargetProfile:
     # adds a float bias before requantizing (4 of 2304 outputs of a test conv differ): torch keeps "float".
     # With "multiplier" the fake-quant model computes the same way in eval mode, so the artefact agrees to the bit.
     requant: str = "float"
+    # the runtime's 8-bit kernels sum u8 x s8 products in pairs into a saturating int16 on x86 CPUs without VNNI
+    # (onnxruntime's MLAS, fbgemm): quantfx.targets.int16_pairs
+    pair_kernels: bool = False
+    # which CPUs the artefact must be exact on, where pair_kernels: "any" (x86 with or without VNNI, ARM), so no
+    # pair sum may leave int16 (checked when profiling and at export); "vnni" trusts every deployment CPU to
+    # multiply into int32 (AVX512-VNNI, AVX-VNNI, ARM), which lets 8-bit weights meet 8-bit activations
+    cpu: str = "any"
+    # weight_bit_width per cpu mode where it differs from weight_bit_width (replace(cpu=...) takes it)
+    cpu_weight_bit_width: tuple = ()
     description: str = ""
     options: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -54,6 +64,8 @@ class TargetProfile:
             raise QuantArgumentError(f"{where}: bias_scaling={self.bias_scaling!r}; use one of {BIAS_MODES}")
         if self.requant not in REQUANT_MODES:
             raise QuantArgumentError(f"{where}: requant={self.requant!r}; use one of {REQUANT_MODES}")
+        if self.cpu not in CPU_MODES:
+            raise QuantArgumentError(f"{where}: cpu={self.cpu!r}; use one of {CPU_MODES}")
         if self.add_grid not in ADD_GRIDS:
             raise QuantArgumentError(f"{where}: add_grid={self.add_grid!r}; use one of {ADD_GRIDS}")
         if self.avgpool not in AVGPOOL_MODES:
@@ -66,10 +78,43 @@ class TargetProfile:
                     f"{where}: {attr}={v!r} is outside what the target accepts ({rng[0]}..{rng[1]})")
         if self.bias_bit_width not in (8, 16, 32):
             raise QuantArgumentError(f"{where}: bias_bit_width={self.bias_bit_width!r}; use 8, 16 or 32")
+        self._check_pairs(where)
+
+    def worst_pair(self) -> tuple[int, int, int]:
+        """(largest activation code, largest weight magnitude, their worst pair sum) of the profile's default
+        widths, as a u8 x s8 kernel sees them (int16_pairs.code_max)."""
+        from .int16_pairs import code_max
+        def rng(spec, bits):
+            return Q.functional.int_range(bits, spec.signed, spec.narrow_range)
+
+        a_max = max(code_max(*rng(q, bits)) for q, bits in (
+            (self.act_quant, self.act_bit_width), (self.act_quant_unsigned, self.act_bit_width),
+            (self.act_quant, self.input_bit_width)))
+        lo, hi = rng(self.weight_quant, self.weight_bit_width)
+        w_max = max(-lo, hi)
+        return a_max, w_max, a_max * 2 * w_max
+
+    def _check_pairs(self, where: str) -> None:
+        from .int16_pairs import INT16_MAX
+        if not self.pair_kernels or self.cpu != "any":
+            return
+        a_max, w_max, worst = self.worst_pair()
+        if worst > INT16_MAX:
+            raise QuantArgumentError(
+                f"{where}: {self.weight_bit_width}-bit weights (|w| <= {w_max}) on {self.act_bit_width}-bit "
+                f"activations (codes <= {a_max}) can sum to {a_max} x {2 * w_max} = {worst} in one int16 pair of "
+                f"the runtime's 8-bit kernels on x86 CPUs without VNNI (limit {INT16_MAX}), so the artefact would "
+                "give other integers there. Use weight_bit_width <= 7 or act_bit_width and input_bit_width <= 7, "
+                "or cpu='vnni' if every CPU it will run on has AVX512-VNNI/AVX-VNNI or is ARM")
 
     def replace(self, **changes) -> "TargetProfile":
-        """A copy with ``changes`` (validated); ``None`` values are ignored."""
+        """A copy with ``changes`` (validated); ``None`` values are ignored. A new ``cpu`` brings that mode's
+        weight width (``cpu_weight_bit_width``) unless ``weight_bit_width`` is given too."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        if "cpu" in changes and "weight_bit_width" not in changes:
+            by_cpu = dict(self.cpu_weight_bit_width)
+            if changes["cpu"] in by_cpu:
+                changes["weight_bit_width"] = by_cpu[changes["cpu"]]
         return dataclasses.replace(self, **changes) if changes else self
 
     def weight_spec_overrides(self) -> dict:
@@ -109,9 +154,10 @@ ONNX = register_profile(TargetProfile(
     name="onnx", weight_quant=Q.Int8WeightPerChannelFloat, act_quant=Q.Uint8ActPerTensorFloatAsym,
     act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external", bias_bit_width=32,
     avgpool="requant", weight_bit_range=(2, 8), act_bit_range=(2, 8), zero_point_allowed=True,
-    requant="multiplier",
-    description="standard ONNX QDQ for onnxruntime: int8 per-channel weights (axis 0), uint8 activations "
-                "with zero point, int32 external bias"))
+    requant="multiplier", pair_kernels=True, weight_bit_width=7, cpu_weight_bit_width=(("any", 7), ("vnni", 8)),
+    description="standard ONNX QDQ for onnxruntime: int8 per-channel weights (axis 0; 7-bit magnitudes so no "
+                "int16 pair sum saturates on x86 without VNNI, 8-bit with cpu='vnni'), uint8 activations with "
+                "zero point, int32 external bias"))
 
 
 class Int8WeightPerChannelFullRange(Q.Int8WeightPerChannelFloat):
@@ -124,17 +170,19 @@ TORCH = register_profile(TargetProfile(
     act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external",
     bias_bit_width=32,
     avgpool="requant", act_bit_width=7, input_bit_width=7, weight_bit_range=(8, 8), act_bit_range=(7, 8),
-    zero_point_allowed=True, options={"engine": "x86"},
+    zero_point_allowed=True, pair_kernels=True, options={"engine": "x86"},
     description="PyTorch quantized ops: int8 per-channel weights, quint8 activations with zero point; 7-bit "
                 "activation range on x86/fbgemm (reduce_range), 8-bit on qnnpack"))
 
 
 def torch_profile(engine: str = "x86") -> TargetProfile:
-    """The torch profile for a quantized engine: 7-bit activations on x86/fbgemm, 8-bit on qnnpack."""
+    """The torch profile for a quantized engine: 7-bit activations on x86/fbgemm, whose AVX2 kernels sum products
+    in saturating int16 pairs; 8-bit on qnnpack, whose kernels take u8 x u8 products into int32."""
     if engine not in ("x86", "fbgemm", "qnnpack", "onednn"):
         raise QuantArgumentError(f"torch target: engine={engine!r}; use 'x86', 'fbgemm', 'qnnpack' or 'onednn'")
     bits = 8 if engine == "qnnpack" else 7
-    return dataclasses.replace(TORCH, act_bit_width=bits, input_bit_width=bits, options={"engine": engine})
+    return dataclasses.replace(TORCH, act_bit_width=bits, input_bit_width=bits, pair_kernels=engine != "qnnpack",
+                               options={"engine": engine})
 
 
 DPU = register_profile(TargetProfile(

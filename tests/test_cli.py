@@ -64,6 +64,17 @@ def test_weight_bit_width_and_calib_npz(model_file, tmp_path):
     assert bits == {4}
 
 
+def test_cpu_option_picks_the_onnx_weight_width(model_file, tmp_path):
+    widths = {}
+    for cpu in ("any", "vnni"):
+        saved = tmp_path / f"q_{cpu}.pt"
+        assert main(["quantize", f"{model_file}:build", "--target", "onnx", "--input-shape", "2,3,8,8",
+                     "--cpu", cpu, "--save", str(saved), "--quiet"]) == 0
+        q = torch.load(saved, weights_only=False)
+        widths[cpu] = {m.weight_quant.bit_width for m in q.modules() if hasattr(m, "weight_quant")}
+    assert widths == {"any": {7}, "vnni": {8}}
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["quantize", "MODEL:nope", "--input-shape", "1,3,8,8"], 2, "has no function 'nope'"),
     (["quantize", "MODEL:build", "--input-shape", "1,x,8"], 2, "comma-separated integers"),

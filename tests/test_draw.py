@@ -177,7 +177,7 @@ def test_per_channel_weights_and_float_layers(tmp_path):
     q = quantfx.quantize(LeNetLike().eval(), "onnx", calibration_data=[torch.randn(2, 1, 28, 28)],
                          overrides={"fc2": None}, progress=False)
     src = quantfx.draw(q, tmp_path / "q.dot").read_text()
-    assert r'label="QuantConv2d\nconv1\nw int8 per-channel' in src
+    assert r'label="QuantConv2d\nconv1\nw int7 per-channel' in src  # onnx: 7-bit weights
     assert re.search(r'label="acc \d+b\\n\[6\] [\d.e-]+\.\.[\d.e-]+"', src)  # conv1's per-channel accumulator scale
     assert fillcolor(src, "fc2") == "#ffffff" and r'label="Linear\nfc2"' in src
 
