@@ -4,7 +4,11 @@ Works for any ``torch.fx.GraphModule``: a traced float model, the graph after an
 Nodes show their op or module type and name (compute layers also their weight bits and bias mode); quantized
 edges show bit width and sign, scale (``2^-n`` when a power of two) and accumulator widths, read from
 ``node.meta['quant']``; inputs that share one quantizer are coloured alike and the group named; float nodes are
-white with dashed grey edges; a legend explains it. The whole graph is laid out by one ``dot`` call.
+white with dashed grey edges; a legend explains it. The whole graph is laid out by one ``dot`` layout.
+
+Rendering needs no system program: the pygraphviz wheel (a quantfx dependency on Linux x86_64/aarch64, macOS arm64
+and Windows x64) carries Graphviz's libraries, and the layout runs in-process. Elsewhere a ``dot`` program on
+PATH is used; with neither, the ``.dot`` source is still written and DrawError says how to get a renderer.
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ LEGEND_GROUPS = 6
 # dot's layout time grows with the ranks its edges cross (it threads a virtual node through each): a DenseNet
 # block, where every layer reads all earlier ones, crosses hundreds of thousands. Above SPAN_LABELS, edge labels
 # become xlabels (placed after layout, so they do not double the ranks) and crossing minimisation and positioning
-# get a bounded effort; above SPAN_STRAIGHT, edges are also drawn straight. A DenseNet-121-shaped graph then renders
-# in about 4 s instead of minutes (tools/bench_draw.py); small graphs keep the full-effort layout.
-SPAN_LABELS, SPAN_STRAIGHT = 1500, 30000
-INSTALL = ("install graphviz's `dot` program (Debian/Ubuntu: apt-get install graphviz; macOS: brew install "
-           "graphviz; conda: conda install graphviz)")
+# get a bounded effort; above SPAN_STRAIGHT, edges are also drawn straight and crossing minimisation is cut short
+# (Graphviz 14's spline routing, in the pygraphviz wheel, took 30 s for 22,000 crossed ranks, 1.4 s for 3,200;
+# straight, 1.7 s). A DenseNet-121-shaped graph then renders in seconds instead of minutes (tools/bench_draw.py);
+# small graphs keep the full-effort layout.
+SPAN_LABELS, SPAN_STRAIGHT = 1500, 5000
+INSTALL = ("`pip install pygraphviz` (its wheels carry Graphviz), or install graphviz's `dot` program (Debian/Ubuntu: "
+           "apt-get install graphviz; macOS: brew install graphviz; conda: conda install graphviz)")
 
 
 def output_meta(gm: fx.GraphModule, node: fx.Node) -> tuple[QMeta, bool]:
@@ -203,13 +209,48 @@ def _write_source(g: graphviz.Digraph, path: Path) -> Path:
     return path
 
 
+def _pygraphviz():
+    """The pygraphviz module, or None when it is not installed (or its bundled libraries do not load)."""
+    try:
+        import pygraphviz
+    except ImportError:
+        return None
+    return pygraphviz
+
+
+def renderer() -> Optional[str]:
+    """What draws diagrams here: 'pygraphviz' (Graphviz's libraries from the wheel, in-process), 'dot' (a
+    system program), or None (only .dot source can be written)."""
+    if _pygraphviz() is not None:
+        return "pygraphviz"
+    return "dot" if shutil.which("dot") is not None else None
+
+
+class _RenderError(Exception):
+    """Graphviz refused the graph (the message is Graphviz's)."""
+
+
+def _render(g: graphviz.Digraph, fmt: str) -> bytes:
+    """The diagram in ``fmt``, laid out by dot: in-process through pygraphviz, else by one ``dot`` process."""
+    pgv = _pygraphviz()
+    if pgv is not None:
+        try:
+            return pgv.AGraph(string=g.source).draw(format=fmt, prog="dot")
+        except (ValueError, pgv.DotError) as e:
+            raise _RenderError(str(e)) from e
+    try:
+        return g.pipe(format=fmt)
+    except graphviz.CalledProcessError as e:
+        raise _RenderError((e.stderr or b"").decode(errors="replace").strip() or str(e)) from e
+
+
 def draw(gm: fx.GraphModule, path, title: Optional[str] = None) -> Path:
     """Draw ``gm`` to ``path`` and return ``path`` as a Path; the suffix (.svg, .png, .pdf, .dot) picks the
     format, and .dot writes the graphviz source only.
 
-    Raises DrawError for an unknown suffix or a ``gm`` that is not a GraphModule, and when graphviz's ``dot``
-    program is missing or fails; then the source is written next to ``path`` (same name, .dot) and the message
-    says where and how to install graphviz."""
+    Raises DrawError for an unknown suffix or a ``gm`` that is not a GraphModule, and when no renderer is
+    available (:func:`renderer`) or Graphviz fails; then the source is written next to ``path`` (same name,
+    .dot) and the message says where and how to get a renderer."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
@@ -222,31 +263,29 @@ def draw(gm: fx.GraphModule, path, title: Optional[str] = None) -> Path:
     if fmt == "dot":
         return _write_source(g, path)
     dot_path = path.with_suffix(".dot")
-    if shutil.which("dot") is None:
+    if renderer() is None:
         _write_source(g, dot_path)
-        raise DrawError(f"draw: graphviz's `dot` program was not found, so {path.name} was not rendered; the "
-                        f"source was written to {dot_path}. To render it, {INSTALL}")
+        raise DrawError(f"draw: no Graphviz renderer (neither pygraphviz nor a `dot` program), so {path.name} was "
+                        f"not rendered; the source was written to {dot_path}. To render it, {INSTALL}")
     try:
-        data = g.pipe(format=fmt)  # one dot process for the whole graph
+        data = _render(g, fmt)
     except graphviz.ExecutableNotFound as e:
         _write_source(g, dot_path)
         raise DrawError(f"draw: {e}, so {path.name} was not rendered; the source was written to {dot_path}. "
                         f"To render it, {INSTALL}") from e
-    except graphviz.CalledProcessError as e:
+    except _RenderError as e:
         _write_source(g, dot_path)
-        stderr = (e.stderr or b"").decode(errors="replace").strip()
-        raise DrawError(f"draw: dot failed on {path.name} ({stderr or e}); the source was written to "
-                        f"{dot_path}") from e
+        raise DrawError(f"draw: Graphviz failed on {path.name} ({e}); the source was written to {dot_path}") from e
     path.write_bytes(data)
     return path
 
 
 def dump_diagram(gm: fx.GraphModule, stem) -> Path:
-    """PassManager ``on_dump`` hook: write ``stem.svg``; when graphviz's ``dot`` program is missing (or fails),
-    write ``stem.dot`` and warn instead of raising, so a diagram never stops a compilation. Returns the file
+    """PassManager ``on_dump`` hook: write ``stem.svg``; when there is no renderer (or it fails), write
+    ``stem.dot`` and warn instead of raising, so a diagram never stops a compilation. Returns the file
     written."""
     stem = Path(stem)
-    if shutil.which("dot") is None:
+    if renderer() is None:
         # a constant message: Python shows it once, not once per pass
         warnings.warn(f"quantfx: pass dumps are written as .dot source only: {INSTALL}", stacklevel=2)
         return draw(gm, stem.parent / f"{stem.name}.dot")

@@ -1,5 +1,6 @@
 """quantfx.draw: every format for float and quantized graphs, edge labels equal to node.meta, shared-group colours,
-legend, a missing `dot`, pass dumps, graphs large enough to need the bounded-effort layout."""
+legend, the renderers (pygraphviz in-process, a system `dot`, neither), pass dumps, graphs large enough to need the bounded-effort layout."""
+import importlib
 import re
 import shutil
 import warnings
@@ -13,6 +14,8 @@ from torch import fx, nn
 import quantfx
 from quantfx.draw import SPAN_LABELS, dump_diagram, edge_label, rank_span, to_graphviz
 from quantfx.graph import QMeta, fmt_scale, is_act_quant, is_add, is_cat, is_compute, qmeta
+
+draw_module = importlib.import_module("quantfx.draw")  # quantfx.draw is the function
 
 
 class LeNetLike(nn.Module):
@@ -194,12 +197,38 @@ def test_edge_label_text():
     assert edge_label(QMeta()) is None
 
 
-def test_missing_dot_writes_source_and_says_how_to_install(qmodel, tmp_path, monkeypatch):
+def no_renderer(monkeypatch):
+    """A machine with neither pygraphviz nor a `dot` program."""
+    monkeypatch.setattr(draw_module, "_pygraphviz", lambda: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
+
+
+def test_renders_in_process_without_a_dot_program(qmodel, tmp_path, monkeypatch):
+    """The pygraphviz wheel brings Graphviz: no system program is needed, and none is started."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(graphviz.Digraph, "pipe", lambda *a, **k: pytest.fail("a dot process was started"))
+    assert draw_module.renderer() == "pygraphviz"
+    for suffix in (".svg", ".png", ".pdf"):
+        path = quantfx.draw(qmodel, tmp_path / f"g{suffix}")
+        assert path.read_bytes().startswith(MAGIC[suffix])
+
+
+def test_without_pygraphviz_a_system_dot_renders(qmodel, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(draw_module, "_pygraphviz", lambda: None)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/dot" if name == "dot" else None)
+    monkeypatch.setattr(graphviz.Digraph, "pipe", lambda self, format: calls.append(format) or b"<?xml dot")
+    assert draw_module.renderer() == "dot"
+    assert quantfx.draw(qmodel, tmp_path / "g.svg").read_bytes() == b"<?xml dot" and calls == ["svg"]
+
+
+def test_no_renderer_writes_source_and_says_how_to_get_one(qmodel, tmp_path, monkeypatch):
+    no_renderer(monkeypatch)
+    assert draw_module.renderer() is None
     with pytest.raises(quantfx.DrawError) as e:
         quantfx.draw(qmodel, tmp_path / "g.svg")
     message = str(e.value)
-    for hint in ("apt-get install graphviz", "brew install graphviz", "conda install graphviz"):
+    for hint in ("pip install pygraphviz", "apt-get install graphviz", "brew install graphviz"):
         assert hint in message
     assert str(tmp_path / "g.dot") in message
     assert (tmp_path / "g.dot").read_text().startswith("digraph quantfx {")
@@ -209,11 +238,21 @@ def test_missing_dot_writes_source_and_says_how_to_install(qmodel, tmp_path, mon
 def test_dot_vanishing_after_which_is_a_draw_error(qmodel, tmp_path, monkeypatch):
     def pipe(self, *args, **kwargs):
         raise graphviz.ExecutableNotFound(["dot", "-Kdot", "-Tpng"])
+    monkeypatch.setattr(draw_module, "_pygraphviz", lambda: None)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/dot")
     monkeypatch.setattr(graphviz.Digraph, "pipe", pipe)
-    with pytest.raises(quantfx.DrawError, match="apt-get install graphviz"):
+    with pytest.raises(quantfx.DrawError, match="pip install pygraphviz"):
         quantfx.draw(qmodel, tmp_path / "g.png")
     assert (tmp_path / "g.dot").exists() and not (tmp_path / "g.png").exists()
     assert isinstance(quantfx.DrawError("x"), quantfx.QuantFXError)
+
+
+def test_graphviz_refusing_the_graph_is_a_draw_error(qmodel, tmp_path, monkeypatch):
+    monkeypatch.setattr(draw_module, "to_graphviz", lambda gm, title=None: graphviz.Digraph(
+        "quantfx", body=["  a -> b [label=<unclosed]\n"]))
+    with pytest.raises(quantfx.DrawError, match="Graphviz failed on g.svg"):
+        quantfx.draw(qmodel, tmp_path / "g.svg")
+    assert (tmp_path / "g.dot").exists() and not (tmp_path / "g.svg").exists()
 
 
 def test_bad_arguments(qmodel, tmp_path):
@@ -227,12 +266,12 @@ def test_bad_arguments(qmodel, tmp_path):
 def test_dump_diagram_without_dot_writes_only_source(qmodel, tmp_path, monkeypatch):
     assert quantfx.draw.dump_diagram is dump_diagram
     assert dump_diagram(qmodel, tmp_path / "07_annotate") == tmp_path / "07_annotate.svg"
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    no_renderer(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         written = dump_diagram(qmodel, tmp_path / "00_trace")
     assert written == tmp_path / "00_trace.dot" and written.exists()
-    assert not (tmp_path / "00_trace.svg").exists() and "apt-get install graphviz" in str(caught[0].message)
+    assert not (tmp_path / "00_trace.svg").exists() and "pip install pygraphviz" in str(caught[0].message)
 
 
 def test_dump_dir_writes_text_and_diagram_per_pass(tmp_path):
