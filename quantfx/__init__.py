@@ -20,4 +20,8 @@ from .api import (
 from .export import export, lower, verify, VerifyReport
 from .draw import draw
 
+# importing quantfx.targets registers the target profiles and backends in the core's registries (the profile
+# registry, quantfx.lowering.BACKENDS): last, since they build on everything above
+from . import targets  # noqa: E402,F401
+
 __version__ = "0.1.0"

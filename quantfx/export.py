@@ -1,9 +1,10 @@
-"""Public backend API shared by every target: ``lower``, ``export`` and ``verify``."""
+"""Public backend API shared by every target: ``lower``, ``export`` and ``verify``. The Backend contract and its
+registry live in the lowering core (quantfx.lowering) and are re-exported here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -11,39 +12,7 @@ from torch import fx
 
 from .errors import QuantArgumentError, QuantFXError
 from .graph import is_act_quant, qmeta
-
-#: target name -> Backend (registered by the target modules under quantfx.targets)
-BACKENDS: dict[str, "Backend"] = {}
-
-
-@dataclass
-class Backend:
-    """How one target lowers, saves, loads and runs its artefact."""
-
-    name: str
-    lower: Callable[[fx.GraphModule, tuple], Any]  # (qmodel, example_inputs) -> artefact
-    save: Callable[[Any, Path], None]
-    load: Callable[[Path], Any]
-    run: Callable[[Any, tuple], list]  # (artefact, inputs) -> list of numpy outputs
-    run_with_intermediates: Optional[Callable[[Any, tuple, list], dict]] = None
-    # (artefact, inputs) -> a sentence on what could make it differ from the fake-quant model (runtime/CPU causes)
-    diagnose: Optional[Callable[[Any, tuple], str]] = None
-    suffix: str = ".onnx"
-
-
-def register_backend(backend: Backend) -> Backend:
-    BACKENDS[backend.name] = backend
-    return backend
-
-
-def backend_for(qmodel, target: Optional[str] = None) -> Backend:
-    from . import targets  # noqa: F401  (registers the backends)
-    name = target or getattr(getattr(qmodel, "profile", None), "name", None)
-    if name is None:
-        raise QuantArgumentError("export: the model has no target profile; pass target='onnx' | 'finn' | ...")
-    if name not in BACKENDS:
-        raise QuantArgumentError(f"export: no backend for target {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]
+from .lowering import BACKENDS, Backend, backend_for, register_backend
 
 
 def _inputs(qmodel, example_inputs) -> tuple:
@@ -71,10 +40,13 @@ def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = N
 
 
 def export(qmodel: fx.GraphModule, path: Union[str, Path], example_inputs=None, target: Optional[str] = None):
-    """Write the artefact for the model's target to ``path`` and return it."""
+    """Write the artefact for the model's target to ``path`` (the backend's suffix added when it has none) and
+    return it."""
     backend = backend_for(qmodel, target)
     artefact = lower(qmodel, example_inputs, target)
     path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(backend.suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
     backend.save(artefact, path)
     return artefact

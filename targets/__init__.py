@@ -1,9 +1,13 @@
-"""Target profiles, lowering and rule checks (installed as ``quantfx.targets``)."""
+"""Target profiles and backends (installed as ``quantfx.targets``); importing it registers each backend."""
+from quantfx.lowering import register_backend
+
+from . import finn_qonnx, onnx_qdq
 from .profile import (
     DPU, FINN, ONNX, TORCH, TargetProfile, available_targets, get_profile, register_profile, torch_profile,
 )
 
+for _backend in (onnx_qdq.BACKEND, finn_qonnx.BACKEND):
+    register_backend(_backend)
+
 __all__ = ["TargetProfile", "available_targets", "get_profile", "register_profile", "torch_profile",
            "FINN", "ONNX", "TORCH", "DPU"]
-from . import onnx_qdq  # noqa: E402,F401  (registers the onnx backend)
-from . import finn_qonnx  # noqa: E402,F401  (registers the finn backend)

@@ -17,32 +17,29 @@ turns it into standard QuantizeLinear/Clip/DequantizeLinear ONNX for onnxruntime
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 
-from quantfx.errors import ExportError, TargetError
-from quantfx.export import Backend, register_backend
-from quantfx.graph import is_act_quant, is_add, is_compute, is_trunc_pool, module_of, qmeta, tensor_inputs
-from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
+from quantfx.errors import ExportError
+from quantfx.graph import module_of, qmeta
+from quantfx.lowering import Backend
+from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
 from quantfx.quant import functional as qf
 
-from .onnx_base import OnnxLowering, np32
-from .onnx_qdq import NODE_VALUES_KEY, node_values
+from .onnx_base import OnnxLowering, feed, load_onnx, node_values, np32, save_onnx
+from .profile import FINN
 
 DOMAIN = "qonnx.custom_op.general"
 # ops that only move values: on integers of one grid they give the integers of the result
 _GRID_OPS = {"MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Slice", "Split", "Squeeze",
              "Unsqueeze", "DepthToSpace", "Pad", "Concat"}
 # qonnx's ROUND is np.round (half to even); its HALF_UP rounds ties away from zero, which equals quantfx's
-# floor(x + 0.5) only on non-negative values, so 'half_up' is accepted on unsigned grids only.
+# floor(x + 0.5) only on non-negative values, so the finn profile accepts 'half_up' on unsigned grids only.
 ROUNDING = {"half_even": "ROUND", "floor": "FLOOR", "half_up": "HALF_UP"}
-MAX_ACT_BITS = 8  # FINN turns activation quantizers into thresholds
 
 
 class QONNXLowering(OnnxLowering):
@@ -58,8 +55,8 @@ class QONNXLowering(OnnxLowering):
     extra_opsets = {DOMAIN: 1}
     dynamic_batch = False
 
-    def __init__(self, qmodel, example_inputs):
-        super().__init__(qmodel, example_inputs)
+    def begin(self):
+        super().begin()
         # value on an activation grid -> (its integers' value name, scale as float32, FINN datatype name)
         self.grid_of: dict = {}
 
@@ -68,20 +65,20 @@ class QONNXLowering(OnnxLowering):
     def dequant(self, ints, scale, base, dtype=None):
         """``Mul(ints, scale)``: the values of integers ``ints``. With their FINN datatype ``dtype`` they are
         recorded as an activation grid that value-moving ops and integer layers may work on."""
-        y = super().op("Mul", [ints, self.const(base + "_scale", scale)], base)
+        y = self.op("Mul", [ints, self.const(base + "_scale", scale)], base)
         if dtype is not None:
             self.grid_of[y] = (ints, scale, dtype)
         return y
 
-    def op(self, op_type, inputs, base, n_out=1, domain="", **attrs):
+    def move(self, op_type, inputs, base, n_out=1, **attrs):
         """Ops that only move values (pools of max, reshapes, concatenation of one grid, zero padding) run on
         the integers of their grid input and are dequantized after, which gives the same float32 numbers (the
         rounding of ``int x scale`` is monotonic); the Mul nodes nobody reads are dropped at the end."""
         grid = self._grid_inputs(op_type, inputs)
         if grid is None:
-            return super().op(op_type, inputs, base, n_out, domain, **attrs)
+            return self.op(op_type, inputs, base, n_out, **attrs)
         ints, scale, dtype = grid
-        outs = super().op(op_type, ints, base + "_int", n_out, domain, **attrs)
+        outs = self.op(op_type, ints, base + "_int", n_out, **attrs)
         if n_out == 1:
             return self.dequant(outs, scale, base, dtype)
         return [self.dequant(o, scale, f"{base}_{i}", dtype) for i, o in enumerate(outs)]
@@ -112,20 +109,20 @@ class QONNXLowering(OnnxLowering):
         if isinstance(m, QuantSigmoid):
             x = self.op("Sigmoid", [x], node.name + "_sigmoid")
         if q.bit_width > 1:  # BipolarQuant takes the sign, which the division keeps
-            x = super().op("Div", [x, self.const(node.name + "_act_scale", scale)], node.name + "_scaled")
+            x = self.op("Div", [x, self.const(node.name + "_act_scale", scale)], node.name + "_scaled")
 
         def bound(v):  # the clip bound on the divided values: monotonic rounding makes clip and divide commute
             return self.const(node.name + "_bound", np.float32(np.float32(v) / scale) if q.bit_width > 1
                               else np.float32(v))
         if isinstance(m, QuantReLU):
-            x = super().op("Relu", [x], node.name + "_relu") if self._clip_is_rounded_off(m) else \
-                super().op("Clip", [x, bound(0.0), bound(m.max_val)], node.name + "_relu6")
+            x = self.op("Relu", [x], node.name + "_relu") if self._clip_is_rounded_off(m) else \
+                self.op("Clip", [x, bound(0.0), bound(m.max_val)], node.name + "_relu6")
         elif isinstance(m, QuantSigmoid) and not q.signed:
             # a Relu of the (non-negative) sigmoid changes nothing, and FINN's frontend takes an unsigned Quant
             # only right after a Relu
-            x = super().op("Relu", [x], node.name + "_relu")
+            x = self.op("Relu", [x], node.name + "_relu")
         elif isinstance(m, QuantHardTanh) and not self._clip_is_rounded_off(m):
-            x = super().op("Clip", [x, bound(m.min_val), bound(m.max_val)], node.name + "_hardtanh")
+            x = self.op("Clip", [x, bound(m.min_val), bound(m.max_val)], node.name + "_hardtanh")
         ints = self._quant(x, np.float32(1), q.bit_width, q.signed, q.narrow_range, q.rounding, node.name + "_int")
         dtype = "BIPOLAR" if q.bit_width == 1 else f"{'INT' if q.signed else 'UINT'}{q.bit_width}"
         return self.dequant(ints, scale, node.name, dtype)
@@ -153,14 +150,14 @@ class QONNXLowering(OnnxLowering):
                 not np.array_equal(grid[1], np32(self.input_scale(node).reshape(-1)[0])):
             return super().emit_compute(node)
         in_scale = self.input_scale(node)
-        w_ints, w_scale = self._weight_ints(layer)
+        w_ints, w_scale = self.weight_ints(layer)
         wq = layer.weight_quant
         w = self._quant(self.const(node.target + ".weight_int", np32(w_ints)), np.float32(1), wq.bit_width,
                         wq.signed, wq.narrow_range, wq.rounding, node.target + ".weight")
         b = None
         if layer.bias is not None:
             bq = layer.bias_quant
-            b_ints, _ = self._bias_ints(layer, in_scale)
+            b_ints, _ = self.bias_ints(layer, in_scale)
             b = self._quant(self.const(node.target + ".bias_int", np32(b_ints)), np.float32(1), bq.bit_width,
                             bq.signed, bq.narrow_range, bq.rounding, node.target + ".bias", vector=True)
         acc = self.emit_layer(node, layer, grid[0], w, b, name=node.name + "_acc")
@@ -170,84 +167,6 @@ class QONNXLowering(OnnxLowering):
         if scale.size > 1 and not isinstance(layer, torch.nn.Linear):
             scale = scale.reshape([1, -1] + [1] * (rank - 2))  # output channels on axis 1, FINN's layout
         return self.dequant(acc, scale, node.name)  # an accumulator: no activation grid
-
-    # -- rules ----------------------------------------------------------------------------------------
-
-    def check_rules(self) -> None:
-        weight_users: dict[int, list] = {}
-        for node in self.gm.graph.nodes:
-            if is_act_quant(self.gm, node):
-                self._check_act(node, module_of(self.gm, node))
-            elif is_compute(self.gm, node):
-                layer = module_of(self.gm, node)
-                wq = layer.weight_quant
-                if wq.is_quant_enabled:
-                    weight_users.setdefault(id(wq), []).append(node.target)
-                    self._check_common(f"{node.target} weight quantizer", wq, max_bits=8)
-                bq = layer.bias_quant
-                if layer.bias is not None and bq.is_quant_enabled:
-                    if bq.bias_scaling != "external":
-                        raise TargetError(f"finn: {node.target} bias has its own scale; FINN takes a float bias or "
-                                          "an external-scale one (Int32Bias, scale = input scale x weight scale)")
-                    self._check_rounding(f"{node.target} bias quantizer", bq.rounding, bq.signed)
-            elif is_trunc_pool(self.gm, node):
-                pool = module_of(self.gm, node)
-                self._check_rounding(f"{node.target} truncation", pool.rounding, qmeta(node.args[0]).signed)
-            elif is_add(node):
-                self._check_add(node)
-        for users in weight_users.values():
-            if len(users) > 1:
-                what = f"one weight quantizer feeds {', '.join(users)}" if len(set(users)) == len(users) else \
-                    f"{users[0]} is called {len(users)} times, so its weight quantizer feeds {len(users)} nodes"
-                raise TargetError(f"finn: {what}; FINN needs a weight quantizer per layer (give each layer "
-                                  "its own weight_quant)")
-
-    @staticmethod
-    def _check_add(node) -> None:
-        grids = {(m.bit_width, m.signed) for m in (qmeta(a) for a in tensor_inputs(node)) if m.kind == "act"}
-        if len(grids) > 1:
-            kinds = ", ".join(sorted(f"{'INT' if s else 'UINT'}{b}" for b, s in grids))
-            raise TargetError(f"finn: {node.name} adds {kinds} inputs; FINN's AddStreams needs identical input "
-                              "datatypes (quantize with the finn profile's add_grid='quantizer', which requantizes "
-                              "the ReLU-side input onto the shared grid)")
-
-    def _check_common(self, where, q, max_bits):
-        if q.zero_point_type != "symmetric":
-            raise TargetError(f"finn: {where} has a zero point (asymmetric); FINN needs zero point 0 "
-                              "(use a symmetric quantizer such as Int8ActPerTensorFloat)")
-        if q.bit_width > max_bits:
-            raise TargetError(f"finn: {where} is {q.bit_width}-bit; FINN takes at most {max_bits} bits here "
-                              f"(use bit_width <= {max_bits})")
-        self._check_rounding(where, q.rounding, q.signed)
-
-    @staticmethod
-    def _check_rounding(where, rounding, signed):
-        if rounding not in ROUNDING:
-            raise TargetError(f"finn: {where} rounds {rounding!r}; QONNX rounds {', '.join(ROUNDING)}")
-        if rounding == "half_up" and signed:
-            raise TargetError(f"finn: {where} is signed and rounds 'half_up' (ties toward +inf); QONNX's "
-                              "HALF_UP rounds ties away from zero, so negative ties would differ (use "
-                              "rounding='half_even' or 'floor')")
-
-    def _check_act(self, node, m) -> None:
-        q = m.act_quant
-        if not q.is_quant_enabled:
-            return
-        where = f"{node.target} output quantizer"
-        self._check_common(where, q, MAX_ACT_BITS)
-        if q.scaling_per_output_channel:
-            raise TargetError(f"finn: {where} is per-channel; FINN activations are per-tensor")
-        if isinstance(m, (QuantReLU, QuantSigmoid)):
-            if q.signed:
-                raise TargetError(f"finn: {where} is signed; FINN needs unsigned activations after "
-                                  f"{'ReLU' if isinstance(m, QuantReLU) else 'Sigmoid'} (use "
-                                  "Uint8ActPerTensorFloat or signed=False)")
-            if q.narrow_range:
-                raise TargetError(f"finn: {where} is narrow-range; FINN needs non-narrow activations after ReLU "
-                                  "(use narrow_range=False)")
-        elif isinstance(m, (QuantIdentity, QuantHardTanh)) and not q.signed:
-            raise TargetError(f"finn: {where} is unsigned; FINN needs signed identity activations "
-                              "(use Int8ActPerTensorFloat or signed=True)")
 
     # -- quantizers -----------------------------------------------------------------------------------
 
@@ -286,7 +205,8 @@ class QONNXLowering(OnnxLowering):
         return self._quant(b, scale, bq.bit_width, bq.signed, bq.narrow_range, bq.rounding, base + ".bias",
                            vector=True)
 
-    def emit_trunc_pool(self, node, x):
+    def emit_trunc_pool(self, node):
+        x = self.env[node.args[0]]
         pool = module_of(self.gm, node)
         inp = qmeta(node.args[0])
         in_shape = self.shape(node.args[0])
@@ -315,8 +235,7 @@ class QONNXLowering(OnnxLowering):
             node.name + "_trunc", domain=DOMAIN, rounding_mode=ROUNDING[pool.rounding])
         return self.op("Mul", [trunc, self.const(node.name + "_rescale", np.float32(2.0 ** shift / k))], node.name)
 
-    def lower(self):
-        model = super().lower()
+    def postprocess(self, model):
         self._drop_unread(model)
         # the integer tensors' datatypes, as qonnx's ModelWrapper.set_tensor_datatype writes them: FINN reads
         # them where its own inference stops (the input of a Trunc reached through a Reshape, for one)
@@ -324,8 +243,6 @@ class QONNXLowering(OnnxLowering):
             model.graph.quantization_annotation.append(onnx.TensorAnnotation(
                 tensor_name=name, quant_parameter_tensor_names=[
                     onnx.StringStringEntryProto(key="finn_datatype", value=dtype)]))
-        onnx.helper.set_model_props(model, {NODE_VALUES_KEY: json.dumps(self.value_of_node)})
-        return model
 
     def _drop_unread(self, model) -> None:
         """Remove the dequantizing Mul nodes (and their scales) whose values no op reads: the activations that
@@ -369,23 +286,18 @@ def _prepared(model: onnx.ModelProto, batch: int, clean: bool):
     return cleanup_model(wrapper) if clean else wrapper.transform(InferShapes())
 
 
-def _feed(wrapper, inputs):
-    return {i.name: (x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(np.float32)
-            for i, x in zip(wrapper.graph.input, inputs)}
-
-
 def run_qonnx(model: onnx.ModelProto, inputs) -> list:
     """Outputs of qonnx's execute_onnx on the cleaned-up model (cleanup_model must accept the file)."""
     _, execute_onnx, *_ = _qonnx()
     wrapper = _prepared(model, int(inputs[0].shape[0]), clean=True)
-    out = execute_onnx(wrapper, _feed(wrapper, inputs))
+    out = execute_onnx(wrapper, feed(wrapper.graph.input, inputs))
     return [out[o.name] for o in wrapper.graph.output]
 
 
 def run_qonnx_intermediates(model, inputs, fx_names) -> dict:
     _, execute_onnx, *_ = _qonnx()
     wrapper = _prepared(model, int(inputs[0].shape[0]), clean=False)  # keeps tensor names
-    context = execute_onnx(wrapper, _feed(wrapper, inputs), return_full_exec_context=True)
+    context = execute_onnx(wrapper, feed(wrapper.graph.input, inputs), return_full_exec_context=True)
     out, wanted = {}, set(fx_names)
     for name, value in node_values(model).items():
         if name not in wanted:
@@ -497,10 +409,9 @@ def _static_batch(model) -> int:
 
 
 def _lower(qmodel, example_inputs):
-    return QONNXLowering(qmodel, example_inputs).lower()
+    return QONNXLowering(qmodel, example_inputs, profile=FINN).lower()
 
 
-BACKEND = register_backend(Backend(
-    name="finn", lower=_lower, save=lambda m, p: onnx.save(m, str(p)), load=lambda p: onnx.load(str(Path(p))),
-    run=run_qonnx, run_with_intermediates=run_qonnx_intermediates))
-
+BACKEND = Backend(
+    name="finn", lower=_lower, save=save_onnx, load=load_onnx, run=run_qonnx,
+    run_with_intermediates=run_qonnx_intermediates)

@@ -25,22 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-INT16_MAX = 32767
-
-
-def code_max(lo: int, hi: int) -> int:
-    """The largest code a u8 x s8 kernel multiplies for activation codes in [lo, hi]: unsigned codes as they
-    are; signed ones moved to unsigned (+128), as MLAS does for int8 activations on x86."""
-    return hi if lo >= 0 else max(hi + 128, -lo)
-
-
-def top2_sum(w_int: np.ndarray, axis: int = 0) -> np.ndarray:
-    """|w|_1st + |w|_2nd of each slice along ``axis`` (an output channel): the largest pair sum of weights."""
-    w = np.moveaxis(np.abs(np.asarray(w_int, np.int64)), axis, 0).reshape(np.shape(w_int)[axis], -1)
-    if w.shape[1] < 2:
-        return w.max(axis=1, initial=0)
-    part = np.partition(w, w.shape[1] - 2, axis=1)
-    return part[:, -1] + part[:, -2]
+from quantfx.rules import INT16_MAX, code_max, top2_sum  # noqa: F401  (the rule's arithmetic, re-exported)
 
 
 def worst_pair(w_int, in_code_max: int, axis: int = 0) -> int:

@@ -1,12 +1,16 @@
-"""Shared ONNX lowering: walks a compiled quantfx graph and writes an ``onnx.ModelProto``.
+"""ONNX lowering on the target-neutral core (quantfx.lowering): an ONNX builder and the standard operators.
 
-The walk, the standard operators (Conv, Gemm, Add, Concat, pools, reshapes, ...) and naming live here; a
-target subclass says how quantizers, weights, biases and truncating pools are written (QDQ for onnxruntime,
-QONNX ``Quant``/``Trunc`` for FINN) and which rules the graph must meet. Nodes and tensors are named after
-the fx nodes, which carry the module names.
+The core walks the graph, checks rules and calibration and gives the integers; this class builds an
+``onnx.ModelProto`` (named values, initializers, nodes) and lowers the standard operators (Conv, Gemm, Add,
+Concat, pools, reshapes, ...). A target subclass says how quantizers, weights, biases and truncating pools are
+written (QDQ for onnxruntime, QONNX ``Quant``/``Trunc`` for FINN). Ops that only move values go through
+:meth:`OnnxLowering.move`, which a target may route onto integers (FINN does). Nodes and tensors are named after
+the fx nodes, which carry the module names; ``quantfx.node_values`` in the model's metadata maps each fx node
+to its value, for verify.
 """
 from __future__ import annotations
 
+import json
 import math
 import operator
 from typing import Optional
@@ -17,16 +21,15 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from quantfx.errors import CalibrationError, ExportError, TargetError
-from quantfx.graph import (
-    data_input, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta, tensor_inputs,
-)
-from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid, exact_arithmetic
+from quantfx.errors import ExportError
+from quantfx.graph import data_input, module_of, tensor_inputs
+from quantfx.lowering import Lowering
+from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
 from quantfx.quant import Quantizer
 
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+NODE_VALUES_KEY = "quantfx.node_values"
 _ALIAS_METHODS = {"contiguous", "clone", "detach"}
 
 
@@ -34,12 +37,46 @@ def np32(t) -> np.ndarray:
     return np.asarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t, dtype=np.float32)
 
 
+def feed(graph_inputs, inputs) -> dict:
+    """The input dict of a session: each input (tensor or array) as float32, by the graph's input names."""
+    return {i.name: (x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(np.float32)
+            for i, x in zip(graph_inputs, inputs)}
+
+
+def save_onnx(model: onnx.ModelProto, path) -> None:
+    onnx.save(model, str(path))
+
+
+def load_onnx(path) -> onnx.ModelProto:
+    return onnx.load(str(path))
+
+
+def node_values(model: onnx.ModelProto) -> dict:
+    """fx node name -> the value that holds it in ``model`` (stamped by the lowering)."""
+    for prop in model.metadata_props:
+        if prop.key == NODE_VALUES_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def with_values(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the values ``names`` (for intermediate checks)."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    existing = {o.name for o in extended.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in existing:
+            extended.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return extended
+
+
 def _pair(v, n):
     return list(v) if isinstance(v, (list, tuple)) else [v] * n
 
 
-class OnnxLowering:
-    """Subclasses set ``target`` and ``opset`` and implement the ``emit_*`` hooks and ``check_rules``."""
+class OnnxLowering(Lowering):
+    """Subclasses set ``target`` and ``opset`` and implement ``emit_act_quant``, ``emit_weight`` and
+    ``emit_bias`` (or the whole ``emit_act`` / ``emit_compute``)."""
 
     target = "onnx"
     opset = 13
@@ -47,12 +84,11 @@ class OnnxLowering:
     producer_name = "quantfx"
     dynamic_batch = True  # inputs/outputs get a symbolic batch dimension
 
-    def __init__(self, qmodel: fx.GraphModule, example_inputs):
-        self.gm = qmodel
-        self.example_inputs = tuple(example_inputs)
+    def begin(self) -> None:
         self.nodes: list = []
         self.initializers: list = []
-        self.env: dict = {}  # fx node -> onnx value name (or tuple of names)
+        self.inputs: list = []
+        self.outputs: list = []
         self.value_of_node: dict = {}  # fx node name -> onnx value name (for intermediate checks)
         self._names: set = set()
 
@@ -79,16 +115,12 @@ class OnnxLowering:
                                            domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 
-    def shape(self, node: fx.Node) -> tuple:
-        tm = node.meta.get("tensor_meta")
-        if tm is None or not hasattr(tm, "shape"):
-            raise ExportError(f"{self.target}: no shape known for node {node.name}")
-        return tuple(tm.shape)
+    def move(self, op_type: str, inputs, base: str, n_out: int = 1, **attrs):
+        """An op that only moves or selects values (pools of max, reshapes, transposes, slices, zero padding,
+        concatenation): ``op`` here; a target that holds activations as integers runs it on them."""
+        return self.op(op_type, inputs, base, n_out, **attrs)
 
     # -- hooks ----------------------------------------------------------------------------------------
-
-    def check_rules(self) -> None:
-        """Raise TargetError for a graph the target cannot accept."""
 
     def emit_act_quant(self, x: str, q: Quantizer, base: str) -> str:
         raise NotImplementedError
@@ -99,84 +131,49 @@ class OnnxLowering:
     def emit_bias(self, layer, in_scale: torch.Tensor, base: str) -> Optional[str]:
         raise NotImplementedError
 
-    def emit_trunc_pool(self, node: fx.Node, x: str) -> str:
-        raise TargetError(f"{self.target}: {node.target} is a truncating average pool, which this target "
-                          "cannot express; quantize for this target so pools requantize instead")
+    def postprocess(self, model: onnx.ModelProto) -> None:
+        """Called on the built model before its node values are stamped."""
 
     # -- the walk -------------------------------------------------------------------------------------
 
-    def lower(self) -> onnx.ModelProto:
-        self.check_rules()
-        self._check_calibrated()
-        with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
-            ShapeProp(self.gm).propagate(*self.example_inputs)
-        inputs, outputs = [], []
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
-                name = self.fresh(node.name)
-                shape = self._io_shape(node)
-                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-                self.env[node] = name
-            elif node.op == "output":
-                results = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
-                for i, r in enumerate(results):
-                    name = self.op("Identity", [self.env[r]], "output" if len(results) == 1 else f"output_{i}")
-                    shape = self._io_shape(r)
-                    outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-            elif "tensor_meta" not in node.meta and node.op != "get_attr":
-                self.env[node] = None  # shape arithmetic (x.size(), ints): resolved into static shapes
-            else:
-                try:
-                    self.env[node] = self.emit(node)
-                except (TargetError, ExportError, CalibrationError):
-                    raise
-                except Exception as e:
-                    raise ExportError(f"{self.target}: cannot lower node {node.name} ({node.op} "
-                                      f"{node.target}): {type(e).__name__}: {e}") from e
-                if isinstance(self.env[node], str):
-                    self.value_of_node[node.name] = self.env[node]
-        graph = helper.make_graph(self.nodes, f"{type(self.gm).__name__}_{self.target}", inputs, outputs,
+    def lower_node(self, node: fx.Node):
+        value = super().lower_node(node)
+        if isinstance(value, str) and node.op not in ("placeholder", "output"):
+            self.value_of_node[node.name] = value
+        return value
+
+    def emit_input(self, node):
+        name = self.fresh(node.name)
+        self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, self._io_shape(node)))
+        return name
+
+    def emit_output(self, node, results):
+        for i, r in enumerate(results):
+            name = self.op("Identity", [self.env[r]], "output" if len(results) == 1 else f"output_{i}")
+            self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, self._io_shape(r)))
+        return None
+
+    def finish(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, f"{type(self.gm).__name__}_{self.target}", self.inputs, self.outputs,
                                   self.initializers)
         opsets = [helper.make_opsetid("", self.opset)] + \
             [helper.make_opsetid(d, v) for d, v in self.extra_opsets.items()]
         model = helper.make_model(graph, opset_imports=opsets, producer_name=self.producer_name)
         model.ir_version = min(model.ir_version, onnx.IR_VERSION, 10)
+        self.postprocess(model)
+        helper.set_model_props(model, {NODE_VALUES_KEY: json.dumps(self.value_of_node)})
         return model
 
     def _io_shape(self, node) -> list:
         shape = list(self.shape(node))
         return (["batch"] + shape[1:]) if self.dynamic_batch else shape
 
-    def _check_calibrated(self) -> None:
-        for name, m in self.gm.named_modules():
-            if isinstance(m, Quantizer) and m.is_quant_enabled and not m.is_calibrated:
-                raise CalibrationError(
-                    f"{self.target}: quantizer {m.qname or name} never saw data, so it has no scale; run "
-                    "quantfx.calibrate(qmodel, data) (or quantize(..., calibration_data=...)) before export")
+    def emit_constant(self, node, value):
+        return self.const(node.name, np32(value))
 
-    def emit(self, node: fx.Node):
-        if node.op == "get_attr":
-            value = getattr(self.gm, node.target) if "." not in node.target else \
-                self.gm.get_submodule(node.target.rsplit(".", 1)[0]).get_parameter(node.target.rsplit(".", 1)[1])
-            return self.const(node.name, np32(value))
-        if is_act_quant(self.gm, node):
-            return self.emit_act(node)
-        if is_compute(self.gm, node):
-            return self.emit_compute(node)
-        if is_trunc_pool(self.gm, node):
-            return self.emit_trunc_pool(node, self.env[node.args[0]])
-        if is_add(node):
-            a, b = tensor_inputs(node)
-            return self.op("Add", [self.env[a], self.env[b]], node.name)
-        if is_cat(node):
-            return self.emit_cat(node)
-        if node.op == "call_module":
-            return self.emit_module(node, module_of(self.gm, node))
-        if node.op == "call_function":
-            return self.emit_function(node)
-        if node.op == "call_method":
-            return self.emit_method(node)
-        raise ExportError(f"{self.target}: unsupported node {node.name} ({node.op})")
+    def emit_add(self, node):
+        a, b = tensor_inputs(node)
+        return self.op("Add", [self.env[a], self.env[b]], node.name)
 
     # -- quantized layers -----------------------------------------------------------------------------
 
@@ -199,12 +196,6 @@ class OnnxLowering:
             return x
         return self.emit_act_quant(x, m.act_quant, node.name)
 
-    def input_scale(self, node) -> torch.Tensor:
-        meta = qmeta(node.args[0])
-        if meta.scale is None:
-            raise CalibrationError(f"{self.target}: the input of {node.target} has no scale; calibrate first")
-        return meta.scale
-
     def emit_compute(self, node):
         layer = module_of(self.gm, node)
         x = self.env[node.args[0]]
@@ -215,20 +206,6 @@ class OnnxLowering:
             b = self.emit_bias(layer, self.input_scale(node), node.target) if layer.bias_quant.is_quant_enabled \
                 else self.const(node.target + ".bias", np32(layer.bias))
         return self.emit_layer(node, layer, x, w, b)
-
-    @staticmethod
-    def _weight_ints(layer):
-        """(int weights, weight scale) of a quantized layer, in the layer's own weight layout."""
-        with torch.no_grad():
-            return layer.weight_quant.int_repr(layer.weight), layer.weight_quant.scale(layer.weight)
-
-    @staticmethod
-    def _bias_ints(layer, in_scale):
-        """(int32 bias, its scale = input scale x weight scale as a float32 product, flat)."""
-        with torch.no_grad():
-            w_scale = layer.weight_quant.scale(layer.weight)
-            ints = layer.bias_quant.int_repr(layer.bias, in_scale, w_scale)
-            return ints, layer.acc_scale(in_scale, w_scale).reshape(-1)
 
     def emit_layer(self, node, layer, x, w, b, name=None):
         """The ONNX op of a conv/linear layer on inputs ``x``, ``w``, ``b`` (value names); its output is called
@@ -268,17 +245,17 @@ class OnnxLowering:
         rank = len(self.shape(node))
         if node.target is torch.stack:
             axis = dim % rank
-            items = [self.op("Unsqueeze", [i, self.const(node.name + "_axes", np.array([axis], np.int64))],
+            items = [self.move("Unsqueeze", [i, self.const(node.name + "_axes", np.array([axis], np.int64))],
                              node.name + "_unsq") for i in items]
-            return self.op("Concat", items, node.name, axis=axis)
-        return self.op("Concat", items, node.name, axis=dim % rank)
+            return self.move("Concat", items, node.name, axis=axis)
+        return self.move("Concat", items, node.name, axis=dim % rank)
 
     def emit_module(self, node, m):
         x = self.env[node.args[0]]
         if isinstance(m, _MAXPOOL_MODULES):
             return self._maxpool(node, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         if isinstance(m, (nn.AdaptiveMaxPool2d,)) and _pair(m.output_size, 2) == [1, 1]:
-            return self.op("GlobalMaxPool", [x], node.name)
+            return self.move("GlobalMaxPool", [x], node.name)
         if isinstance(m, nn.AdaptiveAvgPool2d):
             ins, out = self.shape(node.args[0])[-2:], self.shape(node)[-2:]
             if tuple(out) == (1, 1):
@@ -308,7 +285,7 @@ class OnnxLowering:
             if type(m) is cls:
                 return self.op(op_type, [x], node.name)
         if isinstance(m, nn.PixelShuffle):
-            return self.op("DepthToSpace", [x], node.name, blocksize=m.upscale_factor, mode="CRD")
+            return self.move("DepthToSpace", [x], node.name, blocksize=m.upscale_factor, mode="CRD")
         if isinstance(m, nn.Linear) or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
             w = self.const(node.target + ".weight", np32(m.weight))
             b = self.const(node.target + ".bias", np32(m.bias)) if m.bias is not None else None
@@ -319,20 +296,20 @@ class OnnxLowering:
         n = len(self.shape(node)) - 2
         k = _pair(kernel, n)
         p = _pair(padding, n)
-        return self.op("MaxPool", [x], node.name, kernel_shape=k, strides=_pair(stride or kernel, n),
+        return self.move("MaxPool", [x], node.name, kernel_shape=k, strides=_pair(stride or kernel, n),
                        pads=p + p, dilations=_pair(dilation, n), ceil_mode=int(bool(ceil_mode)))
 
     def _flatten(self, node, x, start, end):
         rank = len(self.shape(node.args[0]))
         if start % rank == 1 and end % rank == rank - 1:
-            return self.op("Flatten", [x], node.name, axis=1)
+            return self.move("Flatten", [x], node.name, axis=1)
         return self._reshape(node, x)
 
     def _reshape(self, node, x):
         out, inp = list(self.shape(node)), list(self.shape(data_input(node)))
         if out and inp and out[0] == inp[0]:
             out[0] = 0  # keep the batch dimension dynamic
-        return self.op("Reshape", [x, self.const(node.name + "_shape", np.array(out, np.int64))], node.name)
+        return self.move("Reshape", [x, self.const(node.name + "_shape", np.array(out, np.int64))], node.name)
 
     def _args(self, node, names_defaults):
         out = []
@@ -358,7 +335,7 @@ class OnnxLowering:
         if t is operator.getitem:
             return self._getitem(node)
         if t in (F.pixel_shuffle, torch.pixel_shuffle):
-            return self.op("DepthToSpace", [self.env[node.args[0]]], node.name, blocksize=int(node.args[1]),
+            return self.move("DepthToSpace", [self.env[node.args[0]]], node.name, blocksize=int(node.args[1]),
                            mode="CRD")
         if t is F.pad:
             return self._pad(node)
@@ -404,7 +381,7 @@ class OnnxLowering:
         else:
             dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
             perm = [d % rank for d in dims]
-        return self.op("Transpose", [x], node.name, perm=perm)
+        return self.move("Transpose", [x], node.name, perm=perm)
 
     def _split(self, node):
         x = self.env[node.args[0]]
@@ -419,7 +396,7 @@ class OnnxLowering:
             dim %= len(shape)
             sizes = list(split) if isinstance(split, (list, tuple)) else \
                 [min(split, shape[dim] - i) for i in range(0, shape[dim], split)]
-        outs = self.op("Split", [x, self.const(node.name + "_sizes", np.array(sizes, np.int64))], node.name,
+        outs = self.move("Split", [x, self.const(node.name + "_sizes", np.array(sizes, np.int64))], node.name,
                        n_out=len(sizes), axis=dim)
         return tuple(outs) if isinstance(outs, list) else (outs,)
 
@@ -447,13 +424,13 @@ class OnnxLowering:
                 raise ExportError(f"{self.target}: node {node.name}: index {item!r} has no lowering")
         y = value
         if axes:
-            y = self.op("Slice", [value, self.const(node.name + "_starts", np.array(starts, np.int64)),
+            y = self.move("Slice", [value, self.const(node.name + "_starts", np.array(starts, np.int64)),
                                   self.const(node.name + "_ends", np.array(ends, np.int64)),
                                   self.const(node.name + "_axes", np.array(axes, np.int64)),
                                   self.const(node.name + "_steps", np.array(steps, np.int64))],
                         node.name if not squeeze else node.name + "_slice")
         if squeeze:
-            y = self.op("Squeeze", [y, self.const(node.name + "_sq", np.array(squeeze, np.int64))], node.name)
+            y = self.move("Squeeze", [y, self.const(node.name + "_sq", np.array(squeeze, np.int64))], node.name)
         return y
 
     def _pad(self, node):
@@ -466,7 +443,7 @@ class OnnxLowering:
         for i in range(len(pad) // 2):
             axis = rank - 1 - i
             begins[axis], ends[axis] = pad[2 * i], pad[2 * i + 1]
-        return self.op("Pad", [self.env[node.args[0]], self.const(node.name + "_pads", np.array(begins + ends,
+        return self.move("Pad", [self.env[node.args[0]], self.const(node.name + "_pads", np.array(begins + ends,
                                                                                                np.int64)),
                                self.const(node.name + "_value", np.float32(value or 0.0))], node.name)
 
@@ -480,4 +457,4 @@ class OnnxLowering:
         return self.op(op_type, ins, node.name)
 
 
-__all__ = ["OnnxLowering", "np32"]
+__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "feed", "save_onnx", "load_onnx", "node_values", "with_values"]

@@ -7,23 +7,19 @@ DQ -> Conv/Gemm/Add/... -> Q units into QLinear* integer kernels.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from quantfx.errors import TargetError
-from quantfx.export import Backend, register_backend
-from quantfx.graph import is_act_quant, is_cat, is_compute, is_invariant, module_of, qmeta
+from quantfx.graph import is_act_quant, is_cat, is_invariant, module_of, qmeta
+from quantfx.lowering import Backend
 from quantfx.quant import functional as qf
 
-from .int16_pairs import INT16_MAX, check_layer, code_max, cpu_has_int32_dot, integer_layers, pair_risks, top2_sum
-from .onnx_base import OnnxLowering, np32
-
-NODE_VALUES_KEY = "quantfx.node_values"
+from .int16_pairs import INT16_MAX, check_layer, cpu_has_int32_dot, integer_layers, pair_risks
+from .onnx_base import OnnxLowering, feed, load_onnx, node_values, np32, save_onnx, with_values
+from .profile import ONNX
 
 
 def _int_dtype(bits: int, signed: bool):
@@ -34,55 +30,9 @@ class QDQLowering(OnnxLowering):
     target = "onnx"
     opset = 13
 
-    def __init__(self, qmodel, example_inputs):
-        super().__init__(qmodel, example_inputs)
+    def begin(self):
+        super().begin()
         self._requantized: set = set()
-
-    def check_rules(self) -> None:
-        for node in self.gm.graph.nodes:
-            if is_act_quant(self.gm, node):
-                q = module_of(self.gm, node).act_quant
-                if not q.is_quant_enabled:
-                    continue
-                where = f"onnx: {node.target} output quantizer"
-                if not 2 <= q.bit_width <= 8:
-                    raise TargetError(f"{where} is {q.bit_width}-bit; QuantizeLinear here holds 2..8 bits "
-                                      "(use act_bit_width between 2 and 8)")
-                if q.rounding != "half_even":
-                    raise TargetError(f"{where} rounds {q.rounding}; QuantizeLinear rounds half to even "
-                                      "(use rounding='half_even')")
-                if q.scaling_per_output_channel:
-                    raise TargetError(f"{where} is per-channel; activations must be per-tensor")
-            elif is_compute(self.gm, node):
-                layer = module_of(self.gm, node)
-                wq, bq = layer.weight_quant, layer.bias_quant
-                if wq.is_quant_enabled and (wq.bit_width > 8 or not wq.signed or wq.bit_width < 2):
-                    raise TargetError(f"onnx: {node.target} weights are {'int' if wq.signed else 'uint'}"
-                                      f"{wq.bit_width}; the onnx target stores int8 weights (weight_bit_width "
-                                      "2..8, signed)")
-                if bq.is_quant_enabled and bq.bias_scaling != "external":
-                    raise TargetError(f"onnx: {node.target} bias has its own scale; ONNX integer kernels need "
-                                      "an int32 bias with scale = input scale x weight scale (use Int32Bias)")
-                if wq.is_quant_enabled and getattr(getattr(self.gm, "profile", None), "cpu", "any") == "any":
-                    self._check_pairs(node, layer)
-
-    def _check_pairs(self, node, layer) -> None:
-        """The int16_pairs rule for one integer layer: no two of its weights times its largest input code may
-        pass 32767, or onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI saturate."""
-        meta = qmeta(node.args[0])
-        if meta.kind != "act" or meta.scale is None or meta.bit_width > 8:
-            return  # a float input: onnxruntime runs the layer in float
-        a_max = code_max(*qf.int_range(meta.bit_width, meta.signed, meta.narrow))
-        ints, _ = self._weight_ints(layer)
-        top = int(top2_sum(ints.reshape(1, -1).numpy()).max(initial=0))
-        if a_max * top > INT16_MAX:
-            name = node.target
-            raise TargetError(
-                f"onnx: {name} can sum {a_max} x {top} = {a_max * top} in one int16 pair of onnxruntime's u8 x s8 "
-                f"kernels (input codes up to {a_max}, its two largest weight magnitudes summing to {top}; limit {INT16_MAX}), "
-                "which saturates on x86 CPUs without VNNI, so the file would give other integers there. Give it "
-                f"7-bit weights (overrides={{{name!r}: dict(weight_bit_width=7)}}) or a 7-bit input, or quantize "
-                "with cpu='vnni' if every CPU it will run on has AVX512-VNNI/AVX-VNNI or is ARM")
 
     def emit_act_quant(self, x, q, base):
         scale, zp = q.qparams(None)
@@ -128,11 +78,11 @@ class QDQLowering(OnnxLowering):
         return self.op("DequantizeLinear", [w, s, z], base, **attrs)
 
     def emit_weight(self, layer, base):
-        ints, scale = self._weight_ints(layer)
+        ints, scale = self.weight_ints(layer)
         return self._dq_const(base + ".weight", ints, scale, np.int8, layer.weight_quant.channel_axis)
 
     def emit_bias(self, layer, in_scale, base):
-        ints, scale = self._bias_ints(layer, in_scale)
+        ints, scale = self.bias_ints(layer, in_scale)
         return self._dq_const(base + ".bias", ints, scale.reshape(()) if scale.numel() == 1 else scale,
                               np.int32, 0)
 
@@ -182,7 +132,7 @@ class QDQLowering(OnnxLowering):
         xq = self.op("Pad", [xq, pads, zp], node.name + "_pad")
         xq = self.op("SpaceToDepth", [xq], node.name + "_blocks", blocksize=s)
         x = self.op("DequantizeLinear", [xq, sc, zp], node.name + "_in")
-        ints, w_scale = self._weight_ints(layer)  # [O, C, kh, kw]
+        ints, w_scale = self.weight_ints(layer)  # [O, C, kh, kw]
         o = ints.shape[0]
         ints = torch.nn.functional.pad(ints, (0, kw2 * s - kw, 0, kh2 * s - kh))
         ints = ints.reshape(o, c, kh2, s, kw2, s).permute(0, 3, 5, 1, 2, 4).reshape(o, s * s * c, kh2, kw2)
@@ -223,25 +173,20 @@ class QDQLowering(OnnxLowering):
         # DepthToSpace is the following activation quantizer's (a move does not change the grid), so
         # onnxruntime fuses DQ -> Conv -> Q into QLinearConv; the arithmetic is the transposed conv's.
         k = layer.kernel_size[0]
-        ints, w_scale = self._weight_ints(layer)  # [Cin, Cout, k, k]
+        ints, w_scale = self.weight_ints(layer)  # [Cin, Cout, k, k]
         cin, cout = ints.shape[:2]
         ints = ints.permute(1, 2, 3, 0).reshape(cout * k * k, cin, 1, 1)
         w_scale = w_scale.reshape(-1).repeat_interleave(k * k) if w_scale.numel() > 1 else w_scale
         w = self._dq_const(node.target + ".weight", ints, w_scale, np.int8, 0)
         ins = [self.env[node.args[0]], w]
         if layer.bias is not None:
-            b_ints, b_scale = self._bias_ints(layer, self.input_scale(node))
+            b_ints, b_scale = self.bias_ints(layer, self.input_scale(node))
             b_scale = b_scale.repeat_interleave(k * k) if b_scale.numel() > 1 else b_scale.reshape(())
             ins.append(self._dq_const(node.target + ".bias", b_ints.repeat_interleave(k * k), b_scale, np.int32, 0))
         y = self.op("Conv", ins, node.name + "_taps", kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0])
         scale, zp = q.qparams(None)
         y = self._qdq(y, scale, zp, q.int_range(), q.signed, node.name + "_taps_quant")
         return self.op("DepthToSpace", [y], node.name, blocksize=k, mode="CRD")
-
-    def lower(self):
-        model = super().lower()
-        onnx.helper.set_model_props(model, {NODE_VALUES_KEY: json.dumps(self.value_of_node)})
-        return model
 
 
 # -- runtime ---------------------------------------------------------------------------------------------
@@ -259,34 +204,15 @@ def ort_session(model: onnx.ModelProto, threads: int = 1, optimize: bool = True,
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _feed(model, inputs):
-    names = [i.name for i in model.graph.input]
-    return {n: (x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(np.float32)
-            for n, x in zip(names, inputs)}
-
-
 def run_onnx(model: onnx.ModelProto, inputs) -> list:
-    return ort_session(model).run(None, _feed(model, inputs))
-
-
-def node_values(model: onnx.ModelProto) -> dict:
-    for prop in model.metadata_props:
-        if prop.key == NODE_VALUES_KEY:
-            return json.loads(prop.value)
-    return {}
+    return ort_session(model).run(None, feed(model.graph.input, inputs))
 
 
 def with_outputs(model: onnx.ModelProto, fx_names) -> tuple[onnx.ModelProto, list]:
     """A copy of ``model`` that also outputs the values of the given fx nodes; (model, fx names kept)."""
     mapping = node_values(model)
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
     kept = [n for n in fx_names if n in mapping]
-    existing = {o.name for o in extended.graph.output}
-    for n in kept:
-        if mapping[n] not in existing:
-            extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(mapping[n]))
-    return extended, kept
+    return with_values(model, [mapping[n] for n in kept]), kept
 
 
 def run_onnx_intermediates(model, inputs, fx_names) -> dict:
@@ -294,12 +220,12 @@ def run_onnx_intermediates(model, inputs, fx_names) -> dict:
     mapping = node_values(model)
     sess = ort_session(extended)
     names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(None, _feed(extended, inputs))))
+    values = dict(zip(names, sess.run(None, feed(extended.graph.input, inputs))))
     return {n: values[mapping[n]] for n in kept if mapping[n] in values}
 
 
 def _lower(qmodel, example_inputs):
-    return QDQLowering(qmodel, example_inputs).lower()
+    return QDQLowering(qmodel, example_inputs, profile=ONNX).lower()
 
 
 def layer_checks(model: onnx.ModelProto, inputs) -> list:
@@ -307,14 +233,9 @@ def layer_checks(model: onnx.ModelProto, inputs) -> list:
     ARM) compute them against an emulation of AVX2's saturating int16 pair sums (int16_pairs.check_layer), the
     integer inputs taken from onnxruntime."""
     layers = integer_layers(model)
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    existing = {o.name for o in extended.graph.output}
-    for name in dict.fromkeys(layer.codes for layer in layers):
-        if name not in existing:
-            extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    extended = with_values(model, [layer.codes for layer in layers])
     sess = ort_session(extended, optimize=False)  # the codes are the Q outputs, whichever kernels run after them
-    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feed(extended, inputs))))
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed(extended.graph.input, inputs))))
     return [check_layer(layer, values[layer.codes]) for layer in layers]
 
 
@@ -340,6 +261,6 @@ def diagnose(model: onnx.ModelProto, inputs) -> str:
             f"{where}; {fix}")
 
 
-BACKEND = register_backend(Backend(
-    name="onnx", lower=_lower, save=lambda m, p: onnx.save(m, str(p)), load=lambda p: onnx.load(str(Path(p))),
-    run=run_onnx, run_with_intermediates=run_onnx_intermediates, diagnose=diagnose))
+BACKEND = Backend(
+    name="onnx", lower=_lower, save=save_onnx, load=load_onnx, run=run_onnx,
+    run_with_intermediates=run_onnx_intermediates, diagnose=diagnose)

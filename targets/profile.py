@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from quantfx.errors import QuantArgumentError
 from quantfx import quant as Q
@@ -12,11 +13,13 @@ AVGPOOL_MODES = ("trunc", "requant")
 ADD_GRIDS = ("scale", "quantizer")
 REQUANT_MODES = ("float", "multiplier")
 CPU_MODES = ("any", "vnni")
+ROUNDINGS = ("half_even", "floor", "half_up")
 
 
 @dataclass(frozen=True)
 class TargetProfile:
-    """What a target accepts. Passes read it; lowering checks the compiled graph against it.
+    """What a target accepts. Passes read it; before lowering, :mod:`quantfx.rules` checks the compiled graph
+    against its rule fields (every field below is read by a pass or by the rule checker).
 
     ``weight_quant``/``act_quant``/``act_quant_unsigned`` are quantizer spec classes; ``*_bit_width`` fields
     override their bit widths and must lie in the allowed ranges."""
@@ -55,11 +58,25 @@ class TargetProfile:
     cpu: str = "any"
     # weight_bit_width per cpu mode where it differs from weight_bit_width (replace(cpu=...) takes it)
     cpu_weight_bit_width: tuple = ()
+    # -- rules (quantfx.rules): what the runtime takes, beyond the bit ranges, zero_point_allowed,
+    # per_channel_weights_allowed and power_of_two above
+    runtime: str = ""  # who sets the rules, as messages name it ("FINN", "onnxruntime"); default: the name
+    weight_signed: Optional[bool] = None  # weights must be signed (True) or unsigned (False); None: either
+    act_rounding: tuple = ROUNDINGS  # rounding modes of activation quantizers the runtime reproduces
+    quant_rounding: tuple = ROUNDINGS  # of weight and bias quantizers and truncating pools
+    half_up_signed_ok: bool = True  # False: 'half_up' only on unsigned grids (QONNX rounds ties away from 0)
+    act_per_channel_allowed: bool = False
+    bias_modes_allowed: tuple = BIAS_MODES  # bias scaling modes of a quantized bias (a float bias: "float")
+    unsigned_after_relu: bool = False  # ReLU/Sigmoid outputs unsigned and not narrow, identity outputs signed
+    weight_quantizer_per_layer: bool = False  # no weight quantizer shared by two layers (or two calls)
+    add_same_datatype: bool = False  # the inputs of an add have one bit width and sign
     description: str = ""
     options: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
         where = f"target {self.name!r}"
+        if not self.runtime:
+            object.__setattr__(self, "runtime", self.name)
         if self.bias_scaling not in BIAS_MODES:
             raise QuantArgumentError(f"{where}: bias_scaling={self.bias_scaling!r}; use one of {BIAS_MODES}")
         if self.requant not in REQUANT_MODES:
@@ -83,7 +100,8 @@ class TargetProfile:
     def worst_pair(self) -> tuple[int, int, int]:
         """(largest activation code, largest weight magnitude, their worst pair sum) of the profile's default
         widths, as a u8 x s8 kernel sees them (int16_pairs.code_max)."""
-        from .int16_pairs import code_max
+        from quantfx.rules import code_max
+
         def rng(spec, bits):
             return Q.functional.int_range(bits, spec.signed, spec.narrow_range)
 
@@ -95,7 +113,7 @@ class TargetProfile:
         return a_max, w_max, a_max * 2 * w_max
 
     def _check_pairs(self, where: str) -> None:
-        from .int16_pairs import INT16_MAX
+        from quantfx.rules import INT16_MAX
         if not self.pair_kernels or self.cpu != "any":
             return
         a_max, w_max, worst = self.worst_pair()
@@ -117,8 +135,6 @@ class TargetProfile:
                 changes["weight_bit_width"] = by_cpu[changes["cpu"]]
         return dataclasses.replace(self, **changes) if changes else self
 
-    def weight_spec_overrides(self) -> dict:
-        return {"bit_width": self.weight_bit_width}
 
 
 _REGISTRY: dict[str, TargetProfile] = {}
@@ -147,6 +163,8 @@ FINN = register_profile(TargetProfile(
     name="finn", weight_quant=Q.Int8WeightPerTensorFloat, act_quant=Q.Int8ActPerTensorFloat,
     act_quant_unsigned=Q.Uint8ActPerTensorFloat, bias_scaling="external", bias_bit_width=32,
     avgpool="trunc", weight_bit_range=(1, 8), act_bit_range=(1, 8), add_grid="quantizer",
+    runtime="FINN", half_up_signed_ok=False, bias_modes_allowed=("external",), unsigned_after_relu=True,
+    weight_quantizer_per_layer=True, add_same_datatype=True,
     description="QONNX for FINN: 1-8 bit weights/activations, zero point 0, unsigned activations after ReLU, "
                 "external 32-bit or float bias"))
 
@@ -155,6 +173,7 @@ ONNX = register_profile(TargetProfile(
     act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external", bias_bit_width=32,
     avgpool="requant", weight_bit_range=(2, 8), act_bit_range=(2, 8), zero_point_allowed=True,
     requant="multiplier", pair_kernels=True, weight_bit_width=7, cpu_weight_bit_width=(("any", 7), ("vnni", 8)),
+    runtime="onnxruntime", weight_signed=True, act_rounding=("half_even",), bias_modes_allowed=("external",),
     description="standard ONNX QDQ for onnxruntime: int8 per-channel weights (axis 0; 7-bit magnitudes so no "
                 "int16 pair sum saturates on x86 without VNNI, 8-bit with cpu='vnni'), uint8 activations with "
                 "zero point, int32 external bias"))
@@ -171,6 +190,8 @@ TORCH = register_profile(TargetProfile(
     bias_bit_width=32,
     avgpool="requant", act_bit_width=7, input_bit_width=7, weight_bit_range=(8, 8), act_bit_range=(7, 8),
     zero_point_allowed=True, pair_kernels=True, options={"engine": "x86"},
+    runtime="PyTorch's quantized engine", weight_signed=True, act_rounding=("half_even",),
+    bias_modes_allowed=("external",),
     description="PyTorch quantized ops: int8 per-channel weights, quint8 activations with zero point; 7-bit "
                 "activation range on x86/fbgemm (reduce_range), 8-bit on qnnpack"))
 
@@ -189,6 +210,6 @@ DPU = register_profile(TargetProfile(
     name="dpu", weight_quant=Q.Int8WeightPerTensorFixedPoint, act_quant=Q.Int8ActPerTensorFixedPoint,
     act_quant_unsigned=Q.Int8ActPerTensorFixedPoint, bias_scaling="internal", bias_bit_width=8,
     avgpool="requant", weight_bit_range=(8, 8), act_bit_range=(8, 8), power_of_two=True,
-    per_channel_weights_allowed=False,
+    per_channel_weights_allowed=False, runtime="the DPU", weight_signed=True, bias_modes_allowed=("internal",),
     description="Xilinx DPU: 8-bit signed symmetric per-tensor, power-of-two scales everywhere, internal "
                 "8-bit bias, concat inputs/outputs share one position"))

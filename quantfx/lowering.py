@@ -1,0 +1,257 @@
+"""The target-neutral lowering core: the Backend contract, its registry, and the walk every backend lowers with.
+
+A backend is one module that subclasses :class:`Lowering` (ONNX backends subclass ``targets.onnx_base.
+OnnxLowering``, which adds an ONNX builder and the standard operators) and registers a :class:`Backend`. The
+core does what every target needs and none should copy:
+
+- the analysis before anything is written: the target's rules (:mod:`quantfx.rules`, read from its profile)
+  and the calibration check (a quantizer that never saw data is an error naming it);
+- shapes for the example inputs, kept in the lowering (the user's ``node.meta['tensor_meta']`` is not touched);
+- the walk over the compiled graph in topological order with dispatch by node kind (input, output, constant,
+  activation quantizer, conv/linear, truncating pool, add, cat, other module / function / method), every
+  failure re-raised as an ExportError naming the node;
+- the integers of a layer: weights, and bias for external scaling (scale = input scale x weight scale, the
+  accumulator's) or internal scaling (the bias quantizer's own scale).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import CalibrationError, ExportError, QuantArgumentError, QuantFXError, TargetError
+from .graph import is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
+from .nn import exact_arithmetic
+from .quant import Quantizer
+from . import rules
+
+
+@dataclass
+class Backend:
+    """How one target lowers, saves, loads and runs its artefact."""
+
+    name: str
+    lower: Callable[[fx.GraphModule, tuple], Any]  # (qmodel, example_inputs) -> artefact
+    save: Callable[[Any, Path], None]
+    load: Callable[[Path], Any]
+    run: Callable[[Any, tuple], list]  # (artefact, inputs) -> list of numpy outputs
+    run_with_intermediates: Optional[Callable[[Any, tuple, list], dict]] = None
+    # (artefact, inputs) -> a sentence on what could make it differ from the fake-quant model (runtime/CPU causes)
+    diagnose: Optional[Callable[[Any, tuple], str]] = None
+    suffix: str = ".onnx"  # the artefact's file suffix: export adds it to a path that has none
+
+
+#: target name -> Backend; each backend module registers itself with :func:`register_backend`
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_for(qmodel, target: Optional[str] = None) -> Backend:
+    """The backend of ``target``, or of the model's profile."""
+    name = target or getattr(getattr(qmodel, "profile", None), "name", None)
+    if name is None:
+        raise QuantArgumentError("export: the model has no target profile; pass target='onnx' | 'finn' | ...")
+    if name not in BACKENDS:
+        raise QuantArgumentError(f"export: no backend for target {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]
+
+
+def check_calibrated(gm: fx.GraphModule, target: str) -> None:
+    """Raise CalibrationError naming the first enabled quantizer that never saw data."""
+    for name, m in gm.named_modules():
+        if isinstance(m, Quantizer) and m.is_quant_enabled and not m.is_calibrated:
+            raise CalibrationError(
+                f"{target}: quantizer {m.qname or name} never saw data, so it has no scale; run "
+                "quantfx.calibrate(qmodel, data) (or quantize(..., calibration_data=...)) before export")
+
+
+class Lowering:
+    """Base of every backend's lowering. Subclasses set ``target`` and implement the ``emit_*`` methods they
+    need; :meth:`lower` runs the analysis, the walk and :meth:`finish`."""
+
+    target = "?"
+
+    def __init__(self, qmodel: fx.GraphModule, example_inputs, profile=None):
+        self.gm = qmodel
+        self.example_inputs = tuple(example_inputs)
+        # the rules the graph is checked against: the model's own profile when it is for this target, else the
+        # target's registered one (a model quantized for another target, lowered here)
+        own = getattr(qmodel, "profile", None)
+        self.profile = own if own is not None and own.name == self.target else profile
+        self.env: dict = {}  # fx node -> what the backend made of its value
+        self.tensor_meta: dict = {}  # fx node -> TensorMetadata for the example inputs
+
+    # -- analysis -------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Everything that must hold before anything is written: the target's rules, then calibration."""
+        if self.profile is not None:
+            rules.check(self.gm, self.profile, self.target)
+        self.check_rules()
+        check_calibrated(self.gm, self.target)
+
+    def check_rules(self) -> None:
+        """Rules that are not profile data (a backend's own); raise TargetError."""
+
+    def propagate_shapes(self) -> None:
+        """Shapes (torch.fx TensorMetadata) of every tensor-valued node for the example inputs, kept in
+        ``self.tensor_meta``; the graph's own ``tensor_meta`` (the user's shapes) is restored after."""
+        nodes = list(self.gm.graph.nodes)
+        saved = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
+        try:
+            with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
+                ShapeProp(self.gm).propagate(*self.example_inputs)
+            self.tensor_meta = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
+        finally:
+            for n in nodes:
+                n.meta.pop("tensor_meta", None)
+                if n in saved:
+                    n.meta["tensor_meta"] = saved[n]
+
+    def shape(self, node: fx.Node) -> tuple:
+        tm = self.tensor_meta.get(node)
+        if tm is None or not hasattr(tm, "shape"):
+            raise ExportError(f"{self.target}: no shape known for node {node.name}")
+        return tuple(tm.shape)
+
+    def is_tensor(self, node: fx.Node) -> bool:
+        """Whether ``node`` computes a tensor (not shape arithmetic such as ``x.size(0)``)."""
+        return node in self.tensor_meta
+
+    # -- the walk -------------------------------------------------------------------------------------
+
+    def lower(self):
+        self.check()
+        self.propagate_shapes()
+        self.begin()
+        for node in self.gm.graph.nodes:
+            self.env[node] = self.lower_node(node)
+        return self.finish()
+
+    def begin(self) -> None:
+        """Called before the walk."""
+
+    def finish(self):
+        """Called after the walk; returns the artefact."""
+        raise NotImplementedError
+
+    def lower_node(self, node: fx.Node):
+        if node.op == "placeholder":
+            return self.emit_input(node)
+        if node.op == "output":
+            results = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            return self.emit_output(node, list(results))
+        if not self.is_tensor(node) and node.op != "get_attr":
+            return None  # shape arithmetic (x.size(), ints): resolved into static shapes
+        try:
+            return self.emit(node)
+        except (TargetError, ExportError, CalibrationError):
+            raise
+        except QuantFXError:
+            raise
+        except Exception as e:
+            raise ExportError(f"{self.target}: cannot lower node {node.name} ({node.op} {node.target}): "
+                              f"{type(e).__name__}: {e}") from e
+
+    def emit(self, node: fx.Node):
+        """Dispatch by node kind."""
+        if node.op == "get_attr":
+            return self.emit_constant(node, self.attribute(node))
+        if is_act_quant(self.gm, node):
+            return self.emit_act(node)
+        if is_compute(self.gm, node):
+            return self.emit_compute(node)
+        if is_trunc_pool(self.gm, node):
+            return self.emit_trunc_pool(node)
+        if is_add(node):
+            return self.emit_add(node)
+        if is_cat(node):
+            return self.emit_cat(node)
+        if node.op == "call_module":
+            return self.emit_module(node, module_of(self.gm, node))
+        if node.op == "call_function":
+            return self.emit_function(node)
+        if node.op == "call_method":
+            return self.emit_method(node)
+        raise ExportError(f"{self.target}: node {node.name} ({node.op}) has no lowering")
+
+    def attribute(self, node: fx.Node) -> torch.Tensor:
+        """The tensor a get_attr node reads."""
+        if "." not in node.target:
+            return getattr(self.gm, node.target)
+        owner, name = node.target.rsplit(".", 1)
+        return self.gm.get_submodule(owner).get_parameter(name)
+
+    def emit_input(self, node):
+        raise NotImplementedError
+
+    def emit_output(self, node, results: list):
+        raise NotImplementedError
+
+    def emit_constant(self, node, value):
+        raise NotImplementedError
+
+    def emit_act(self, node):
+        raise NotImplementedError
+
+    def emit_compute(self, node):
+        raise NotImplementedError
+
+    def emit_trunc_pool(self, node):
+        raise TargetError(f"{self.target}: {node.target} is a truncating average pool, which this target "
+                          "cannot express; quantize for this target so pools requantize instead")
+
+    def emit_add(self, node):
+        raise NotImplementedError
+
+    def emit_cat(self, node):
+        raise NotImplementedError
+
+    def emit_module(self, node, module):
+        raise ExportError(f"{self.target}: module {node.target} ({type(module).__name__}) has no lowering")
+
+    def emit_function(self, node):
+        raise ExportError(f"{self.target}: function {getattr(node.target, '__name__', node.target)} at node "
+                          f"{node.name} has no lowering")
+
+    def emit_method(self, node):
+        raise ExportError(f"{self.target}: method .{node.target}() at node {node.name} has no lowering")
+
+    # -- integers of a layer ----------------------------------------------------------------------------
+
+    def input_scale(self, node) -> torch.Tensor:
+        """The scale of a layer's input, from the graph."""
+        meta = qmeta(node.args[0])
+        if meta.scale is None:
+            raise CalibrationError(f"{self.target}: the input of {node.target} has no scale; calibrate first")
+        return meta.scale
+
+    @staticmethod
+    def weight_ints(layer):
+        """(int weights, weight scale) of a quantized layer, in the layer's own weight layout."""
+        with torch.no_grad():
+            return layer.weight_quant.int_repr(layer.weight), layer.weight_quant.scale(layer.weight)
+
+    @staticmethod
+    def bias_ints(layer, in_scale):
+        """(int bias, its scale, flat). External scaling: the scale is the accumulator's, input scale x weight
+        scale as the float32 product the runtimes compute (one entry per output channel, or 0-d). Internal
+        scaling: the bias quantizer's own scale."""
+        with torch.no_grad():
+            w_scale = layer.weight_quant.scale(layer.weight)
+            bq = layer.bias_quant
+            ints = bq.int_repr(layer.bias, in_scale, w_scale)
+            if bq.bias_scaling == "external":
+                return ints, layer.acc_scale(in_scale, w_scale).reshape(-1)
+            return ints, bq.scale(layer.bias).reshape(-1)
+
+
+__all__ = ["Backend", "BACKENDS", "register_backend", "backend_for", "check_calibrated", "Lowering"]
