@@ -1,4 +1,9 @@
-"""The compiler passes (installed as ``quantfx.passes``); one ``verb_noun.py`` per pass."""
+"""The compiler passes (installed as ``quantfx.passes``); one ``verb_noun.py`` per pass.
+
+Importing this package registers every pass below in the core's registry (``quantfx.pass_infra.PASSES``, by
+name); ``import quantfx`` does it, so the core finds passes by name and never imports one."""
+from quantfx.pass_infra import PASSES, register_pass
+
 from .annotate import Annotate
 from .canonicalize import Canonicalize
 from .choose_bias_scaling import ChooseBiasScaling
@@ -8,9 +13,14 @@ from .share_quantizers import ShareQuantizers
 from .swap_modules import SwapModules
 from .trace import Trace
 
-#: pass name -> class, for pipelines spelled as strings (``trace,canonicalize,fuse_conv_bn,...``)
-REGISTRY = {cls.name: cls for cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules,
-                                      ShareQuantizers, ChooseBiasScaling, Annotate)}
+for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
+             Annotate):
+    register_pass(_cls)
+del _cls
+
+#: pass name -> class, for pipelines spelled as strings (``trace,canonicalize,fuse_conv_bn,...``): the core's
+#: registry itself, so a pass registered with quantfx.pass_infra.register_pass is listed here too
+REGISTRY = PASSES
 
 __all__ = ["Annotate", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes", "ShareQuantizers",
            "SwapModules", "Trace", "REGISTRY"]

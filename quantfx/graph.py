@@ -1,117 +1,23 @@
-"""Graph helpers shared by passes and targets: node classification, quantization metadata, naming."""
+"""Graph helpers shared by passes and targets: operand access and walks, and graph mutation (naming,
+inserting a module).
+
+It is also the one import for the rest of the graph vocabulary, re-exported here: the IR's quantization
+metadata (:mod:`quantfx.ir`: ``QMeta``, ``qmeta``, ``group_of``, ``fmt_scale``) and node classification
+(:mod:`quantfx.classify`: the op tables, ``module_of``, ``is_*``)."""
 from __future__ import annotations
 
-import math
-import operator
-from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn import (
-    QuantAct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear,
-    QuantWBIOL,
+from .classify import (
+    ADD_FUNCTIONS, BN_TYPES, CAT_FUNCTIONS, COMPUTE_TYPES, FLOAT_COMPUTE_TYPES, INVARIANT_FUNCTIONS, INVARIANT_METHODS,
+    INVARIANT_MODULES, SHAPE_METHODS, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_tensor_node,
+    is_trunc_pool, module_of,
 )
-from .nn.pool import _TruncAvgPool
+from .ir import FLOAT, GROUP_KEY, META_KEY, QMeta, fmt_scale, group_of, qmeta
 
-META_KEY = "quant"
-
-
-@dataclass
-class QMeta:
-    """Compile-time quantization facts of one graph edge (a node's output): the graph's QuantTensor.
-
-    ``kind`` is 'act' (quantized by a quantizer), 'acc' (an integer accumulator: conv/linear/add output),
-    'trunc' (a truncated average-pool output) or 'float'. ``scale``/``zero_point`` are None until the
-    quantizer producing them is calibrated."""
-
-    kind: str = "float"
-    bit_width: Optional[int] = None
-    signed: Optional[bool] = None
-    narrow: bool = False
-    scale: Optional[torch.Tensor] = None
-    zero_point: Optional[torch.Tensor] = None
-    quantizer: Optional[str] = None
-    group: Optional[str] = None
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.kind != "float"
-
-    def describe(self) -> str:
-        if not self.is_quantized:
-            return "float"
-        sign = "int" if self.signed else "uint"
-        return f"{sign}{self.bit_width}" + ("" if self.kind == "act" else f" ({self.kind})")
-
-
-FLOAT = QMeta()
-
-# --- node classification -------------------------------------------------------------------------------
-
-COMPUTE_TYPES = (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear)
-FLOAT_COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-INVARIANT_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten,
-    nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle, nn.Unflatten, nn.ZeroPad2d, nn.ZeroPad1d,
-    nn.ChannelShuffle,
-)
-INVARIANT_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool2d,
-    torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-    torch.chunk, torch.split, operator.getitem, F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle,
-    torch.channel_shuffle, F.channel_shuffle, torch.t,
-}
-INVARIANT_METHODS = {
-    "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",
-    "unsqueeze", "expand", "t", "clone", "detach",
-}
-CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
-ADD_FUNCTIONS = {operator.add}
-SHAPE_METHODS = {"size", "dim"}
-
-
-def module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def is_invariant(gm, node: fx.Node) -> bool:
-    """True for ops that move or select values without changing them (quantization-invariant)."""
-    if node.op == "call_function":
-        if node.target is F.pad:
-            return True  # zero padding only: canonicalize leaves other pads as float ops
-        return node.target in INVARIANT_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in INVARIANT_METHODS
-    if node.op == "call_module":
-        m = module_of(gm, node)
-        return isinstance(m, INVARIANT_MODULES) or (isinstance(m, nn.Dropout) and not m.training)
-    return False
-
-
-def is_act_quant(gm, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(module_of(gm, node), QuantAct)
-
-
-def is_compute(gm, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(module_of(gm, node), QuantWBIOL)
-
-
-def is_trunc_pool(gm, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(module_of(gm, node), _TruncAvgPool)
-
-
-def is_add(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in ADD_FUNCTIONS and \
-        all(isinstance(a, fx.Node) for a in node.args[:2])
-
-
-def is_cat(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in CAT_FUNCTIONS
+# --- operands and walks --------------------------------------------------------------------------------
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -145,21 +51,7 @@ def producer(gm, node: fx.Node) -> fx.Node:
     return node
 
 
-def is_tensor_node(node: fx.Node) -> bool:
-    """Best effort: False for shape arithmetic (x.size(), getattr shape, python scalars)."""
-    if node.op == "call_method" and node.target in SHAPE_METHODS:
-        return False
-    if node.op == "call_function" and node.target is getattr:
-        return False
-    if node.op == "call_function" and node.target is operator.getitem:
-        return is_tensor_node(node.args[0])
-    if node.op in ("call_function",) and node.target in (operator.floordiv, operator.mul, operator.sub) and \
-            not any(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args):
-        return False
-    if node.op == "call_function" and node.target is operator.add and \
-            not all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2]):
-        return any(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2])
-    return node.op != "output"
+# --- mutation ------------------------------------------------------------------------------------------
 
 
 def unique_name(gm: fx.GraphModule, base: str, taken: Optional[set] = None) -> str:
@@ -188,21 +80,10 @@ def insert_module_after(gm, node: fx.Node, module: nn.Module, name: str, users=N
     return new
 
 
-def fmt_scale(scale, digits: int = 4) -> str:
-    """A scale for people: ``2^-n`` for powers of two, ``digits`` significant digits otherwise, ``[C] lo..hi``
-    (3 digits) per channel."""
-    if scale is None:
-        return "uncalibrated"
-    flat = scale.reshape(-1)
-    if flat.numel() > 1:
-        return f"[{flat.numel()}] {float(flat.min()):.3g}..{float(flat.max()):.3g}"
-    v = float(flat)
-    if v > 0 and math.log2(v) == int(math.log2(v)):
-        return f"2^{int(math.log2(v))}"
-    return f"{v:.{digits}g}"
-
-
-def qmeta(node: fx.Node) -> QMeta:
-    return node.meta.get(META_KEY, FLOAT)
-
-
+__all__ = [
+    "ADD_FUNCTIONS", "BN_TYPES", "CAT_FUNCTIONS", "COMPUTE_TYPES", "FLOAT", "FLOAT_COMPUTE_TYPES", "GROUP_KEY",
+    "INVARIANT_FUNCTIONS", "INVARIANT_METHODS", "INVARIANT_MODULES", "META_KEY", "QMeta", "SHAPE_METHODS",
+    "data_input", "fmt_scale", "group_of", "insert_module_after", "is_act_quant", "is_add", "is_cat", "is_compute",
+    "is_invariant", "is_tensor_node", "is_trunc_pool", "module_of", "producer", "qmeta", "tensor_inputs",
+    "unique_name",
+]

@@ -1,9 +1,13 @@
-"""Pass infrastructure: ``Pass``, ``PassResult``, ``Pipeline`` and ``PassManager``.
+"""Pass infrastructure: ``Pass``, ``PassResult``, ``Pipeline``, ``PassManager`` and the pass registry ``PASSES``.
 
 A pass is ``call(gm) -> PassResult(graph_module, modified)`` wrapped by optional ``requires(gm)`` /
 ``ensures(gm)`` checks. A plain function ``gm -> gm | PassResult`` is accepted too. The manager recompiles
 once per pass (never per node), lints the graph after each pass, times each pass, and re-raises a failure as
 :class:`quantfx.PassError` naming the pass and the passes that already ran. Built-in passes use this same API.
+
+``PASSES`` maps a pass name to its class. The built-in passes (``quantfx.passes``) register themselves in it when
+quantfx is imported; the core finds passes there by name (pipelines spelled as strings, the default pipeline,
+``annotate``) and never imports a pass.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional, Union
 
 from torch import fx
 
-from .errors import PassError, QuantFXError
+from .errors import PassError, QuantArgumentError, QuantFXError
 
 
 class PassResult(NamedTuple):
@@ -91,6 +95,23 @@ def as_pass(p) -> Pass:
     if callable(p):
         return FunctionPass(p)
     raise QuantFXError(f"pipeline: {p!r} is neither a Pass nor a function gm -> gm")
+
+
+#: pass name -> Pass class, filled by ``register_pass`` (the built-in passes: by quantfx.passes on import)
+PASSES: dict[str, type] = {}
+
+
+def register_pass(cls: type) -> type:
+    """Make a Pass class findable by its ``name`` (in pipelines spelled as strings); returns it."""
+    PASSES[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type:
+    """The registered Pass class called ``name``. Raises QuantArgumentError naming the known passes."""
+    if name not in PASSES:
+        raise QuantArgumentError(f"pipeline: unknown pass {name!r}; known passes: {', '.join(PASSES)}")
+    return PASSES[name]
 
 
 class Pipeline:

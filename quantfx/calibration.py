@@ -1,0 +1,144 @@
+"""Calibration: ``calibrate`` (observe data, fix every activation scale), ``correct_bias`` (empirical bias
+correction) and the helpers that feed batches to a model."""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Iterable, Optional
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import QuantArgumentError
+from .nn import QuantWBIOL
+from .pipelines import annotate
+from .quant import Quantizer
+from .quant_tensor import value_of
+
+CALIBRATION_METHODS = {"minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
+
+
+def _n_inputs(model) -> int:
+    if isinstance(model, fx.GraphModule):
+        return sum(1 for n in model.graph.nodes if n.op == "placeholder")
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return max(1, len(params))
+
+
+def _as_args(batch, n_inputs: int) -> tuple:
+    if torch.is_tensor(batch):
+        return (batch,)
+    if isinstance(batch, dict):
+        raise QuantArgumentError("calibration data: dict batches are not supported; yield tensors or tuples")
+    if isinstance(batch, (list, tuple)):
+        return tuple(batch[:n_inputs])
+    raise QuantArgumentError(f"calibration data: a batch must be a tensor or a tuple, got {type(batch).__name__}")
+
+
+def _first_batch(data, model) -> tuple:
+    for batch in data:
+        return _as_args(batch, _n_inputs(model))
+    raise QuantArgumentError("calibration data is empty")
+
+
+def quantizers(model: nn.Module, kind: Optional[str] = None) -> list[Quantizer]:
+    """The distinct enabled quantizers of a model (shared ones once), optionally of one kind."""
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, Quantizer) and m.is_quant_enabled and id(m) not in seen and \
+                (kind is None or m.kind == kind):
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progress: bool = True,
+              bias_correction: bool = False, max_batches: Optional[int] = None) -> nn.Module:
+    """Run ``data`` through ``qmodel`` in observer mode and fix every activation scale.
+
+    ``method``: 'minmax' | 'percentile' | 'mse'. Quantization is bypassed while observing (float statistics).
+    A quantizer that saw no data stays uncalibrated; exporting then names it. Returns ``qmodel``."""
+    if method not in CALIBRATION_METHODS:
+        raise QuantArgumentError(f"calibrate: method={method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    stat = CALIBRATION_METHODS[method]
+    qs = quantizers(qmodel)
+    was_training = qmodel.training
+    qmodel.eval()
+    for q in qs:
+        if q.kind == "act":
+            q.begin_calibration(stat)
+        else:
+            q.calibrating = True
+    try:
+        # a pipeline without propagate_shapes left no shapes: annotate needs them to size average-pool windows
+        record = isinstance(qmodel, fx.GraphModule) and \
+            any("tensor_meta" not in n.meta for n in qmodel.graph.nodes if n.op == "placeholder")
+        _run_batches(qmodel, data, progress, "calibrating", max_batches, record_shapes=record)
+    finally:
+        for q in qs:
+            if q.kind == "act":
+                q.end_calibration()
+            else:
+                q.calibrating = False
+    if bias_correction:
+        correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
+    if isinstance(qmodel, fx.GraphModule):
+        annotate(qmodel)
+    qmodel.train(was_training)
+    return qmodel
+
+
+def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int],
+                 record_shapes: bool = False) -> None:
+    """Run every batch of ``data`` (up to ``max_batches``) through ``model`` without gradients; with
+    ``record_shapes`` the first batch also records each node's ``tensor_meta`` (torch.fx ShapeProp)."""
+    n_in = _n_inputs(model)
+    with torch.no_grad():
+        for i, batch in enumerate(_progress(data, progress, desc)):
+            if max_batches is not None and i >= max_batches:
+                break
+            if record_shapes and i == 0:
+                ShapeProp(model).propagate(*_as_args(batch, n_in))
+            else:
+                model(*_as_args(batch, n_in))
+
+
+def _progress(data, enabled: bool, desc: str):
+    if not enabled:
+        return data
+    from tqdm.auto import tqdm  # third-party, loaded only when a progress bar is shown
+    total = len(data) if hasattr(data, "__len__") else None
+    return tqdm(data, desc=desc, total=total, leave=False, file=sys.stderr)
+
+
+def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
+                 max_batches: Optional[int] = None) -> nn.Module:
+    """Empirical bias correction: add to each quantized layer's bias the mean per-channel difference between
+    its output with float weights and with quantized weights, on the same (quantized) inputs."""
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantWBIOL) and m.bias is not None
+              and m.weight_quant.is_quant_enabled]
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook(layer, args, _out):
+        x = value_of(args[0])
+        diff = layer.inner_forward(x, layer.weight, None) - \
+            layer.inner_forward(x, value_of(layer.quant_weight()), None)
+        axis = layer.out_channel_axis % diff.dim()
+        dims = [d for d in range(diff.dim()) if d != axis]
+        sums[id(layer)] = sums.get(id(layer), 0) + diff.mean(dims)
+        counts[id(layer)] = counts.get(id(layer), 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        _run_batches(qmodel, data, progress, "bias correction", max_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for m in layers:
+            if id(m) in sums:
+                m.bias.add_(sums[id(m)] / counts[id(m)])
+    return qmodel

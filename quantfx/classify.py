@@ -1,0 +1,95 @@
+"""Node classification: the op tables (which layer types, functions and methods quantfx treats how) and the
+predicates over graph nodes built on them."""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .nn import (
+    QuantAct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear,
+    QuantWBIOL,
+)
+from .nn.pool import _TruncAvgPool
+
+COMPUTE_TYPES = (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear)
+FLOAT_COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+INVARIANT_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Flatten,
+    nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle, nn.Unflatten, nn.ZeroPad2d, nn.ZeroPad1d,
+    nn.ChannelShuffle,
+)
+INVARIANT_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool2d,
+    torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+    torch.chunk, torch.split, operator.getitem, F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle,
+    torch.channel_shuffle, F.channel_shuffle, torch.t,
+}
+INVARIANT_METHODS = {
+    "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",
+    "unsqueeze", "expand", "t", "clone", "detach",
+}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
+ADD_FUNCTIONS = {operator.add}
+SHAPE_METHODS = {"size", "dim"}
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def is_invariant(gm, node: fx.Node) -> bool:
+    """True for ops that move or select values without changing them (quantization-invariant)."""
+    if node.op == "call_function":
+        if node.target is F.pad:
+            return True  # zero padding only: canonicalize leaves other pads as float ops
+        return node.target in INVARIANT_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in INVARIANT_METHODS
+    if node.op == "call_module":
+        m = module_of(gm, node)
+        return isinstance(m, INVARIANT_MODULES) or (isinstance(m, nn.Dropout) and not m.training)
+    return False
+
+
+def is_act_quant(gm, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(module_of(gm, node), QuantAct)
+
+
+def is_compute(gm, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(module_of(gm, node), QuantWBIOL)
+
+
+def is_trunc_pool(gm, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(module_of(gm, node), _TruncAvgPool)
+
+
+def is_add(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in ADD_FUNCTIONS and \
+        all(isinstance(a, fx.Node) for a in node.args[:2])
+
+
+def is_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in CAT_FUNCTIONS
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    """Best effort: False for shape arithmetic (x.size(), getattr shape, python scalars)."""
+    if node.op == "call_method" and node.target in SHAPE_METHODS:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        return is_tensor_node(node.args[0])
+    if node.op in ("call_function",) and node.target in (operator.floordiv, operator.mul, operator.sub) and \
+            not any(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args):
+        return False
+    if node.op == "call_function" and node.target is operator.add and \
+            not all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2]):
+        return any(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2])
+    return node.op != "output"

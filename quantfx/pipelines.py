@@ -1,0 +1,110 @@
+"""Pipelines: a target's default pass pipeline (``pipeline_for``), pipelines spelled as strings
+(``parse_pipeline``), binding a pipeline to a target profile and options (``bind``), and ``annotate``.
+
+Passes are found by name in :data:`quantfx.pass_infra.PASSES`, which quantfx.passes fills; nothing here imports
+a pass."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Optional
+
+from torch import fx
+
+from .pass_infra import Pipeline, get_pass
+
+
+def _targets():
+    # function-local on purpose: the targets import the core (quantfx.lowering, quantfx.graph, ...) and register
+    # into it, and quantfx/__init__ imports them last; a module-level import would make core and targets import
+    # each other (a cycle that would resolve only by import order) and load them halfway through quantfx/__init__
+    from . import targets  # quantfx.targets (the top-level targets/ folder)
+    return targets
+
+
+def _profile(target, **options):
+    profile = _targets().get_profile(target)
+    return profile.replace(**options)
+
+
+def _profile_opts(options: dict) -> dict:
+    keys = ("weight_bit_width", "act_bit_width", "bias_bit_width", "input_bit_width", "bias_scaling", "cpu")
+    return {k: options.get(k) for k in keys if options.get(k) is not None}
+
+
+def annotate(qmodel: fx.GraphModule) -> fx.GraphModule:
+    """(Re)write ``node.meta['quant']`` on every node of a compiled graph; returns it."""
+    get_pass("annotate")()(qmodel)
+    return qmodel
+
+
+def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_modules=(), concrete_args=None,
+                 example_inputs=(), **profile_options) -> Pipeline:
+    """The default pass pipeline for a target (a name or a TargetProfile); edit it and pass it to quantize."""
+    P = get_pass
+    profile = _profile(target, **profile_options)
+    overrides = dict(overrides or {})
+    return Pipeline([
+        P("trace")(leaf_modules=tuple(leaf_modules), concrete_args=tuple((concrete_args or {}).items())),
+        P("propagate_shapes")(example_inputs=tuple(example_inputs or ())),
+        P("canonicalize")(),
+        P("fuse_conv_bn")(),
+        P("swap_modules")(profile=profile, overrides=overrides),
+        P("share_quantizers")(profile=profile),
+        P("choose_bias_scaling")(profile=profile, overrides=overrides),
+        P("annotate")(),
+    ])
+
+
+def parse_pipeline(text: str, target="finn", **options) -> Pipeline:
+    """A pipeline spelled as a string: ``trace,canonicalize,fuse_conv_bn{},swap_modules,...``.
+
+    Options in braces are Python literals: ``fuse_conv_bn,swap_modules`` or ``trace{leaf_modules=('a',)}``.
+    Passes that take a profile/overrides/example inputs receive those of ``target``/``options``."""
+    passes = []
+    for item in _split_top(text):
+        name, _, rest = item.strip().partition("{")
+        cls = get_pass(name.strip())
+        kwargs = {}
+        if rest:
+            for pair in _split_top(rest.rstrip("}")):
+                if pair.strip():
+                    k, _, v = pair.partition("=")
+                    kwargs[k.strip()] = ast.literal_eval(v.strip())
+        passes.append(cls(**kwargs))
+    return bind(Pipeline(passes), _profile(target, **_profile_opts(options)), **options)
+
+
+def _split_top(text: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "{([":
+            depth += 1
+        elif ch in "})]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur)
+    return out
+
+
+def bind(pipeline: Pipeline, profile, **options) -> Pipeline:
+    """Give every pass that has a ``profile`` (or ``overrides``, ``example_inputs``, ...) field these values."""
+    values = {"profile": profile, **{k: v for k, v in options.items() if v is not None}}
+    if "concrete_args" in values and isinstance(values["concrete_args"], dict):
+        values["concrete_args"] = tuple(values["concrete_args"].items())
+    for key in ("leaf_modules", "example_inputs"):
+        if key in values:
+            values[key] = tuple(values[key])
+    out = []
+    for p in pipeline:
+        if dataclasses.is_dataclass(p):
+            names = {f.name for f in dataclasses.fields(p)}
+            changes = {k: v for k, v in values.items() if k in names}
+            p = dataclasses.replace(p, **changes) if changes else p
+        out.append(p)
+    return Pipeline(out)

@@ -1,0 +1,59 @@
+"""Tables of a compiled model: ``layer_table`` (one row per quantized layer, quantizer, add and cat) and
+``inspect`` (the same rows printed)."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import fx
+
+from .graph import META_KEY, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
+
+
+def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
+    """One row per quantized layer / quantizer / add / cat: name, op, weight/act/bias bits, scale, acc, group."""
+    rows = []
+    for node in qmodel.graph.nodes:
+        meta = node.meta.get(META_KEY)
+        if meta is None:
+            continue
+        row = None
+        if is_compute(qmodel, node):
+            m = module_of(qmodel, node)
+            bq = m.bias_quant
+            row = dict(name=node.target, op=type(m).__name__,
+                       weight_bits=m.weight_quant.bit_width if m.weight_quant.is_quant_enabled else None,
+                       act_bits=qmeta(node.args[0]).bit_width,
+                       bias=(f"{bq.bit_width} {bq.bias_scaling}" if bq.is_quant_enabled
+                             else ("float" if m.bias is not None else None)),
+                       scale=fmt_scale(meta.scale), acc_bits=meta.bit_width, group=None)
+        elif is_act_quant(qmodel, node):
+            m = module_of(qmodel, node)
+            row = dict(name=node.target, op=type(m).__name__, weight_bits=None,
+                       act_bits=f"{'int' if meta.signed else 'uint'}{meta.bit_width}", bias=None,
+                       scale=fmt_scale(meta.scale), acc_bits=None, group=meta.group)
+        elif is_trunc_pool(qmodel, node):
+            row = dict(name=node.target, op=type(module_of(qmodel, node)).__name__, weight_bits=None,
+                       act_bits=meta.bit_width, bias=None, scale=fmt_scale(meta.scale), acc_bits=None,
+                       group=None)
+        elif is_add(node) or is_cat(node):
+            row = dict(name=node.name, op="add" if is_add(node) else "cat", weight_bits=None,
+                       act_bits=meta.bit_width if is_cat(node) else None, bias=None, scale=fmt_scale(meta.scale),
+                       acc_bits=meta.bit_width if is_add(node) else None, group=meta.group)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def inspect(qmodel: fx.GraphModule, file=None) -> str:
+    """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group."""
+    rows = layer_table(qmodel)
+    cols = ["name", "op", "weight_bits", "act_bits", "bias", "scale", "acc_bits", "group"]
+    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text, file=file or sys.stdout)
+    return text
