@@ -5,13 +5,17 @@
 - ``float``: the bias stays float (FINN accepts it).
 
 Layers whose arithmetic needs the input scale at run time (external-scale biases, truncating average pools)
-are linked to the activation quantizer upstream of them. When such a layer has no quantizer upstream, one is
-inserted, so users never meet a run-time "input scale required".
+take the activation quantizer upstream of them as a graph argument: ``self.conv(x, input_quantizer=q)`` with
+``q`` a get_attr node of that quantizer, so the link is an edge of the program (printed in its code, kept by
+pickling and copying). When such a layer has no quantizer upstream, one is inserted, so users never meet a
+run-time "input scale required".
 
-On profiles with ``requant='multiplier'`` (onnx), each conv/linear whose output goes straight into an
-identity or ReLU activation quantizer is linked to it: in eval mode the layer computes its integer accumulator
-exactly and the activation requantizes it with the runtime's float32 multiplier, so the fake-quant model and
-the integer kernels agree to the bit (not only to within a rounding tie).
+Each conv/linear whose output goes into an activation quantizer computes its integer accumulator exactly in
+eval mode (``exact_accumulator``). On profiles with ``requant='multiplier'`` (onnx), when every reader of the
+layer is an identity or ReLU activation quantizer, the layer hands them its accumulator as a QuantTensor
+(``return_quant_tensor``, marked ``exact``) and they requantize it with the runtime's float32 multiplier
+(``requant='multiplier'``), so the fake-quant model and the integer kernels agree to the bit (not only to within
+a rounding tie).
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ class ChooseBiasScaling(ProfilePass):
                 src = producer(gm, node.args[0])
                 if not is_act_quant(gm, src):
                     src = self.requantize(gm, node.args[0], node.name + "_input_quant", taken, users=[node])
-                module_of(gm, node)._set_input_quantizer(module_of(gm, src).act_quant)
+                _pass_input_quantizer(gm, node, src)
                 continue
             if not is_compute(gm, node):
                 continue
@@ -64,7 +68,7 @@ class ChooseBiasScaling(ProfilePass):
                 getattr(spec, "bias_scaling", "internal") == "external"
             if not is_act_quant(gm, src) and needs_input_scale:
                 src = self.requantize(gm, node.args[0], node.name + "_input_quant", taken, users=[node])
-            layer._set_input_quantizer(module_of(gm, src).act_quant if is_act_quant(gm, src) else None)
+            _pass_input_quantizer(gm, node, src if is_act_quant(gm, src) else None)
             if layer.bias is None or spec is None:
                 continue
             bias_over = {"bit_width": p.bias_bit_width, **over["bias"]}
@@ -75,12 +79,28 @@ class ChooseBiasScaling(ProfilePass):
     @staticmethod
     def _link_requantizers(gm, multiplier: bool) -> None:
         for node in gm.graph.nodes:
-            if not is_act_quant(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+            if not is_compute(gm, node):
                 continue
-            src, act = node.args[0], module_of(gm, node)
-            if is_compute(gm, src):
-                layer = module_of(gm, src)
-                # plain attributes, not submodules: the layer belongs to its own node
-                layer.__dict__["exact_accumulator"] = True
-                if multiplier and act.runtime_requant_ok():
-                    act.__dict__["requant_from"] = layer
+            readers = list(node.users)
+            acts = [module_of(gm, u) for u in readers if is_act_quant(gm, u) and u.args and u.args[0] is node]
+            if not acts:
+                continue
+            layer = module_of(gm, node)
+            layer.exact_accumulator = True
+            if multiplier and len(acts) == len(readers) and all(a.runtime_requant_ok() for a in acts):
+                layer.return_quant_tensor = True  # the accumulator travels on the edge, marked exact
+                for act in acts:
+                    act.requant = "multiplier"
+
+
+def _pass_input_quantizer(gm: fx.GraphModule, node: fx.Node, src) -> None:
+    """Give ``node`` (a layer or truncating pool) the quantizer of activation node ``src`` as its
+    ``input_quantizer`` argument, through a get_attr node of that quantizer (None: no argument)."""
+    kwargs = dict(node.kwargs)
+    old = kwargs.pop("input_quantizer", None)
+    if src is not None:
+        with gm.graph.inserting_before(node):
+            kwargs["input_quantizer"] = gm.graph.get_attr(f"{src.target}.act_quant")
+    node.kwargs = kwargs
+    if isinstance(old, fx.Node) and not old.users:  # the pass ran before: its link is replaced
+        gm.graph.erase_node(old)

@@ -78,8 +78,21 @@ def is_cat(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in CAT_FUNCTIONS
 
 
+def is_link(gm, node: fx.Node) -> bool:
+    """A get_attr node of a module: a link of the program (the quantizer a layer's ``input_quantizer``
+    argument passes), not a value."""
+    if node.op != "get_attr":
+        return False
+    obj = gm
+    for atom in node.target.split("."):
+        obj = getattr(obj, atom, None)
+    return isinstance(obj, nn.Module)
+
+
 def is_tensor_node(node: fx.Node) -> bool:
-    """Best effort: False for shape arithmetic (x.size(), getattr shape, python scalars)."""
+    """Best effort: False for shape arithmetic (x.size(), getattr shape, python scalars) and links."""
+    if node.op == "get_attr" and node.graph.owning_module is not None and is_link(node.graph.owning_module, node):
+        return False
     if node.op == "call_method" and node.target in SHAPE_METHODS:
         return False
     if node.op == "call_function" and node.target is getattr:

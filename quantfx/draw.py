@@ -22,7 +22,8 @@ from torch import fx
 
 from .errors import DrawError
 from .graph import (
-    META_KEY, QMeta, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta,
+    META_KEY, QMeta, fmt_scale, group_of, is_act_quant, is_add, is_cat, is_compute, is_link, is_trunc_pool, module_of,
+    qmeta,
 )
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -54,7 +55,6 @@ def output_meta(gm: fx.GraphModule, node: fx.Node) -> tuple[QMeta, bool]:
     if is_act_quant(gm, node):
         q = module_of(gm, node).act_quant
         if q.is_quant_enabled:
-            from quantfx.passes.share_quantizers import group_of
             group = group_of(node, q)
             return QMeta("act", q.bit_width, q.signed, q.narrow_range, group=group), False
     return qmeta(node), False
@@ -112,7 +112,7 @@ def rank_span(nodes) -> int:
     rank: dict = {}
     total = 0
     for node in nodes:
-        inputs = node.all_input_nodes
+        inputs = [a for a in node.all_input_nodes if a in rank]  # (a link outside ``nodes`` is no edge)
         rank[node] = max((rank[a] + 1 for a in inputs), default=0)
         total += sum(rank[node] - rank[a] for a in inputs)
     return total
@@ -120,7 +120,7 @@ def rank_span(nodes) -> int:
 
 def to_graphviz(gm: fx.GraphModule, title: Optional[str] = None) -> graphviz.Digraph:
     """The diagram of ``gm`` as a ``graphviz.Digraph`` (not rendered)."""
-    nodes = list(gm.graph.nodes)
+    nodes = [n for n in gm.graph.nodes if not is_link(gm, n)]  # links (a layer's input quantizer) are not drawn
     span = rank_span(nodes)
     graph_attr = dict(rankdir="TB", fontname="Helvetica", fontsize="14", label=title or "", labelloc="t",
                       nodesep="0.3", ranksep="0.3")
@@ -140,6 +140,8 @@ def to_graphviz(gm: fx.GraphModule, title: Optional[str] = None) -> graphviz.Dig
         meta, annotated = metas[node]
         g.node(node.name, _lines(node_label(gm, node, meta)), **_node_attrs(gm, node, meta, groups))
         for src in node.all_input_nodes:
+            if src not in metas:
+                continue
             src_meta, src_annotated = metas[src]
             text = edge_label(src_meta, with_scale=src_annotated)
             if text is None:

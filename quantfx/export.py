@@ -13,6 +13,7 @@ from torch import fx
 from .errors import QuantArgumentError, QuantFXError
 from .graph import is_act_quant, qmeta
 from .lowering import BACKENDS, Backend, backend_for, register_backend
+from .pipelines import annotate
 
 
 def _inputs(qmodel, example_inputs) -> tuple:
@@ -28,7 +29,6 @@ def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = N
     """The artefact for the model's target (or ``target``), in memory (an ``onnx.ModelProto`` for
     onnx/finn/dpu). Raises TargetError for a rule the model breaks and CalibrationError for a quantizer that
     never saw data."""
-    from .api import annotate
     backend = backend_for(qmodel, target)
     annotate(qmodel)  # scales may have moved since the last calibration (QAT)
     was_training = qmodel.training

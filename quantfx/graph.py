@@ -12,8 +12,8 @@ from torch import fx, nn
 
 from .classify import (
     ADD_FUNCTIONS, BN_TYPES, CAT_FUNCTIONS, COMPUTE_TYPES, FLOAT_COMPUTE_TYPES, INVARIANT_FUNCTIONS, INVARIANT_METHODS,
-    INVARIANT_MODULES, SHAPE_METHODS, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_tensor_node,
-    is_trunc_pool, module_of,
+    INVARIANT_MODULES, SHAPE_METHODS, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link,
+    is_tensor_node, is_trunc_pool, module_of,
 )
 from .ir import FLOAT, GROUP_KEY, META_KEY, QMeta, fmt_scale, group_of, qmeta
 
@@ -38,6 +38,13 @@ def data_input(node: fx.Node) -> Optional[fx.Node]:
                 if isinstance(b, fx.Node):
                     return b
     return None
+
+
+def input_quantizer_of(gm, node: fx.Node):
+    """The quantizer a layer or truncating pool node takes as its ``input_quantizer`` argument (the
+    activation quantizer upstream, passed by the graph), or None."""
+    link = node.kwargs.get("input_quantizer")
+    return gm.get_submodule(link.target) if isinstance(link, fx.Node) else None
 
 
 def producer(gm, node: fx.Node) -> fx.Node:
@@ -83,7 +90,7 @@ def insert_module_after(gm, node: fx.Node, module: nn.Module, name: str, users=N
 __all__ = [
     "ADD_FUNCTIONS", "BN_TYPES", "CAT_FUNCTIONS", "COMPUTE_TYPES", "FLOAT", "FLOAT_COMPUTE_TYPES", "GROUP_KEY",
     "INVARIANT_FUNCTIONS", "INVARIANT_METHODS", "INVARIANT_MODULES", "META_KEY", "QMeta", "SHAPE_METHODS",
-    "data_input", "fmt_scale", "group_of", "insert_module_after", "is_act_quant", "is_add", "is_cat", "is_compute",
-    "is_invariant", "is_tensor_node", "is_trunc_pool", "module_of", "producer", "qmeta", "tensor_inputs",
+    "data_input", "fmt_scale", "group_of", "input_quantizer_of", "insert_module_after", "is_act_quant", "is_add",
+    "is_cat", "is_compute", "is_invariant", "is_link", "is_tensor_node", "is_trunc_pool", "module_of", "producer", "qmeta", "tensor_inputs",
     "unique_name",
 ]

@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import CalibrationError, ExportError, QuantArgumentError, QuantFXError, TargetError
-from .graph import is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
+from .graph import is_act_quant, is_add, is_cat, is_compute, is_link, is_trunc_pool, module_of, qmeta
 from .nn import exact_arithmetic
 from .quant import Quantizer
 from . import rules
@@ -149,6 +149,8 @@ class Lowering:
         if node.op == "output":
             results = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
             return self.emit_output(node, list(results))
+        if is_link(self.gm, node):
+            return None  # a link of the program (a layer's input quantizer), not a value
         if not self.is_tensor(node) and node.op != "get_attr":
             return None  # shape arithmetic (x.size(), ints): resolved into static shapes
         try:
@@ -183,12 +185,12 @@ class Lowering:
             return self.emit_method(node)
         raise ExportError(f"{self.target}: node {node.name} ({node.op}) has no lowering")
 
-    def attribute(self, node: fx.Node) -> torch.Tensor:
-        """The tensor a get_attr node reads."""
-        if "." not in node.target:
-            return getattr(self.gm, node.target)
-        owner, name = node.target.rsplit(".", 1)
-        return self.gm.get_submodule(owner).get_parameter(name)
+    def attribute(self, node: fx.Node):
+        """What a get_attr node reads: a parameter or buffer, or a module (a quantizer passed to a layer)."""
+        obj = self.gm
+        for atom in node.target.split("."):
+            obj = getattr(obj, atom)
+        return obj
 
     def emit_input(self, node):
         raise NotImplementedError

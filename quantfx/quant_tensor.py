@@ -1,7 +1,8 @@
 """QuantTensor: a dequantized value with its affine quantization metadata, for users and eager layers.
 
-The compiler never depends on it at run time (compiled graphs carry plain tensors and keep the metadata in
-``node.meta``); it is what eager quantized layers return with ``return_quant_tensor=True``.
+It is what eager quantized layers return with ``return_quant_tensor=True``. Compiled graphs carry plain tensors
+and keep the metadata in ``node.meta``, with one exception: on ``requant='multiplier'`` targets a conv/linear
+hands its exact accumulator (``exact=True``) to the activations that requantize it.
 """
 from __future__ import annotations
 
@@ -48,11 +49,14 @@ class QuantTensor:
     """``value`` in dequantized form with ``scale``, ``zero_point``, ``bit_width``, ``signed``, ``training``.
 
     The affine invariant: ``value == (int - zero_point) * scale`` with ``int`` inside the ``bit_width`` range.
+    ``exact``: the integers are exact and ``value`` is ``float32(int * scale)`` rounded once (an accumulator a
+    layer computed exactly in eval mode, which the activation after it may requantize as the runtime does).
     """
 
-    __slots__ = ("value", "scale", "zero_point", "bit_width", "signed", "training", "narrow")
+    __slots__ = ("value", "scale", "zero_point", "bit_width", "signed", "training", "narrow", "exact")
 
-    def __init__(self, value, scale, zero_point=0.0, bit_width=8, signed=True, training=False, narrow=False):
+    def __init__(self, value, scale, zero_point=0.0, bit_width=8, signed=True, training=False, narrow=False,
+                 exact=False):
         self.value = value
         self.scale = scale if torch.is_tensor(scale) else torch.tensor(float(scale))
         self.zero_point = zero_point if torch.is_tensor(zero_point) else torch.tensor(float(zero_point))
@@ -60,6 +64,7 @@ class QuantTensor:
         self.signed = bool(signed)
         self.training = bool(training)
         self.narrow = bool(narrow)
+        self.exact = bool(exact)
 
     # -- the affine view -------------------------------------------------------------------------------
 

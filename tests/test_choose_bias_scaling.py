@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import quantfx
-from quantfx.graph import is_act_quant, is_compute, module_of, producer
+from quantfx.graph import input_quantizer_of, is_act_quant, is_compute, module_of, producer
 from quantfx.nn import QuantConv2d, QuantIdentity
 from quantfx.passes import ChooseBiasScaling, Trace
 from quantfx.quant import Int32Bias
@@ -28,7 +28,7 @@ def test_external_32_bit_bias_scale_is_input_times_weight_scale(target):
     q(DATA[0])  # the layers remember the input scale of their last call
     for node, m in layers(q):
         assert m.bias_quant.bias_scaling == "external" and m.bias_quant.bit_width == 32
-        in_scale, w_scale = m.__dict__["input_quantizer"].scale(), m.quant_weight_scale()
+        in_scale, w_scale = input_quantizer_of(q, node).scale(), m.quant_weight_scale()
         assert torch.equal(m.quant_bias().scale.reshape(-1), in_scale.reshape(-1) * w_scale.reshape(-1))
         assert m.quant_bias().bit_width == 32
 
@@ -69,7 +69,7 @@ def test_every_compute_layer_is_linked_to_the_quantizer_upstream(target):
         for node, m in layers(q):
             src = producer(q, node.args[0])
             assert is_act_quant(q, src), (name, node.name)
-            assert m.__dict__["input_quantizer"] is module_of(q, src).act_quant, (name, node.name)
+            assert input_quantizer_of(q, node) is module_of(q, src).act_quant, (name, node.name)
             linked += 1
     assert linked == floats == 69  # every conv/linear of the 8 test models
 
@@ -86,7 +86,7 @@ def test_the_pass_inserts_a_quantizer_where_an_external_bias_has_none():
     conv = next(n for n in gm.graph.nodes if n.target == "1")
     inserted = conv.args[0]
     assert inserted.target == "_1_input_quant" and isinstance(gm.get_submodule(inserted.target), QuantIdentity)
-    assert gm.get_submodule("1").__dict__["input_quantizer"] is gm.get_submodule(inserted.target).act_quant
+    assert input_quantizer_of(gm, conv) is gm.get_submodule(inserted.target).act_quant
     quantfx.calibrate(gm, [x], progress=False)
     y = gm(x)
     expected = model[1].inner_forward(gm.get_submodule(inserted.target)(torch.tanh(x)),
@@ -100,7 +100,7 @@ def test_float_region_before_a_conv_is_quantized():
     assert type(q.get_submodule("0")) is nn.Conv2d
     conv = next(n for n in q.graph.nodes if n.target == "2")
     assert is_act_quant(q, conv.args[0])
-    assert q.get_submodule("2").__dict__["input_quantizer"] is module_of(q, conv.args[0]).act_quant
+    assert input_quantizer_of(q, conv) is module_of(q, conv.args[0]).act_quant
     with torch.no_grad():
         y = q(DATA[0])  # never an "input scale required"
         ref = model(DATA[0])

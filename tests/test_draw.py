@@ -1,5 +1,6 @@
 """quantfx.draw: every format for float and quantized graphs, edge labels equal to node.meta, shared-group colours,
-legend, the renderers (pygraphviz in-process, a system `dot`, neither), pass dumps, graphs large enough to need the bounded-effort layout."""
+legend, the renderers (pygraphviz in-process, a system `dot`, neither),
+pass dumps, graphs large enough to need the bounded-effort layout."""
 import importlib
 import re
 import shutil
@@ -13,7 +14,7 @@ from torch import fx, nn
 
 import quantfx
 from quantfx.draw import SPAN_LABELS, dump_diagram, edge_label, rank_span, to_graphviz
-from quantfx.graph import QMeta, fmt_scale, is_act_quant, is_add, is_cat, is_compute, qmeta
+from quantfx.graph import QMeta, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_link, qmeta
 
 draw_module = importlib.import_module("quantfx.draw")  # quantfx.draw is the function
 
@@ -97,7 +98,11 @@ def test_every_format_for_float_and_quantized_graphs(which, suffix, qmodel, lene
     assert data.startswith(MAGIC[suffix])
     if suffix == ".svg":
         text = data.decode()
-        assert all(f">{n.name}<" in text or n.op == "output" for n in gm.graph.nodes if n.op != "call_module")
+        links = [n for n in gm.graph.nodes if is_link(gm, n)]
+        assert all(f">{n.name}<" in text or n.op == "output" for n in gm.graph.nodes
+                   if n.op != "call_module" and n not in links)
+        # the quantizers passed to layers (input_quantizer=...) are edges of the program, not drawn as nodes
+        assert (len(links) > 0) == (which == "quantized") and not any(f">{n.name}<" in text for n in links)
     assert not (tmp_path / "g.dot").exists() or suffix == ".dot"  # .dot only when asked for
 
 
@@ -116,7 +121,8 @@ def test_quantized_edge_labels_equal_node_meta(qmodel, tmp_path):
     src = quantfx.draw(qmodel, tmp_path / "q.dot").read_text()
     es = edges(src)
     for node in qmodel.graph.nodes:
-        assert re.search(rf"^\t{node.name} \[", src, re.M), node.name
+        drawn = re.search(rf"^\t{node.name} \[", src, re.M)
+        assert bool(drawn) != is_link(qmodel, node), node.name
     n_compute = n_act = 0
     for (tail, head), attrs in es.items():
         tail_node = _node(qmodel, tail)

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import quantfx
-from quantfx.graph import is_act_quant, is_compute, module_of
+from quantfx.graph import input_quantizer_of, is_act_quant, is_compute, module_of
 from quantfx.quant import functional as qf
+from quantfx.quant_tensor import QuantTensor, value_of
 from quantfx.zoo import TEST_MODELS, example_input
 
 
@@ -38,14 +39,27 @@ def test_requantize_multiplier_is_the_float32_multiplier_not_the_quotient():
     assert float((exact[parted].abs() % 1 - 0.5).abs().max()) < 1e-4  # every parting is at a tie
 
 
+def outputs_of(layer, q, x):
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    q(x)
+    handle.remove()
+    return seen
+
+
 def test_links_follow_the_profile():
     onnx_q, finn_q = quantized("resnet", "onnx"), quantized("resnet", "finn")
-    for q, linked in ((onnx_q, True), (finn_q, False)):
+    for q, mode in ((onnx_q, "multiplier"), (finn_q, "float")):
         acts = [module_of(q, n) for n in q.graph.nodes if is_act_quant(q, n) and is_compute(q, n.args[0])]
-        assert acts
-        assert all((a.__dict__.get("requant_from") is not None) == linked for a in acts)
+        assert acts and all(a.requant == mode for a in acts)
         layers = [module_of(q, n) for n in q.graph.nodes if is_compute(q, n)]
-        assert all(m.__dict__.get("exact_accumulator") for m in layers)  # every target: exact accumulators
+        assert all(m.exact_accumulator for m in layers)  # every target: exact accumulators
+        # the accumulator travels on the edge only where it is requantized
+        assert all(m.return_quant_tensor == (mode == "multiplier") for m in layers)
+        # no module holds another: the links are arguments of the graph's nodes
+        assert not any(isinstance(v, torch.nn.Module) for m in q.modules() for v in vars(m).values()
+                       if not isinstance(v, dict))
+        assert "input_quantizer = " in q.code
 
 
 @pytest.mark.parametrize("target", ["onnx", "finn"])
@@ -55,17 +69,19 @@ def test_conv_output_is_the_exact_integer_accumulator(target):
     q = quantized("lenet", target)
     node = next(n for n in q.graph.nodes if is_compute(q, n))
     layer = module_of(q, node)
-    src = layer.__dict__["input_quantizer"]
+    src = input_quantizer_of(q, node)
+    assert node.kwargs["input_quantizer"].op == "get_attr"  # an edge of the graph
     x = example_input("lenet", batch=2, seed=9)
-    seen = {}
-    handle = layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
     with torch.no_grad():
-        q(x)
-    handle.remove()
+        seen = outputs_of(layer, q, x)
+    assert isinstance(seen["y"], QuantTensor) == (target == "onnx")
+    if target == "onnx":
+        assert seen["y"].exact and seen["y"].zero_point.abs().max() == 0
+    seen["y"] = value_of(seen["y"])
     s_x, z_x = src.qparams(None)
     x_int = torch.round(seen["x"].double() / s_x.double()).long()  # integers minus zero point
     w_int = layer.int_weight()
-    acc_scale = layer.__dict__["_acc_scale"]
+    acc_scale = layer.acc_scale(s_x, layer.quant_weight_scale()).reshape(1, -1, 1, 1)
     b_int = layer.int_bias() if layer.bias is not None else torch.zeros(layer.out_channels, dtype=torch.long)
     cols = F.unfold(x_int.double(), layer.kernel_size, padding=layer.padding, stride=layer.stride).long()
     acc = torch.einsum("ok,bkl->bol", w_int.reshape(layer.out_channels, -1), cols) + b_int.reshape(1, -1, 1)
@@ -90,12 +106,10 @@ def test_training_mode_keeps_the_plain_fake_quant_path():
     q = quantized("lenet", "onnx")
     layer = next(module_of(q, n) for n in q.graph.nodes if is_compute(q, n))
     q.train()
-    q(example_input("lenet", batch=2, seed=1))
-    assert layer.__dict__["_acc_scale"] is None  # no exact accumulator while training
+    assert not outputs_of(layer, q, example_input("lenet", batch=2, seed=1))["y"].exact  # not while training
     q.eval()
     with torch.no_grad():
-        q(example_input("lenet", batch=2, seed=1))
-    assert layer.__dict__["_acc_scale"] is not None
+        assert outputs_of(layer, q, example_input("lenet", batch=2, seed=1))["y"].exact
 
 
 @pytest.mark.parametrize("fan_in, digits", [(200, 1), (600, 2), (5000, 3), (70000, 0)])
@@ -119,10 +133,10 @@ def test_exact_arithmetic_can_be_switched_off_for_a_block():
     x = example_input("resnet", batch=2, seed=4)
     with torch.no_grad():
         exact = q(x)
-        assert layer.__dict__["_acc_scale"] is not None
+        assert outputs_of(layer, q, x)["y"].exact
         with quantfx.nn.exact_arithmetic(False):
             plain = q(x)
-            assert layer.__dict__["_acc_scale"] is None
+            assert not outputs_of(layer, q, x)["y"].exact
         again = q(x)
     assert torch.equal(exact, again)
     step = float(next(n for n in q.graph.nodes if n.op == "output").args[0].meta["quant"].scale)

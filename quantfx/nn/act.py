@@ -26,6 +26,10 @@ class QuantAct(nn.Module):
         self.input_quant = make_quantizer(input_quant, "act", **over["input"])
         self.act_quant = make_quantizer(spec, "act", **over["act"])
         self.return_quant_tensor = return_quant_tensor
+        # how an exact accumulator (a QuantTensor with exact=True, from the conv/linear before) becomes this
+        # activation's integers in eval mode: "float" quantizes its value; "multiplier" requantizes its integers
+        # with one float32 multiplier, as onnxruntime does (set by the compiler on requant='multiplier' targets)
+        self.requant = "float"
 
     def act_fn(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -37,10 +41,9 @@ class QuantAct(nn.Module):
         if self.input_quant.is_quant_enabled:
             xv = self.input_quant(xv)
         y = self.act_fn(xv)
-        layer = self.__dict__.get("requant_from")
-        acc_scale = None if layer is None or self.training else layer.__dict__.get("_acc_scale")
-        if acc_scale is not None and not self.act_quant.calibrating and self.runtime_requant_ok():
-            qt = self._requantize_like_runtime(acc_scale, xv, y)
+        if self.requant == "multiplier" and isinstance(x, QuantTensor) and x.exact and not self.training and \
+                not self.act_quant.calibrating and self.runtime_requant_ok():
+            qt = self._requantize_like_runtime(x.scale, xv, y)
         else:
             qt = self.act_quant.quant_tensor(y, training=self.training)
         if self.return_quant_tensor and isinstance(qt, QuantTensor):
@@ -48,8 +51,8 @@ class QuantAct(nn.Module):
         return value_of(qt)
 
     def _requantize_like_runtime(self, acc_scale, xv, y) -> QuantTensor:
-        """Eval mode, after a layer that computed its accumulator exactly (``requant_from``, linked by the
-        compiler on ``requant='multiplier'`` targets): the integers the runtime's requantization gives
+        """Eval mode, on an accumulator a layer computed exactly (``requant='multiplier'``, set by the compiler on
+        targets that requantize so): the integers the runtime's requantization gives
         (:func:`quantfx.quant.functional.requantize_multiplier`), not a rounded float quotient. The values
         differ from the plain fake quantization only where the two roundings part, at ties; gradients, when
         needed, are the plain path's."""

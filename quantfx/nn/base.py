@@ -32,21 +32,16 @@ def split_overrides(kwargs: dict, slots: tuple[str, ...], owner: str, bare: str 
 
 class InputQuantMixin:
     """Finds the quantization of a layer's input: its own ``input_quant``, an incoming QuantTensor, or (in
-    compiled graphs, whose edges carry plain tensors) the upstream quantizer the compiler linked as
-    ``input_quantizer``."""
+    compiled graphs, whose edges carry plain tensors) the quantizer of the activation upstream, which the graph
+    passes as the ``input_quantizer`` argument (``self.conv(x, input_quantizer=self.x_quant.act_quant)``)."""
 
-    def _set_input_quantizer(self, quantizer) -> None:
-        # Not a registered submodule: the quantizer belongs to the upstream node.
-        self.__dict__["input_quantizer"] = quantizer
-
-    def _quant_input(self, x):
-        """(value, QuantTensor-or-None) of the input."""
+    def _quant_input(self, x, src=None):
+        """(value, QuantTensor-or-None) of the input; ``src`` the upstream quantizer the graph passes."""
         if self.input_quant.is_quant_enabled:
             qx = self.input_quant.quant_tensor(value_of(x))
             return value_of(qx), (qx if isinstance(qx, QuantTensor) else None)
         if isinstance(x, QuantTensor):
             return x.value, x
-        src = self.__dict__.get("input_quantizer")
         if src is not None and src.is_quant_enabled and not src.calibrating:
             scale, zp = src.qparams(None)
             axis = src.channel_axis if x.dim() > src.channel_axis else 0

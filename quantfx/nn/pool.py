@@ -29,7 +29,6 @@ class _TruncAvgPool(InputQuantMixin, nn.Module):
         self.bit_width, self.rounding = bit_width, rounding
         self.return_quant_tensor = return_quant_tensor
         self.input_quant = _DISABLED
-        self._set_input_quantizer(None)
 
     def _kernel(self, x) -> tuple[int, ...]:
         raise NotImplementedError
@@ -42,8 +41,8 @@ class _TruncAvgPool(InputQuantMixin, nn.Module):
         acc = in_bits + (math.ceil(math.log2(k)) if k > 1 else 0)
         return acc, max(acc - self.bit_width, 0)
 
-    def forward(self, x):
-        xv, qx = self._quant_input(x)
+    def forward(self, x, input_quantizer=None):
+        xv, qx = self._quant_input(x, input_quantizer)
         avg = self._pool(xv)
         if qx is None or qx.scale.numel() != 1 or not bool((qx.zero_point == 0).all()):
             return avg

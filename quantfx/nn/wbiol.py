@@ -39,7 +39,9 @@ class QuantWBIOL(InputQuantMixin):
             q = getattr(self, slot + "_quant")
             q.qname = q.qname or f"{type(self).__name__}.{slot}_quant"
         self.return_quant_tensor = return_quant_tensor
-        self._set_input_quantizer(None)
+        # compute the accumulator exactly in eval mode (set by the compiler where an activation quantizer reads
+        # this layer's output): see exact_integer_form
+        self.exact_accumulator = False
         self.__dict__["_input_scale_cache"] = None
 
     # -- inspection ------------------------------------------------------------------------------------
@@ -88,13 +90,15 @@ class QuantWBIOL(InputQuantMixin):
 
     # -- forward ---------------------------------------------------------------------------------------
 
-    def forward(self, x):
-        xv, qx = self._quant_input(x)
+    def forward(self, x, input_quantizer=None):
+        """``input_quantizer``: in compiled graphs, the quantizer of the activation upstream (an argument of this
+        node), which gives a plain-tensor input its scale."""
+        xv, qx = self._quant_input(x, input_quantizer)
         self.__dict__["_input_scale_cache"] = None if qx is None else qx.scale.detach()
         qw = self.quant_weight()
         wv = value_of(qw)
         qb, bv = None, self.bias
-        src = self.__dict__.get("input_quantizer")
+        src = input_quantizer
         observing = qx is None and (is_calibrating(self.input_quant) or (src is not None and is_calibrating(src)))
         external = self.bias_quant.is_quant_enabled and self.bias_quant.bias_scaling == "external"
         if self.bias is not None and self.bias_quant.is_quant_enabled and not (external and observing):
@@ -104,18 +108,19 @@ class QuantWBIOL(InputQuantMixin):
                                               training=self.training)
             bv = value_of(qb)
         exact = self._exact_ok(qx, qw, qb)
-        self.__dict__["_acc_scale"] = None
+        small = False
         needs_grad = torch.is_grad_enabled() and (xv.requires_grad or any(p.requires_grad for p in self.parameters()))
         if exact and not needs_grad:
-            out = self._exact_accumulator(xv, qx, qw, qb)
+            out, small = self._exact_accumulator(xv, qx, qw, qb)
         else:
             out = self.inner_forward(xv, wv, bv)
             if exact:  # exact values, float gradients
-                out = out + (self._exact_accumulator(xv, qx, qw, qb) - out).detach()
+                acc, small = self._exact_accumulator(xv, qx, qw, qb)
+                out = out + (acc - out).detach()
         result = out
         if qx is not None and isinstance(qw, QuantTensor) and qx.scale.numel() == 1:
             # (a per-channel input scale puts each input channel on its own grid: the sum is on none)
-            result = self._accumulator(out, qx, qw, qb)
+            result = self._accumulator(out, qx, qw, qb, exact=small)
         if self.output_quant.is_quant_enabled:
             result = self.output_quant.quant_tensor(out, training=self.training)
         if self.return_quant_tensor and isinstance(result, QuantTensor):
@@ -145,7 +150,7 @@ class QuantWBIOL(InputQuantMixin):
 
     def _integer_layer(self, w_zero_point) -> bool:
         """The configuration part of :meth:`exact_integer_form`, for weights with zero point ``w_zero_point``."""
-        return bool(self.__dict__.get("exact_accumulator")) and not bool(torch.any(w_zero_point != 0)) and \
+        return bool(self.exact_accumulator) and not bool(torch.any(w_zero_point != 0)) and \
             (self.bias is None or (self.bias_quant.is_quant_enabled and self.bias_quant.bias_scaling == "external"))
 
     def _exact_ok(self, qx, qw, qb) -> bool:
@@ -156,12 +161,12 @@ class QuantWBIOL(InputQuantMixin):
             isinstance(qw, QuantTensor) and self._integer_layer(qw.zero_point) and \
             (self.bias is None or isinstance(qb, QuantTensor))
 
-    def _exact_accumulator(self, xv, qx, qw, qb) -> torch.Tensor:
+    def _exact_accumulator(self, xv, qx, qw, qb) -> tuple[torch.Tensor, bool]:
         """The layer output as the integer hardware computes it: the integer accumulator (input integers minus
         zero point, times weight integers, plus bias integers; exact, see :class:`ExactIntegerOp`) times the
         accumulator scale, rounded once to float32. The accumulator scale is the float32 product input scale x
-        weight scale, as the runtimes compute it; it is kept in ``_acc_scale`` for the requantizer that
-        follows, when the output carries the accumulator exactly (below 2^22)."""
+        weight scale, as the runtimes compute it. Returns (output, whether it carries the accumulator exactly:
+        below 2^22, so the activation after it can recover the integers)."""
         with torch.no_grad():
             # float32 quotients of values on the grid round back to their integers (|int| < 2^22)
             x_int = torch.round(xv.detach().float() / qx.scale.detach().float())
@@ -179,12 +184,11 @@ class QuantWBIOL(InputQuantMixin):
                 acc = acc.double() + qf.broadcast_shape(self.int_bias().double(), acc.dim(),
                                                         self.out_channel_axis % acc.dim())
             small = float(acc.abs().max()) < 2 ** 22 if acc.numel() else True
-            self.__dict__["_acc_scale"] = acc_scale if small else None
             if small:  # exact integers below 2^22: one float32 product rounds once
-                return acc.float() * acc_scale
-            return (acc.double() * acc_scale.double()).float()
+                return acc.float() * acc_scale, True
+            return (acc.double() * acc_scale.double()).float(), False
 
-    def _accumulator(self, out, qx, qw, qb) -> QuantTensor:
+    def _accumulator(self, out, qx, qw, qb, exact: bool = False) -> QuantTensor:
         scale = self._acc_scale_of(qx, qw, out.dim())
         axis = self.out_channel_axis % out.dim()
         bits = qf.accumulator_bit_width(qx.bit_width, qw.bit_width, self.weight_quant.narrow_range,
@@ -196,7 +200,7 @@ class QuantWBIOL(InputQuantMixin):
             # float or internally-scaled bias: not on the accumulator grid, so it becomes a zero point.
             bias = value_of(qb) if qb is not None else self.bias
             zero_point = -qf.broadcast_shape(bias, out.dim(), axis) / scale
-        return QuantTensor(out, scale, zero_point, bits, True, self.training)
+        return QuantTensor(out, scale, zero_point, bits, True, self.training, exact=exact)
 
 
 F32_EXACT = 2 ** 24  # float32 holds every integer below this
