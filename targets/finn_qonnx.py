@@ -31,6 +31,11 @@ from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
 from quantfx.quant import functional as qf
 
 from .onnx_base import OnnxLowering, feed, load_onnx, node_values, np32, save_onnx
+
+try:  # qonnx is the finn extra: the lowering needs none of it, running and converting the file do
+    from qonnx.transformation.base import Transformation
+except ImportError:  # pragma: no cover - exercised only without the extra
+    Transformation = object
 from .profile import FINN
 
 DOMAIN = "qonnx.custom_op.general"
@@ -323,8 +328,7 @@ def to_qcdq(model: onnx.ModelProto) -> onnx.ModelProto:
     from qonnx.transformation.general import RemoveUnusedTensors
     from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
     wrapper = _prepared(model, _static_batch(model), clean=True)
-    _fold_constant_quants(wrapper)
-    _trunc_to_standard_ops(wrapper)
+    wrapper = wrapper.transform(FoldConstantQuants()).transform(TruncToStandardOps())
     for node in wrapper.graph.node:
         reason = _qcdq_refusal(wrapper, node) if node.domain == DOMAIN else None
         if reason:
@@ -356,51 +360,56 @@ def _qcdq_refusal(wrapper, node):
     return None
 
 
-def _fold_constant_quants(wrapper) -> None:
+class FoldConstantQuants(Transformation):
     """Replace Quant/BipolarQuant nodes of initializers that QuantToQCDQ cannot convert exactly by their value,
     computed by qonnx's own op."""
-    from qonnx.custom_op.registry import getCustomOp
-    graph = wrapper.graph
-    for node in list(graph.node):
-        if node.domain != DOMAIN or node.op_type not in ("Quant", "BipolarQuant") or \
-                wrapper.get_initializer(node.input[0]) is None or \
-                (node.op_type == "Quant" and _qcdq_refusal(wrapper, node) is None):
-            continue
-        context = {name: wrapper.get_initializer(name) for name in node.input}
-        getCustomOp(node).execute_node(context, graph)
-        wrapper.set_initializer(node.output[0], np.asarray(context[node.output[0]], np.float32))
-        graph.node.remove(node)
+
+    def apply(self, model):
+        from qonnx.custom_op.registry import getCustomOp
+        graph = model.graph
+        for node in list(graph.node):
+            if node.domain != DOMAIN or node.op_type not in ("Quant", "BipolarQuant") or \
+                    model.get_initializer(node.input[0]) is None or \
+                    (node.op_type == "Quant" and _qcdq_refusal(model, node) is None):
+                continue
+            context = {name: model.get_initializer(name) for name in node.input}
+            getCustomOp(node).execute_node(context, graph)
+            model.set_initializer(node.output[0], np.asarray(context[node.output[0]], np.float32))
+            graph.node.remove(node)
+        return model, False  # one sweep folds every constant Quant: nothing to repeat
 
 
 _TRUNC_ROUNDING = {"FLOOR": "Floor", "ROUND": "Round", "HALF_EVEN": "Round", "CEIL": "Ceil"}
 
 
-def _trunc_to_standard_ops(wrapper) -> None:
+class TruncToStandardOps(Transformation):
     """Trunc v1 (x, scale, zeropt = 0, in_bits, out_bits) -> its formula in standard ops, float op for float op:
     ``floor(round(x / scale) / 2^(in_bits - out_bits)) * scale``."""
-    from onnx import helper
-    graph = wrapper.graph
-    for index, node in reversed(list(enumerate(graph.node))):
-        if node.domain != DOMAIN or node.op_type != "Trunc":
-            continue
-        x, scale, zeropt, in_bits, out_bits = node.input
-        rounding = onnx.helper.get_attribute_value(node.attribute[0]).decode().upper() \
-            if node.attribute else "FLOOR"
-        if rounding not in _TRUNC_ROUNDING or np.any(wrapper.get_initializer(zeropt) != 0):
-            raise ExportError(f"finn: QCDQ: {node.name} (Trunc) rounds {rounding} or has a zero point; only "
-                              f"zero point 0 with {', '.join(_TRUNC_ROUNDING)} has a standard-op form")
-        shift = float(wrapper.get_initializer(in_bits)) - float(wrapper.get_initializer(out_bits))
-        step = f"{node.name}_step"
-        wrapper.set_initializer(step, np.float32(2.0 ** shift))
-        names = [f"{node.name}_{s}" for s in ("ints", "round", "shifted", "trunc")]
-        new = [helper.make_node("Div", [x, scale], [names[0]], name=names[0]),
-               helper.make_node("Round", [names[0]], [names[1]], name=names[1]),
-               helper.make_node("Div", [names[1], step], [names[2]], name=names[2]),
-               helper.make_node(_TRUNC_ROUNDING[rounding], [names[2]], [names[3]], name=names[3]),
-               helper.make_node("Mul", [names[3], scale], [node.output[0]], name=f"{node.name}_rescale")]
-        graph.node.remove(node)
-        for offset, n in enumerate(new):
-            graph.node.insert(index + offset, n)
+
+    def apply(self, model):
+        graph = model.graph
+        for index, node in reversed(list(enumerate(graph.node))):
+            if node.domain != DOMAIN or node.op_type != "Trunc":
+                continue
+            x, scale, zeropt, in_bits, out_bits = node.input
+            rounding = onnx.helper.get_attribute_value(node.attribute[0]).decode().upper() \
+                if node.attribute else "FLOOR"
+            if rounding not in _TRUNC_ROUNDING or np.any(model.get_initializer(zeropt) != 0):
+                raise ExportError(f"finn: QCDQ: {node.name} (Trunc) rounds {rounding} or has a zero point; only "
+                                  f"zero point 0 with {', '.join(_TRUNC_ROUNDING)} has a standard-op form")
+            shift = float(model.get_initializer(in_bits)) - float(model.get_initializer(out_bits))
+            step = f"{node.name}_step"
+            model.set_initializer(step, np.float32(2.0 ** shift))
+            names = [f"{node.name}_{s}" for s in ("ints", "round", "shifted", "trunc")]
+            new = [onnx.helper.make_node("Div", [x, scale], [names[0]], name=names[0]),
+                   onnx.helper.make_node("Round", [names[0]], [names[1]], name=names[1]),
+                   onnx.helper.make_node("Div", [names[1], step], [names[2]], name=names[2]),
+                   onnx.helper.make_node(_TRUNC_ROUNDING[rounding], [names[2]], [names[3]], name=names[3]),
+                   onnx.helper.make_node("Mul", [names[3], scale], [node.output[0]], name=f"{node.name}_rescale")]
+            graph.node.remove(node)
+            for offset, n in enumerate(new):
+                graph.node.insert(index + offset, n)
+        return model, False  # one sweep replaces every Trunc
 
 
 def _static_batch(model) -> int:

@@ -21,7 +21,8 @@ from quantfx.zoo import TEST_MODELS, example_input
 
 VARIANTS = {
     "onnx": {"default": {}, "vnni": dict(cpu="vnni")},
-    "finn": {"default": {}, "w4a4": dict(weight_bit_width=4, act_bit_width=4), "float_bias": dict(bias_scaling="float")},
+    "finn": {"default": {}, "w4a4": dict(weight_bit_width=4, act_bit_width=4),
+             "float_bias": dict(bias_scaling="float")},
 }
 
 
