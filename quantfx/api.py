@@ -42,6 +42,18 @@ def gc_paused():
             gc.enable()
 
 
+def _check_finite_state(model: nn.Module) -> None:
+    """QuantArgumentError naming the first parameter or buffer holding NaN or inf: its quantizer would have no
+    finite scale, and BatchNorm folding would spread it over a whole layer."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise QuantArgumentError(f"quantize: {kind} {name} holds {bad} NaN or inf value(s) of {t.numel()}; "
+                                         "fix the model's weights (reload the checkpoint, or find the training step "
+                                         "that diverged) before quantizing")
+
+
 def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_data=None, *,
              weight_bit_width: Optional[int] = None, act_bit_width: Optional[int] = None,
              bias_bit_width: Optional[int] = None, input_bit_width: Optional[int] = None,
@@ -63,6 +75,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     if calibration_method not in CALIBRATION_METHODS:
         raise QuantArgumentError(f"quantize: calibration_method={calibration_method!r}; use one of "
                                  f"{', '.join(CALIBRATION_METHODS)}")
+    _check_finite_state(model)
     profile = _profile(target, **_profile_opts(dict(
         weight_bit_width=weight_bit_width, act_bit_width=act_bit_width, bias_bit_width=bias_bit_width,
         input_bit_width=input_bit_width, bias_scaling=bias_scaling, cpu=cpu)))

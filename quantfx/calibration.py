@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import QuantArgumentError
+from .errors import CalibrationError, QuantArgumentError, QuantFXError
 from .nn import QuantWBIOL
 from .pipelines import annotate
 from .quant import Quantizer
@@ -75,13 +75,16 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
         # a pipeline without propagate_shapes left no shapes: annotate needs them to size average-pool windows
         record = isinstance(qmodel, fx.GraphModule) and \
             any("tensor_meta" not in n.meta for n in qmodel.graph.nodes if n.op == "placeholder")
-        _run_batches(qmodel, data, progress, "calibrating", max_batches, record_shapes=record)
+        ran = _run_batches(qmodel, data, progress, "calibrating", max_batches, record_shapes=record)
     finally:
         for q in qs:
             if q.kind == "act":
                 q.end_calibration()
             else:
                 q.calibrating = False
+    if ran == 0:
+        raise CalibrationError("calibrating: the calibration data is empty (no batch ran), so no activation "
+                               "quantizer has a scale; give at least one batch")
     if bias_correction:
         correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
     if isinstance(qmodel, fx.GraphModule):
@@ -91,18 +94,54 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
 
 
 def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int],
-                 record_shapes: bool = False) -> None:
+                 record_shapes: bool = False) -> int:
     """Run every batch of ``data`` (up to ``max_batches``) through ``model`` without gradients; with
-    ``record_shapes`` the first batch also records each node's ``tensor_meta`` (torch.fx ShapeProp)."""
+    ``record_shapes`` the first batch also records each node's ``tensor_meta`` (torch.fx ShapeProp). Returns how
+    many batches ran. A batch holding NaN or inf, or one the model cannot run, is a CalibrationError naming it."""
     n_in = _n_inputs(model)
+    ran = 0
     with torch.no_grad():
         for i, batch in enumerate(_progress(data, progress, desc)):
             if max_batches is not None and i >= max_batches:
                 break
-            if record_shapes and i == 0:
-                ShapeProp(model).propagate(*_as_args(batch, n_in))
-            else:
-                model(*_as_args(batch, n_in))
+            args = _as_args(batch, n_in)
+            _check_finite(args, i, desc)
+            try:
+                if record_shapes and i == 0:
+                    ShapeProp(model).propagate(*args)
+                else:
+                    model(*args)
+            except QuantFXError:
+                raise
+            except Exception as e:
+                raise CalibrationError(
+                    f"{desc}: batch {i} (input shapes {_shapes(args)}) does not run through the model: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; give batches shaped like the "
+                    f"example inputs{_expected(model)}") from e
+            ran += 1
+    return ran
+
+
+def _shapes(args) -> str:
+    return ", ".join(str(tuple(a.shape)) if torch.is_tensor(a) else type(a).__name__ for a in args)
+
+
+def _expected(model) -> str:
+    if not isinstance(model, fx.GraphModule):
+        return ""
+    metas = [n.meta.get("tensor_meta") for n in model.graph.nodes if n.op == "placeholder"]
+    if not metas or any(m is None for m in metas):
+        return ""
+    return " (" + ", ".join(str(tuple(m.shape)) for m in metas) + "; the batch size may differ)"
+
+
+def _check_finite(args, index: int, desc: str) -> None:
+    for k, a in enumerate(args):
+        if torch.is_tensor(a) and a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            bad = int((~torch.isfinite(a)).sum())
+            raise CalibrationError(f"{desc}: batch {index}, input {k} holds {bad} NaN or inf value(s) of "
+                                   f"{a.numel()}; a quantizer that saw them would get no finite scale (clean or drop "
+                                   "that batch)")
 
 
 def _progress(data, enabled: bool, desc: str):

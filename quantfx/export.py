@@ -2,6 +2,8 @@
 registry live in the lowering core (quantfx.lowering) and are re-exported here."""
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from .errors import QuantArgumentError, QuantFXError
+from .errors import ExportError, QuantArgumentError, QuantFXError
 from .graph import is_act_quant, qmeta
 from .lowering import BACKENDS, Backend, backend_for, register_backend
 from .pipelines import annotate
@@ -47,8 +49,17 @@ def export(qmodel: fx.GraphModule, path: Union[str, Path], example_inputs=None, 
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(backend.suffix)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    backend.save(artefact, path)
+    # written next to its place and moved there whole: a failed write leaves no half-written artefact behind
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend.save(artefact, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ExportError(f"export: cannot write {path}: {e.strerror or e}; choose a path in a writable "
+                          "directory") from e
     return artefact
 
 
@@ -123,8 +134,20 @@ def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[st
     Returns a VerifyReport: max error per output in LSBs of that output's quantization step, ``ok`` when all
     are within ``tolerance_lsb``, and when not, the first activation-quantizer node that is off."""
     backend = backend_for(qmodel, target)
-    artefact = backend.load(Path(artefact_or_path)) if isinstance(artefact_or_path, (str, Path)) \
-        else artefact_or_path
+    where = str(artefact_or_path) if isinstance(artefact_or_path, (str, Path)) else "the artefact"
+    if isinstance(artefact_or_path, (str, Path)):
+        try:
+            artefact = backend.load(Path(artefact_or_path))
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise ExportError(f"verify: {where} cannot be read as a {backend.name} artefact ({type(e).__name__}: "
+                              f"{first}); pass the file quantfx.export wrote") from e
+    else:
+        artefact = artefact_or_path
+    problem = backend.check(artefact) if backend.check is not None else None
+    if problem:
+        raise ExportError(f"verify: {where} {problem}; verify compares an artefact quantfx wrote "
+                          "(quantfx.export(qmodel, path)) with the model it was lowered from")
     inputs = (inputs,) if torch.is_tensor(inputs) else tuple(inputs)
     was_training = qmodel.training
     qmodel.eval()

@@ -43,6 +43,8 @@ class Backend:
     # (artefact, inputs) -> a sentence on what could make it differ from the fake-quant model (runtime/CPU causes)
     diagnose: Optional[Callable[[Any, tuple], str]] = None
     suffix: str = ".onnx"  # the artefact's file suffix: export adds it to a path that has none
+    # artefact -> None, or why it is not an artefact this backend wrote (verify refuses it, saying so)
+    check: Optional[Callable[[Any], Optional[str]]] = None
 
 
 #: target name -> Backend; each backend module registers itself with :func:`register_backend`

@@ -30,7 +30,7 @@ from quantfx.lowering import Backend
 from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
 from quantfx.quant import functional as qf
 
-from .onnx_base import OnnxLowering, feed, load_onnx, node_values, np32, save_onnx
+from .onnx_base import OnnxLowering, feed, load_onnx, node_values, not_quantfx, np32, save_onnx
 
 try:  # qonnx is the finn extra: the lowering needs none of it, running and converting the file do
     from qonnx.transformation.base import Transformation
@@ -423,4 +423,4 @@ def _lower(qmodel, example_inputs):
 
 BACKEND = Backend(
     name="finn", lower=_lower, save=save_onnx, load=load_onnx, run=run_qonnx,
-    run_with_intermediates=run_qonnx_intermediates)
+    run_with_intermediates=run_qonnx_intermediates, check=not_quantfx)

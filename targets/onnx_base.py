@@ -51,6 +51,15 @@ def load_onnx(path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
+def not_quantfx(model) -> Optional[str]:
+    """None for an ONNX model quantfx lowered; else what gives it away (verify refuses other files)."""
+    if not isinstance(model, onnx.ModelProto):
+        return f"is a {type(model).__name__}, not an ONNX model"
+    if model.producer_name != "quantfx" or not any(p.key == NODE_VALUES_KEY for p in model.metadata_props):
+        return f"was not written by quantfx (producer {model.producer_name or 'unknown'!r})"
+    return None
+
+
 def node_values(model: onnx.ModelProto) -> dict:
     """fx node name -> the value that holds it in ``model`` (stamped by the lowering)."""
     for prop in model.metadata_props:
@@ -457,4 +466,5 @@ class OnnxLowering(Lowering):
         return self.op(op_type, ins, node.name)
 
 
-__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "feed", "save_onnx", "load_onnx", "node_values", "with_values"]
+__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "feed", "save_onnx", "load_onnx", "node_values", "with_values",
+           "not_quantfx"]

@@ -18,7 +18,7 @@ from quantfx.lowering import Backend
 from quantfx.quant import functional as qf
 
 from .int16_pairs import INT16_MAX, check_layer, cpu_has_int32_dot, integer_layers, pair_risks
-from .onnx_base import OnnxLowering, feed, load_onnx, node_values, np32, save_onnx, with_values
+from .onnx_base import OnnxLowering, feed, load_onnx, node_values, not_quantfx, np32, save_onnx, with_values
 from .profile import ONNX
 
 
@@ -263,4 +263,4 @@ def diagnose(model: onnx.ModelProto, inputs) -> str:
 
 BACKEND = Backend(
     name="onnx", lower=_lower, save=save_onnx, load=load_onnx, run=run_onnx,
-    run_with_intermediates=run_onnx_intermediates, diagnose=diagnose)
+    run_with_intermediates=run_onnx_intermediates, diagnose=diagnose, check=not_quantfx)
