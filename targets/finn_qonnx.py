@@ -22,7 +22,6 @@ import math
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from quantfx.errors import ExportError
 from quantfx.graph import module_of, qmeta
@@ -95,12 +94,9 @@ class QONNXLowering(OnnxLowering):
         grids = [self.grid_of.get(v) for v in data]
         if any(g is None or g[2] != grids[0][2] or not np.array_equal(g[1], grids[0][1]) for g in grids):
             return None
-        if op_type == "Pad" and len(inputs) > 2 and np.any(self._initializer(inputs[2]) != 0):
+        if op_type == "Pad" and len(inputs) > 2 and np.any(inputs[2].const_value.numpy() != 0):
             return None  # a pad value off the grid
         return [g[0] for g in grids] + list(inputs[len(data):]), grids[0][1], grids[0][2]
-
-    def _initializer(self, name) -> np.ndarray:
-        return numpy_helper.to_array(next(i for i in self.initializers if i.name == name))
 
     def emit_act(self, node):
         """An activation and its quantizer as integers (the base class's ``emit_act_quant`` hook is not used:
@@ -241,31 +237,24 @@ class QONNXLowering(OnnxLowering):
         return self.op("Mul", [trunc, self.const(node.name + "_rescale", np.float32(2.0 ** shift / k))], node.name)
 
     def postprocess(self, model):
-        self._drop_unread(model)
+        self._drop_unread(model.graph)
         # the integer tensors' datatypes, as qonnx's ModelWrapper.set_tensor_datatype writes them: FINN reads
         # them where its own inference stops (the input of a Trunc reached through a Reshape, for one)
-        for name, dtype in {ints: dtype for ints, _, dtype in self.grid_of.values()}.items():
-            model.graph.quantization_annotation.append(onnx.TensorAnnotation(
-                tensor_name=name, quant_parameter_tensor_names=[
-                    onnx.StringStringEntryProto(key="finn_datatype", value=dtype)]))
+        for ints, _, dtype in self.grid_of.values():
+            ints.meta["quant_parameter_tensor_names"] = {"finn_datatype": dtype}
 
-    def _drop_unread(self, model) -> None:
+    def _drop_unread(self, graph) -> None:
         """Remove the dequantizing Mul nodes (and their scales) whose values no op reads: the activations that
         only integer ops consume. An fx node whose value was such a Mul maps to its integers and scale."""
-        graph = model.graph
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        gone = {v for v in self.grid_of if v not in read}
-        kept = [n for n in graph.node if n.output[0] not in gone]
-        del graph.node[:]
-        graph.node.extend(kept)
-        read = {i for n in graph.node for i in n.input}
-        kept = [i for i in graph.initializer if i.name in read]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        for fx_name, value in list(self.value_of_node.items()):
-            if value in gone:
-                ints, scale, _ = self.grid_of[value]
-                self.value_of_node[fx_name] = {"ints": ints, "scale": scale.tolist()}
+        gone = {v.name: v for v in self.grid_of if not v.uses() and not v.is_graph_output()}
+        graph.remove([v.producer() for v in gone.values()], safe=True)  # safe: detaches their inputs
+        for name, value in list(graph.initializers.items()):
+            if not value.uses():
+                del graph.initializers[name]
+        for fx_name, name in list(self.value_of_node.items()):
+            if name in gone:
+                ints, scale, _ = self.grid_of[gone[name]]
+                self.value_of_node[fx_name] = {"ints": ints.name, "scale": scale.tolist()}
 
 
 # -- runtime -----------------------------------------------------------------------------------------------

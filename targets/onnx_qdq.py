@@ -63,7 +63,7 @@ class QDQLowering(OnnxLowering):
                 and meta.scale.numel() == 1:
             rng = qf.int_range(meta.bit_width, meta.signed, meta.narrow)
             if isinstance(out, tuple):
-                return tuple(self._qdq(o, meta.scale, meta.zero_point, rng, meta.signed, f"{o}_requant")
+                return tuple(self._qdq(o, meta.scale, meta.zero_point, rng, meta.signed, f"{o.name}_requant")
                              for o in out)
             if out != self.env.get(node.args[0]) and out not in self._requantized:
                 out = self._qdq(out, meta.scale, meta.zero_point, rng, meta.signed, node.name + "_requant")
