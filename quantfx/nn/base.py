@@ -7,6 +7,7 @@ import contextvars
 import torch
 
 from ..errors import QuantArgumentError
+from ..quant.functional import broadcast_shape
 from ..quant.specs import FIELDS
 from ..quant_tensor import QuantTensor, value_of
 
@@ -45,7 +46,6 @@ class InputQuantMixin:
         if src is not None and src.is_quant_enabled and not src.calibrating:
             scale, zp = src.qparams(None)
             axis = src.channel_axis if x.dim() > src.channel_axis else 0
-            from ..quant.functional import broadcast_shape
             qx = QuantTensor(x, broadcast_shape(scale, x.dim(), axis), broadcast_shape(zp, x.dim(), axis),
                              src.bit_width, src.signed, self.training, narrow=src.narrow_range)
             return x, qx
