@@ -11,6 +11,7 @@ from typing import Optional
 
 from torch import fx
 
+from .errors import QuantArgumentError
 from .pass_infra import Pipeline, get_pass
 
 
@@ -67,7 +68,9 @@ def parse_pipeline(text: str, target="finn", **options) -> Pipeline:
         cls = get_pass(name.strip())
         kwargs = {}
         if rest:
-            for pair in _split_top(rest.rstrip("}")):
+            if not rest.rstrip().endswith("}"):
+                raise QuantArgumentError(f"pipeline: {item.strip()!r} opens '{{' without closing it")
+            for pair in _split_top(rest.rstrip()[:-1]):  # one closing brace: a dict option keeps its own
                 if pair.strip():
                     k, _, v = pair.partition("=")
                     kwargs[k.strip()] = ast.literal_eval(v.strip())

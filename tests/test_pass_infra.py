@@ -130,6 +130,15 @@ def test_spelled_options_round_trip():
     assert pipeline.spell() == "trace{leaf_modules=('layers',)},canonicalize,annotate"
 
 
+def test_dict_options_keep_their_braces():
+    text = "trace,swap_modules{overrides={'fc': None, 'conv1': {'weight_bit_width': 4}}},annotate"
+    pipeline = quantfx.parse_pipeline(text, target="finn")
+    assert pipeline.passes[1].overrides == {"fc": None, "conv1": {"weight_bit_width": 4}}
+    assert quantfx.parse_pipeline(pipeline.spell(), target="finn").passes[1].overrides == pipeline.passes[1].overrides
+    with pytest.raises(quantfx.QuantArgumentError, match=r"'trace\{leaf_modules=\(\)' opens '\{' without closing"):
+        quantfx.parse_pipeline("trace{leaf_modules=()")
+
+
 def test_requires_is_checked():
     with pytest.raises(quantfx.PassError, match="needs a GraphModule"):
         PassManager(Pipeline([CountConvs()])).run(LeNet())
