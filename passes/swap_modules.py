@@ -81,7 +81,7 @@ class SwapModules(ProfilePass):
             if found and over is None:
                 node.meta[FLOAT] = True
                 continue
-            new = self.quant_module(module, split_override(over or {}, node.target))
+            new = self.quant_module(module, split_override(over or {}, node.target), node.target)
             if new is not None:
                 gm.add_submodule(node.target, new)
         self._check_names(gm, used_names)
@@ -95,10 +95,17 @@ class SwapModules(ProfilePass):
         spec = over.get("act_quant") or (p.act_quant_unsigned if unsigned else p.act_quant)
         return {"act_quant": spec, **{"bit_width": p.act_bit_width, **over["act"]}}
 
-    def quant_module(self, m: nn.Module, over: dict):
+    def quant_module(self, m: nn.Module, over: dict, where: str = ""):
         p = self.profile
         cls = QUANT_LAYER_FOR.get(type(m))
         if cls is not None:
+            act_keys = [f"act_{k}" for k in over["act"]] + (["act_quant"] if "act_quant" in over else [])
+            if act_keys:
+                raise QuantArgumentError(
+                    f"overrides[{where!r}]: {', '.join(act_keys)} set an activation quantizer, but a "
+                    f"{type(m).__name__} layer has none (its output is quantized by the activation after it, and "
+                    "bare fields such as bit_width mean act_ ones); use weight_<field> or bias_<field> here, or "
+                    "override the activation that follows it by its name")
             wq = over.get("weight_quant") or p.weight_quant
             wkw = {"weight_" + k: v for k, v in {"bit_width": p.weight_bit_width, **over["weight"]}.items()}
             q = build_from_state(cls, m.state_dict(), device=m.weight.device, dtype=m.weight.dtype,

@@ -91,6 +91,7 @@ __all__ = [
     "ADD_FUNCTIONS", "BN_TYPES", "CAT_FUNCTIONS", "COMPUTE_TYPES", "FLOAT", "FLOAT_COMPUTE_TYPES", "GROUP_KEY",
     "INVARIANT_FUNCTIONS", "INVARIANT_METHODS", "INVARIANT_MODULES", "META_KEY", "QMeta", "SHAPE_METHODS",
     "data_input", "fmt_scale", "group_of", "input_quantizer_of", "insert_module_after", "is_act_quant", "is_add",
-    "is_cat", "is_compute", "is_invariant", "is_link", "is_tensor_node", "is_trunc_pool", "module_of", "producer", "qmeta", "tensor_inputs",
+    "is_cat", "is_compute", "is_invariant", "is_link", "is_tensor_node", "is_trunc_pool", "module_of", "producer",
+    "qmeta", "tensor_inputs",
     "unique_name",
 ]

@@ -60,9 +60,9 @@ def test_empty_calibration_data():
 
 def test_calibration_batch_of_the_wrong_shape_names_both_shapes():
     q = quantfx.quantize(LeNet().eval(), "onnx", example_inputs=(DATA[0],), progress=False)
-    with pytest.raises(quantfx.CalibrationError, match=r"calibrating: batch 1 \(input shapes \(4, 1, 32, 32\)\) "
-                                                       r"does not run through the model: RuntimeError: .*; give batches "
-                                                       r"shaped like the example inputs \(\(4, 1, 28, 28\);"):
+    with pytest.raises(quantfx.CalibrationError,
+                       match=r"calibrating: batch 1 \(input shapes \(4, 1, 32, 32\)\) does not run through the model: "
+                             r"RuntimeError: .*; give batches shaped like the example inputs \(\(4, 1, 28, 28\);"):
         quantfx.calibrate(q, [DATA[0], torch.randn(4, 1, 32, 32)], progress=False)
 
 

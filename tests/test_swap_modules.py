@@ -71,6 +71,19 @@ def test_unknown_override_key():
         q_of(LeNet().eval(), overrides={"conv1": dict(colour=1)})
 
 
+def test_activation_keys_on_a_layer_are_refused():
+    """A conv/linear has no activation quantizer: act_ keys (or bare fields, which mean act_ ones) on it would
+    change nothing, so they are an error that says where they belong."""
+    with pytest.raises(quantfx.QuantArgumentError, match=r"overrides\['fc1'\]: act_bit_width set an activation "
+                                                         r"quantizer, but a Linear layer has none.*weight_<field>"):
+        q_of(LeNet().eval(), overrides={"fc1": dict(act_bit_width=6)})
+    with pytest.raises(quantfx.QuantArgumentError,
+                       match=r"act_bit_width set an activation quantizer, but a Conv2d layer"):
+        q_of(LeNet().eval(), overrides={nn.Conv2d: dict(bit_width=4)})
+    assert q_of(LeNet().eval(), overrides={"relu3": dict(act_bit_width=6)}).get_submodule(
+        "relu3").act_quant.bit_width == 6
+
+
 @pytest.mark.parametrize("name", sorted(TEST_MODELS))
 def test_every_compute_layer_is_swapped(name):
     ctor, _ = TEST_MODELS[name]
