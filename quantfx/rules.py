@@ -92,25 +92,21 @@ def _walk(gm, p) -> Iterator[Violation]:
                                     "its own weight_quant)")
 
 
-def _bits(where, q, rng, knob, runtime) -> Iterator[Violation]:
+def _bits(node, what, q, rng, knob, runtime) -> Iterator[Violation]:
     lo, hi = rng
     if lo <= q.bit_width <= hi:
         return
-    if lo <= 1:
-        yield Violation(where, f"is {q.bit_width}-bit; {runtime} takes at most {hi} bits here "
-                               f"(use {knob} <= {hi})")
-    else:
-        yield Violation(where, f"is {q.bit_width}-bit; {runtime} takes {lo}..{hi} bits here "
-                               f"(use {knob} between {lo} and {hi})")
+    takes = f"at most {hi} bits here (use {knob} <= {hi})" if lo <= 1 else \
+        f"{lo}..{hi} bits here (use {knob} between {lo} and {hi})"
+    yield Violation(node, f"{what} is {q.bit_width}-bit; {runtime} takes {takes}")
 
 
 def _rounding(node, what, rounding, signed, p, allowed) -> Iterator[Violation]:
-    where = f"{what}" if not node else what
     if rounding not in allowed:
-        yield Violation(node, f"{where} rounds {rounding}; {p.runtime} rounds {', '.join(allowed)} "
+        yield Violation(node, f"{what} rounds {rounding}; {p.runtime} rounds {', '.join(allowed)} "
                               f"(use rounding='{allowed[0]}')")
     elif rounding == "half_up" and signed and not p.half_up_signed_ok:
-        yield Violation(node, f"{where} is signed and rounds 'half_up' (ties toward +inf); {p.runtime}'s "
+        yield Violation(node, f"{what} is signed and rounds 'half_up' (ties toward +inf); {p.runtime}'s "
                               "HALF_UP rounds ties away from zero, so negative ties would differ (use "
                               "rounding='half_even' or 'floor')")
 
@@ -131,7 +127,7 @@ def _act(node, m, p) -> Iterator[Violation]:
         return
     what = "output quantizer"
     yield from _common(node.target, what, q, p)
-    yield from _bits(f"{node.target} {what}", q, p.act_bit_range, "act_bit_width", p.runtime)
+    yield from _bits(node.target, what, q, p.act_bit_range, "act_bit_width", p.runtime)
     yield from _rounding(node.target, what, q.rounding, q.signed, p, p.act_rounding)
     if q.scaling_per_output_channel and not p.act_per_channel_allowed:
         yield Violation(node.target, f"{what} is per-channel; {p.runtime} activations are per-tensor")
@@ -154,7 +150,7 @@ def _layer(node, layer, p) -> Iterator[Violation]:
     if wq.is_quant_enabled:
         what = "weight quantizer"
         yield from _common(node.target, what, wq, p)
-        yield from _bits(f"{node.target} {what}", wq, p.weight_bit_range, "weight_bit_width", p.runtime)
+        yield from _bits(node.target, what, wq, p.weight_bit_range, "weight_bit_width", p.runtime)
         if p.weight_signed is not None and wq.signed != p.weight_signed:
             yield Violation(node.target, f"{what} is {'signed' if wq.signed else 'unsigned'}; {p.runtime} stores "
                                          f"{'signed' if p.weight_signed else 'unsigned'} weights "
@@ -181,7 +177,7 @@ def _pairs(node, layer, p) -> Iterator[Violation]:
     a_max = code_max(*qf.int_range(meta.bit_width, meta.signed, meta.narrow))
     with torch.no_grad():
         ints = layer.weight_quant.int_repr(layer.weight)
-    top = int(top2_sum(ints.reshape(1, -1).numpy()).max(initial=0))
+    top = int(top2_sum(ints.numpy(), axis=layer.weight_channel_axis).max(initial=0))  # per output channel
     if a_max * top > INT16_MAX:
         name = node.target
         yield Violation(name, f"can sum {a_max} x {top} = {a_max * top} in one int16 pair of {p.runtime}'s u8 x s8 "

@@ -186,3 +186,25 @@ def test_an_8_bit_override_is_refused_at_export_naming_the_layer():
     q = quantfx.quantize(LeNet().eval(), "onnx", calibration_data=data, progress=False, cpu="vnni",
                          overrides={"fc1": dict(weight_bit_width=8)})
     assert any(not r.safe for r in pair_risks(quantfx.lower(q, (data[0][:1],))))
+
+
+def test_the_rule_is_per_output_channel():
+    """Two output channels, each with one large weight: at 8 bits each channel's top two sum to 127 + 1, safe
+    (255 x 128 = 32640), though the two largest weights of the layer sum to 254. The rule looks per channel."""
+    layer = torch.nn.Linear(16, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.full((2, 16), 0.01))  # integer 1 at 8 bits
+        layer.weight[0, 3], layer.weight[1, 7] = 1.0, -1.0
+    model = torch.nn.Sequential(layer, torch.nn.ReLU()).eval()
+    data = [torch.rand(8, 16) for _ in range(2)]
+    q = quantfx.quantize(model, "onnx", calibration_data=data, progress=False,
+                         overrides={"0": dict(weight_bit_width=8)})
+    art = quantfx.lower(q, (data[0][:1],))  # not refused
+    (risk,) = pair_risks(art)
+    assert (risk.in_code_max, risk.weight_top2, risk.safe) == (255, 128, True)
+    assert quantfx.verify(q, art, data[1]).max_error_lsb == 0.0
+    layer.weight.data[0, 4] = 1.0  # a second large weight in one channel: 255 x 254
+    q = quantfx.quantize(model, "onnx", calibration_data=data, progress=False,
+                         overrides={"0": dict(weight_bit_width=8)})
+    with pytest.raises(TargetError, match=r"onnx: 0 can sum 255 x 254 = 64770"):
+        quantfx.lower(q, (data[0][:1],))
