@@ -78,15 +78,19 @@ def is_cat(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in CAT_FUNCTIONS
 
 
+def attr_value(gm, target: str):
+    """What ``gm.<target>`` (a dotted get_attr target) is: a parameter, buffer or module; None if missing."""
+    owner, _, name = target.rpartition(".")
+    try:
+        return getattr(gm.get_submodule(owner), name, None)
+    except AttributeError:
+        return None
+
+
 def is_link(gm, node: fx.Node) -> bool:
     """A get_attr node of a module: a link of the program (the quantizer a layer's ``input_quantizer``
     argument passes), not a value."""
-    if node.op != "get_attr":
-        return False
-    obj = gm
-    for atom in node.target.split("."):
-        obj = getattr(obj, atom, None)
-    return isinstance(obj, nn.Module)
+    return node.op == "get_attr" and isinstance(attr_value(gm, node.target), nn.Module)
 
 
 def is_tensor_node(node: fx.Node) -> bool:

@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import CalibrationError, ExportError, QuantArgumentError, QuantFXError, TargetError
-from .graph import is_act_quant, is_add, is_cat, is_compute, is_link, is_trunc_pool, module_of, qmeta
+from .graph import attr_value, is_act_quant, is_add, is_cat, is_compute, is_link, is_trunc_pool, module_of, qmeta
 from .nn import exact_arithmetic
 from .quant import Quantizer
 from . import rules
@@ -94,14 +94,11 @@ class Lowering:
     # -- analysis -------------------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Everything that must hold before anything is written: the target's rules, then calibration."""
+        """Everything that must hold before anything is written: the target's rules (its profile's data), then
+        calibration."""
         if self.profile is not None:
             rules.check(self.gm, self.profile, self.target)
-        self.check_rules()
         check_calibrated(self.gm, self.target)
-
-    def check_rules(self) -> None:
-        """Rules that are not profile data (a backend's own); raise TargetError."""
 
     def propagate_shapes(self) -> None:
         """Shapes (torch.fx TensorMetadata) of every tensor-valued node for the example inputs, kept in
@@ -157,8 +154,6 @@ class Lowering:
             return None  # shape arithmetic (x.size(), ints): resolved into static shapes
         try:
             return self.emit(node)
-        except (TargetError, ExportError, CalibrationError):
-            raise
         except QuantFXError:
             raise
         except Exception as e:
@@ -189,10 +184,7 @@ class Lowering:
 
     def attribute(self, node: fx.Node):
         """What a get_attr node reads: a parameter or buffer, or a module (a quantizer passed to a layer)."""
-        obj = self.gm
-        for atom in node.target.split("."):
-            obj = getattr(obj, atom)
-        return obj
+        return attr_value(self.gm, node.target)
 
     def emit_input(self, node):
         raise NotImplementedError

@@ -7,6 +7,7 @@ from typing import Optional
 
 from quantfx.errors import QuantArgumentError
 from quantfx import quant as Q
+from quantfx.rules import INT16_MAX, code_max
 
 BIAS_MODES = ("external", "internal", "float")
 AVGPOOL_MODES = ("trunc", "requant")
@@ -100,8 +101,6 @@ class TargetProfile:
     def worst_pair(self) -> tuple[int, int, int]:
         """(largest activation code, largest weight magnitude, their worst pair sum) of the profile's default
         widths, as a u8 x s8 kernel sees them (int16_pairs.code_max)."""
-        from quantfx.rules import code_max
-
         def rng(spec, bits):
             return Q.functional.int_range(bits, spec.signed, spec.narrow_range)
 
@@ -113,7 +112,6 @@ class TargetProfile:
         return a_max, w_max, a_max * 2 * w_max
 
     def _check_pairs(self, where: str) -> None:
-        from quantfx.rules import INT16_MAX
         if not self.pair_kernels or self.cpu != "any":
             return
         a_max, w_max, worst = self.worst_pair()

@@ -12,7 +12,7 @@ import quantfx
 from quantfx import rules
 from quantfx.graph import is_act_quant, is_compute, module_of
 from quantfx.lowering import BACKENDS, Backend, Lowering, backend_for, register_backend
-from quantfx.targets import DPU, FINN, ONNX
+from quantfx.targets import DPU, FINN
 from quantfx.zoo import LeNet, ResNetSmall, example_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +109,3 @@ def test_backend_registry_and_suffix(tmp_path):
     finally:
         BACKENDS.clear()
         BACKENDS.update(saved)
-
-
-def test_onnx_profile_rules_match_its_runtime():
-    assert ONNX.act_rounding == ("half_even",) and ONNX.weight_signed and ONNX.bias_modes_allowed == ("external",)
-    assert FINN.unsigned_after_relu and FINN.weight_quantizer_per_layer and not FINN.half_up_signed_ok
