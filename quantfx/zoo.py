@@ -169,6 +169,35 @@ class MobileNetV2Small(nn.Module):
         return self.fc(self.dropout(x.mean((2, 3))))
 
 
+class MobileNetV2(nn.Module):
+    """torchvision mobilenet_v2 topology (width 1.0: the (t, c, n, s) table of the paper), for 3x224x224 inputs."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        layers, cin = [conv_bn_relu(3, 32, 3, 2, act=nn.ReLU6)], 32
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t) if t != 1 else
+                              nn.Sequential(conv_bn_relu(cin, cin, 3, s, groups=cin, act=nn.ReLU6),
+                                            nn.Conv2d(cin, c, 1, bias=False), nn.BatchNorm2d(c)))
+                cin = c
+        layers.append(conv_bn_relu(cin, 1280, 1, act=nn.ReLU6))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1280, num_classes)
+        _randomize_bn(self)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def mobilenetv2_like(num_classes=1000):
+    """torchvision mobilenet_v2 topology, for 3x224x224 inputs."""
+    return MobileNetV2(num_classes)
+
+
 class UNetSmall(nn.Module):
     """Two-level UNet with transposed-conv upsampling and skip concatenations, for 3x32x32."""
 

@@ -14,6 +14,7 @@ AVGPOOL_MODES = ("trunc", "requant")
 ADD_GRIDS = ("scale", "quantizer")
 REQUANT_MODES = ("float", "multiplier")
 CPU_MODES = ("any", "vnni")
+ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")  # PyTorch's quantized engines (torch target)
 ROUNDINGS = ("half_even", "floor", "half_up")
 
 
@@ -46,8 +47,8 @@ class TargetProfile:
     add_grid: str = "scale"
     # how the runtime turns a conv/linear accumulator into the next activation's integers: "float" divides the
     # float result by the output scale (qonnx's Quant); "multiplier" scales the exact integer accumulator by
-    # one float32 multiplier, in_scale x w_scale / out_scale (onnxruntime's QLinearConv/QGemm). Not fbgemm, which
-    # adds a float bias before requantizing (4 of 2304 outputs of a test conv differ): torch keeps "float".
+    # one float32 multiplier, in_scale x w_scale / out_scale (onnxruntime's QLinearConv/QGemm; PyTorch's fbgemm too,
+    # given the float bias whose float32 quotient by in_scale x w_scale is nearest the bias integer).
     # With "multiplier" the fake-quant model computes the same way in eval mode, so the artefact agrees to the bit.
     requant: str = "float"
     # the runtime's 8-bit kernels sum u8 x s8 products in pairs into a saturating int16 on x86 CPUs without VNNI
@@ -187,7 +188,7 @@ TORCH = register_profile(TargetProfile(
     act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external",
     bias_bit_width=32,
     avgpool="requant", act_bit_width=7, input_bit_width=7, weight_bit_range=(8, 8), act_bit_range=(7, 8),
-    zero_point_allowed=True, pair_kernels=True, options={"engine": "x86"},
+    zero_point_allowed=True, pair_kernels=True, requant="multiplier", options={"engine": "x86"},
     runtime="PyTorch's quantized engine", weight_signed=True, act_rounding=("half_even",),
     bias_modes_allowed=("external",),
     description="PyTorch quantized ops: int8 per-channel weights, quint8 activations with zero point; 7-bit "
@@ -197,8 +198,8 @@ TORCH = register_profile(TargetProfile(
 def torch_profile(engine: str = "x86") -> TargetProfile:
     """The torch profile for a quantized engine: 7-bit activations on x86/fbgemm, whose AVX2 kernels sum products
     in saturating int16 pairs; 8-bit on qnnpack, whose kernels take u8 x u8 products into int32."""
-    if engine not in ("x86", "fbgemm", "qnnpack", "onednn"):
-        raise QuantArgumentError(f"torch target: engine={engine!r}; use 'x86', 'fbgemm', 'qnnpack' or 'onednn'")
+    if engine not in ENGINES:
+        raise QuantArgumentError(f"torch target: engine={engine!r}; use one of {', '.join(ENGINES)}")
     bits = 8 if engine == "qnnpack" else 7
     return dataclasses.replace(TORCH, act_bit_width=bits, input_bit_width=bits, pair_kernels=engine != "qnnpack",
                                options={"engine": engine})

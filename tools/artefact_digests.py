@@ -36,7 +36,7 @@ def digests(models=None):
                 q = quantfx.quantize(model, target, calibration_data=data, progress=False, **options)
                 art = quantfx.lower(q, (data[0][:1],))
                 blob = art.SerializeToString(deterministic=True) if hasattr(art, "SerializeToString") else \
-                    repr(art).encode()
+                    art.fingerprint() if hasattr(art, "fingerprint") else repr(art).encode()
                 yield name, target, variant, hashlib.sha256(blob).hexdigest()[:16]
 
 

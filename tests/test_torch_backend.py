@@ -1,0 +1,196 @@
+"""torch target: lowering to PyTorch's quantized modules and ops, fidelity in LSBs against the fake-quant model
+(outputs and every activation quantizer), the TorchScript file loaded without quantfx, engines, fallbacks, errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantfx
+from quantfx.errors import CalibrationError, ExportError, QuantArgumentError
+from quantfx.export import _intermediates
+from quantfx.graph import is_act_quant
+from quantfx.targets import torch_profile
+from quantfx.targets.torch_quantized import TorchProgram, load_program, run_program_intermediates
+from quantfx.zoo import TEST_MODELS, example_input
+
+
+def quantized(name, target="torch", **kwargs):
+    ctor, _ = TEST_MODELS[name]
+    torch.manual_seed(0)
+    data = [example_input(name, batch=4, seed=i) for i in range(4)]
+    return quantfx.quantize(ctor().eval(), target, calibration_data=data, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(TEST_MODELS))
+def lowered(request):
+    name = request.param
+    q = quantized(name)
+    return name, q, quantfx.lower(q, (example_input(name, batch=1),))
+
+
+def test_zoo_verifies_at_zero_lsb(lowered):
+    name, q, program = lowered
+    for seed in (123, 5):
+        report = quantfx.verify(q, program, (example_input(name, batch=4, seed=seed),))
+        assert report.ok and report.max_error_lsb == 0.0, str(report)
+
+
+def test_every_quantizer_node_agrees_to_the_bit(lowered):
+    """Every activation quantizer's output in the artefact (quantized modules, quantized::add, the float paths)
+    equals the fake-quant model's, not only the outputs."""
+    name, q, program = lowered
+    x = example_input(name, batch=4, seed=7)
+    expected = _intermediates(q, (x,))
+    got = run_program_intermediates(program, (x,), list(expected))
+    acts = [n.name for n in q.graph.nodes if is_act_quant(q, n)]
+    assert len(got) >= len(acts) * 0.9 and len(got) >= 2, (len(got), len(acts))
+    for node_name, value in got.items():
+        assert np.array_equal(value, expected[node_name]), node_name
+
+
+def test_integer_layers_run_as_quantized_modules(lowered):
+    """Every conv/linear read by an identity/ReLU quantizer is a torch.ao quantized module, every add read by
+    one is quantized::add(_relu); what runs in float is in the report with a reason."""
+    name, q, program = lowered
+    assert any(type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+               for m in program.module.modules())
+    quantized_layers = [r for r in program.report if r["runs_as"].startswith(("Conv", "Linear"))]
+    assert quantized_layers, program.report
+    for row in program.fallbacks():
+        assert row["why"], row
+    if name == "resnet":
+        assert sum(r["runs_as"].startswith("quantized::add") for r in program.report) == 3
+        assert [r["node"] for r in program.fallbacks()] == ["pool"]  # the global average pool, in float
+
+
+def test_saved_file_runs_without_quantfx(tmp_path):
+    """The .pt file loads with plain torch.jit.load in a Python that cannot import quantfx, and gives the same
+    bytes of output as the program in memory."""
+    q = quantized("resnet")
+    path = tmp_path / "resnet.pt"
+    program = quantfx.export(q, path, (example_input("resnet", batch=1),))
+    x = example_input("resnet", batch=3, seed=11)
+    torch.save(x, tmp_path / "x.pt")
+    site = str(Path(torch.__file__).parent.parent)  # torch's site-packages, without its .pth files (-S)
+    code = f"""
+import sys
+sys.path.append({site!r})
+try:
+    import quantfx
+    raise SystemExit('quantfx is importable')
+except ImportError:
+    pass
+import torch
+torch.backends.quantized.engine = 'x86'
+m = torch.jit.load({str(path)!r})
+torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+"""
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout
+    y = torch.load(tmp_path / "y.pt")
+    expected = program(x)
+    assert torch.equal(y, expected)
+    with torch.no_grad():
+        assert torch.equal(y, q(x))  # and the fake-quant model's, to the bit
+    loaded = load_program(path)
+    assert loaded.engine == "x86" and loaded.report == program.report
+    assert quantfx.verify(q, path, x).max_error_lsb == 0.0
+
+
+@pytest.mark.parametrize("engine, bits", [("x86", 7), ("fbgemm", 7), ("qnnpack", 8)])
+def test_engine_range_is_honoured(engine, bits):
+    """7-bit activation codes on x86/fbgemm (whose AVX2 kernels sum u8 x s8 pairs into a saturating int16),
+    8-bit on qnnpack: in the quantizers, and in the artefact's integers even for inputs far past calibration
+    (the quantized clamp after each layer)."""
+    q = quantized("resnet", torch_profile(engine))
+    assert {m.act_quant.bit_width for n in q.graph.nodes if is_act_quant(q, n)
+            for m in [q.get_submodule(n.target)]} == {bits}
+    program = quantfx.lower(q, (example_input("resnet", batch=1),))
+    assert program.engine == engine
+    x = example_input("resnet", batch=2, seed=3) * 20  # saturates every quantizer
+    codes = []
+    values = set(program.node_values.values())  # the lowered value of each node of the quantized graph
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in values and torch.is_tensor(out) and out.is_quantized and out.dtype == torch.quint8:
+                codes.append(int(out.int_repr().max()))
+            return out
+
+    from quantfx.targets.torch_quantized import quantized_engine
+    with quantized_engine(engine), torch.no_grad():
+        Recorder(program.module).run(x)
+    assert codes and max(codes) == 2 ** bits - 1
+    assert quantfx.verify(q, program, x).max_error_lsb == 0.0
+
+
+class WithFloatOps(nn.Module):
+    """A conv followed by ops with no quantized kernel on the model's grids (tanh, a multiply, sigmoid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.sig = nn.Sigmoid()
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = self.sig(y) * torch.tanh(y)
+        return self.conv2(y)
+
+
+def test_ops_without_quantized_kernel_fall_back_to_float_and_are_reported():
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    q = quantfx.quantize(WithFloatOps().eval(), "torch", calibration_data=data, progress=False)
+    program = quantfx.lower(q, (data[0][:1],))
+    assert isinstance(program, TorchProgram)
+    fallbacks = program.fallbacks()
+    assert any("tanh" in r["op"] or "mul" in r["op"] for r in fallbacks), program.table()
+    assert "float" in program.table()
+    assert quantfx.verify(q, program, data[1]).max_error_lsb == 0.0
+
+
+def test_bad_input_errors(tmp_path):
+    q = quantfx.quantize(TEST_MODELS["lenet"][0]().eval(), "torch", progress=False)  # not calibrated
+    with pytest.raises(CalibrationError, match="calibrate"):
+        quantfx.lower(q, (example_input("lenet", batch=1),))
+    with pytest.raises(QuantArgumentError, match="engine"):
+        torch_profile("avx9")
+    calibrated = quantized("lenet")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="writable"):
+        quantfx.export(calibrated, blocker / "sub" / "m.pt", (example_input("lenet", batch=1),))
+    foreign = tmp_path / "foreign.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(foreign))
+    with pytest.raises(ExportError, match="quantfx"):
+        quantfx.verify(calibrated, foreign, example_input("lenet", batch=1))
+
+
+def test_float_bias_gives_the_bias_integers_back():
+    """fbgemm adds float32(b / (s_in x s_w)) to the accumulator: the lowering's b makes that quotient the bias
+    integer wherever a float32 b can, and the report counts the channels where none can."""
+    q = quantized("mobilenetv2")
+    from quantfx.targets.torch_quantized import TorchLowering
+    low = TorchLowering(q, (example_input("mobilenetv2", batch=1),))
+    low.lower()
+    checked = 0
+    for node in q.graph.nodes:
+        layer = q.get_submodule(node.target) if node.op == "call_module" else None
+        if getattr(layer, "bias", None) is None or not hasattr(layer, "bias_quant") or node.name not in \
+                {r["node"] for r in low.report if r["runs_as"].startswith("Conv")}:
+            continue
+        b, inexact, residual = low._float_bias(layer, node)
+        ints, scale = low.bias_ints(layer, low.input_scale(node))
+        s = scale.reshape(-1).float().expand(b.shape)
+        exact = (b / s) == ints.reshape(-1).float()
+        # where inexact, off by about an ulp of the integer
+        assert int((~exact).sum()) == inexact and residual <= max(float(ints.abs().max()), 1.0) * 2 ** -21
+        checked += 1
+    assert checked >= 5
