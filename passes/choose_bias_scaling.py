@@ -73,11 +73,11 @@ class ChooseBiasScaling(ProfilePass):
                 continue
             bias_over = {"bit_width": p.bias_bit_width, **over["bias"]}
             layer.bias_quant = make_quantizer(spec, "bias", name=f"{node.target}.bias_quant", **bias_over)
-        self._link_requantizers(gm, p.requant == "multiplier")
+        self._link_requantizers(gm, p.requant)
         return PassResult(gm, True)
 
     @staticmethod
-    def _link_requantizers(gm, multiplier: bool) -> None:
+    def _link_requantizers(gm, requant: str) -> None:
         for node in gm.graph.nodes:
             if not is_compute(gm, node):
                 continue
@@ -87,10 +87,10 @@ class ChooseBiasScaling(ProfilePass):
                 continue
             layer = module_of(gm, node)
             layer.exact_accumulator = True
-            if multiplier and len(acts) == len(readers) and all(a.runtime_requant_ok() for a in acts):
+            if requant != "float" and len(acts) == len(readers) and all(a.runtime_requant_ok() for a in acts):
                 layer.return_quant_tensor = True  # the accumulator travels on the edge, marked exact
                 for act in acts:
-                    act.requant = "multiplier"
+                    act.requant = requant
 
 
 def _pass_input_quantizer(gm: fx.GraphModule, node: fx.Node, src) -> None:

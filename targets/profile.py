@@ -12,7 +12,7 @@ from quantfx.rules import INT16_MAX, code_max
 BIAS_MODES = ("external", "internal", "float")
 AVGPOOL_MODES = ("trunc", "requant")
 ADD_GRIDS = ("scale", "quantizer")
-REQUANT_MODES = ("float", "multiplier")
+REQUANT_MODES = ("float", "multiplier", "inverse_multiplier")
 CPU_MODES = ("any", "vnni")
 ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")  # PyTorch's quantized engines (torch target)
 ROUNDINGS = ("half_even", "floor", "half_up")
@@ -49,7 +49,8 @@ class TargetProfile:
     # float result by the output scale (qonnx's Quant); "multiplier" scales the exact integer accumulator by
     # one float32 multiplier, in_scale x w_scale / out_scale (onnxruntime's QLinearConv/QGemm; PyTorch's fbgemm too,
     # given the float bias whose float32 quotient by in_scale x w_scale is nearest the bias integer).
-    # With "multiplier" the fake-quant model computes the same way in eval mode, so the artefact agrees to the bit.
+    # "inverse_multiplier": the same with m = (in_scale x w_scale) x float32(1 / out_scale) (PyTorch's qnnpack).
+    # With these the fake-quant model computes the same way in eval mode, so the artefact agrees to the bit.
     requant: str = "float"
     # the runtime's 8-bit kernels sum u8 x s8 products in pairs into a saturating int16 on x86 CPUs without VNNI
     # (onnxruntime's MLAS, fbgemm): quantfx.targets.int16_pairs
@@ -188,20 +189,26 @@ TORCH = register_profile(TargetProfile(
     act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external",
     bias_bit_width=32,
     avgpool="requant", act_bit_width=7, input_bit_width=7, weight_bit_range=(8, 8), act_bit_range=(7, 8),
-    zero_point_allowed=True, pair_kernels=True, requant="multiplier", options={"engine": "x86"},
+    zero_point_allowed=True, pair_kernels=True, requant="multiplier", options={"engine": "fbgemm"},
     runtime="PyTorch's quantized engine", weight_signed=True, act_rounding=("half_even",),
     bias_modes_allowed=("external",),
     description="PyTorch quantized ops: int8 per-channel weights, quint8 activations with zero point; 7-bit "
                 "activation range on x86/fbgemm (reduce_range), 8-bit on qnnpack"))
 
 
-def torch_profile(engine: str = "x86") -> TargetProfile:
+def torch_profile(engine: str = "fbgemm") -> TargetProfile:
     """The torch profile for a quantized engine: 7-bit activations on x86/fbgemm, whose AVX2 kernels sum products
-    in saturating int16 pairs; 8-bit on qnnpack, whose kernels take u8 x u8 products into int32."""
+    in saturating int16 pairs; 8-bit on qnnpack, whose kernels take u8 x u8 products into int32.
+
+    fbgemm (the default) runs the same kernels and float32 requantization on every x86 CPU with AVX2, so its
+    files give the same integers on all of them. PyTorch's 'x86' engine runs fbgemm on CPUs without AVX512-VNNI
+    but oneDNN convolutions on CPUs with it, whose requantization ``(acc x s + b) x (1 / s_out)`` parts from
+    fbgemm's at rounding ties: an 'x86' file is exact where fbgemm runs (README: the torch target)."""
     if engine not in ENGINES:
         raise QuantArgumentError(f"torch target: engine={engine!r}; use one of {', '.join(ENGINES)}")
     bits = 8 if engine == "qnnpack" else 7
     return dataclasses.replace(TORCH, act_bit_width=bits, input_bit_width=bits, pair_kernels=engine != "qnnpack",
+                               requant="inverse_multiplier" if engine == "qnnpack" else "multiplier",
                                options={"engine": engine})
 
 

@@ -210,7 +210,7 @@ class TorchLowering(Lowering):
     target = "torch"
 
     def begin(self):
-        self.engine = (self.profile or TORCH).options.get("engine", "x86")
+        self.engine = (self.profile or TORCH).options.get("engine", "fbgemm")
         if self.engine not in ENGINES:
             raise QuantArgumentError(f"torch target: engine={self.engine!r}; use one of {', '.join(ENGINES)}")
         self.graph = fx.Graph()
@@ -390,7 +390,7 @@ class TorchLowering(Lowering):
         multiplier (``QuantAct._requantize_like_runtime``)."""
         layer = module_of(self.gm, node)
         meta = qmeta(node.args[0])
-        if getattr(m, "requant", "float") != "multiplier" or not m.runtime_requant_ok() or m.act_quant.signed or \
+        if getattr(m, "requant", "float") == "float" or not m.runtime_requant_ok() or m.act_quant.signed or \
                 not layer.exact_integer_form() or meta.scale is None or meta.scale.numel() != 1:
             return False
         if isinstance(m, QuantReLU) and m.max_val is not None:
@@ -405,7 +405,9 @@ class TorchLowering(Lowering):
         acc, acc_scale = self._acc[node]
         scale, zp = _qparams(m.act_quant)
         lo, hi = m.act_quant.int_range()
-        mult = self.buffer(act_node.name + "_multiplier", acc_scale.float() / torch.tensor(scale, dtype=torch.float32))
+        s_out = torch.tensor(scale, dtype=torch.float32)
+        mult = acc_scale.float() * (1.0 / s_out) if m.requant == "inverse_multiplier" else acc_scale.float() / s_out
+        mult = self.buffer(act_node.name + "_multiplier", mult)
         self.note(act_node, "requantize in float", "float",
                   "its layer has no quantized module: the exact accumulator x one float32 multiplier")
         return _Q(self.call(requantize_accumulator, acc, mult, scale, zp, lo, hi, isinstance(m, QuantReLU)),
@@ -638,7 +640,7 @@ def load_program(path) -> TorchProgram:
         raise ExportError(f"{path} is not a TorchScript archive ({e})") from e
     if meta.get("producer") != "quantfx":
         raise ExportError(f"{path} was not written by quantfx (no {META_FILE} in the archive)")
-    engine = meta.get("engine", "x86")
+    engine = meta.get("engine", "fbgemm")
     with quantized_engine(engine):
         module = torch.jit.load(str(path), map_location="cpu")
     return TorchProgram(module, engine, meta.get("report", []), {})

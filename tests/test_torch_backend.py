@@ -85,7 +85,7 @@ try:
 except ImportError:
     pass
 import torch
-torch.backends.quantized.engine = 'x86'
+torch.backends.quantized.engine = 'fbgemm'  # the engine the file records (weights pack at load)
 m = torch.jit.load({str(path)!r})
 torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
 """
@@ -97,7 +97,7 @@ torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r}
     with torch.no_grad():
         assert torch.equal(y, q(x))  # and the fake-quant model's, to the bit
     loaded = load_program(path)
-    assert loaded.engine == "x86" and loaded.report == program.report
+    assert loaded.engine == "fbgemm" and loaded.report == program.report
     assert quantfx.verify(q, path, x).max_error_lsb == 0.0
 
 
@@ -194,3 +194,19 @@ def test_float_bias_gives_the_bias_integers_back():
         assert int((~exact).sum()) == inexact and residual <= max(float(ints.abs().max()), 1.0) * 2 ** -21
         checked += 1
     assert checked >= 5
+
+
+def test_file_packs_with_its_engine_whatever_the_process_engine(tmp_path):
+    """Weights are packed when a file loads, by the engine in force; load_program sets the engine the file
+    records (fbgemm: the same kernels and requantization on every x86 CPU), so a process that runs another
+    engine (oneDNN, which PyTorch's 'x86' engine picks for convolutions on AVX512-VNNI CPUs) still gets the
+    fake-quant model's integers."""
+    q = quantized("unet")
+    path = tmp_path / "unet.pt"
+    quantfx.export(q, path, (example_input("unet", batch=1),))
+    x = example_input("unet", batch=4, seed=123)
+    from quantfx.targets.torch_quantized import quantized_engine
+    with quantized_engine("onednn"):
+        program = load_program(path)
+        assert torch.backends.quantized.engine == "onednn"
+        assert quantfx.verify(q, program, x).max_error_lsb == 0.0

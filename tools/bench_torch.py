@@ -48,7 +48,7 @@ def build(name: str, size: int):
     torch.manual_seed(0)
     model = ctor().eval()
     calib = [torch.randn(1, 3, size, size) for _ in range(4)]
-    q = quantfx.quantize(model, torch_profile("x86"), calibration_data=calib, progress=False)
+    q = quantfx.quantize(model, torch_profile(), calibration_data=calib, progress=False)
     program = quantfx.lower(q, (calib[0],))
     ao = torch_ao_int8(zoo_copy(ctor), calib, calib[0])
     return model, program, ao
@@ -61,7 +61,7 @@ def zoo_copy(ctor):
 
 def measure(fns: dict, x, runs: int) -> dict:
     times = {k: [] for k in fns}
-    with torch.no_grad(), quantized_engine("x86"):
+    with torch.no_grad(), quantized_engine("fbgemm"):  # the engine quantfx's file records
         for fn in fns.values():
             for _ in range(5):
                 fn(x)
@@ -81,7 +81,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # this script only
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; engine x86 (fbgemm kernels on a CPU without VNNI)")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; quantfx engine fbgemm; torch.ao x86 backend config "
+          "(packed under fbgemm here: on a CPU without VNNI PyTorch's x86 engine runs fbgemm's kernels)")
     print("| model | threads | float ms | torch.ao int8 ms | quantfx int8 ms | quantfx vs float | quantfx vs torch.ao |")
     print("|---|---|---|---|---|---|---|")
     x = torch.randn(1, 3, args.size, args.size)

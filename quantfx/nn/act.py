@@ -28,7 +28,8 @@ class QuantAct(nn.Module):
         self.return_quant_tensor = return_quant_tensor
         # how an exact accumulator (a QuantTensor with exact=True, from the conv/linear before) becomes this
         # activation's integers in eval mode: "float" quantizes its value; "multiplier" requantizes its integers
-        # with one float32 multiplier, as onnxruntime does (set by the compiler on requant='multiplier' targets)
+        # with one float32 multiplier, as onnxruntime does (set by the compiler on requant='multiplier' targets);
+        # "inverse_multiplier" computes the multiplier with the reciprocal of the output scale, as qnnpack does
         self.requant = "float"
 
     def act_fn(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ class QuantAct(nn.Module):
         if self.input_quant.is_quant_enabled:
             xv = self.input_quant(xv)
         y = self.act_fn(xv)
-        if self.requant == "multiplier" and isinstance(x, QuantTensor) and x.exact and not self.training and \
+        if self.requant != "float" and isinstance(x, QuantTensor) and x.exact and not self.training and \
                 not self.act_quant.calibrating and self.runtime_requant_ok():
             qt = self._requantize_like_runtime(x.scale, xv, y)
         else:
@@ -75,7 +76,8 @@ class QuantAct(nn.Module):
                 return plain if plain is not None else q.quant_tensor(y, training=False)
             if isinstance(self, QuantReLU):
                 acc = torch.clamp(acc, min=0.0)
-            ints = qf.requantize_multiplier(acc, acc_scale, scale.detach(), zp.detach(), qmin, qmax)
+            ints = qf.requantize_multiplier(acc, acc_scale, scale.detach(), zp.detach(), qmin, qmax,
+                                            inverse=self.requant == "inverse_multiplier")
             value = (ints - zp.detach()) * scale.detach()
         if plain is not None:
             value = plain.value + (value - plain.value).detach()

@@ -62,12 +62,14 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int, rounding: str) -> tor
     return (q - zero_point) * scale
 
 
-def requantize_multiplier(acc, acc_scale, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+def requantize_multiplier(acc, acc_scale, scale, zero_point, qmin: int, qmax: int,
+                          inverse: bool = False) -> torch.Tensor:
     """Integers of an integer accumulator ``acc`` (exact, any float dtype) requantized the way onnxruntime's
     QLinearConv/QGemm do it: one float32 multiplier ``m = (acc_scale / scale)`` in float32
     (``acc_scale`` = input scale x weight scale, itself a float32 product), ``rne(float32(acc) * m)`` clamped
-    to the range, plus the zero point. No gradient (an exact model of the runtime, used in eval mode)."""
-    m = acc_scale.float() / scale.float()
+    to the range, plus the zero point. ``inverse``: ``m = acc_scale x float32(1 / scale)`` (PyTorch's qnnpack).
+    No gradient (an exact model of the runtime, used in eval mode)."""
+    m = acc_scale.float() * (1.0 / scale.float()) if inverse else acc_scale.float() / scale.float()
     v = acc.float() * m
     v = torch.minimum(torch.maximum(v, qmin - zero_point.float()), qmax - zero_point.float())
     return torch.round(v) + zero_point.float()
