@@ -88,8 +88,14 @@ def cmd_quantize(args) -> int:
     shape = _shape(args.input_shape)
     calib = calibration_batches(args.calib, shape, args.calib_batches)
     pipeline = quantfx.parse_pipeline(args.pipeline, target=args.target) if args.pipeline else None
+    target = args.target
+    if args.engine:
+        if target != "torch":
+            raise UsageError(f"--engine is for --target torch, not {target}")
+        from quantfx.targets import torch_profile
+        target = torch_profile(args.engine)
     qmodel = quantfx.quantize(
-        model, args.target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
+        model, target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
         weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
         bias_bit_width=args.bias_bit_width, cpu=args.cpu, pipeline=pipeline, calibration_method=args.calib_method,
         progress=not args.quiet, dump_dir=args.dump_dir)
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bit-width", type=int)
     q.add_argument("--act-bit-width", type=int)
     q.add_argument("--bias-bit-width", type=int)
+    q.add_argument("--engine", choices=["fbgemm", "x86", "qnnpack", "onednn"], default=None,
+                   help="torch target: PyTorch's quantized engine (default fbgemm: the same integers on every x86 CPU)")
     q.add_argument("--cpu", choices=["any", "vnni"],
                    help="onnx/torch: 'any' (default) is exact on every CPU; 'vnni' allows 8-bit weights, for "
                         "deployments on AVX512-VNNI/AVX-VNNI x86 or ARM only")

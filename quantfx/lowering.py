@@ -128,12 +128,15 @@ class Lowering:
     # -- the walk -------------------------------------------------------------------------------------
 
     def lower(self):
-        self.check()
-        self.propagate_shapes()
-        self.begin()
-        for node in self.gm.graph.nodes:
-            self.env[node] = self.lower_node(node)
-        return self.finish()
+        # no gradients: lowering reads values only, and an eval model's quantizers then keep each layer's
+        # quantized weights (and their integers) once computed, where rules, shapes and the walk all read them
+        with torch.no_grad():
+            self.check()
+            self.propagate_shapes()
+            self.begin()
+            for node in self.gm.graph.nodes:
+                self.env[node] = self.lower_node(node)
+            return self.finish()
 
     def begin(self) -> None:
         """Called before the walk."""

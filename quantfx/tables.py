@@ -46,7 +46,12 @@ def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
 
 
 def inspect(qmodel: fx.GraphModule, file=None) -> str:
-    """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group."""
+    """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group. Given a
+    lowered artefact that reports how each node runs (the torch target's program), print that report."""
+    if not isinstance(qmodel, fx.GraphModule) and callable(getattr(qmodel, "table", None)):
+        text = qmodel.table()
+        print(text, file=file or sys.stdout)
+        return text
     rows = layer_table(qmodel)
     cols = ["name", "op", "weight_bits", "act_bits", "bias", "scale", "acc_bits", "group"]
     cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]

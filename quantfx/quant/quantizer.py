@@ -335,11 +335,18 @@ class Quantizer(nn.Module):
         if s is None:
             raise QuantArgumentError(f"{self._where}: no integers: the quantizer is "
                                      f"{'calibrating' if self.is_quant_enabled else 'disabled'}")
+        hit = self.__dict__.get("_icache")
+        if hit is not None and hit[0] is y:  # the weight cache gave back the same quantized tensor
+            return hit[1]
         with torch.no_grad():
             if self.bit_width <= 16 and y.dtype == torch.float32:
                 # float32 quotients of values on the grid round back to their integers (|int| < 2^22)
-                return torch.round(y.detach() / s + z).to(torch.int64)
-            return torch.round(y.double() / s.double() + z.double()).to(torch.int64)
+                ints = torch.round(y.detach() / s + z).to(torch.int64)
+            else:
+                ints = torch.round(y.double() / s.double() + z.double()).to(torch.int64)
+        if self._weight_cache_key(x) is not None:
+            self.__dict__["_icache"] = (y, ints)
+        return ints
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -366,6 +373,7 @@ class Quantizer(nn.Module):
         state["_last"] = None
         state["_calib"] = None
         state.pop("_wcache", None)
+        state.pop("_icache", None)
         return state
 
 
