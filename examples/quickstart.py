@@ -98,11 +98,12 @@ def main(argv=None):
         with torch.no_grad():
             fq_acc = accuracy(qmodel(x_test), y_test)
         path = out / f"digits_{target}{backend_for(qmodel).suffix}"
-        artefact = quantfx.export(qmodel, path, example_inputs=(x_test[:1],))
+        quantfx.export(qmodel, path, example_inputs=(x_test[:1],))
+        backend = backend_for(qmodel)
+        artefact = backend.load(path)  # the file as written, run in the target's own runtime
         report = quantfx.verify(qmodel, artefact, (x_test[:64],))
         if not report.ok:
             print(report)  # which node is off first, and the backend's reading of why
-        backend = backend_for(qmodel)
         runtime_acc = accuracy(backend.run(artefact, (x_test,))[0], y_test)
         diagram = None
         try:
