@@ -33,8 +33,14 @@ def code_max(lo: int, hi: int) -> int:
     return hi if lo >= 0 else max(hi + 128, -lo)
 
 
-def top2_sum(w_int: np.ndarray, axis: int = 0) -> np.ndarray:
-    """|w|_1st + |w|_2nd of each slice along ``axis`` (an output channel): the largest pair sum of weights."""
+def top2_sum(w_int, axis: int = 0) -> np.ndarray:
+    """|w|_1st + |w|_2nd of each slice along ``axis`` (an output channel): the largest pair sum of weights.
+    ``w_int``: a numpy array or a torch tensor (taken as it is: no copy)."""
+    if isinstance(w_int, torch.Tensor):
+        w = w_int.abs().movedim(axis, 0).reshape(w_int.shape[axis], -1)
+        if w.shape[1] < 2:
+            return w.amax(dim=1).numpy() if w.shape[1] else np.zeros(w.shape[0], np.int64)
+        return torch.topk(w, 2, dim=1, sorted=False).values.sum(1).numpy()
     w = np.moveaxis(np.abs(np.asarray(w_int, np.int64)), axis, 0).reshape(np.shape(w_int)[axis], -1)
     if w.shape[1] < 2:
         return w.max(axis=1, initial=0)
@@ -177,7 +183,7 @@ def _pairs(node, layer, p) -> Iterator[Violation]:
     a_max = code_max(*qf.int_range(meta.bit_width, meta.signed, meta.narrow))
     with torch.no_grad():
         ints = layer.weight_quant.int_repr(layer.weight)
-    top = int(top2_sum(ints.numpy(), axis=layer.weight_channel_axis).max(initial=0))  # per output channel
+    top = int(top2_sum(ints, axis=layer.weight_channel_axis).max(initial=0))  # per output channel
     if a_max * top > INT16_MAX:
         name = node.target
         yield Violation(name, f"can sum {a_max} x {top} = {a_max * top} in one int16 pair of {p.runtime}'s u8 x s8 "
