@@ -9,6 +9,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from quantfx.classify import TENSOR_KEY
 from quantfx.pass_infra import Pass, PassResult
 
 
@@ -22,4 +23,9 @@ class PropagateShapes(Pass):
             return PassResult(gm, False)
         with torch.no_grad():
             ShapeProp(gm).propagate(*self.example_inputs)
+        # which values are tensors (ShapeProp records metadata for tensors and containers of them only): later
+        # passes put quantizers on tensors alone, never on shapes, Python scalars or booleans (x.size(2) == 224)
+        for node in gm.graph.nodes:
+            if node.op in ("call_function", "call_method", "call_module"):
+                node.meta[TENSOR_KEY] = "tensor_meta" in node.meta
         return PassResult(gm, False)

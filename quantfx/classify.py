@@ -93,8 +93,14 @@ def is_link(gm, node: fx.Node) -> bool:
     return node.op == "get_attr" and isinstance(attr_value(gm, node.target), nn.Module)
 
 
+TENSOR_KEY = "quantfx.tensor"  # node.meta: whether shape propagation saw the node compute a tensor
+
+
 def is_tensor_node(node: fx.Node) -> bool:
-    """Best effort: False for shape arithmetic (x.size(), getattr shape, python scalars) and links."""
+    """Whether ``node`` computes a tensor: as shape propagation saw it (``node.meta[TENSOR_KEY]``), else best
+    effort: False for shape arithmetic (x.size(), getattr shape, python scalars) and links."""
+    if TENSOR_KEY in node.meta:
+        return node.meta[TENSOR_KEY]
     if node.op == "get_attr" and node.graph.owning_module is not None and is_link(node.graph.owning_module, node):
         return False
     if node.op == "call_method" and node.target in SHAPE_METHODS:

@@ -90,6 +90,7 @@ class Lowering:
         self.profile = own if own is not None and own.name == self.target else profile
         self.env: dict = {}  # fx node -> what the backend made of its value
         self.tensor_meta: dict = {}  # fx node -> TensorMetadata for the example inputs
+        self.static_values: dict = {}  # fx node -> Python value of shape arithmetic for the example inputs
 
     # -- analysis -------------------------------------------------------------------------------------
 
@@ -105,9 +106,19 @@ class Lowering:
         ``self.tensor_meta``; the graph's own ``tensor_meta`` (the user's shapes) is restored after."""
         nodes = list(self.gm.graph.nodes)
         saved = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
+        statics = self.static_values = {}
+
+        class Recorder(ShapeProp):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if isinstance(out, (bool, int, float)) or (isinstance(out, (tuple, list, torch.Size)) and
+                                                           all(isinstance(v, (bool, int, float)) for v in out)):
+                    statics[n] = out  # shape arithmetic: static for the example inputs
+                return out
+
         try:
             with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
-                ShapeProp(self.gm).propagate(*self.example_inputs)
+                Recorder(self.gm).propagate(*self.example_inputs)
             self.tensor_meta = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
         finally:
             for n in nodes:
@@ -120,6 +131,12 @@ class Lowering:
         if tm is None or not hasattr(tm, "shape"):
             raise ExportError(f"{self.target}: no shape known for node {node.name}")
         return tuple(tm.shape)
+
+    def static_value(self, node: fx.Node):
+        """The Python value (int, float, bool, shape) a node of shape arithmetic has for the example inputs."""
+        if node not in self.static_values:
+            raise ExportError(f"{self.target}: node {node.name} is neither a tensor nor a static value")
+        return self.static_values[node]
 
     def is_tensor(self, node: fx.Node) -> bool:
         """Whether ``node`` computes a tensor (not shape arithmetic such as ``x.size(0)``)."""

@@ -472,6 +472,8 @@ class OnnxLowering(Lowering):
                    torch.add: "Add"}[node.target]
         ins = []
         for i, a in enumerate(node.args[:2]):
+            if isinstance(a, fx.Node) and not self.is_tensor(a):
+                a = self.static_value(a)  # shape arithmetic (h / 16): a constant of this graph
             ins.append(self.env[a] if isinstance(a, fx.Node) else self.const(f"{node.name}_c{i}", np.float32(a)))
         return self.op(op_type, ins, node.name)
 
