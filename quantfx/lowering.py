@@ -117,8 +117,13 @@ class Lowering:
                 return out
 
         try:
-            with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
-                Recorder(self.gm).propagate(*self.example_inputs)
+            try:
+                with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
+                    Recorder(self.gm).propagate(*self.example_inputs)
+            except RuntimeError as e:  # ShapeProp wraps what a node raised: a quantfx error is the user's message
+                if isinstance(e.__cause__, QuantFXError):
+                    raise e.__cause__ from None
+                raise
             self.tensor_meta = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
         finally:
             for n in nodes:

@@ -5,7 +5,16 @@ import math
 
 import torch
 
-EPS = 2.0 ** -40
+# the smallest normal float32: scales go down to it, so a tensor of any magnitude float32 holds keeps its grid
+# (a fixed floor such as 2^-40 flattened activations around 1e-12 to zero)
+TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def scale_of_range(scale: torch.Tensor) -> torch.Tensor:
+    """A scale computed from an observed range, made usable: a zero range (an all-zero tensor or channel, which
+    any scale holds) gets 1, so products with it (the accumulator scale) stay normal; a range below float32's
+    normal numbers gets the smallest normal scale."""
+    return torch.clamp(torch.where(scale > 0, scale, torch.ones_like(scale)), min=TINY)
 
 
 def int_range(bit_width: int, signed: bool, narrow_range: bool) -> tuple[int, int]:

@@ -144,13 +144,12 @@ class Quantizer(nn.Module):
         if self.bit_width == 1:
             scale, zp = hi, torch.zeros_like(hi)
         elif self.zero_point_type == "asymmetric":
-            scale = (hi - lo) / (qmax - qmin)
-            scale = torch.clamp(scale, min=qf.EPS)
+            scale = qf.scale_of_range((hi - lo) / (qmax - qmin))
             zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
         else:
             top = torch.maximum(hi, -lo) if self.signed else hi
             scale, zp = top / qmax, torch.zeros_like(top)
-        scale = torch.clamp(scale, min=qf.EPS)
+        scale = qf.scale_of_range(scale)
         if self.scale_type == "po2":
             scale = qf.po2_ste(scale)
         return scale, zp
@@ -167,7 +166,7 @@ class Quantizer(nn.Module):
             if self.zero_point_type == "asymmetric":
                 self.stat = stat  # the observed low end places the zero point
             self.calibrated.fill_(True)
-        scale = self.scale_param.abs() + qf.EPS
+        scale = self.scale_param.abs().clamp(min=qf.TINY)
         if self.scale_type == "po2":
             scale = qf.po2_ste(scale)
         if self.zero_point_type == "asymmetric" and self.stat.numel():
@@ -286,6 +285,12 @@ class Quantizer(nn.Module):
                     "scale) needs quantized weights; enable weight_quant or use an internal-scale bias")
             scale = (input_scale.reshape(-1) * weight_scale.reshape(-1))
             scale = scale.reshape(()) if scale.numel() == 1 else scale
+            if bool((scale < qf.TINY).any()):
+                raise QuantArgumentError(
+                    f"{self._where}: the accumulator scale, input scale x weight scale = "
+                    f"{float(input_scale.reshape(-1)[0]):.3g} x {float(weight_scale.reshape(-1).min()):.3g}, is "
+                    "below float32's normal range, so no runtime can hold the bias integers' scale; bring this "
+                    "layer's inputs or weights nearer unit magnitude (or keep it float: overrides={name: None})")
             zp = torch.zeros_like(scale)
         else:
             scale, zp = self.qparams(x)

@@ -1,0 +1,77 @@
+"""Any magnitude float32 holds quantizes as well as unit scale: a ReLU network is positively homogeneous, so
+scaling its inputs and biases by m (activations ~m) or one layer's weights and bias by m and the next layer's
+weights by 1/m (weights ~m) leaves the function the same up to the factor; the quantized model must keep its
+unit-scale SQNR and its artefact must still verify at 0 LSB. (A fixed 2^-40 floor on scales once flattened
+activations around 1e-12 to nothing.)"""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import quantfx
+from quantfx.errors import QuantFXError
+from quantfx.export import BACKENDS
+
+torch.manual_seed(0)
+BASE = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+                     nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+DATA = [torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+TEST = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(99))
+
+
+def sqnr(ref, out) -> float:
+    ref, out = ref.double(), out.double()
+    return 10 * math.log10(float((ref ** 2).mean()) / float(((ref - out) ** 2).mean()))
+
+
+def scaled(kind: str, m: float):
+    """(model, input factor) computing m x the base function (acts) or the base function (weights)."""
+    model = copy.deepcopy(BASE)
+    with torch.no_grad():
+        if kind == "acts":
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.mul_(m)
+            return model, m
+        model[3].weight.mul_(m)
+        model[3].bias.mul_(m)
+        model[7].weight.div_(m)
+    return model, 1.0
+
+
+def quality(target, kind, m):
+    model, k = scaled(kind, m)
+    q = quantfx.quantize(model, target, calibration_data=[d * k for d in DATA], progress=False)
+    with torch.no_grad():
+        snr = sqnr(model(TEST * k), q(TEST * k))
+    report = quantfx.verify(q, quantfx.lower(q, (TEST[:1] * k,)), TEST * k)
+    return snr, report.max_error_lsb
+
+
+@pytest.fixture(scope="module")
+def unit():
+    return {t: quality(t, "acts", 1.0)[0] for t in BACKENDS}
+
+
+@pytest.mark.parametrize("kind", ["acts", "weights"])
+@pytest.mark.parametrize("m", [1e-20, 1e-12, 1e8])
+@pytest.mark.parametrize("target", sorted(BACKENDS))
+def test_any_magnitude_keeps_the_unit_scale_sqnr(unit, target, kind, m):
+    snr, lsb = quality(target, kind, m)
+    assert abs(snr - unit[target]) < 0.5 and unit[target] > 25, (snr, unit[target])
+    assert lsb == 0.0
+
+
+def test_an_accumulator_scale_below_float32_is_a_clear_error():
+    """Inputs ~1e-20 into weights ~1e-20: input scale x weight scale ~1e-44 has no float32 (normal) form."""
+    model, k = scaled("acts", 1e-20)
+    with torch.no_grad():
+        model[3].weight.mul_(1e-20)
+        model[3].bias.mul_(1e-20)
+        model[7].weight.div_(1e-20)
+    q = quantfx.quantize(model, "onnx", calibration_data=[d * k for d in DATA], progress=False)
+    for use in (lambda: q(TEST * k), lambda: quantfx.lower(q, (TEST[:1] * k,))):
+        with pytest.raises(QuantFXError, match=r"3\.bias_quant: the accumulator scale.*below float32"):
+            use()
