@@ -189,6 +189,8 @@ class Quantizer(nn.Module):
             if self.training and x is not None:
                 with torch.no_grad():
                     batch = self.batch_stat(x)
+                    if _distributed() is not None:
+                        batch = _sync_batch_stat(batch, self.scale_stat)
                     if bool(self.calibrated) and self.stat.shape == batch.shape:
                         self.stat.mul_(1 - self.momentum).add_(batch, alpha=self.momentum)
                     else:
@@ -241,6 +243,8 @@ class Quantizer(nn.Module):
 
     def end_calibration(self) -> None:
         c, self._calib, self.calibrating = self._calib, None, False
+        if c is not None and _distributed() is not None:
+            c = self._reduce_calibration(c)
         if c is None or c["n"] == 0:
             return
         stat = c["sum"] if c["method"] == "max" else c["sum"] / c["n"]
@@ -248,6 +252,30 @@ class Quantizer(nn.Module):
         self.calibrated.fill_(True)
         if self.learned_scale:
             self.scale_param.data = self._from_stat(stat)[0].detach().clone()
+
+    def _reduce_calibration(self, c: dict) -> dict:
+        """Under torch.distributed, the statistics of every rank combined (each rank calls this for the same
+        quantizers in the same order): low ends by MIN and high ends by MAX for 'max' (the same as one process
+        over all the data, bit for bit), sums and batch counts by SUM for the averaged methods."""
+        dist = _distributed()
+        counts = torch.tensor([c["n"], -c["n"]], dtype=torch.float64)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # [largest n, -smallest n]
+        most, fewest = int(counts[0]), int(-counts[1])
+        if most == 0:
+            return c
+        if fewest == 0:
+            raise CalibrationError(f"{self._where}: saw no calibration data on rank {dist.get_rank()} while other "
+                                   "ranks did; give every rank calibration batches that reach every layer")
+        if c["method"] == "max":
+            lo, hi = c["sum"][0].contiguous(), c["sum"][1].contiguous()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            return {**c, "sum": torch.stack([lo, hi])}
+        total = c["sum"].contiguous().clone()
+        n = torch.tensor([float(c["n"])], dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        dist.all_reduce(n, op=dist.ReduceOp.SUM)
+        return {**c, "sum": total, "n": int(n.item())}
 
     # -- forward ---------------------------------------------------------------------------------------
 
@@ -380,6 +408,29 @@ class Quantizer(nn.Module):
         state.pop("_wcache", None)
         state.pop("_icache", None)
         return state
+
+
+def _distributed():
+    """torch.distributed, when a process group of more than one rank is running; else None."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def _sync_batch_stat(batch: torch.Tensor, method: str) -> torch.Tensor:
+    """A training step's activation statistic over every rank's batch (as SyncBatchNorm does for its moments):
+    the range of all of them for 'max' (what one process sees on the whole batch), the mean of the ranks'
+    statistics otherwise; every rank ends with the same running statistic."""
+    dist = _distributed()
+    if method == "max":
+        lo, hi = batch[0].contiguous().clone(), batch[1].contiguous().clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return torch.stack([lo, hi])
+    total = batch.contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()
 
 
 class ScaleGroup:
