@@ -1,0 +1,180 @@
+"""dpu target: power-of-two XINT8 QDQ ONNX for AMD/Xilinx DPUs (the form AMD Quark's XINT8 flow writes and the
+Vitis AI ONNX flow takes), with the DPU compiler's position rules applied and a DPU report.
+
+The file: ``QuantizeLinear -> DequantizeLinear`` pairs with int8 zero point 0 and a power-of-two scale
+``2**-fix_pos`` on every activation; int8 weights and int8 biases, each with its own power-of-two scale (the
+bias's "internal" scale, as the DPU stores it, not the int32 input x weight scale of standard QDQ); plain Conv,
+ConvTranspose and Gemm. Model metadata holds the fix position of every quantized tensor
+(``quantfx.dpu.fix_positions``: int8 tensor name -> position) and the DPU report (``quantfx.dpu.report``: each
+node on the DPU or the CPU with rule and limit, and the refine pass's changes).
+
+Before anything is written, the lowering checks the profile's rules (8-bit, per-tensor, symmetric, power-of-two:
+a 4-bit layer, per-channel weights or a zero point are a TargetError naming the node) and applies
+:func:`targets.dpu_refine.refine` to the compiled model's quantizers, so the fake-quant model and the file carry
+the same, DPU-legal positions.
+
+Rounding. The file's QuantizeLinear rounds half to even, so the fake-quant model's quantizers do too and the
+file verifies at 0 LSB. Weights and biases are integers in the file: the DPU takes them as written. Activations
+are rounded by the DPU itself, which (Vitis AI's vai_q_pytorch, "DPU round") rounds ties half up: on the device,
+an activation exactly halfway between two steps can land one step higher than in this file (a known gap, as in
+Quark's XINT8 ONNX files, which use the same QuantizeLinear).
+
+Running it. onnxruntime fuses ``DQ -> Conv -> Q`` into u8 x s8 integer kernels where it can, and on x86 CPUs
+without VNNI those sum products in saturating int16 pairs (``targets.int16_pairs``): an int8 activation (moved to
+u8 by +128) times two 8-bit weights passes 32767. The verification form therefore disables QDQ fusion
+(``session.disable_quant_qdq``): every op runs in float32 on the dequantized values, which is exact while every
+partial sum is an integer number of the layer's finest step below 2^24 (power-of-two scales make every product
+exact); :func:`targets.dpu_refine.check_file` checks that bound per output channel, so the verified numbers do
+not depend on the CPU. :func:`fast_form` writes the onnxruntime-fast variant (int32 bias on the accumulator's
+scale, so onnxruntime runs integer kernels), exact where the int16 pair rule holds or on VNNI/ARM CPUs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+
+from quantfx.errors import ExportError
+from quantfx.lowering import Backend
+
+from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
+from .dpu_refine import check_file, fix_pos, refine
+from .int16_pairs import pair_risks
+from .onnx_base import OnnxLowering, feed, load_onnx, node_values, not_quantfx, save_onnx, with_values
+from .onnx_qdq import QDQLowering
+from .profile import DPU
+
+FIX_POSITIONS_KEY = "quantfx.dpu.fix_positions"
+REPORT_KEY = "quantfx.dpu.report"
+FORM_KEY = "quantfx.dpu.form"
+
+
+class DpuLowering(QDQLowering):
+    """QDQ lowering with power-of-two int8 everywhere, int8 internal-scale biases and the DPU's refine rules.
+    ``form``: 'dpu' (the artefact) or 'fast' (int32 biases on the accumulator's scale, for onnxruntime's
+    integer kernels); ``arch``: the DPU the report places nodes for (a name of ``dpu_arch.ARCHS``)."""
+
+    target = "dpu"
+
+    def __init__(self, qmodel, example_inputs, profile=None, arch=DEFAULT_ARCH, form: str = "dpu"):
+        super().__init__(qmodel, example_inputs, profile)
+        if form not in ("dpu", "fast"):
+            raise ExportError(f"dpu: form={form!r}; use 'dpu' or 'fast'")
+        self.arch, self.form = get_arch(arch), form
+        self.changes: list = []
+
+    def check(self) -> None:
+        super().check()  # the profile's rules (8-bit, per-tensor, symmetric, po2) and calibration
+        self.changes = refine(self.gm)
+
+    def emit_compute(self, node):
+        # Conv / ConvTranspose / Gemm as the model has them: the DPU compiler maps these, not onnx's rewrites
+        # (space-to-depth stems, transposed convs as 1x1 + DepthToSpace) meant for onnxruntime's int8 kernels
+        return OnnxLowering.emit_compute(self, node)
+
+    def emit_bias(self, layer, in_scale, base):
+        ints, scale = self.bias_ints(layer, in_scale)  # internal: the bias quantizer's own po2 scale
+        scale = scale.reshape(())
+        if self.form == "fast":
+            _, w_scale = self.weight_ints(layer)
+            shift = fix_pos(in_scale) + fix_pos(w_scale) - fix_pos(scale)  # shift_bias >= 0: exact in int32
+            if shift >= 0:
+                acc = layer.acc_scale(in_scale, w_scale).reshape(())
+                return self._dq_const(base + ".bias", ints.to(torch.int64) * (1 << shift), acc, np.int32, 0)
+        return self._dq_const(base + ".bias", ints, scale, np.int8, 0)
+
+    def postprocess(self, model) -> None:
+        positions = {}
+        for n in model.graph:
+            if n.op_type == "DequantizeLinear" and n.inputs[1].const_value is not None:
+                positions[n.inputs[0].name] = fix_pos(n.inputs[1].const_value.numpy())
+        shapes = {n: tuple(tm.shape) for n, tm in self.tensor_meta.items() if hasattr(tm, "shape")}
+        report = DpuReport(self.arch.name, legality(self.gm, shapes, self.arch), [asdict(c) for c in self.changes])
+        model.metadata_props[FIX_POSITIONS_KEY] = json.dumps(positions)
+        model.metadata_props[REPORT_KEY] = report.to_json()
+        model.metadata_props[FORM_KEY] = self.form
+
+
+def _meta(model: onnx.ModelProto, key: str) -> Optional[str]:
+    return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def report(model: onnx.ModelProto) -> DpuReport:
+    """The DPU report stored in a dpu file: ``.table()``, ``.to_json()``, ``.nodes`` (Placement), ``.refine``."""
+    text = _meta(model, REPORT_KEY)
+    if text is None:
+        raise ExportError("dpu: the model has no DPU report; lower it with quantfx.lower(qmodel, target='dpu')")
+    return DpuReport.from_json(text)
+
+
+def fix_positions(model: onnx.ModelProto) -> dict:
+    """int8 tensor name -> fix position, as stored in a dpu file."""
+    return json.loads(_meta(model, FIX_POSITIONS_KEY) or "{}")
+
+
+def fast_form(qmodel, example_inputs) -> onnx.ModelProto:
+    """The onnxruntime-fast form of the dpu file: int32 biases on the accumulator's scale, so onnxruntime fuses
+    QLinearConv/QGemm integer kernels. Exact on CPUs with VNNI or ARM, and on any CPU where the int16 pair rule
+    holds (``targets.int16_pairs.pair_risks``)."""
+    from quantfx.export import _inputs
+    from quantfx.pipelines import annotate
+    annotate(qmodel)
+    qmodel.eval()
+    return DpuLowering(qmodel, _inputs(qmodel, example_inputs), profile=DPU, form="fast").lower()
+
+
+# -- runtime ---------------------------------------------------------------------------------------------
+
+
+def dpu_session(model: onnx.ModelProto, threads: int = 1):
+    """An onnxruntime session for a dpu file: the verification form (QDQ fusion off, float kernels on the
+    dequantized values; exact on every CPU under check_file's bound) for the 'dpu' form, onnxruntime's integer
+    kernels for the 'fast' form."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if _meta(model, FORM_KEY) != "fast":
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_dpu(model: onnx.ModelProto, inputs) -> list:
+    return dpu_session(model).run(None, feed(model.graph.input, inputs))
+
+
+def run_dpu_intermediates(model: onnx.ModelProto, inputs, fx_names) -> dict:
+    mapping = node_values(model)
+    kept = [n for n in fx_names if n in mapping]
+    extended = with_values(model, [mapping[n] for n in kept])
+    sess = dpu_session(extended)
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed(extended.graph.input, inputs))))
+    return {n: values[mapping[n]] for n in kept if mapping[n] in values}
+
+
+def diagnose(model: onnx.ModelProto, inputs) -> str:
+    problems = check_file(model)
+    if _meta(model, FORM_KEY) == "fast":
+        risky = [r.node for r in pair_risks(model) if not r.safe]
+        if risky:
+            return (f"the fast form runs integer kernels, and {len(risky)} layer(s) ({', '.join(risky[:3])}) can "
+                    "saturate an int16 pair sum on x86 CPUs without VNNI; verify the 'dpu' form instead")
+    if problems:
+        return "the file breaks: " + "; ".join(problems[:3])
+    return "the file meets every DPU rule and the float bound of the verification form"
+
+
+def _lower(qmodel, example_inputs):
+    return DpuLowering(qmodel, example_inputs, profile=DPU).lower()
+
+
+BACKEND = Backend(
+    name="dpu", lower=_lower, save=save_onnx, load=load_onnx, run=run_dpu,
+    run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx)
+
+__all__ = ["DpuLowering", "BACKEND", "report", "fix_positions", "fast_form", "dpu_session", "run_dpu",
+           "check_file", "refine"]

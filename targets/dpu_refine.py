@@ -1,0 +1,339 @@
+"""Fix positions as the DPU compiler needs them: the refine pass on a compiled graph, and the checker of a file.
+
+A fix position ``p`` is the scale ``2**-p`` of an 8-bit power-of-two quantizer. The DPU computes a layer's output
+from the int8 input (position ``i``), int8 weights (``w``) and int8 bias (``b``) with shifts, and its compiler
+refuses shifts outside the ranges the hardware has. The ranges below are those of AMD Quark's refine pass
+(``quark/onnx/postprocess/refinement/refine.py``, ``QuantPosManager``, amd-quark 0.13), which adjusts the
+positions of an XINT8 model to "meet the DPU compiler constraints":
+
+- conv/linear ``shift_cut = w + i - o`` in [0, 16] (adjust_shift_cut: the weight position moves);
+- conv/linear ``shift_bias = w + i - b`` in [min(0, -(24 - (8 + shift_cut))), 15], lower bound 0 when a
+  LeakyReLU reads the layer (adjust_shift_bias: the bias position moves);
+- elementwise add ``shift_read = max(i) - min(i)`` in [0, 7] (adjust_shift_read: the finer input coarsens);
+- elementwise add ``shift_write = min(i) - o`` in [-7, 25] (adjust_shift_write: the output position moves);
+  elementwise multiply ``sum(i) - o`` in [0, 32] (no multiply reaches a compiled graph of quantfx yet);
+- concat: inputs and output share one position, the smallest (align_concat);
+- pooling, padding, slicing, reshaping keep their input's position (align_pool, align_pad, align_slice,
+  align_reshape): quantfx's compiled graph moves values through max-pool, pad, slice and reshape without
+  requantizing, so only an average pool's requantizer can differ; it takes its input's position.
+
+:func:`refine` applies them to the quantizers of a compiled graph (fixing their scales) and returns every
+change; :func:`check_file` reads a lowered ONNX file and returns every broken rule (power-of-two scales,
+symmetric int8, the ranges above, and the float-exactness bound of the verification form).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import fx, nn
+
+from quantfx.graph import (data_input, is_act_quant, is_add, is_cat, is_compute, is_invariant, module_of, qmeta,
+                           tensor_inputs)
+from quantfx.pipelines import annotate
+
+SHIFT_CUT = (0, 16)
+SHIFT_BIAS_MAX = 15
+SHIFT_READ = (0, 7)
+SHIFT_WRITE_ADD = (-7, 25)
+SHIFT_WRITE_MUL = (0, 32)
+MAX_LOOPS = 5  # Quark's adjust_quantize_info loops at most 5 times too
+FLOAT_EXACT = 2 ** 24  # float32 integers are exact up to 2^24
+
+
+def fix_pos(scale) -> int:
+    """The fix position of a power-of-two scale (``scale = 2**-pos``)."""
+    v = float(scale.reshape(-1)[0]) if torch.is_tensor(scale) else float(np.asarray(scale).reshape(-1)[0])
+    return int(round(-math.log2(v)))
+
+
+def shift_bias_range(shift_cut: int, leaky: bool = False) -> tuple[int, int]:
+    return (0 if leaky else min(0, -(24 - (8 + shift_cut))), SHIFT_BIAS_MAX)
+
+
+@dataclass
+class Change:
+    node: str  # fx node (module path for layers)
+    tensor: str  # 'weight' | 'bias' | 'output' | 'input <name>'
+    old: int
+    new: int
+    rule: str
+    limit: str
+
+
+def _set_pos(q, pos: int) -> None:
+    """Fix a quantizer's scale at ``2**-pos`` (every member of its scale group too: they share one scale)."""
+    members = q.scale_group.members if getattr(q, "scale_group", None) is not None else [q]
+    for m in members:
+        m.fixed_scale = 2.0 ** -pos
+        m.spec_fields["fixed_scale"] = 2.0 ** -pos
+
+
+class _Graph:
+    """Positions of the quantizers of a compiled graph."""
+
+    def __init__(self, gm):
+        self.gm = gm
+
+    def act_quantizer(self, node) -> Optional[nn.Module]:
+        """The quantizer that put ``node``'s value on its grid: the activation quantizer producing it, through
+        ops that only move values (and through a concat, whose inputs share one quantizer)."""
+        meta = qmeta(node)
+        if meta.kind != "act" or meta.scale is None or meta.scale.numel() != 1:
+            return None
+        while isinstance(node, fx.Node):
+            if is_act_quant(self.gm, node):
+                q = module_of(self.gm, node).act_quant
+                return q if q.is_quant_enabled else None
+            if is_cat(node):
+                node = tensor_inputs(node)[0]
+            elif is_invariant(self.gm, node):
+                node = data_input(node)
+            else:
+                return None
+        return None
+
+    def reader_quantizer(self, node):
+        """The activation quantizer that requantizes ``node``'s output (its only reader), or None."""
+        users = list(node.users)
+        if len(users) != 1 or not is_act_quant(self.gm, users[0]):
+            return None, None
+        m = module_of(self.gm, users[0])
+        return (m.act_quant if m.act_quant.is_quant_enabled else None), m
+
+
+def _layer_positions(g: _Graph, node):
+    layer = module_of(g.gm, node)
+    qi = g.act_quantizer(node.args[0])
+    qo, reader = g.reader_quantizer(node)
+    if qi is None or qo is None or not layer.weight_quant.is_quant_enabled:
+        return None
+    with torch.no_grad():
+        w = fix_pos(layer.weight_quant.scale(layer.weight))
+        b = fix_pos(layer.bias_quant.scale(layer.bias)) if layer.bias is not None and \
+            layer.bias_quant.is_quant_enabled and layer.bias_quant.bias_scaling == "internal" else None
+    leaky = reader is not None and "Leaky" in type(reader).__name__
+    return layer, fix_pos(qi.scale()), w, b, fix_pos(qo.scale()), qo, leaky
+
+
+def _is_avgpool(gm, node) -> bool:
+    m = module_of(gm, node)
+    return isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or node.target is torch.nn.functional.avg_pool2d
+
+
+def _one_round(gm) -> list[Change]:
+    g = _Graph(gm)
+    changes: list[Change] = []
+    for node in gm.graph.nodes:
+        if is_compute(gm, node):
+            pos = _layer_positions(g, node)
+            if pos is None:
+                continue
+            layer, i, w, b, o, _, leaky = pos
+            sc = w + i - o
+            lo, hi = SHIFT_CUT
+            if not lo <= sc <= hi:
+                new_w = min(max(sc, lo), hi) + o - i
+                _set_pos(layer.weight_quant, new_w)
+                changes.append(Change(node.target, "weight", w, new_w, f"shift_cut = w + i - o = {sc}",
+                                      f"[{lo}, {hi}]"))
+                w, sc = new_w, new_w + i - o
+            if b is not None:
+                lo, hi = shift_bias_range(sc, leaky)
+                sb = w + i - b
+                if not lo <= sb <= hi:
+                    new_b = w + i - min(max(sb, lo), hi)
+                    _set_pos(layer.bias_quant, new_b)
+                    changes.append(Change(node.target, "bias", b, new_b, f"shift_bias = w + i - b = {sb}",
+                                          f"[{lo}, {hi}]"))
+        elif is_add(node):
+            ins = [(a, g.act_quantizer(a)) for a in tensor_inputs(node)]
+            qo, _ = g.reader_quantizer(node)
+            if any(q is None for _, q in ins) or qo is None:
+                continue
+            pos = [fix_pos(q.scale()) for _, q in ins]
+            sr = max(pos) - min(pos)
+            if sr > SHIFT_READ[1]:
+                k = int(np.argmax(pos))
+                new = min(pos) + SHIFT_READ[1]
+                _set_pos(ins[k][1], new)
+                changes.append(Change(node.name, f"input {ins[k][0].name}", pos[k], new,
+                                      f"shift_read = max(i) - min(i) = {sr}", f"[{SHIFT_READ[0]}, {SHIFT_READ[1]}]"))
+                pos[k] = new
+            o = fix_pos(qo.scale())
+            sw = min(pos) - o
+            lo, hi = SHIFT_WRITE_ADD
+            if not lo <= sw <= hi:
+                new = min(pos) - min(max(sw, lo), hi)
+                _set_pos(qo, new)
+                changes.append(Change(node.name, "output", o, new, f"shift_write = min(i) - o = {sw}",
+                                      f"[{lo}, {hi}]"))
+        elif is_cat(node):
+            ins = [(a, g.act_quantizer(a)) for a in tensor_inputs(node)]
+            qo = g.act_quantizer(node)
+            if any(q is None for _, q in ins) or qo is None:
+                continue
+            target = min([fix_pos(q.scale()) for _, q in ins] + [fix_pos(qo.scale())])
+            for name, q in [(f"input {a.name}", q) for a, q in ins] + [("output", qo)]:
+                p = fix_pos(q.scale())
+                if p != target:
+                    _set_pos(q, target)
+                    changes.append(Change(node.name, name, p, target, "concat inputs and output share one "
+                                          "position", "the smallest"))
+        elif _is_avgpool(gm, node):
+            qi = g.act_quantizer(node.args[0])
+            qo, _ = g.reader_quantizer(node)
+            if qi is None or qo is None:
+                continue
+            i, o = fix_pos(qi.scale()), fix_pos(qo.scale())
+            if i != o:
+                _set_pos(qo, i)
+                changes.append(Change(node.name, "output", o, i, "pooling keeps its input's position",
+                                      f"input position {i}"))
+        if changes:
+            annotate(gm)  # later rules read the new positions
+            return changes
+    return changes
+
+
+def refine(gm: fx.GraphModule) -> list[Change]:
+    """Adjust the fix positions of a calibrated compiled graph to the DPU compiler's rules (module docstring),
+    in place; returns every change (node, tensor, old -> new position, rule, limit). Idempotent: a refined graph
+    gives no change."""
+    annotate(gm)
+    changes: list[Change] = []
+    for _ in range(MAX_LOOPS * max(1, len(gm.graph.nodes))):
+        step = _one_round(gm)
+        if not step:
+            break
+        changes += step
+    return changes
+
+
+# -- the checker of a lowered file ------------------------------------------------------------------------
+
+
+def is_power_of_two(v: float) -> bool:
+    m, _ = math.frexp(float(v))
+    return v > 0 and m == 0.5
+
+
+class _File:
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.nodes = list(g.node)
+
+    def dq_pos(self, value) -> Optional[int]:
+        n = self.producer.get(value)
+        return fix_pos(self.inits[n.input[1]]) if n is not None and n.op_type == "DequantizeLinear" else None
+
+    def q_pos(self, value, through=("Relu", "Clip")) -> Optional[int]:
+        """The position of the QuantizeLinear that reads ``value`` (directly or after ReLU/Clip)."""
+        for n in self.consumers.get(value, []):
+            if n.op_type == "QuantizeLinear":
+                return fix_pos(self.inits[n.input[1]])
+            if n.op_type in through:
+                p = self.q_pos(n.output[0], ())
+                if p is not None:
+                    return p
+        return None
+
+    def dq_ints(self, value):
+        n = self.producer.get(value)
+        if n is None or n.op_type != "DequantizeLinear" or n.input[0] not in self.inits:
+            return None
+        return self.inits[n.input[0]], float(self.inits[n.input[1]])
+
+
+_KEEP_POSITION = ("MaxPool", "AveragePool", "GlobalAveragePool", "Pad", "Slice", "Split", "Reshape", "Flatten",
+                  "Transpose", "DepthToSpace", "SpaceToDepth", "Squeeze", "Unsqueeze")
+
+
+def check_file(model: onnx.ModelProto) -> list[str]:
+    """Every rule a dpu file breaks (empty: it meets them all): each Q/DQ scale an exact power of two with an int8
+    zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write in the DPU compiler's
+    ranges; concat inputs and output at one position; pooling/layout ops keeping their input's position; and each
+    layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, <= 2^24), under which the
+    verification form (float kernels) is exact on every CPU."""
+    f = _File(model)
+    problems = []
+    for n in f.nodes:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            s = f.inits.get(n.input[1])
+            if s is None or s.size != 1 or not is_power_of_two(float(s.reshape(-1)[0])):
+                problems.append(f"{n.name}: scale {s} is not one power of two")
+            z = f.inits.get(n.input[2]) if len(n.input) > 2 else None
+            if z is None or np.any(z != 0) or z.dtype != np.int8:
+                problems.append(f"{n.name}: zero point {z} is not int8 0")
+        elif n.op_type in ("Conv", "Gemm", "ConvTranspose"):
+            problems += _check_layer(f, n)
+        elif n.op_type == "Add":
+            ins = [f.dq_pos(v) for v in n.input]
+            o = f.q_pos(n.output[0])
+            if None in ins or o is None:
+                continue
+            if max(ins) - min(ins) > SHIFT_READ[1]:
+                problems.append(f"{n.name}: shift_read {max(ins) - min(ins)} outside {SHIFT_READ}")
+            if not SHIFT_WRITE_ADD[0] <= min(ins) - o <= SHIFT_WRITE_ADD[1]:
+                problems.append(f"{n.name}: shift_write {min(ins) - o} outside {SHIFT_WRITE_ADD}")
+        elif n.op_type == "Concat":
+            ins = [f.dq_pos(v) for v in n.input]
+            o = f.q_pos(n.output[0], ())
+            if None not in ins and len(set(ins + ([o] if o is not None else []))) > 1:
+                problems.append(f"{n.name}: concat positions {ins} -> {o} differ")
+        elif n.op_type in _KEEP_POSITION:
+            i = f.dq_pos(n.input[0])
+            for out in n.output:
+                o = f.q_pos(out, ())
+                if i is not None and o is not None and i != o:
+                    problems.append(f"{n.name}: {n.op_type} changes the position {i} -> {o}")
+    return problems
+
+
+def _check_layer(f: _File, n) -> list[str]:
+    out = []
+    i = f.dq_pos(n.input[0])
+    w = f.dq_ints(n.input[1])
+    if i is None or w is None:
+        return out
+    w_int, w_scale = w
+    wp = fix_pos(w_scale)
+    o = f.q_pos(n.output[0])
+    sc = wp + i - o if o is not None else None
+    if sc is not None and not SHIFT_CUT[0] <= sc <= SHIFT_CUT[1]:
+        out.append(f"{n.name}: shift_cut {sc} outside {SHIFT_CUT}")
+    b = f.dq_ints(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+    if b is not None and sc is not None:
+        sb = wp + i - fix_pos(b[1])
+        lo, hi = shift_bias_range(sc)
+        if not lo <= sb <= hi:
+            out.append(f"{n.name}: shift_bias {sb} outside [{lo}, {hi}]")
+    # float exactness of the verification form: every partial sum an integer multiple of the finest step
+    acc_pos = wp + i
+    unit_pos = max(acc_pos, fix_pos(b[1])) if b is not None else acc_pos
+    axis = 1 if n.op_type == "ConvTranspose" else 0
+    if n.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in n.attribute):
+        axis = 1
+    wa = np.moveaxis(np.abs(w_int.astype(np.int64)), axis, 0).reshape(w_int.shape[axis], -1).sum(1)
+    bound = 128 * wa * 2 ** (unit_pos - acc_pos)
+    if b is not None:
+        bound = bound + np.abs(b[0].astype(np.int64)).reshape(-1) * 2 ** (unit_pos - fix_pos(b[1]))
+    if int(bound.max(initial=0)) > FLOAT_EXACT:
+        out.append(f"{n.name}: a float sum can reach {int(bound.max())} steps, past 2^24: the verification form "
+                   "may round")
+    return out
+
+
+__all__ = ["refine", "Change", "check_file", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
+           "SHIFT_BIAS_MAX", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "asdict"]
