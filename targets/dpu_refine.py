@@ -74,6 +74,25 @@ def _set_pos(q, pos: int) -> None:
         m.spec_fields["fixed_scale"] = 2.0 ** -pos
 
 
+def producing_quantizer(gm, node) -> Optional[nn.Module]:
+    """The quantizer that put ``node``'s value on its grid: the activation quantizer producing it, through
+    ops that only move values (and through a concat, whose inputs share one quantizer)."""
+    meta = qmeta(node)
+    if meta.kind != "act" or meta.scale is None or meta.scale.numel() != 1:
+        return None
+    while isinstance(node, fx.Node):
+        if is_act_quant(gm, node):
+            q = module_of(gm, node).act_quant
+            return q if q.is_quant_enabled else None
+        if is_cat(node):
+            node = tensor_inputs(node)[0]
+        elif is_invariant(gm, node):
+            node = data_input(node)
+        else:
+            return None
+    return None
+
+
 class _Graph:
     """Positions of the quantizers of a compiled graph."""
 
@@ -81,22 +100,7 @@ class _Graph:
         self.gm = gm
 
     def act_quantizer(self, node) -> Optional[nn.Module]:
-        """The quantizer that put ``node``'s value on its grid: the activation quantizer producing it, through
-        ops that only move values (and through a concat, whose inputs share one quantizer)."""
-        meta = qmeta(node)
-        if meta.kind != "act" or meta.scale is None or meta.scale.numel() != 1:
-            return None
-        while isinstance(node, fx.Node):
-            if is_act_quant(self.gm, node):
-                q = module_of(self.gm, node).act_quant
-                return q if q.is_quant_enabled else None
-            if is_cat(node):
-                node = tensor_inputs(node)[0]
-            elif is_invariant(self.gm, node):
-                node = data_input(node)
-            else:
-                return None
-        return None
+        return producing_quantizer(self.gm, node)
 
     def reader_quantizer(self, node):
         """The activation quantizer that requantizes ``node``'s output (its only reader), or None."""
@@ -336,4 +340,4 @@ def _check_layer(f: _File, n) -> list[str]:
 
 
 __all__ = ["refine", "Change", "check_file", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
-           "SHIFT_BIAS_MAX", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "asdict"]
+           "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "asdict"]

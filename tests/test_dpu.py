@@ -1,0 +1,305 @@
+"""dpu target: every test model lowers and verifies at 0 LSB (outputs and every quantizer node) in onnxruntime,
+every scale in the file is a power of two and every DPU compiler rule holds (check_file); one violation per
+refine rule is fixed and reported; one model per legality rule shows the CPU fallback; the quantization the
+DPU cannot take is a TargetError before export."""
+import math
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import quantfx
+from quantfx.export import _intermediates
+from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, module_of
+from quantfx.targets import dpu
+from quantfx.targets.dpu_arch import ARCHS, DEFAULT_ARCH
+from quantfx.targets.dpu_refine import (SHIFT_CUT, producing_quantizer, SHIFT_READ, SHIFT_WRITE_ADD, check_file, fix_pos,
+                                        is_power_of_two, refine, shift_bias_range)
+from quantfx.targets.int16_pairs import cpu_has_int32_dot, pair_risks
+from quantfx.zoo import TEST_MODELS, example_input
+
+
+def quantized(name, **kwargs):
+    torch.manual_seed(0)
+    model = TEST_MODELS[name][0]().eval()
+    data = [example_input(name, batch=4, seed=i) for i in range(3)]
+    return quantfx.quantize(model, "dpu", calibration_data=data, progress=False, **kwargs)
+
+
+def lsb_errors(q, artefact, x) -> dict:
+    """fx node -> max error in LSBs of every quantizer node the file holds."""
+    expected = _intermediates(q, (x,))
+    got = dpu.run_dpu_intermediates(artefact, (x,), list(expected))
+    out = {}
+    for node in q.graph.nodes:
+        if node.name in got:
+            lsb = float(node.meta["quant"].scale.reshape(-1).min())
+            out[node.name] = float(np.max(np.abs(expected[node.name] - got[node.name]))) / lsb
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(TEST_MODELS))
+def lowered(request):
+    name = request.param
+    q = quantized(name)
+    return name, q, quantfx.lower(q, (example_input(name, batch=1),), target="dpu")
+
+
+def test_verifies_at_zero_lsb_outputs_and_intermediates(lowered):
+    name, q, art = lowered
+    x = example_input(name, batch=4, seed=123)
+    report = quantfx.verify(q, art, (x,), target="dpu")
+    assert report.ok and report.max_error_lsb == 0.0, str(report)
+    errors = lsb_errors(q, art, x)
+    acts = sum(1 for n in q.graph.nodes if is_act_quant(q, n))
+    assert len(errors) == acts  # every activation quantizer node is compared
+    assert max(errors.values()) == 0.0, {k: v for k, v in errors.items() if v}
+
+
+def test_checker_scales_rules_and_float_bound(lowered):
+    """Every Q/DQ scale an exact power of two with int8 zero point 0, every refine rule and the float bound of
+    the verification form hold in the file (so the verified numbers hold on every CPU)."""
+    _, _, art = lowered
+    onnx.checker.check_model(art, full_check=True)
+    assert check_file(art) == []
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in art.graph.initializer}
+    qdq = [n for n in art.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(is_power_of_two(float(inits[n.input[1]])) for n in qdq)
+    # fix positions in the metadata: one per DequantizeLinear, each the scale's -log2
+    positions = dpu.fix_positions(art)
+    dqs = [n for n in qdq if n.op_type == "DequantizeLinear"]
+    assert len(positions) == len({n.input[0] for n in dqs})
+    for n in dqs:
+        assert 2.0 ** -positions[n.input[0]] == float(inits[n.input[1]])
+
+
+def test_node_occurrences_and_int8_biases(lowered):
+    """One QuantizeLinear per activation quantizer node (+ requantization after moves); weights and biases int8
+    with their own scales; plain Conv/Gemm/ConvTranspose (one per quantized layer)."""
+    _, q, art = lowered
+    ops = Counter(n.op_type for n in art.graph.node)
+    layers = [module_of(q, n) for n in q.graph.nodes if is_compute(q, n)]
+    acts = sum(1 for n in q.graph.nodes if is_act_quant(q, n))
+    requant = sum(1 for n in art.graph.node if n.op_type == "QuantizeLinear" and "_requant" in n.name)
+    assert ops["QuantizeLinear"] == acts + requant
+    assert ops["Conv"] + ops["Gemm"] + ops["ConvTranspose"] + ops["MatMul"] == len(layers)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in art.graph.initializer}
+    biased = [n for n in art.graph.node if n.op_type == "DequantizeLinear" and n.output[0].endswith("bias")]
+    assert len(biased) == sum(1 for m in layers if m.bias is not None)
+    assert all(inits[n.input[0]].dtype == np.int8 for n in biased)
+
+
+def test_refine_is_idempotent_and_report_lists_every_node(lowered):
+    name, q, art = lowered
+    assert refine(q) == []  # lowering refined it already
+    rep = dpu.report(art)
+    assert rep.arch == DEFAULT_ARCH
+    tensor_nodes = {n.name for n in q.graph.nodes if n.op not in ("placeholder", "output", "get_attr")}
+    assert {p.node for p in rep.nodes} <= tensor_nodes
+    assert len(rep.nodes) >= sum(1 for n in q.graph.nodes if is_compute(q, n) or is_act_quant(q, n))
+    assert all(p.device in ("DPU", "CPU") and (p.device == "DPU" or p.rule) for p in rep.nodes)
+    assert rep.to_json() == type(rep).from_json(rep.to_json()).to_json()
+
+
+# -- one violation per refine rule, fixed and reported ------------------------------------------------------
+
+
+def _layer(q, target):
+    node = next(n for n in q.graph.nodes if n.op == "call_module" and n.target == target)
+    return node, module_of(q, node)
+
+
+def _pos(quantizer, x=None) -> int:
+    return fix_pos(quantizer.scale(x) if x is not None else quantizer.scale())
+
+
+def _force(quantizer, pos):
+    quantizer.fixed_scale = 2.0 ** -pos
+
+
+def _refined_and_verified(q, name):
+    changes = refine(q)
+    art = quantfx.lower(q, (example_input(name, batch=1),), target="dpu")
+    assert check_file(art) == []
+    x = example_input(name, batch=4, seed=7)
+    assert max(lsb_errors(q, art, x).values()) == 0.0
+    assert dpu.report(art).refine == []  # nothing left for the lowering to change
+    return changes
+
+
+def _io(q, node):
+    layer = module_of(q, node)
+    i = _pos(producing_quantizer(q, node.args[0]))
+    o = _pos(module_of(q, next(iter(node.users))).act_quant)
+    return layer, i, o
+
+
+def test_refine_shift_cut():
+    q = quantized("lenet")
+    node, _ = _layer(q, "conv2")
+    layer, i, o = _io(q, node)
+    _force(layer.weight_quant, o - i + SHIFT_CUT[1] + 3)  # shift_cut 19 > 16
+    changes = _refined_and_verified(q, "lenet")
+    c = next(c for c in changes if c.node == "conv2" and c.tensor == "weight")
+    assert c.old == o - i + 19 and c.new == o - i + SHIFT_CUT[1] and "shift_cut" in c.rule
+
+
+def test_refine_shift_bias():
+    q = quantized("lenet")
+    node, _ = _layer(q, "conv1")
+    layer, i, o = _io(q, node)
+    w = _pos(layer.weight_quant, layer.weight)
+    _force(layer.bias_quant, w + i - 20)  # shift_bias 20 > 15
+    changes = _refined_and_verified(q, "lenet")
+    c = next(c for c in changes if c.node == "conv1" and c.tensor == "bias")
+    lo, hi = shift_bias_range(w + i - o)
+    assert c.old == w + i - 20 and c.new == w + i - hi and "shift_bias" in c.rule
+
+
+def _first_add(q):
+    add = next(n for n in q.graph.nodes if is_add(n))
+    return add, [module_of(q, a).act_quant for a in add.args[:2]], module_of(q, next(iter(add.users))).act_quant
+
+
+def test_refine_add_shift_read():
+    q = quantized("resnet")
+    add, (qa, qb), _ = _first_add(q)
+    assert qa is not qb
+    pb = _pos(qb)
+    qa.scale_group = qb.scale_group = None  # give the inputs their own scales: one 9 positions finer
+    _force(qa, pb + SHIFT_READ[1] + 2)
+    changes = _refined_and_verified(q, "resnet")
+    c = next(c for c in changes if c.node == add.name and c.tensor.startswith("input"))
+    assert (c.old, c.new) == (pb + 9, pb + SHIFT_READ[1]) and "shift_read" in c.rule
+
+
+def test_refine_add_shift_write():
+    q = quantized("resnet")
+    add, (qa, qb), qo = _first_add(q)
+    lo_in = min(_pos(qa), _pos(qb))
+    _force(qo, lo_in - SHIFT_WRITE_ADD[0] + 3)  # shift_write = -10 < -7
+    changes = _refined_and_verified(q, "resnet")
+    c = next(c for c in changes if c.node == add.name and c.tensor == "output")
+    assert c.new == lo_in - SHIFT_WRITE_ADD[0] and "shift_write" in c.rule
+
+
+def test_refine_concat_shares_one_position():
+    q = quantized("unet")
+    cat = next(n for n in q.graph.nodes if is_cat(n))
+    src = next(a for a in cat.args[0] if is_act_quant(q, a))
+    m = module_of(q, src)
+    p = _pos(m.act_quant)
+    m.act_quant = m.act_quant.clone_spec(fixed_scale=2.0 ** -(p + 2))  # its own quantizer, a finer position
+    changes = _refined_and_verified(q, "unet")
+    assert any(c.node == cat.name and c.old == p + 2 and c.new == p for c in changes), changes
+
+
+def test_refine_pool_keeps_input_position():
+    """resnet's average pool requantizes at a finer position than its input after calibration: refine gives it
+    its input's (Quark's align_pool)."""
+    q = quantized("resnet")
+    changes = _refined_and_verified(q, "resnet")
+    pool = [c for c in changes if c.node == "pool"]
+    assert len(pool) == 1 and pool[0].new < pool[0].old and "pool" in pool[0].rule
+
+
+# -- legality: one model per rule, the CPU fallback in the report -------------------------------------------
+
+
+class One(nn.Module):
+    def __init__(self, op, cin=4):
+        super().__init__()
+        self.pre = nn.Conv2d(3, cin, 1)
+        self.op = op
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.op(self.pre(x)))
+
+
+LEGALITY = {
+    "kernel": (nn.Conv2d(4, 4, 17, padding=8), "kernel"),
+    "stride": (nn.Conv2d(4, 4, 3, stride=9, padding=1), "stride"),
+    "padding": (nn.Conv2d(4, 4, 3, padding=3), "padding"),
+    "groups": (nn.Conv2d(4, 8, 3, padding=1, groups=2), "groups"),
+    "bank_depth": (nn.Conv2d(16 * 2048 // 9 + 16, 4, 3, padding=1), "bank_depth"),
+    "maxpool": (nn.MaxPool2d(9, stride=1, padding=4), "kernel"),
+    "avgpool_square": (nn.AvgPool2d((2, 4)), "square"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(LEGALITY))
+def test_legality_rule_falls_back_to_cpu(rule):
+    op, words = LEGALITY[rule]
+    cin = op.in_channels if isinstance(op, nn.Conv2d) else 4
+    torch.manual_seed(0)
+    model = One(op, cin).eval()
+    data = [torch.randn(2, 3, 20, 20)]
+    q = quantfx.quantize(model, "dpu", calibration_data=data, progress=False)
+    rep = dpu.report(quantfx.lower(q, (data[0][:1],), target="dpu"))
+    placed = {p.node: p for p in rep.nodes}
+    assert placed["op"].device == "CPU" and words in (placed["op"].rule + placed["op"].limit), placed["op"]
+    assert placed["pre"].device == "DPU" and placed["relu"].device == "DPU"
+    assert len(rep.on("CPU")) == 1, rep.table()
+
+
+def test_arch_variant_changes_placement():
+    """A stride-8 conv runs on DPUCZDX8G (strides [1, 8]) but not on DPUCAHX8H (strides [1, 4])."""
+    torch.manual_seed(0)
+    model = One(nn.Conv2d(4, 4, 3, stride=8, padding=1)).eval()
+    data = [torch.randn(2, 3, 24, 24)]
+    q = quantfx.quantize(model, "dpu", calibration_data=data, progress=False)
+    reports = {a: dpu.report(dpu.DpuLowering(q, (data[0][:1],), profile=q.profile, arch=a).lower())
+               for a in (DEFAULT_ARCH, "DPUCAHX8H_ISA2")}
+    assert {a: len(r.on("CPU")) for a, r in reports.items()} == {DEFAULT_ARCH: 0, "DPUCAHX8H_ISA2": 1}
+    assert set(ARCHS) >= set(reports)
+    assert "op" in reports["DPUCAHX8H_ISA2"].table() and "[1, 4]" in reports["DPUCAHX8H_ISA2"].table()
+
+
+# -- quantization the DPU cannot take: TargetError before export ---------------------------------------------
+
+
+@pytest.mark.parametrize("override, words", [
+    (dict(weight_bit_width=4), "4-bit"),
+    (dict(weight_scaling_per_output_channel=True), "per-channel"),
+])
+def test_untakeable_quantization_is_a_target_error(override, words):
+    torch.manual_seed(0)
+    model = TEST_MODELS["lenet"][0]().eval()
+    data = [example_input("lenet", batch=2, seed=0)]
+    q = quantfx.quantize(model, "dpu", calibration_data=data, progress=False, overrides={"conv2": override})
+    with pytest.raises(quantfx.TargetError, match=f"conv2.*{words}"):
+        quantfx.lower(q, (data[0][:1],), target="dpu")
+
+
+def test_zero_point_is_a_target_error():
+    torch.manual_seed(0)
+    model = TEST_MODELS["lenet"][0]().eval()
+    data = [example_input("lenet", batch=2, seed=0)]
+    q = quantfx.quantize(model, "onnx", calibration_data=data, progress=False)  # uint8 with zero points
+    with pytest.raises(quantfx.TargetError, match="zero point"):
+        quantfx.lower(q, (data[0][:1],), target="dpu")
+
+
+# -- the onnxruntime-fast form ------------------------------------------------------------------------------
+
+
+def test_fast_form_has_int32_biases_and_its_exactness_is_stated():
+    """The fast form gives onnxruntime int32 biases on the accumulator's scale (integer kernels). It is exact
+    where no layer can saturate an int16 pair, or on a CPU with VNNI; the test states which on this CPU."""
+    q = quantized("lenet")
+    fast = dpu.fast_form(q, (example_input("lenet", batch=1),))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in fast.graph.initializer}
+    biases = [n for n in fast.graph.node if n.op_type == "DequantizeLinear" and n.output[0].endswith("bias")]
+    assert biases and all(inits[n.input[0]].dtype == np.int32 for n in biases)
+    x = example_input("lenet", batch=8, seed=3)
+    report = quantfx.verify(q, fast, (x,), target="dpu")
+    risky = [r for r in pair_risks(fast) if not r.safe]
+    if not risky or cpu_has_int32_dot():
+        assert report.max_error_lsb == 0.0, str(report)
+    else:
+        assert report.ok or "int16 pair" in (report.diagnosis or ""), str(report)
+    assert math.isfinite(report.max_error_lsb)
