@@ -39,7 +39,9 @@ import onnx
 import torch
 
 from quantfx.errors import ExportError
+from quantfx.graph import is_cat, is_invariant, module_of, tensor_inputs
 from quantfx.lowering import Backend
+from quantfx.nn import QuantReLU
 
 from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
 from .dpu_refine import check_file, fix_pos, refine
@@ -70,6 +72,50 @@ class DpuLowering(QDQLowering):
     def check(self) -> None:
         super().check()  # the profile's rules (8-bit, per-tensor, symmetric, po2) and calibration
         self.changes = refine(self.gm)
+
+    # -- the fast form: ReLU outputs as uint8 ---------------------------------------------------------------
+    # A ReLU output lies in [0, 127]: written as uint8 (zero point 0, Clip at 127) it is the same integer, and
+    # onnxruntime then fuses Relu into QLinearConv and runs the next layer with u8 x s8 kernels whose pair sums
+    # cannot saturate (127 x (127 + 127) = 32258 <= 32767). Values that only move keep their input's type.
+
+    def begin(self):
+        super().begin()
+        self._unsigned: set = set()  # names of values held as uint8 codes (fast form)
+        self._unsigned_move = False
+
+    def emit_act(self, node):
+        m = module_of(self.gm, node)
+        q = m.act_quant
+        if self.form != "fast" or not isinstance(m, QuantReLU) or not q.is_quant_enabled or not q.signed or \
+                q.zero_point_type != "symmetric" or q.scaling_per_output_channel:
+            return super().emit_act(node)
+        x = self.env[node.args[0]]
+        x = self.op("Relu", [x], node.name + "_relu") if m.max_val is None else \
+            self.op("Clip", [x, self.const(node.name + "_min", np.float32(0)),
+                             self.const(node.name + "_max", np.float32(m.max_val))], node.name + "_relu6")
+        scale, zp = q.qparams(None)
+        out = self._qdq(x, scale, zp, (0, q.int_range()[1]), False, node.name)
+        self._unsigned.add(out.name)
+        return out
+
+    def emit(self, node):
+        ins = tensor_inputs(node) if node.op == "call_function" or node.op == "call_method" or \
+            node.op == "call_module" else []
+        self._unsigned_move = self.form == "fast" and bool(ins) and \
+            (is_invariant(self.gm, node) or is_cat(node)) and \
+            all(getattr(self.env.get(i), "name", None) in self._unsigned for i in ins)
+        try:
+            out = super().emit(node)
+        finally:
+            unsigned, self._unsigned_move = self._unsigned_move, False
+        if unsigned:
+            self._unsigned.update(o.name for o in (out if isinstance(out, tuple) else (out,)))
+        return out
+
+    def _qdq(self, x, scale, zp, int_range, signed, base):
+        if self._unsigned_move:  # a move of uint8 codes requantizes onto the same uint8 grid
+            signed, int_range = False, (0, int_range[1])
+        return super()._qdq(x, scale, zp, int_range, signed, base)
 
     def emit_compute(self, node):
         # Conv / ConvTranspose / Gemm as the model has them: the DPU compiler maps these, not onnx's rewrites

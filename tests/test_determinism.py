@@ -16,5 +16,5 @@ def digests() -> list[str]:
 def test_artefacts_are_byte_identical_across_processes():
     first, second = digests(), digests()
     targets = {line.split()[1] for line in first}
-    assert targets == {"onnx", "finn", "torch"} and len(first) == 6  # 2 onnx + 3 finn variants + torch
+    assert targets == {"onnx", "finn", "torch", "dpu"} and len(first) == 7  # 2 onnx + 3 finn variants + torch + dpu
     assert first == second
