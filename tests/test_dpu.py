@@ -303,3 +303,53 @@ def test_fast_form_has_int32_biases_and_its_exactness_is_stated():
     else:
         assert report.ok or "int16 pair" in (report.diagnosis or ""), str(report)
     assert math.isfinite(report.max_error_lsb)
+
+
+def test_fast_form_relu_outputs_are_uint8_and_fuse(tmp_path):
+    """ReLU outputs go to uint8 (Clip at 127) in the fast form, so onnxruntime fuses every conv reading one into
+    QLinearConv; those layers cannot saturate an int16 pair (127 x 254 <= 32767)."""
+    q = quantized("resnet")
+    fast = dpu.fast_form(q, (example_input("resnet", batch=1),))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in fast.graph.initializer}
+    relu_q = [n for n in fast.graph.node if n.op_type == "QuantizeLinear" and "relu" in n.name]
+    assert relu_q and all(inits[n.input[2]].dtype == np.uint8 for n in relu_q)
+    risky = {r.node for r in pair_risks(fast) if not r.safe}
+    assert risky <= {"stem_0_Conv"}  # only the stem reads a signed input (the network's)
+    path = tmp_path / "opt.onnx"
+    from quantfx.targets.onnx_qdq import ort_session
+    ort_session(fast, optimized_path=path)
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    layers = sum(1 for n in q.graph.nodes if is_compute(q, n))
+    assert ops["QLinearConv"] + ops["QGemm"] >= layers - 1, ops
+
+
+def test_calibrate_positions_min_mse():
+    """Quark's min-MSE over positions pos-1..pos+3: each chosen position has the smallest squared error of the
+    five on its tensor (weights), the file still verifies at 0 LSB, and output SQNR against float is no worse
+    than the max-based positions' by more than 1 dB."""
+    from quantfx.targets.dpu_calibrate import POS_RANGE, calibrate_positions
+    name = "unet"
+    torch.manual_seed(0)
+    model = TEST_MODELS[name][0]().eval()
+    data = [example_input(name, batch=4, seed=i) for i in range(3)]
+    x = example_input(name, batch=8, seed=99)
+    with torch.no_grad():
+        ref = model(x)
+    sqnr = {}
+    for mse in (False, True):
+        q = quantfx.quantize(model, "dpu", calibration_data=data, progress=False)
+        if mse:
+            choices = calibrate_positions(q, data)
+        art = quantfx.lower(q, (x[:1],), target="dpu")
+        assert quantfx.verify(q, art, (x,)).max_error_lsb == 0.0
+        with torch.no_grad():
+            sqnr[mse] = float(10 * torch.log10(ref.pow(2).sum() / (ref - q(x)).pow(2).sum()))
+    assert sqnr[True] >= sqnr[False] - 1.0, sqnr
+    assert any(c.chosen != c.max_position for c in choices)
+    assert all(c.max_position - 1 <= c.chosen <= c.max_position + POS_RANGE - 2 for c in choices)
+    from quantfx.targets.dpu_calibrate import _sq_error
+    for c in (c for c in choices if c.quantizer.endswith("weight_quant")):
+        layer = q.get_submodule(c.quantizer.rsplit(".", 1)[0])
+        w = layer.weight.detach()
+        errs = {p: _sq_error(w, p, layer.weight_quant) for p in range(c.max_position - 1, c.max_position + 4)}
+        assert errs[c.chosen] == min(errs.values())
