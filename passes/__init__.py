@@ -5,6 +5,7 @@ name); ``import quantfx`` does it, so the core finds passes by name and never im
 from quantfx.pass_infra import PASSES, register_pass
 
 from .annotate import Annotate
+from .approximate_activations import ApproximateActivations
 from .canonicalize import Canonicalize
 from .choose_bias_scaling import ChooseBiasScaling
 from .fuse_conv_bn import FuseConvBN
@@ -14,7 +15,7 @@ from .swap_modules import SwapModules
 from .trace import Trace
 
 for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
-             Annotate):
+             Annotate, ApproximateActivations):
     register_pass(_cls)
 del _cls
 
@@ -22,5 +23,5 @@ del _cls
 #: registry itself, so a pass registered with quantfx.pass_infra.register_pass is listed here too
 REGISTRY = PASSES
 
-__all__ = ["Annotate", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes", "ShareQuantizers",
+__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes", "ShareQuantizers",
            "SwapModules", "Trace", "REGISTRY"]

@@ -51,6 +51,8 @@ def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_module
         P("canonicalize")(),
         P("fuse_conv_bn")(),
         P("swap_modules")(profile=profile, overrides=overrides),
+        # the accelerator's activation and average-pool constants, on profiles that state them (dpu)
+        *([P("approximate_activations")(profile=profile)] if profile.activation_approx != "exact" else []),
         P("share_quantizers")(profile=profile),
         P("choose_bias_scaling")(profile=profile, overrides=overrides),
         P("annotate")(),

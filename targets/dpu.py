@@ -37,6 +37,8 @@ from typing import Optional
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from quantfx.errors import ExportError
 from quantfx.graph import is_cat, is_invariant, module_of, tensor_inputs
@@ -116,6 +118,26 @@ class DpuLowering(QDQLowering):
         if self._unsigned_move:  # a move of uint8 codes requantizes onto the same uint8 grid
             signed, int_range = False, (0, int_range[1])
         return super()._qdq(x, scale, zp, int_range, signed, base)
+
+    # -- the DPU's activations and average pools (passes/approximate_activations.py) --------------------------
+
+    def emit_module(self, node, m):
+        if isinstance(m, nn.LeakyReLU):
+            return self.op("LeakyRelu", [self.env[node.args[0]]], node.name, alpha=float(m.negative_slope))
+        return super().emit_module(node, m)
+
+    def emit_function(self, node):
+        if node.target is F.relu6:
+            return self.op("Clip", [self.env[node.args[0]], self.const(node.name + "_min", np.float32(0)),
+                                    self.const(node.name + "_max", np.float32(6))], node.name)
+        if node.target is F.avg_pool2d and node.kwargs.get("divisor_override") == 1:
+            # the window's sum: a depthwise Conv with weights 1 (exact in float32 on grid values)
+            _, k, stride, pad = node.args
+            c = self.shape(node.args[0])[1]
+            ones = self.const(node.name + "_ones", np.ones((c, 1) + tuple(k), np.float32))
+            return self.op("Conv", [self.env[node.args[0]], ones], node.name, kernel_shape=list(k),
+                           strides=list(stride), pads=list(pad) * 2, group=c)
+        return super().emit_function(node)
 
     def emit_compute(self, node):
         # Conv / ConvTranspose / Gemm as the model has them: the DPU compiler maps these, not onnx's rewrites

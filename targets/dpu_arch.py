@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, module_of
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 
 
@@ -156,6 +158,8 @@ class Legality:
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \
                 node.target in (F.max_pool2d, F.avg_pool2d):
             return self._pool(node, m)
+        if node.op == "call_function" and node.target in (F.relu6, operator.add, operator.mul):
+            return self._approx(node)
         if is_invariant(gm, node):
             what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             if isinstance(m, nn.Module):
@@ -164,9 +168,33 @@ class Legality:
                 return Placement(node.name, "transpose", "CPU", "transpose is not in UG1414's DPU operator table",
                                  "the compiler fuses only a channel shuffle")
             return Placement(node.name, f"layout ({what})", "DPU")
+        if isinstance(m, nn.LeakyReLU):
+            return self._named(node, "leaky_relu")
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
         return Placement(node.name, what, "CPU", "float operator: not quantized, the DPU computes on int8 only",
                          "quantize it (drop its override) or keep it on the CPU")
+
+    def _approx(self, node) -> Placement:
+        """The float ops of passes/approximate_activations.py: hard-sigmoid/hard-swish and the average pool's
+        correction, which the DPU computes in the layer or pool they follow."""
+        const = [a for a in node.args if isinstance(a, (int, float))]
+        if node.target is F.relu6 or (node.target is operator.add and const == [3.0]):
+            return self._named(node, "hard_sigmoid")
+        if node.target is operator.mul and const == [HARD_SIGMOID_SCALE]:
+            return self._named(node, "hard_sigmoid")
+        if node.target is operator.mul and const and node.args[0].target is F.avg_pool2d:
+            return Placement(node.name, "avgpool2d (k / 2^n correction)", "DPU")
+        if node.target is operator.mul and not const:
+            return self._named(node, "hard_swish")
+        return Placement(node.name, getattr(node.target, "__name__", str(node.target)), "CPU",
+                         "float operator: not quantized, the DPU computes on int8 only",
+                         "quantize it or keep it on the CPU")
+
+    def _named(self, node, op) -> Placement:
+        if op in self.arch.activations:
+            return Placement(node.name, op, "DPU")
+        return Placement(node.name, op, "CPU", f"activation {op} is not one the DPU computes",
+                         "/".join(self.arch.activations))
 
     def _act(self, node, m) -> Placement:
         if isinstance(m, QuantReLU):

@@ -24,6 +24,7 @@ symmetric int8, the ranges above, and the float-exactness bound of the verificat
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -121,7 +122,8 @@ def _layer_positions(g: _Graph, node):
         w = fix_pos(layer.weight_quant.scale(layer.weight))
         b = fix_pos(layer.bias_quant.scale(layer.bias)) if layer.bias is not None and \
             layer.bias_quant.is_quant_enabled and layer.bias_quant.bias_scaling == "internal" else None
-    leaky = reader is not None and "Leaky" in type(reader).__name__
+    # a LeakyReLU reads the layer's requantized output (the DPU fuses it into the layer)
+    leaky = any(isinstance(module_of(g.gm, u), nn.LeakyReLU) for r in node.users for u in r.users)
     return layer, fix_pos(qi.scale()), w, b, fix_pos(qo.scale()), qo, leaky
 
 
@@ -191,7 +193,10 @@ def _one_round(gm) -> list[Change]:
                                           "position", "the smallest"))
         elif _is_avgpool(gm, node):
             qi = g.act_quantizer(node.args[0])
-            qo, _ = g.reader_quantizer(node)
+            after = node
+            if len(node.users) == 1 and next(iter(node.users)).target is operator.mul:
+                after = next(iter(node.users))  # the DPU's k / 2^n correction of the window's sum
+            qo, _ = g.reader_quantizer(after)
             if qi is None or qo is None:
                 continue
             i, o = fix_pos(qi.scale()), fix_pos(qo.scale())

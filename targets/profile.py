@@ -16,6 +16,7 @@ REQUANT_MODES = ("float", "multiplier", "inverse_multiplier")
 CPU_MODES = ("any", "vnni")
 ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")  # PyTorch's quantized engines (torch target)
 ROUNDINGS = ("half_even", "floor", "half_up")
+ACTIVATION_APPROX = ("exact", "dpu")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class TargetProfile:
     unsigned_after_relu: bool = False  # ReLU/Sigmoid outputs unsigned and not narrow, identity outputs signed
     weight_quantizer_per_layer: bool = False  # no weight quantizer shared by two layers (or two calls)
     add_same_datatype: bool = False  # the inputs of an add have one bit width and sign
+    # "dpu": LeakyReLU slopes in 1/256, hard-sigmoid/swish with 2731/2^14, average pools of non-power-of-two
+    # areas as sum x k/2^n, as the DPU computes them (passes/approximate_activations.py); "exact": as written
+    activation_approx: str = "exact"
     description: str = ""
     options: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -88,6 +92,9 @@ class TargetProfile:
             raise QuantArgumentError(f"{where}: cpu={self.cpu!r}; use one of {CPU_MODES}")
         if self.add_grid not in ADD_GRIDS:
             raise QuantArgumentError(f"{where}: add_grid={self.add_grid!r}; use one of {ADD_GRIDS}")
+        if self.activation_approx not in ACTIVATION_APPROX:
+            raise QuantArgumentError(f"{where}: activation_approx={self.activation_approx!r}; use one of "
+                                     f"{ACTIVATION_APPROX}")
         if self.avgpool not in AVGPOOL_MODES:
             raise QuantArgumentError(f"{where}: avgpool={self.avgpool!r}; use one of {AVGPOOL_MODES}")
         for attr, rng in (("weight_bit_width", self.weight_bit_range), ("act_bit_width", self.act_bit_range),
@@ -217,5 +224,6 @@ DPU = register_profile(TargetProfile(
     act_quant_unsigned=Q.Int8ActPerTensorFixedPoint, bias_scaling="internal", bias_bit_width=8,
     avgpool="requant", weight_bit_range=(8, 8), act_bit_range=(8, 8), power_of_two=True,
     per_channel_weights_allowed=False, runtime="the DPU", weight_signed=True, bias_modes_allowed=("internal",),
+    activation_approx="dpu",
     description="Xilinx DPU: 8-bit signed symmetric per-tensor, power-of-two scales everywhere, internal "
                 "8-bit bias, concat inputs/outputs share one position"))
