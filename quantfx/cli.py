@@ -173,7 +173,12 @@ def inspect_onnx(path: str) -> str:
                 bits, signed = str(dt.itemsize * 8), str(np.issubdtype(dt, np.signedinteger))
             rows.append((n.name, n.op_type, bits, signed, s))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    report = next((p.value for p in model.metadata_props if p.key == "quantfx.dpu.report"), None)
+    if report is not None:  # a dpu file: every node on the DPU or the CPU, and the refine pass's changes
+        from .targets.dpu_arch import DpuReport
+        text += "\n\n" + DpuReport.from_json(report).table()
+    return text
 
 
 def cmd_passes(args) -> int:

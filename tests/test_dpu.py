@@ -353,3 +353,14 @@ def test_calibrate_positions_min_mse():
         w = layer.weight.detach()
         errs = {p: _sq_error(w, p, layer.weight_quant) for p in range(c.max_position - 1, c.max_position + 4)}
         assert errs[c.chosen] == min(errs.values())
+
+
+def test_cli_inspect_prints_the_dpu_report(tmp_path):
+    from quantfx.cli import inspect_onnx
+    q = quantized("resnet")
+    path = tmp_path / "resnet_dpu.onnx"
+    art = quantfx.export(q, path, example_inputs=(example_input("resnet", batch=1),), target="dpu")
+    text = inspect_onnx(str(path))
+    rep = dpu.report(art)
+    assert f"{len(rep.on('DPU'))} nodes on the DPU" in text and "refined fix positions" in text
+    assert sum(line.split()[1] == "QuantizeLinear" for line in text.splitlines() if len(line.split()) > 1) == sum(1 for n in art.graph.node if n.op_type == "QuantizeLinear")

@@ -75,6 +75,13 @@ def digits(args):
           f"onnxruntime {rt:.2f}% ({rt - float_acc:+.2f} points), max error {report.max_error_lsb:.0f} LSB; fast "
           f"form {fast_acc:.2f}%, max error {fast_report.max_error_lsb:.0f} LSB ({risky} layer(s) can saturate an "
           f"int16 pair; this CPU {'has' if cpu_has_int32_dot() else 'has no'} VNNI)")
+    from quantfx.targets.dpu_calibrate import calibrate_positions
+    q_mse = quantfx.quantize(model, "dpu", calibration_data=calib, progress=False)
+    moved = sum(c.chosen != c.max_position for c in calibrate_positions(q_mse, calib))
+    art_mse = quantfx.lower(q_mse, (x_te[:1],), target="dpu")
+    mse_acc = qs.accuracy(dpu.run_dpu(art_mse, (x_te,))[0], y_te)
+    print(f"  with min-MSE positions (calibrate_positions, {moved} moved): dpu file in onnxruntime {mse_acc:.2f}%, "
+          f"max error {quantfx.verify(q_mse, art_mse, (x_te,)).max_error_lsb:.0f} LSB")
     print(f"  refine changes: {len(dpu.report(art).refine)}; DPU report: {len(dpu.report(art).on('DPU'))} nodes on "
           f"the DPU, {len(dpu.report(art).on('CPU'))} on the CPU")
     for batch in (1, 64):
