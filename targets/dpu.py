@@ -13,20 +13,23 @@ a 4-bit layer, per-channel weights or a zero point are a TargetError naming the 
 :func:`targets.dpu_refine.refine` to the compiled model's quantizers, so the fake-quant model and the file carry
 the same, DPU-legal positions.
 
-Rounding. The file's QuantizeLinear rounds half to even, so the fake-quant model's quantizers do too and the
-file verifies at 0 LSB. Weights and biases are integers in the file: the DPU takes them as written. Activations
-are rounded by the DPU itself, which (Vitis AI's vai_q_pytorch, "DPU round") rounds ties half up: on the device,
-an activation exactly halfway between two steps can land one step higher than in this file (a known gap, as in
-Quark's XINT8 ONNX files, which use the same QuantizeLinear).
+Rounding. Weights and biases are integers in the file (rounded half to even by quantfx's quantizers; XIR
+rounds constants it quantizes itself with STD_ROUND, half away from zero): the DPU takes them as written.
+Activations are rounded by the DPU, with DPU_ROUND: ties up (Vitis AI's XIR/VART, ``dpu_round_float``:
+``std::round`` for x >= 0, ``ceil`` on negative ties; the round mode XIR gives fix tensors that are not
+constants). The dpu profile's activation quantizers round half up, so the fake-quant model computes what the
+DPU does. The file keeps standard QuantizeLinear (ties to even), the form Quark and the Vitis AI ONNX flow read
+fix positions from; :func:`dpu_round_form` is the same file with DPU rounding, which verification runs.
 
 Running it. onnxruntime fuses ``DQ -> Conv -> Q`` into u8 x s8 integer kernels where it can, and on x86 CPUs
 without VNNI those sum products in saturating int16 pairs (``targets.int16_pairs``): an int8 activation (moved to
 u8 by +128) times two 8-bit weights passes 32767. The verification form therefore disables QDQ fusion
-(``session.disable_quant_qdq``): every op runs in float32 on the dequantized values, which is exact while every
+(``session.disable_quant_qdq``) and rounds as the DPU (:func:`dpu_round_form`): every op runs in float32 on the dequantized values, which is exact while every
 partial sum is an integer number of the layer's finest step below 2^24 (power-of-two scales make every product
 exact); :func:`targets.dpu_refine.check_file` checks that bound per output channel, so the verified numbers do
 not depend on the CPU. :func:`fast_form` writes the onnxruntime-fast variant (int32 bias on the accumulator's
-scale, so onnxruntime runs integer kernels), exact where the int16 pair rule holds or on VNNI/ARM CPUs.
+scale, so onnxruntime runs integer kernels): it rounds activation ties to even, so it approximates the DPU to
+1 LSB at ties (more where an int16 pair sum saturates, on x86 without VNNI).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from typing import Optional
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper
 import torch.nn.functional as F
 from torch import nn
 
@@ -185,9 +189,10 @@ def fix_positions(model: onnx.ModelProto) -> dict:
 
 
 def fast_form(qmodel, example_inputs) -> onnx.ModelProto:
-    """The onnxruntime-fast form of the dpu file: int32 biases on the accumulator's scale, so onnxruntime fuses
-    QLinearConv/QGemm integer kernels. Exact on CPUs with VNNI or ARM, and on any CPU where the int16 pair rule
-    holds (``targets.int16_pairs.pair_risks``)."""
+    """The onnxruntime-fast form of the dpu file: int32 biases on the accumulator's scale and ReLU outputs as
+    uint8, so onnxruntime fuses QLinearConv/QGemm integer kernels. Not exact: those kernels round activation ties
+    to even (the DPU up), and on x86 CPUs without VNNI a layer whose int16 pair sums can pass 32767
+    (``targets.int16_pairs.pair_risks``) may saturate. For speed measurements, not for verification."""
     from quantfx.export import _inputs
     from quantfx.pipelines import annotate
     annotate(qmodel)
@@ -198,16 +203,52 @@ def fast_form(qmodel, example_inputs) -> onnx.ModelProto:
 # -- runtime ---------------------------------------------------------------------------------------------
 
 
+def dpu_round_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a dpu file whose activations round as the DPU rounds them: every int8 ``QuantizeLinear(x, s,
+    0)`` (ties to even) becomes ``Cast<int8>(Clip(Floor(x * (1/s) + 0.5), -128, 127))`` (ties up, DPU_ROUND),
+    with the same output. ``1/s`` is a power of two, so ``x * (1/s)`` is exact, and so are ``+ 0.5`` and Floor
+    for every value the Clip keeps."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    nodes, consts = [], []
+
+    def const(name, value):
+        consts.append(onnx.numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    for n in g.node:
+        zp = inits.get(n.input[2]) if n.op_type == "QuantizeLinear" and len(n.input) > 2 else None
+        if zp is None or zp.dtype != np.int8 or np.any(zp != 0):
+            nodes.append(n)
+            continue
+        b = n.name or n.output[0]
+        inv = const(f"{b}_inv_scale", 1.0 / float(inits[n.input[1]]))
+        lo, hi, half = const(f"{b}_qmin", -128.0), const(f"{b}_qmax", 127.0), const(f"{b}_half", 0.5)
+        nodes += [helper.make_node("Mul", [n.input[0], inv], [f"{b}_scaled"], name=f"{b}_Mul"),
+                  helper.make_node("Add", [f"{b}_scaled", half], [f"{b}_up"], name=f"{b}_Add"),
+                  helper.make_node("Floor", [f"{b}_up"], [f"{b}_floor"], name=f"{b}_Floor"),
+                  helper.make_node("Clip", [f"{b}_floor", lo, hi], [f"{b}_clip"], name=f"{b}_Clip"),
+                  helper.make_node("Cast", [f"{b}_clip"], [n.output[0]], name=f"{b}_Cast", to=TensorProto.INT8)]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(consts)
+    return out
+
+
 def dpu_session(model: onnx.ModelProto, threads: int = 1):
-    """An onnxruntime session for a dpu file: the verification form (QDQ fusion off, float kernels on the
-    dequantized values; exact on every CPU under check_file's bound) for the 'dpu' form, onnxruntime's integer
-    kernels for the 'fast' form."""
+    """An onnxruntime session for a dpu file. The 'dpu' form runs as the verification form: activations rounded
+    as the DPU rounds them (:func:`dpu_round_form`), QDQ fusion off, so every op runs in float32 on dequantized
+    values, exact on every CPU under check_file's bound. The 'fast' form runs as written, on onnxruntime's
+    integer kernels (ties to even)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     if _meta(model, FORM_KEY) != "fast":
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        model = dpu_round_form(model)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -228,9 +269,10 @@ def diagnose(model: onnx.ModelProto, inputs) -> str:
     problems = check_file(model)
     if _meta(model, FORM_KEY) == "fast":
         risky = [r.node for r in pair_risks(model) if not r.safe]
-        if risky:
-            return (f"the fast form runs integer kernels, and {len(risky)} layer(s) ({', '.join(risky[:3])}) can "
-                    "saturate an int16 pair sum on x86 CPUs without VNNI; verify the 'dpu' form instead")
+        return ("the fast form runs onnxruntime's integer kernels, which round activation ties to even (the DPU "
+                "and the fake-quant model round them up)" + (
+                    f", and {len(risky)} layer(s) ({', '.join(risky[:3])}) can saturate an int16 pair sum on x86 "
+                    "CPUs without VNNI" if risky else "") + "; verify the 'dpu' form for exact numbers")
     if problems:
         return "the file breaks: " + "; ".join(problems[:3])
     return "the file meets every DPU rule and the float bound of the verification form"
@@ -245,4 +287,4 @@ BACKEND = Backend(
     run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx)
 
 __all__ = ["DpuLowering", "BACKEND", "report", "fix_positions", "fast_form", "dpu_session", "run_dpu",
-           "check_file", "refine"]
+           "check_file", "refine", "dpu_round_form"]

@@ -219,9 +219,16 @@ def torch_profile(engine: str = "fbgemm") -> TargetProfile:
                                options={"engine": engine})
 
 
+class Int8ActPerTensorFixedPointDpuRound(Q.Int8ActPerTensorFixedPoint):
+    """int8 power-of-two activations rounded as the DPU rounds them: ties up (Vitis AI's DPU_ROUND, the
+    round mode of non-constant fix tensors in XIR; vart's ``dpu_round_float``: std::round for x >= 0, ceil on
+    negative ties)."""
+    rounding = "half_up"
+
+
 DPU = register_profile(TargetProfile(
-    name="dpu", weight_quant=Q.Int8WeightPerTensorFixedPoint, act_quant=Q.Int8ActPerTensorFixedPoint,
-    act_quant_unsigned=Q.Int8ActPerTensorFixedPoint, bias_scaling="internal", bias_bit_width=8,
+    name="dpu", weight_quant=Q.Int8WeightPerTensorFixedPoint, act_quant=Int8ActPerTensorFixedPointDpuRound,
+    act_quant_unsigned=Int8ActPerTensorFixedPointDpuRound, bias_scaling="internal", bias_bit_width=8,
     avgpool="requant", weight_bit_range=(8, 8), act_bit_range=(8, 8), power_of_two=True,
     per_channel_weights_allowed=False, runtime="the DPU", weight_signed=True, bias_modes_allowed=("internal",),
     activation_approx="dpu",
