@@ -24,10 +24,10 @@ fix positions from; :func:`dpu_round_form` is the same file with DPU rounding, w
 Running it. onnxruntime fuses ``DQ -> Conv -> Q`` into u8 x s8 integer kernels where it can, and on x86 CPUs
 without VNNI those sum products in saturating int16 pairs (``targets.int16_pairs``): an int8 activation (moved to
 u8 by +128) times two 8-bit weights passes 32767. The verification form therefore disables QDQ fusion
-(``session.disable_quant_qdq``) and rounds as the DPU (:func:`dpu_round_form`): every op runs in float32 on the dequantized values, which is exact while every
-partial sum is an integer number of the layer's finest step below 2^24 (power-of-two scales make every product
-exact); :func:`targets.dpu_refine.check_file` checks that bound per output channel, so the verified numbers do
-not depend on the CPU. :func:`fast_form` writes the onnxruntime-fast variant (int32 bias on the accumulator's
+(``session.disable_quant_qdq``) and rounds as the DPU (:func:`dpu_round_form`): every op runs in float32 on the
+dequantized values, which is exact while every partial sum is an integer number of the layer's finest step below
+2^24 (power-of-two scales make every product exact); :func:`targets.dpu_refine.check_file` checks that bound
+per output channel, so the verified numbers do not depend on the CPU. :func:`fast_form` writes the onnxruntime-fast variant (int32 bias on the accumulator's
 scale, so onnxruntime runs integer kernels): it rounds activation ties to even, so it approximates the DPU to
 1 LSB at ties (more where an int16 pair sum saturates, on x86 without VNNI).
 """
@@ -40,8 +40,8 @@ from typing import Optional
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
 import torch.nn.functional as F
+from onnx import TensorProto, helper
 from torch import nn
 
 from quantfx.errors import ExportError

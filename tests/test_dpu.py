@@ -16,8 +16,8 @@ from quantfx.export import _intermediates
 from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, module_of
 from quantfx.targets import dpu
 from quantfx.targets.dpu_arch import ARCHS, DEFAULT_ARCH
-from quantfx.targets.dpu_refine import (SHIFT_CUT, producing_quantizer, SHIFT_READ, SHIFT_WRITE_ADD, check_file, fix_pos,
-                                        is_power_of_two, refine, shift_bias_range)
+from quantfx.targets.dpu_refine import (SHIFT_CUT, SHIFT_READ, SHIFT_WRITE_ADD, check_file, fix_pos,
+                                        is_power_of_two, producing_quantizer, refine, shift_bias_range)
 from quantfx.targets.int16_pairs import cpu_has_int32_dot, pair_risks
 from quantfx.zoo import TEST_MODELS, example_input
 
@@ -159,6 +159,33 @@ def test_refine_shift_bias():
     assert c.old == w + i - 20 and c.new == w + i - hi and "shift_bias" in c.rule
 
 
+def test_refine_shift_bias_before_leaky_relu_is_not_negative():
+    """Before a LeakyReLU the DPU needs shift_bias >= 0 (Quark's adjust_shift_bias): a bias one position finer
+    than the accumulator, legal elsewhere, moves."""
+    class ConvLeaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.leaky = nn.LeakyReLU(0.1)
+
+        def forward(self, x):
+            return self.leaky(self.conv(x))
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3, 12, 12)]
+    q = quantfx.quantize(ConvLeaky().eval(), "dpu", calibration_data=data, progress=False)
+    node, layer = _layer(q, "conv")
+    layer, i, o = _io(q, node)
+    w = _pos(layer.weight_quant, layer.weight)
+    _force(layer.bias_quant, w + i + 1)  # shift_bias -1: within [min(0, 8 + shift_cut - 24), 15], not >= 0
+    assert shift_bias_range(w + i - o)[0] < -1
+    changes = refine(q)
+    c = next(c for c in changes if c.tensor == "bias")
+    assert (c.old, c.new) == (w + i + 1, w + i) and c.limit.startswith("[0,")
+    art = quantfx.lower(q, (data[0][:1],), target="dpu")
+    assert quantfx.verify(q, art, (torch.randn(4, 3, 12, 12),)).max_error_lsb == 0.0
+
+
 def _first_add(q):
     add = next(n for n in q.graph.nodes if is_add(n))
     return add, [module_of(q, a).act_quant for a in add.args[:2]], module_of(q, next(iter(add.users))).act_quant
@@ -228,13 +255,15 @@ LEGALITY = {
     "bank_depth": (nn.Conv2d(16 * 2048 // 9 + 16, 4, 3, padding=1), "bank_depth"),
     "maxpool": (nn.MaxPool2d(9, stride=1, padding=4), "kernel"),
     "avgpool_square": (nn.AvgPool2d((2, 4)), "square"),
+    "activation": (nn.Sigmoid(), "sigmoid"),
+    "transposed_kernel": (nn.ConvTranspose2d(4, 4, 17, stride=1, padding=8), "kernel"),
 }
 
 
 @pytest.mark.parametrize("rule", sorted(LEGALITY))
 def test_legality_rule_falls_back_to_cpu(rule):
     op, words = LEGALITY[rule]
-    cin = op.in_channels if isinstance(op, nn.Conv2d) else 4
+    cin = op.in_channels if isinstance(op, (nn.Conv2d, nn.ConvTranspose2d)) else 4
     torch.manual_seed(0)
     model = One(op, cin).eval()
     data = [torch.randn(2, 3, 20, 20)]
@@ -379,4 +408,5 @@ def test_cli_inspect_prints_the_dpu_report(tmp_path):
     text = inspect_onnx(str(path))
     rep = dpu.report(art)
     assert f"{len(rep.on('DPU'))} nodes on the DPU" in text and "refined fix positions" in text
-    assert sum(line.split()[1] == "QuantizeLinear" for line in text.splitlines() if len(line.split()) > 1) == sum(1 for n in art.graph.node if n.op_type == "QuantizeLinear")
+    ops = [line.split()[1] for line in text.splitlines() if len(line.split()) > 1]
+    assert ops.count("QuantizeLinear") == sum(1 for n in art.graph.node if n.op_type == "QuantizeLinear")
