@@ -308,6 +308,10 @@ def test_zero_point_is_a_target_error():
     torch.manual_seed(0)
     model = TEST_MODELS["lenet"][0]().eval()
     data = [example_input("lenet", batch=2, seed=0)]
+    q = quantfx.quantize(model, "dpu", calibration_data=data, progress=False,
+                         overrides={"relu1": dict(signed=False, zero_point_type="asymmetric")})
+    with pytest.raises(quantfx.TargetError, match="relu1.*zero point"):
+        quantfx.lower(q, (data[0][:1],), target="dpu")
     q = quantfx.quantize(model, "onnx", calibration_data=data, progress=False)  # uint8 with zero points
     with pytest.raises(quantfx.TargetError, match="zero point"):
         quantfx.lower(q, (data[0][:1],), target="dpu")
