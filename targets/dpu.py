@@ -265,6 +265,52 @@ def run_dpu_intermediates(model: onnx.ModelProto, inputs, fx_names) -> dict:
     return {n: values[mapping[n]] for n in kept if mapping[n] in values}
 
 
+def float_sum_risks(qmodel, inputs) -> list[tuple[str, int]]:
+    """The layers whose float32 sums in the verification form could round on ``inputs``: for each conv/linear,
+    the largest ``sum |x_code| |w_int| + |b_int|`` (in units of the layer's finest step) over its outputs, where
+    it passes 2^24. An empty list means every partial sum, in any order, is an exact float32 integer of steps:
+    the verified numbers are the same on every CPU for these inputs, whatever check_file's static bound says.
+    Returns [(layer, worst)]."""
+    from quantfx.graph import is_compute, qmeta
+    from quantfx.quant_tensor import value_of
+    nodes = {n.target: n for n in qmodel.graph.nodes if is_compute(qmodel, n)}
+    worst: dict = {}
+
+    def hook(name):
+        def record(layer, args):
+            node = nodes[name]
+            meta = qmeta(node.args[0])
+            if meta.kind != "act" or meta.scale is None or not layer.weight_quant.is_quant_enabled:
+                return
+            with torch.no_grad():
+                x = value_of(args[0]).double().abs() / float(meta.scale)
+                w_int, w_scale = DpuLowering.weight_ints(layer)
+                acc_pos = fix_pos(meta.scale) + fix_pos(w_scale)
+                unit_pos = acc_pos
+                b = None
+                if layer.bias is not None and layer.bias_quant.is_quant_enabled:
+                    b_int, b_scale = DpuLowering.bias_ints(layer, meta.scale)
+                    unit_pos = max(acc_pos, fix_pos(b_scale))
+                    b = b_int.double().abs() * 2.0 ** (unit_pos - fix_pos(b_scale))
+                sums = layer.inner_forward(x, w_int.double().abs(), b) if b is None else \
+                    layer.inner_forward(x * 2.0 ** (unit_pos - acc_pos), w_int.double().abs(), b)
+            worst[name] = max(worst.get(name, 0), int(sums.max()))
+        return record
+
+    handles = [qmodel.get_submodule(t).register_forward_pre_hook(hook(t)) for t in nodes]
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            qmodel(*inputs)
+    finally:
+        qmodel.train(was_training)
+        for h in handles:
+            h.remove()
+    from .dpu_refine import FLOAT_EXACT
+    return [(name, v) for name, v in worst.items() if v > FLOAT_EXACT]
+
+
 def diagnose(model: onnx.ModelProto, inputs) -> str:
     problems = check_file(model)
     if _meta(model, FORM_KEY) == "fast":
@@ -274,7 +320,8 @@ def diagnose(model: onnx.ModelProto, inputs) -> str:
                     f", and {len(risky)} layer(s) ({', '.join(risky[:3])}) can saturate an int16 pair sum on x86 "
                     "CPUs without VNNI" if risky else "") + "; verify the 'dpu' form for exact numbers")
     if problems:
-        return "the file breaks: " + "; ".join(problems[:3])
+        return ("the file breaks: " + "; ".join(problems[:3]) + " (float_sum_risks(qmodel, inputs) tells whether a "
+                "float sum could round on these inputs)")
     return "the file meets every DPU rule and the float bound of the verification form"
 
 
@@ -287,4 +334,4 @@ BACKEND = Backend(
     run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx)
 
 __all__ = ["DpuLowering", "BACKEND", "report", "fix_positions", "fast_form", "dpu_session", "run_dpu",
-           "check_file", "refine", "dpu_round_form"]
+           "check_file", "refine", "dpu_round_form", "float_sum_risks"]

@@ -57,6 +57,29 @@ def test_verifies_at_zero_lsb_outputs_and_intermediates(lowered):
     acts = sum(1 for n in q.graph.nodes if is_act_quant(q, n))
     assert len(errors) == acts  # every activation quantizer node is compared
     assert max(errors.values()) == 0.0, {k: v for k, v in errors.items() if v}
+    # on these inputs no float32 partial sum of the verification form can round, in any order: the same
+    # numbers on every CPU
+    assert dpu.float_sum_risks(q, (x,)) == []
+
+
+def test_float_sum_bound_covers_the_accumulators(monkeypatch):
+    """float_sum_risks' bound (sum |x| |w| + |b| in steps) is at least every accumulator's magnitude."""
+    import quantfx.targets.dpu_refine as refine_mod
+    q = quantized("lenet")
+    x = example_input("lenet", batch=4, seed=5)
+    outs = {}
+    layer = q.get_submodule("conv1")
+    handle = layer.register_forward_hook(lambda m, a, o: outs.setdefault("conv1", quantfx.quant_tensor.value_of(o)))
+    with torch.no_grad():
+        q(x)
+    handle.remove()
+    monkeypatch.setattr(refine_mod, "FLOAT_EXACT", 0)
+    risks = dict(dpu.float_sum_risks(q, (x,)))
+    assert set(risks) == {n.target for n in q.graph.nodes if is_compute(q, n)}
+    meta = next(n for n in q.graph.nodes if n.target == "conv1").args[0].meta["quant"]
+    acc_step = float(meta.scale) * float(layer.weight_quant.scale(layer.weight))
+    unit = min(acc_step, float(layer.bias_quant.scale(layer.bias)))
+    assert risks["conv1"] >= float(outs["conv1"].abs().max()) / unit > 0
 
 
 def test_checker_scales_rules_and_float_bound(lowered):

@@ -99,7 +99,11 @@ def resnet(args):
                          progress=False)
     t = time.perf_counter()
     sessions, art, _ = forms(model, q, x, args.threads)
-    print(f"resnet18_like 1x3x224x224 (lower + fast form: {time.perf_counter() - t:.2f} s)")
+    from quantfx.targets.dpu_refine import check_file
+    static = [p for p in check_file(art) if "2^24" in p]
+    print(f"resnet18_like 1x3x224x224 (lower + fast form: {time.perf_counter() - t:.2f} s): verify "
+          f"{quantfx.verify(q, art, (x,)).max_error_lsb:.0f} LSB; {len(static)} layer(s) past the static 2^24 "
+          f"bound, {len(dpu.float_sum_risks(q, (x,)))} on this input")
     ms = median_ms(sessions, x.numpy(), max(20, args.runs // 10))
     print("  " + ", ".join(f"{k} {v:.2f} ms ({ms['float'] / v:.2f}x float)" for k, v in ms.items()))
 
