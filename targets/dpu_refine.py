@@ -13,6 +13,7 @@ positions of an XINT8 model to "meet the DPU compiler constraints":
 - elementwise add ``shift_write = min(i) - o`` in [-7, 25] (adjust_shift_write: the output position moves);
   elementwise multiply ``sum(i) - o`` in [0, 32] (no multiply reaches a compiled graph of quantfx yet);
 - concat: inputs and output share one position, the smallest (align_concat);
+- hard-sigmoid: input position in [0, 15], output position >= 7 and ``14 + i - o > 0`` (adjust_hard_sigmoid);
 - pooling, padding, slicing, reshaping keep their input's position (align_pool, align_pad, align_slice,
   align_reshape): quantfx's compiled graph moves values through max-pool, pad, slice and reshape without
   requantizing, so only an average pool's requantizer can differ; it takes its input's position.
@@ -43,6 +44,8 @@ SHIFT_BIAS_MAX = 15
 SHIFT_READ = (0, 7)
 SHIFT_WRITE_ADD = (-7, 25)
 SHIFT_WRITE_MUL = (0, 32)
+HARD_SIGMOID_IN = (0, 15)  # adjust_hard_sigmoid: input position in [0, 15], output position >= 7,
+HARD_SIGMOID_OUT_MIN = 7  # shift_sigmoid = 14 + i - o in [0, 31]
 MAX_LOOPS = 5  # Quark's adjust_quantize_info loops at most 5 times too
 FLOAT_EXACT = 2 ** 24  # float32 integers are exact up to 2^24
 
@@ -132,6 +135,15 @@ def _is_avgpool(gm, node) -> bool:
     return isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or node.target is torch.nn.functional.avg_pool2d
 
 
+def _is_hard_sigmoid(node) -> bool:
+    """``mul(relu6(add(x, 3)), 2731/2^14)``: the DPU's hard-sigmoid (passes/approximate_activations.py)."""
+    if node.target is not operator.mul or len(node.args) != 2 or node.args[1] != 2731 / 16384:
+        return False
+    r = node.args[0]
+    return isinstance(r, fx.Node) and r.target is torch.nn.functional.relu6 and \
+        isinstance(r.args[0], fx.Node) and r.args[0].target is operator.add and r.args[0].args[1] == 3.0
+
+
 def _one_round(gm) -> list[Change]:
     g = _Graph(gm)
     changes: list[Change] = []
@@ -191,6 +203,24 @@ def _one_round(gm) -> list[Change]:
                     _set_pos(q, target)
                     changes.append(Change(node.name, name, p, target, "concat inputs and output share one "
                                           "position", "the smallest"))
+        elif _is_hard_sigmoid(node):
+            x = node.args[0].args[0].args[0]  # mul(relu6(add(x, 3)), 2731/2^14)
+            qi, (qo, _) = g.act_quantizer(x), g.reader_quantizer(node)
+            if qi is None or qo is None:
+                continue
+            i, o = fix_pos(qi.scale()), fix_pos(qo.scale())
+            new_i = min(max(i, HARD_SIGMOID_IN[0]), HARD_SIGMOID_IN[1])
+            new_o = max(o, HARD_SIGMOID_OUT_MIN)
+            if 14 + new_i - new_o <= 0:
+                new_o = 14 + new_i
+            for what, q, old, new, rule, limit in (
+                    ("input", qi, i, new_i, "hard-sigmoid input position", f"[{HARD_SIGMOID_IN[0]}, "
+                                                                           f"{HARD_SIGMOID_IN[1]}]"),
+                    ("output", qo, o, new_o, "hard-sigmoid output position, shift_sigmoid = 14 + i - o > 0",
+                     f">= {HARD_SIGMOID_OUT_MIN}")):
+                if new != old:
+                    _set_pos(q, new)
+                    changes.append(Change(node.name, what, old, new, rule, limit))
         elif _is_avgpool(gm, node):
             qi = g.act_quantizer(node.args[0])
             after = node

@@ -82,3 +82,28 @@ def test_other_profiles_do_not_run_it():
     torch.manual_seed(0)
     q = quantfx.quantize(Acts().eval(), "onnx", calibration_data=[torch.randn(2, 3, 23, 23)], progress=False)
     assert q.get_submodule("leaky").negative_slope == 0.1
+
+
+def test_refine_hard_sigmoid_positions():
+    """Quark's adjust_hard_sigmoid: the input position in [0, 15], the output's at least 7. An input with a
+    large range (position < 0) moves to 0 and is reported; the file verifies at 0 LSB."""
+    from quantfx.targets.dpu_refine import fix_pos, producing_quantizer, refine
+
+    class Big(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hsig = nn.Hardsigmoid()
+
+        def forward(self, x):
+            return self.hsig(x)
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 16) * 400]  # |x| up to ~1600: position -4 on the input
+    q = quantfx.quantize(Big().eval(), "dpu", calibration_data=data, progress=False)
+    changes = refine(q)
+    moved = {c.tensor: c for c in changes if "hard-sigmoid" in c.rule}
+    assert moved["input"].old < 0 and moved["input"].new == 0
+    out = next(n for n in q.graph.nodes if n.op == "output").args[0]
+    assert fix_pos(producing_quantizer(q, out).scale()) >= 7
+    art = quantfx.lower(q, (data[0][:1],), target="dpu")
+    assert quantfx.verify(q, art, (torch.randn(8, 16) * 400,)).max_error_lsb == 0.0
