@@ -37,6 +37,7 @@ from torch import fx, nn
 
 from quantfx.graph import (data_input, is_act_quant, is_add, is_cat, is_compute, is_invariant, module_of, qmeta,
                            tensor_inputs)
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.pipelines import annotate
 
 SHIFT_CUT = (0, 16)
@@ -137,7 +138,7 @@ def _is_avgpool(gm, node) -> bool:
 
 def _is_hard_sigmoid(node) -> bool:
     """``mul(relu6(add(x, 3)), 2731/2^14)``: the DPU's hard-sigmoid (passes/approximate_activations.py)."""
-    if node.target is not operator.mul or len(node.args) != 2 or node.args[1] != 2731 / 16384:
+    if node.target is not operator.mul or len(node.args) != 2 or node.args[1] != HARD_SIGMOID_SCALE:
         return False
     r = node.args[0]
     return isinstance(r, fx.Node) and r.target is torch.nn.functional.relu6 and \
