@@ -125,6 +125,8 @@ def test_refine_is_idempotent_and_report_lists_every_node(lowered):
     assert len(rep.nodes) >= sum(1 for n in q.graph.nodes if is_compute(q, n) or is_act_quant(q, n))
     assert all(p.device in ("DPU", "CPU") and (p.device == "DPU" or p.rule) for p in rep.nodes)
     assert rep.to_json() == type(rep).from_json(rep.to_json()).to_json()
+    import io
+    assert quantfx.inspect(rep, file=io.StringIO()) == rep.table()  # inspect prints a lowered program's report
 
 
 # -- one violation per refine rule, fixed and reported ------------------------------------------------------
