@@ -244,7 +244,9 @@ def _one_round(gm) -> list[Change]:
 def refine(gm: fx.GraphModule) -> list[Change]:
     """Adjust the fix positions of a calibrated compiled graph to the DPU compiler's rules (module docstring),
     in place; returns every change (node, tensor, old -> new position, rule, limit). Idempotent: a refined graph
-    gives no change."""
+    gives no change. A position it moves is fixed (the quantizer's ``fixed_scale``): calibrating again leaves it
+    where the rule put it. The dpu lowering runs it, so evaluate the model after ``quantfx.lower``/``export``
+    (or call this after calibration) to measure what the file computes."""
     annotate(gm)
     changes: list[Change] = []
     for _ in range(MAX_LOOPS * max(1, len(gm.graph.nodes))):
