@@ -44,6 +44,7 @@ from torch import fx, nn
 from quantfx.errors import ExportError, QuantArgumentError, TargetError
 from quantfx.graph import is_add, module_of, qmeta, tensor_inputs
 from quantfx.lowering import Backend, Lowering
+from quantfx.quant import functional as qf
 from quantfx.nn import (
     QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantHardTanh, QuantIdentity,
     QuantLinear, QuantReLU, QuantSigmoid,
@@ -218,6 +219,7 @@ class TorchLowering(Lowering):
         self.report: list = []
         self.node_values: dict = {}
         self._weights: dict = {}  # id(layer) -> weight_ints(layer)
+        self._deferred_why: dict = {}  # add node -> why it was not fused
         self._acc: dict = {}  # layer node -> (exact accumulator node, float32 accumulator scale)
 
     # -- building ------------------------------------------------------------------------------------
@@ -538,22 +540,67 @@ class TorchLowering(Lowering):
     # -- add, cat, moves, the rest -------------------------------------------------------------------------
 
     def _fused_add(self, node, act_node, m) -> Optional[_Q]:
-        """``quantized::add`` / ``add_relu`` of two quantized inputs into the grid of the quantizer after."""
-        a, b = (self.value(i) for i in tensor_inputs(node))
+        """``quantized::add`` / ``add_relu`` of two quantized inputs into the grid of the quantizer after, when
+        it gives the fake-quant model's integers for every pair of input codes (checked exhaustively); else None
+        (the add runs in float and the quantizer rounds as the model does)."""
+        ins = tensor_inputs(node)
+        a, b = (self.value(i) for i in ins)
         if len(node.users) != 1 or not (a.quantized and b.quantized) or m.act_quant.signed or \
                 m.act_quant.scaling_per_output_channel or \
                 not (type(m) is QuantIdentity or (type(m) is QuantReLU and m.max_val is None)):
             return None
-        scale, zp = _qparams(m.act_quant)
         relu = isinstance(m, QuantReLU)
         op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
+        differ, pairs = self._add_differs(op, ins, a, b, m.act_quant, relu)
+        if differ:
+            self._deferred_why[node] = (f"quantized::add rounds {differ} of the {pairs} pairs of input codes "
+                                        "otherwise than the fake-quant model (rounding ties)")
+            return None
+        scale, zp = _qparams(m.act_quant)
         self.note(node, "quantized::add_relu" if relu else "quantized::add")
         self.note(act_node, f"requantized by {node.name}")
         return self.clamp_to(_Q(self.call(op, a.node, b.node, scale, zp), scale, zp, False), m.act_quant)
 
+    def _add_differs(self, op, ins, a: _Q, b: _Q, q, relu: bool) -> tuple[int, int]:
+        """(pairs of input codes where ``op`` gives other integers than the fake-quant model, pairs checked).
+        The model adds the two dequantized float32 values and rounds ``sum / scale`` half to even;
+        quantized::add dequantizes with a fused multiply-add and rounds ``sum x float32(1 / scale)``, which parts
+        from it at rounding ties (an output grid a power of two times the inputs' makes them common). Every
+        pair of codes is run through the kernel twice: contiguous (its vectorized loop) and strided (its scalar
+        loop)."""
+        ranges = []
+        for node in ins:
+            meta = qmeta(node)
+            bits = meta.bit_width if meta.bit_width is not None else 8
+            ranges.append(qf.int_range(bits, meta.signed, meta.narrow))
+        ca = torch.arange(ranges[0][0], ranges[0][1] + 1, dtype=torch.float32)
+        cb = torch.arange(ranges[1][0], ranges[1][1] + 1, dtype=torch.float32)
+        qa, qb = (t.reshape(-1) for t in torch.meshgrid(ca, cb, indexing="ij"))
+        scale, zp = _qparams(q)
+        lo, hi = q.int_range()
+        s_a, s_b = torch.tensor(a.scale, dtype=torch.float32), torch.tensor(b.scale, dtype=torch.float32)
+        total = (qa - a.zero_point) * s_a + (qb - b.zero_point) * s_b
+        if relu:
+            total = torch.relu(total)
+        want = torch.clamp(torch.round(total / torch.tensor(scale, dtype=torch.float32)) + zp, lo, hi)
+
+        def quantized(codes, grid):
+            dtype = torch.int8 if grid.signed else torch.uint8
+            return torch._make_per_tensor_quantized_tensor(codes.to(dtype), grid.scale, grid.zero_point)
+
+        with quantized_engine(self.engine):
+            xa, xb = quantized(qa, a), quantized(qb, b)
+            got = op(xa, xb, scale, zp).int_repr().float()
+            wide_a = quantized(torch.stack([qa, qa], 1).reshape(-1), a)[::2]  # strided: the scalar loop
+            wide_b = quantized(torch.stack([qb, qb], 1).reshape(-1), b)[::2]
+            got_scalar = op(wide_a, wide_b, scale, zp).int_repr().float()
+        differ = (torch.clamp(got, lo, hi) != want) | (torch.clamp(got_scalar, lo, hi) != want)
+        return int(differ.sum()), int(want.numel())
+
     def _add_float(self, node) -> _Q:
         a, b = tensor_inputs(node)
-        self.note(node, "float add", "float", "not read by one identity/ReLU quantizer alone")
+        self.note(node, "float add", "float",
+                  self._deferred_why.get(node, "not read by one identity/ReLU quantizer alone"))
         return _Q(self.call(node.target, self.as_float(a), self.as_float(b)))
 
     def emit_cat(self, node):

@@ -210,3 +210,26 @@ def test_file_packs_with_its_engine_whatever_the_process_engine(tmp_path):
         program = load_program(path)
         assert torch.backends.quantized.engine == "onednn"
         assert quantfx.verify(q, program, x).max_error_lsb == 0.0
+
+
+class TiedAdds(nn.Module):
+    """t = x + x, u = t + t, cat([t, u]): the cat's shared grid is sized for u, exactly 4x x's grid, so t lands
+    on rounding ties, which quantized::add rounds otherwise than the fake-quant model (found by the property
+    tests: 2 LSB)."""
+
+    def forward(self, x):
+        t = x + x
+        return torch.cat([t, t + t], 1)
+
+
+def test_an_add_quantized_add_would_round_otherwise_runs_in_float():
+    torch.manual_seed(3)
+    data = [torch.randn(64, 3) for _ in range(3)]
+    q = quantfx.quantize(TiedAdds(), "torch", calibration_data=data, progress=False)
+    program = quantfx.lower(q, (data[0][:1],))
+    rows = {r["node"]: r for r in program.report}
+    assert rows["add"]["how"] == "float" and "rounding ties" in rows["add"]["why"], program.table()
+    assert rows["add_1"]["runs_as"] == "quantized::add"  # the check passes it: no pair of codes rounds otherwise
+    for seed in range(3):
+        x = torch.randn(256, 3, generator=torch.Generator().manual_seed(seed))
+        assert quantfx.verify(q, program, x).max_error_lsb == 0.0
