@@ -1,0 +1,119 @@
+"""Property-based tests over random model graphs (tests/property_models.py).
+
+For every target with a backend: quantize -> calibrate -> export -> verify either agrees within 1 LSB in the
+target's own runtime, or raises a QuantFXError whose message names a layer or node of the model. Any other
+exception, a hang, or a mismatch over 1 LSB fails. On every generated model, for every target profile: each
+add/cat's inputs share one quantizer (or, for adds on add_grid='scale' profiles, one scale), the input model is
+unchanged (state_dict bytes, training flags, hooks), and quantizing it twice gives equal results.
+
+CI-sized by default (derandomized, so CI runs the same examples every time); ``QUANTFX_LONG_PROPERTIES=1`` runs
+many more, randomized. Failures found here are shrunk into tests/test_property_regressions.py.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import quantfx
+from quantfx.errors import QuantFXError
+from quantfx.graph import is_add, is_cat
+from quantfx.lowering import BACKENDS
+from quantfx.targets import available_targets
+
+from property_harness import bit_widths, compile_export_verify, inputs, quantize_kwargs
+from property_models import build, model_specs
+from test_share_quantizers import assert_one_grid_or_one_scale
+
+LONG = os.environ.get("QUANTFX_LONG_PROPERTIES") == "1"
+# CI: ~25 models per target (each compiled, exported and run in well under a second)
+PER_TARGET = 1000 if LONG else 25
+INVARIANT_EXAMPLES = 1000 if LONG else 20
+
+
+def ci_settings(n):
+    return settings(max_examples=n, deadline=None, derandomize=not LONG, database=None if not LONG else
+                    settings.default.database, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+ALL_TARGETS = sorted(set(BACKENDS) | set(available_targets()))
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():  # qonnx and TorchScript warn about shapes and annotations on every model
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_quantize_export_verify_within_one_lsb_or_a_named_error(target):
+    if target not in BACKENDS:
+        pytest.skip(f"target {target!r} has no backend yet (quantfx.export.BACKENDS)")
+    outcomes = []
+
+    @ci_settings(PER_TARGET)
+    @given(spec=model_specs(), bits=bit_widths(target))
+    def check(spec, bits):
+        outcomes.append(compile_export_verify(spec, target, bits)[0])
+
+    check()
+    # the generator must mostly produce models the target takes, or the property says little
+    assert outcomes.count("ok") >= len(outcomes) // 2, outcomes
+
+
+def _state_bytes(model):
+    return {k: (v.dtype, tuple(v.shape), v.detach().contiguous().numpy().tobytes())
+            for k, v in model.state_dict().items()}
+
+
+def _hooks(model):
+    return [(name, list(m._forward_hooks.items()), list(m._forward_pre_hooks.items()),
+             list(m._backward_hooks.items())) for name, m in model.named_modules()]
+
+
+def _quantized_state(q):
+    return {k: v.detach().clone() for k, v in q.state_dict().items()}
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_invariants_on_generated_models(target):
+    """Every add/cat input shares one quantizer (or one scale, per the profile's add_grid); the input model is
+    unchanged; quantizing the same model twice gives the same program, state and outputs."""
+    checked = []
+
+    @ci_settings(INVARIANT_EXAMPLES)
+    @given(spec=model_specs(), bits=bit_widths(target))
+    def check(spec, bits):
+        model = build(spec)
+        before = (_state_bytes(model), [m.training for m in model.modules()], _hooks(model))
+        calib = [inputs(spec, 2, seed=spec.seed + 10 + i) for i in range(2)]
+        x = inputs(spec, 2, seed=spec.seed + 99)
+        results = []
+        for _ in range(2):
+            try:
+                q = quantfx.quantize(model, target, calibration_data=calib, **quantize_kwargs(target, bits))
+            except QuantFXError:  # a model the target refuses: test_quantize_export_verify names it
+                assert (_state_bytes(model), [m.training for m in model.modules()], _hooks(model)) == before
+                return
+            with torch.no_grad():
+                y = q(x)
+            results.append((q, y))
+        after = (_state_bytes(model), [m.training for m in model.modules()], _hooks(model))
+        assert after == before, "quantize changed the input model"
+        (q1, y1), (q2, y2) = results
+        assert q1.code == q2.code
+        s1, s2 = _quantized_state(q1), _quantized_state(q2)
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+        y1 = y1 if isinstance(y1, tuple) else (y1,)
+        y2 = y2 if isinstance(y2, tuple) else (y2,)
+        assert all(torch.equal(a, b) for a, b in zip(y1, y2))
+        joins = [n for n in q1.graph.nodes if is_add(n) or is_cat(n)]
+        for node in joins:
+            assert_one_grid_or_one_scale(q1, node)
+        checked.append(len(joins))
+
+    check()
+    assert checked and sum(checked) > 0, "no generated model had an add or a cat"
