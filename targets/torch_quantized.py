@@ -496,8 +496,9 @@ class TorchLowering(Lowering):
         meta = qmeta(node.args[0])
         if layer.exact_integer_form() and x.quantized and meta.scale is not None and meta.scale.numel() == 1:
             ints, w_scale = self.weight_ints(layer)
-            xi = self.graph.call_method("double", (self.call(torch.sub, self.graph.call_method("int_repr", (x.node,)),
-                                                             x.zero_point),))
+            # int_repr() is uint8 (quint8): widened before the zero point is subtracted, or codes below it wrap
+            xi = self.call(torch.sub, self.graph.call_method("double", (self.graph.call_method("int_repr", (x.node,)),)),
+                           x.zero_point)
             acc = self._float_op(layer, xi, self.buffer(node.target + "_w_int", ints.double()))
             shape = [1] * len(self.shape(node))
             shape[layer.out_channel_axis % len(shape)] = -1
