@@ -64,6 +64,19 @@ class QONNXLowering(OnnxLowering):
         # value on an activation grid -> (its integers' value name, scale as float32, FINN datatype name)
         self.grid_of: dict = {}
 
+    def op(self, op_type, inputs, base, n_out=1, domain="", **attrs):
+        """A node reading one value twice (``x + x``, ``cat([x, x])``) reads it the second time through an
+        ``Identity``: qonnx's ``rename_tensor`` (cleanup_model, FINN's frontend) renames only the first use of a
+        tensor among a node's inputs, so the second would name a tensor that no longer exists."""
+        seen, fixed = set(), []
+        for v in inputs:
+            if v is not None and not v.is_initializer() and id(v) in seen:
+                v = super().op("Identity", [v], base + "_again")
+            elif v is not None:
+                seen.add(id(v))
+            fixed.append(v)
+        return super().op(op_type, fixed, base, n_out, domain, **attrs)
+
     # -- integer activations --------------------------------------------------------------------------
 
     def dequant(self, ints, scale, base, dtype=None):

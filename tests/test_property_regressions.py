@@ -1,0 +1,79 @@
+"""Failures the property tests (tests/test_properties.py) found, shrunk to named models and kept as tests."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import quantfx
+from quantfx.lowering import BACKENDS
+
+from property_harness import compile_export_verify
+from property_models import ModelSpec, Step, build, inputs
+
+
+def verified(model, target, shape, tmp_path, **kwargs):
+    """quantize -> export (file) -> verify on fresh inputs; the report."""
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(shape, generator=g) for _ in range(2)]
+    x = torch.randn(shape, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantfx.quantize(model, target, calibration_data=calib, progress=False, **kwargs)
+        path = tmp_path / f"model{BACKENDS[target].suffix}"
+        quantfx.export(q, path, example_inputs=(calib[0][:1],))
+        return quantfx.verify(q, path, (x,))
+
+
+# Shrunk by hypothesis (seed 0 weights; calibration and test inputs from property_harness): conv, add back;
+# that sum added to itself; a conv + ReLU6 added back. The ReLU6 shares its scale with the signed sum (a scale
+# group), so its clip at 6 stays on the grid and conv2 runs in float on the integers of the signed, zero-pointed
+# input. The torch lowering subtracted the zero point from ``int_repr()`` in uint8, so codes below the zero point
+# wrapped around (90 LSB off at the output).
+SIGNED_INPUT_TO_FLOAT_CONV = ModelSpec(
+    input_shape=(1, 3),
+    steps=(Step("residual", (0,), (("k", 1), ("act", None), ("bias", False))),
+           Step("add", (1, 1), (("how", "op"),)),
+           Step("residual", (2,), (("k", 1), ("act", "relu6"), ("bias", False)))),
+    outputs=(3,), seed=0)
+
+
+@pytest.mark.parametrize("target", ["torch", "onnx", "finn"])
+def test_float_conv_on_signed_integers_subtracts_the_zero_point_without_wrapping(target):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome, report = compile_export_verify(SIGNED_INPUT_TO_FLOAT_CONV, target)
+    assert outcome == "ok" and report.max_error_lsb == 0.0, str(report)
+    if target == "torch":  # the path under test: the conv in float on the input's integers
+        spec = SIGNED_INPUT_TO_FLOAT_CONV
+        q = quantfx.quantize(build(spec), "torch", calibration_data=[inputs(spec, 2, seed=10 + i) for i in range(2)],
+                             progress=False)
+        program = quantfx.lower(q, (inputs(spec, 1, seed=10),))
+        assert [r["runs_as"] for r in program.report if r["node"] == "residual_2_0"] == ["float Conv1d on integers"]
+
+
+class AddToItself(nn.Module):
+    """Shrunk: ``x + x``. The finn file's Add read one tensor twice; qonnx's cleanup_model (and FINN's frontend)
+    renames only the first use, and execute_onnx stopped with a bare ``Exception: Found unspecified tensor
+    shapes``."""
+
+    def forward(self, x):
+        return x + x
+
+
+class CatWithItself(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return torch.cat([y, y], 1)
+
+
+@pytest.mark.parametrize("target", ["finn", "onnx", "torch"])
+@pytest.mark.parametrize("model", [AddToItself, CatWithItself])
+def test_a_node_reading_one_tensor_twice(model, target, tmp_path):
+    torch.manual_seed(0)
+    report = verified(model().eval(), target, (2, 2, 3, 3), tmp_path)
+    assert report.ok and report.max_error_lsb <= 1.0, str(report)
