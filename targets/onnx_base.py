@@ -303,6 +303,8 @@ class OnnxLowering(Lowering):
         for cls, op_type in simple.items():
             if type(m) is cls:
                 return self.op(op_type, [x], node.name)
+        if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d)):
+            return self._pad(node, list(m.padding), 0.0)
         if isinstance(m, nn.PixelShuffle):
             return self.move("DepthToSpace", [x], node.name, blocksize=m.upscale_factor, mode="CRD")
         if isinstance(m, nn.Linear) or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
@@ -452,11 +454,13 @@ class OnnxLowering(Lowering):
             y = self.move("Squeeze", [y, self.const(node.name + "_sq", np.array(squeeze, np.int64))], node.name)
         return y
 
-    def _pad(self, node):
-        _, pad, mode, value = self._args(node, [("input", None), ("pad", None), ("mode", "constant"),
-                                                ("value", None)])
-        if mode != "constant":
-            raise ExportError(f"{self.target}: node {node.name}: F.pad mode {mode!r} has no lowering")
+    def _pad(self, node, pad=None, value=None):
+        """F.pad (constant mode), or a ZeroPad module's ``pad`` (F.pad's order: last axis first)."""
+        if pad is None:
+            _, pad, mode, value = self._args(node, [("input", None), ("pad", None), ("mode", "constant"),
+                                                    ("value", None)])
+            if mode != "constant":
+                raise ExportError(f"{self.target}: node {node.name}: F.pad mode {mode!r} has no lowering")
         rank = len(self.shape(node))
         begins, ends = [0] * rank, [0] * rank
         for i in range(len(pad) // 2):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.errors import ExportError, QuantArgumentError, TargetError
-from quantfx.graph import is_add, module_of, qmeta, tensor_inputs
+from quantfx.graph import input_quantizer_of, is_add, module_of, qmeta, tensor_inputs
 from quantfx.lowering import Backend, Lowering
 from quantfx.quant import functional as qf
 from quantfx.nn import (
@@ -330,7 +330,9 @@ class TorchLowering(Lowering):
                 src.done = fused  # later readers of the layer/add (none, when fusable) get the requantized value
                 return fused
             if not is_add(src.node) and self._multiplier_requant(src.node, m):
-                return self._requantize_in_float(src.node, node, m)
+                requantized = self._requantize_in_float(src.node, node, m)
+                if requantized is not None:
+                    return requantized
         if m.input_quant.is_quant_enabled:
             raise ExportError(f"torch: {node.target} has an input quantizer; compiled graphs put quantizers on "
                               "their own nodes")
@@ -400,10 +402,12 @@ class TorchLowering(Lowering):
             return bool(torch.all((m.act_quant.int_range()[1] - zp) * scale <= m.max_val))
         return True
 
-    def _requantize_in_float(self, node, act_node, m) -> _Q:
+    def _requantize_in_float(self, node, act_node, m) -> Optional[_Q]:
         """A layer with no quantized module (a transposed conv with per-channel weights), its exact accumulator
-        requantized in the artefact as the fake-quant model does."""
+        requantized in the artefact as the fake-quant model does; None when the layer has no integer form here."""
         self.value(node)  # the exact accumulator, in float64
+        if node not in self._acc:
+            return None
         acc, acc_scale = self._acc[node]
         scale, zp = _qparams(m.act_quant)
         lo, hi = m.act_quant.int_range()
@@ -494,6 +498,12 @@ class TorchLowering(Lowering):
         layer = module_of(self.gm, node)
         x = self.value(node.args[0])
         meta = qmeta(node.args[0])
+        q_in = input_quantizer_of(self.gm, node)
+        if not x.quantized and q_in is not None and layer.exact_integer_form() and meta.scale is not None and \
+                meta.scale.numel() == 1:
+            # its input was moved in float (a zero pad with no quantized kernel): the values are still on the
+            # input quantizer's grid, so quantizing them again is exact and the layer keeps its integer form
+            x = self.quantize(x.node, q_in)
         if layer.exact_integer_form() and x.quantized and meta.scale is not None and meta.scale.numel() == 1:
             ints, w_scale = self.weight_ints(layer)
             # int_repr() is uint8 (quint8): widened before the zero point is subtracted, or codes below it wrap

@@ -77,3 +77,20 @@ def test_a_node_reading_one_tensor_twice(model, target, tmp_path):
     torch.manual_seed(0)
     report = verified(model().eval(), target, (2, 2, 3, 3), tmp_path)
     assert report.ok and report.max_error_lsb <= 1.0, str(report)
+
+
+def padded_conv(dim: int, act: nn.Module) -> nn.Module:
+    """Shrunk: conv, activation, a ZeroPad module, conv. onnx and finn had no lowering for ZeroPad1d/2d modules
+    (only for F.pad), though zero padding is quantization-invariant; the torch lowering runs the pad in float, and
+    the conv after it then failed with ``KeyError`` inside export (its accumulator was never built)."""
+    conv, pad = ((nn.Conv1d, nn.ZeroPad1d((0, 2))), (nn.Conv2d, nn.ZeroPad2d((1, 0, 0, 1))))[dim - 1]
+    torch.manual_seed(0)
+    return nn.Sequential(conv(2, 3, 1), act, pad, conv(3, 2, 1)).eval()
+
+
+@pytest.mark.parametrize("target", ["onnx", "finn", "torch"])
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Identity])
+def test_zero_pad_module_before_a_conv(target, dim, act, tmp_path):
+    report = verified(padded_conv(dim, act()), target, (2, 2, 5) if dim == 1 else (2, 2, 3, 3), tmp_path)
+    assert report.ok and report.max_error_lsb == 0.0, str(report)
