@@ -9,6 +9,7 @@ unchanged (state_dict bytes, training flags, hooks), and quantizing it twice giv
 CI-sized by default (derandomized, so CI runs the same examples every time); ``QUANTFX_LONG_PROPERTIES=1`` runs
 many more, randomized. Failures found here are shrunk into tests/test_property_regressions.py.
 """
+import copy
 import os
 import warnings
 
@@ -74,6 +75,13 @@ def _hooks(model):
              list(m._backward_hooks.items())) for name, m in model.named_modules()]
 
 
+def _outputs(y):
+    return y if isinstance(y, tuple) else (y,)
+
+
+FLOAT_PREFIX = "trace,propagate_shapes,canonicalize,fuse_conv_bn"
+
+
 def _quantized_state(q):
     return {k: v.detach().clone() for k, v in q.state_dict().items()}
 
@@ -81,7 +89,8 @@ def _quantized_state(q):
 @pytest.mark.parametrize("target", ALL_TARGETS)
 def test_invariants_on_generated_models(target):
     """Every add/cat input shares one quantizer (or one scale, per the profile's add_grid); the input model is
-    unchanged; quantizing the same model twice gives the same program, state and outputs."""
+    unchanged; Conv+BN fusion (the float passes) keeps the float outputs; quantizing the same model twice gives
+    the same program, state and outputs."""
     checked = []
 
     @ci_settings(INVARIANT_EXAMPLES)
@@ -103,13 +112,17 @@ def test_invariants_on_generated_models(target):
             results.append((q, y))
         after = (_state_bytes(model), [m.training for m in model.modules()], _hooks(model))
         assert after == before, "quantize changed the input model"
+        # fusion (and the passes before it) keeps the float function
+        with torch.no_grad():
+            fused = quantfx.quantize(model, target, example_inputs=(x,), progress=False,
+                                     pipeline=quantfx.parse_pipeline(FLOAT_PREFIX, target=target))
+            for a, b in zip(_outputs(copy.deepcopy(model).eval()(x)), _outputs(fused(x))):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * (1 + float(a.abs().max())))
         (q1, y1), (q2, y2) = results
         assert q1.code == q2.code
         s1, s2 = _quantized_state(q1), _quantized_state(q2)
         assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
-        y1 = y1 if isinstance(y1, tuple) else (y1,)
-        y2 = y2 if isinstance(y2, tuple) else (y2,)
-        assert all(torch.equal(a, b) for a, b in zip(y1, y2))
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(y1), _outputs(y2)))
         joins = [n for n in q1.graph.nodes if is_add(n) or is_cat(n)]
         for node in joins:
             assert_one_grid_or_one_scale(q1, node)
