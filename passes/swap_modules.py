@@ -108,6 +108,12 @@ class SwapModules(ProfilePass):
                     "override the activation that follows it by its name")
             wq = over.get("weight_quant") or p.weight_quant
             wkw = {"weight_" + k: v for k, v in {"bit_width": p.weight_bit_width, **over["weight"]}.items()}
+            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.groups > 1 and \
+                    m.out_channels // m.groups > 1 and "scaling_per_output_channel" not in over["weight"]:
+                # a grouped transposed conv's weight (in, out / groups, k...) has no axis of output channels: a
+                # scale per index of axis 1 would be shared by `groups` output channels, which neither the
+                # accumulator scales of the lowerings nor ONNX's per-axis DequantizeLinear express. Per tensor.
+                wkw["weight_scaling_per_output_channel"] = False
             q = build_from_state(cls, m.state_dict(), device=m.weight.device, dtype=m.weight.dtype,
                                  **float_layer_kwargs(m), bias=m.bias is not None, weight_quant=wq, **wkw)
             q.train(m.training)

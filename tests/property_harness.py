@@ -77,11 +77,13 @@ def no_hang(seconds: int = HANG_SECONDS):
         signal.signal(signal.SIGALRM, old)
 
 
-def construct_names(model) -> set[str]:
+def construct_names(model, trace: bool = True) -> set[str]:
     """Names an error may use for a construct of ``model``: its module names (dotted and with underscores) and
-    the node names of its float fx trace."""
+    the node names of its fx graph (a GraphModule's own, or its float trace)."""
     names = {n for n, _ in model.named_modules() if n}
     names |= {n.replace(".", "_") for n in names}
+    if not trace:
+        return names | {n.name for n in model.graph.nodes if n.op not in ("placeholder", "output")}
     try:
         names |= {n.name for n in fx.symbolic_trace(model).graph.nodes if n.op not in ("placeholder", "output")}
     except Exception:  # untraceable: quantize's TraceError names the source line instead
@@ -95,11 +97,14 @@ def names_a_construct(message: str, names) -> bool:
 
 def compile_export_verify(spec: ModelSpec, target: str, bits=None):
     """quantize -> calibrate -> export (a temporary file) -> verify. Returns ('ok', report) or ('refused', error)
-    for a QuantFXError that names a construct of the model; raises AssertionError for a mismatch over 1 LSB or an
-    error that names nothing; any other exception propagates."""
+    for a QuantFXError that names a construct of the model; raises AssertionError for a mismatch over 1 LSB, an
+    error that names nothing, or one that wraps another exception (the lowering core and the pass manager re-raise
+    any failure as a QuantFXError naming the node or pass: that is a crash, not a refusal); any other exception
+    propagates."""
     model = build(spec)
     calib = [inputs(spec, BATCH, seed=spec.seed + 10 + i) for i in range(CALIB_BATCHES)]
     x = inputs(spec, BATCH, seed=spec.seed + 99)
+    q = None
     with no_hang(), tempfile.TemporaryDirectory() as tmp:
         try:
             q = quantfx.quantize(model, target, calibration_data=calib, **quantize_kwargs(target, bits))
@@ -108,7 +113,12 @@ def compile_export_verify(spec: ModelSpec, target: str, bits=None):
             quantfx.export(q, path, example_inputs=(calib[0][:1],))
             report = quantfx.verify(q, path, (x,))
         except QuantFXError as e:
+            cause = e.__cause__
+            assert cause is None or isinstance(cause, QuantFXError), (
+                f"an internal error wrapped in {type(e).__name__}: {e}")  # a crash, not a refusal
             names = construct_names(build(spec))
+            if q is not None:  # the compiled graph's nodes and modules (x_quant, conv_1_quant, ...)
+                names |= construct_names(q, trace=False)
             assert names_a_construct(str(e), names), (
                 f"{type(e).__name__} names no layer or node of the model: {e}\nnames: {sorted(names)}")
             return "refused", e

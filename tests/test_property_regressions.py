@@ -94,3 +94,26 @@ def padded_conv(dim: int, act: nn.Module) -> nn.Module:
 def test_zero_pad_module_before_a_conv(target, dim, act, tmp_path):
     report = verified(padded_conv(dim, act()), target, (2, 2, 5) if dim == 1 else (2, 2, 3, 3), tmp_path)
     assert report.ok and report.max_error_lsb == 0.0, str(report)
+
+
+def grouped_transposed(groups: int, cout: int) -> nn.Module:
+    """Shrunk: a grouped ConvTranspose2d with more than one output channel per group. Its weight is
+    (in, out / groups, k, k): onnx and torch quantized it per index of axis 1, a scale shared by ``groups`` output
+    channels, and export crashed building the per-output-channel accumulator scale (``RuntimeError: The size of
+    tensor a (4) must match the size of tensor b (2)``, wrapped in an ExportError). Such a layer is now quantized
+    per tensor."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, cout, 2, 2, groups=groups), nn.ReLU(),
+                         nn.Conv2d(cout, 2, 1)).eval()
+
+
+@pytest.mark.parametrize("target", ["onnx", "finn", "torch"])
+@pytest.mark.parametrize("groups, cout", [(2, 4), (4, 8), (2, 2), (1, 4)])
+def test_grouped_transposed_conv(target, groups, cout, tmp_path):
+    model = grouped_transposed(groups, cout)
+    report = verified(model, target, (2, 2, 3, 3), tmp_path)
+    assert report.ok and report.max_error_lsb == 0.0, str(report)
+    q = quantfx.quantize(model, target, calibration_data=[torch.randn(2, 2, 3, 3)], progress=False)
+    per_channel = q.get_submodule("1").weight_quant.scaling_per_output_channel
+    # per channel where axis 1 enumerates the output channels (or the target's weights are per tensor anyway)
+    assert per_channel == (q.profile.weight_quant.scaling_per_output_channel and (groups == 1 or cout == groups))
