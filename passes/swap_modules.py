@@ -63,6 +63,15 @@ def find_override(overrides: dict, name: str, module) -> tuple[bool, Any]:
     return False, None
 
 
+def _even_windows(output_size, in_shape) -> bool:
+    """Whether an adaptive average pool's windows all have one size (the input a multiple of the output), so the
+    integer sum has one divisor; True when the input shape is unknown (the pool says so when it runs)."""
+    if in_shape is None or len(in_shape) < 2:
+        return True
+    out = (output_size, output_size) if isinstance(output_size, int) or output_size is None else tuple(output_size)
+    return all(o is None or s % o == 0 for s, o in zip(in_shape[-2:], out))
+
+
 @dataclass(frozen=True)
 class SwapModules(ProfilePass):
     name = "swap_modules"
@@ -81,7 +90,9 @@ class SwapModules(ProfilePass):
             if found and over is None:
                 node.meta[FLOAT] = True
                 continue
-            new = self.quant_module(module, split_override(over or {}, node.target), node.target)
+            meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+            new = self.quant_module(module, split_override(over or {}, node.target), node.target,
+                                    in_shape=tuple(meta.shape) if hasattr(meta, "shape") else None)
             if new is not None:
                 gm.add_submodule(node.target, new)
         self._check_names(gm, used_names)
@@ -95,7 +106,7 @@ class SwapModules(ProfilePass):
         spec = over.get("act_quant") or (p.act_quant_unsigned if unsigned else p.act_quant)
         return {"act_quant": spec, **{"bit_width": p.act_bit_width, **over["act"]}}
 
-    def quant_module(self, m: nn.Module, over: dict, where: str = ""):
+    def quant_module(self, m: nn.Module, over: dict, where: str = "", in_shape=None):
         p = self.profile
         cls = QUANT_LAYER_FOR.get(type(m))
         if cls is not None:
@@ -133,7 +144,7 @@ class SwapModules(ProfilePass):
             if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None and \
                     (m.count_include_pad or no_pad):
                 return QuantAvgPool2d(m.kernel_size, m.stride, m.padding, bit_width=bits)
-            if isinstance(m, nn.AdaptiveAvgPool2d):
+            if isinstance(m, nn.AdaptiveAvgPool2d) and _even_windows(m.output_size, in_shape):
                 return QuantAdaptiveAvgPool2d(m.output_size, bit_width=bits)
         return None
 

@@ -121,8 +121,13 @@ class Lowering:
                 with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
                     Recorder(self.gm).propagate(*self.example_inputs)
             except RuntimeError as e:  # ShapeProp wraps what a node raised: a quantfx error is the user's message
-                if isinstance(e.__cause__, QuantFXError):
-                    raise e.__cause__ from None
+                cause = e.__cause__
+                if isinstance(cause, QuantFXError):
+                    # said with the node that raised it, when the message does not name it already
+                    node = next((n.name for n in nodes if f"node=%{n.name} " in str(e)), None)
+                    if node is not None and node not in str(cause) and cause.args:
+                        cause.args = (f"{self.target}: node {node}: {cause.args[0]}",) + cause.args[1:]
+                    raise cause from None
                 raise
             self.tensor_meta = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
         finally:

@@ -117,3 +117,46 @@ def test_grouped_transposed_conv(target, groups, cout, tmp_path):
     per_channel = q.get_submodule("1").weight_quant.scaling_per_output_channel
     # per channel where axis 1 enumerates the output channels (or the target's weights are per tensor anyway)
     assert per_channel == (q.profile.weight_quant.scaling_per_output_channel and (groups == 1 or cout == groups))
+
+
+class UnevenAdaptivePool(nn.Module):
+    """Shrunk: an adaptive average pool 6x3 -> 2x2 (windows of two sizes) on finn, whose profile pools in
+    integers. It was swapped for a truncating QuantAdaptiveAvgPool2d that refuses uneven windows only when it
+    runs with a scale, so the calibrated fake-quant model raised in eval and export leaked torch.fx's bare
+    ``RuntimeError: ShapeProp error``. It now stays a float pool: the fake-quant model runs, and a target that has
+    no float lowering for it refuses it naming the node."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+@pytest.mark.parametrize("target", ["finn", "onnx", "torch"])
+def test_uneven_adaptive_average_pool(target, tmp_path):
+    torch.manual_seed(0)
+    model = UnevenAdaptivePool().eval()
+    x = torch.randn(2, 2, 6, 3)
+    q = quantfx.quantize(model, target, calibration_data=[x], progress=False)
+    with torch.no_grad():
+        assert q(x).shape == (2, 2, 2, 2)  # the fake-quant model runs
+    if target == "torch":  # average pooling runs in float there
+        report = verified(model, target, (2, 2, 6, 3), tmp_path)
+        assert report.ok and report.max_error_lsb == 0.0, str(report)
+        return
+    with pytest.raises(quantfx.QuantFXError, match=r"\bpool\b.*uneven windows"):
+        verified(model, target, (2, 2, 6, 3), tmp_path)
+
+
+def test_an_error_a_node_raises_while_shapes_propagate_names_the_node():
+    """A QuantFXError raised by a module while export propagates shapes comes out naming the
+    node (torch.fx's ShapeProp wraps it in a bare RuntimeError). An even adaptive pool, quantized in integers,
+    handed inputs of another size at export."""
+    torch.manual_seed(0)
+    model = UnevenAdaptivePool().eval()
+    q = quantfx.quantize(model, "finn", calibration_data=[torch.randn(2, 2, 4, 4)], progress=False)
+    with pytest.raises(quantfx.QuantFXError, match=r"node pool: .*not a multiple"):
+        quantfx.lower(q, (torch.randn(1, 2, 6, 3),))
