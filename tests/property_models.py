@@ -286,6 +286,11 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+# in the order shrinking prefers; joins (add, cat) and convs weighted up
+KINDS = ("conv", "act", "residual", "add", "cat", "pool", "linear", "convt", "flatten", "chunk", "slice",
+         "permute", "to1d", "pixel_shuffle", "pad", "cat", "add", "conv", "cat")
+
+
 @st.composite
 def _step(draw, shapes: list) -> Step | None:
     """One step reading tensors of ``shapes`` (an index counted back from the newest, so shrinking prefers the
@@ -295,8 +300,7 @@ def _step(draw, shapes: list) -> Step | None:
     x = shapes[src]
     c, sp = x[0], x[1:]
     spatial = len(x) > 1
-    kind = draw(st.sampled_from(("conv", "act", "residual", "add", "cat", "pool", "linear", "convt", "flatten",
-                                 "chunk", "slice", "permute", "to1d", "pixel_shuffle", "pad")))
+    kind = draw(st.sampled_from(KINDS))
     b = st.booleans()
     if kind == "conv" and spatial:
         k = draw(st.integers(1, 3))
@@ -332,9 +336,7 @@ def _step(draw, shapes: list) -> Step | None:
         other = draw(st.sampled_from(same[::-1]))
         return Step("add", (src, other), (("how", draw(st.sampled_from(("op", "torch")))),))
     if kind == "cat" and spatial:
-        same = [i for i, s in enumerate(shapes) if len(s) == len(x) and s[1:] == sp and i != src][::-1]
-        if not same:
-            return None
+        same = [i for i, s in enumerate(shapes) if len(s) == len(x) and s[1:] == sp][::-1]  # src too: cat([x, x])
         others = draw(st.lists(st.sampled_from(same), min_size=1, max_size=2))
         return Step("cat", (src, *others))
     if kind == "pool" and spatial:
@@ -347,7 +349,7 @@ def _step(draw, shapes: list) -> Step | None:
             return None
         return Step("pool", (src,), (("pool", pool), ("k", k), ("stride", draw(st.integers(1, k))),
                                      ("module", draw(b))))
-    if kind == "flatten" and spatial:
+    if kind == "flatten" and spatial and draw(b):  # half as often: little applies after it
         return Step("flatten", (src,), (("how", draw(st.sampled_from(("torch", "view", "reshape", "module")))),))
     if kind == "to1d" and len(x) == 3:
         return Step("to1d", (src,), (("view", draw(b)),))
@@ -375,19 +377,20 @@ def _step(draw, shapes: list) -> Step | None:
 
 
 @st.composite
-def model_specs(draw, max_steps: int = 6) -> ModelSpec:
-    dim = draw(st.sampled_from((2, 1)))
+def model_specs(draw, max_steps: int = 7) -> ModelSpec:
+    dim = draw(st.sampled_from((2, 1, 2)))
     c0 = draw(st.integers(1, 4))
     spatial = tuple(draw(st.integers(3, 8)) for _ in range(dim))
     shapes = [(c0, *spatial)]
     steps = []
     permuted: set = set()  # tensors whose memory is laid out permuted: `view` cannot merge their dimensions
     for _ in range(draw(st.integers(1, max_steps))):
-        step = draw(_step(shapes))
-        if step is None:
-            continue
-        out = step_shapes(step, [shapes[j] for j in step.inputs])
-        if not all(_fits(s) for s in out):
+        for _attempt in range(4):  # a drawn kind may not apply to the tensor drawn, or outgrow the size limits
+            step = draw(_step(shapes))
+            out = step_shapes(step, [shapes[j] for j in step.inputs]) if step is not None else []
+            if step is not None and all(_fits(s) for s in out):
+                break
+        else:
             continue
         if step.kind in ("flatten", "to1d") and step.inputs[0] in permuted:
             step = Step(step.kind, step.inputs, tuple((k, "reshape" if k == "how" and v == "view" else

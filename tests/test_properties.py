@@ -29,9 +29,9 @@ from property_models import build, model_specs
 from test_share_quantizers import assert_one_grid_or_one_scale
 
 LONG = os.environ.get("QUANTFX_LONG_PROPERTIES") == "1"
-# CI: ~25 models per target (each compiled, exported and run in well under a second)
-PER_TARGET = 1000 if LONG else 25
-INVARIANT_EXAMPLES = 1000 if LONG else 20
+# CI: 80 models per target (each compiled, exported and run in well under a second)
+PER_TARGET = 1000 if LONG else 80
+INVARIANT_EXAMPLES = 1000 if LONG else 60
 
 
 def ci_settings(n):
