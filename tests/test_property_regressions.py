@@ -160,3 +160,28 @@ def test_an_error_a_node_raises_while_shapes_propagate_names_the_node():
     q = quantfx.quantize(model, "finn", calibration_data=[torch.randn(2, 2, 4, 4)], progress=False)
     with pytest.raises(quantfx.QuantFXError, match=r"node pool: .*not a multiple"):
         quantfx.lower(q, (torch.randn(1, 2, 6, 3),))
+
+
+# Shrunk by hypothesis (seed 3 inputs from property_harness): t = x + x; u = t + t; cat([t, u]). The cat puts t's
+# and u's requantizers on one grid, sized for u: its scale is exactly 4x x's, so t = 2x lands on rounding ties
+# (x = 49 steps -> 24.5 output steps). The fake-quant model rounds them half to even; PyTorch's quantized::add
+# dequantizes with a fused multiply-add and multiplies by float32(1 / scale) before rounding, so some ties go the
+# other way: 1 LSB at t, 2 LSB after u = t + t. Fixing it means modelling quantized::add's float arithmetic in
+# the fake-quant model on the torch profile (as requant='multiplier' does for conv/linear): not done here.
+TIED_ADDS = ModelSpec(
+    input_shape=(1, 3),
+    steps=(Step("add", (0, 0), (("how", "torch"),)), Step("add", (1, 1), (("how", "torch"),)),
+           Step("cat", (1, 2))),
+    outputs=(3,), seed=3)
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param("torch", marks=pytest.mark.xfail(strict=True, reason=(
+        "quantized::add rounds exact ties unlike the fake-quant model's half-even rounding (2 LSB); needs "
+        "quantized::add's arithmetic modelled on the torch profile"))),
+    "onnx", "finn"])
+def test_adds_whose_output_grid_is_a_power_of_two_times_the_input_grid(target):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome, report = compile_export_verify(TIED_ADDS, target)
+    assert outcome == "ok" and report.max_error_lsb <= 1.0, str(report)
