@@ -185,3 +185,35 @@ def test_adds_whose_output_grid_is_a_power_of_two_times_the_input_grid(target):
         warnings.simplefilter("ignore")
         outcome, report = compile_export_verify(TIED_ADDS, target)
     assert outcome == "ok" and report.max_error_lsb <= 1.0, str(report)
+
+
+# Found by the long run (QUANTFX_LONG_PROPERTIES=1), seed 0 inputs from property_harness: t = relu(x + x);
+# r = conv1x1(x) + x; relu(cat(...)). 2 LSB at the output. On onnx every activation agrees to the bit when the
+# file runs with its intermediate values exposed (run_onnx_intermediates), so the difference comes from
+# onnxruntime's graph optimisations of the full file (a fusion around the Concat -> Relu -> QuantizeLinear
+# requantization, not isolated yet). On torch the first node off is the final ReLU quantizer (act_4, 2 LSB),
+# which requantizes the cat's grid (scale 0.0512, zero point 51) in float while every input of it agrees; the
+# ReLU before the cat (act_1) has exactly the same scale, 0.030644554644823074. Not isolated either.
+_RELU = (("act", "relu"), ("functional", False))
+
+
+def _relu_add_cat(shape, cat):
+    return ModelSpec(input_shape=shape, steps=(
+        Step("add", (0, 0), (("how", "op"),)), Step("act", (1,), _RELU),
+        Step("residual", (0,), (("k", 1), ("act", None), ("bias", False))), Step("cat", cat), Step("act", (4,), _RELU)),
+        outputs=(5,), seed=0)
+
+
+@pytest.mark.parametrize("target, spec", [
+    pytest.param("onnx", _relu_add_cat((2, 4), (3, 2)), marks=pytest.mark.xfail(strict=True, reason=(
+        "2 LSB only in onnxruntime's optimised session (every node agrees with intermediates exposed): not "
+        "isolated"))),
+    pytest.param("torch", _relu_add_cat((1, 3), (1, 3)), marks=pytest.mark.xfail(strict=True, reason=(
+        "2 LSB at the final ReLU quantizer of the cat while its inputs agree: not isolated"))),
+    ("finn", _relu_add_cat((2, 4), (3, 2))), ("finn", _relu_add_cat((1, 3), (1, 3))),
+    ("torch", _relu_add_cat((2, 4), (3, 2))), ("onnx", _relu_add_cat((1, 3), (1, 3)))])
+def test_relu_of_a_cat_of_a_residual_add_and_a_doubled_input(target, spec):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome, report = compile_export_verify(spec, target)
+    assert outcome == "ok" and report.max_error_lsb <= 1.0, str(report)
