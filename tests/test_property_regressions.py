@@ -166,8 +166,8 @@ def test_an_error_a_node_raises_while_shapes_propagate_names_the_node():
 # and u's requantizers on one grid, sized for u: its scale is exactly 4x x's, so t = 2x lands on rounding ties
 # (x = 49 steps -> 24.5 output steps). The fake-quant model rounds them half to even; PyTorch's quantized::add
 # dequantizes with a fused multiply-add and multiplies by float32(1 / scale) before rounding, so some ties go the
-# other way: 1 LSB at t, 2 LSB after u = t + t. Fixing it means modelling quantized::add's float arithmetic in
-# the fake-quant model on the torch profile (as requant='multiplier' does for conv/linear): not done here.
+# other way: 1 LSB at t, 2 LSB after u = t + t. The torch lowering now runs quantized::add on every pair of input
+# codes first and keeps an add that would round otherwise in float (tests/test_torch_backend.py).
 TIED_ADDS = ModelSpec(
     input_shape=(1, 3),
     steps=(Step("add", (0, 0), (("how", "torch"),)), Step("add", (1, 1), (("how", "torch"),)),
@@ -176,9 +176,7 @@ TIED_ADDS = ModelSpec(
 
 
 @pytest.mark.parametrize("target", [
-    pytest.param("torch", marks=pytest.mark.xfail(strict=True, reason=(
-        "quantized::add rounds exact ties unlike the fake-quant model's half-even rounding (2 LSB); needs "
-        "quantized::add's arithmetic modelled on the torch profile"))),
+    "torch",  # was 2 LSB: the torch lowering now checks quantized::add on every pair of codes, runs this one in float
     "onnx", "finn"])
 def test_adds_whose_output_grid_is_a_power_of_two_times_the_input_grid(target):
     with warnings.catch_warnings():
@@ -208,8 +206,7 @@ def _relu_add_cat(shape, cat):
     pytest.param("onnx", _relu_add_cat((2, 4), (3, 2)), marks=pytest.mark.xfail(strict=True, reason=(
         "2 LSB only in onnxruntime's optimised session (every node agrees with intermediates exposed): not "
         "isolated"))),
-    pytest.param("torch", _relu_add_cat((1, 3), (1, 3)), marks=pytest.mark.xfail(strict=True, reason=(
-        "2 LSB at the final ReLU quantizer of the cat while its inputs agree: not isolated"))),
+    ("torch", _relu_add_cat((1, 3), (1, 3))),  # was 2 LSB: a tied quantized::add, now run in float
     ("finn", _relu_add_cat((2, 4), (3, 2))), ("finn", _relu_add_cat((1, 3), (1, 3))),
     ("torch", _relu_add_cat((2, 4), (3, 2))), ("onnx", _relu_add_cat((1, 3), (1, 3)))])
 def test_relu_of_a_cat_of_a_residual_add_and_a_doubled_input(target, spec):
