@@ -89,6 +89,10 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
         correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
     if isinstance(qmodel, fx.GraphModule):
         annotate(qmodel)
+        from .lowering import BACKENDS
+        backend = BACKENDS.get(getattr(getattr(qmodel, "profile", None), "name", None))
+        if backend is not None and backend.after_calibration is not None:
+            backend.after_calibration(qmodel)
     qmodel.train(was_training)
     return qmodel
 

@@ -45,6 +45,9 @@ class Backend:
     suffix: str = ".onnx"  # the artefact's file suffix: export adds it to a path that has none
     # artefact -> None, or why it is not an artefact this backend wrote (verify refuses it, saying so)
     check: Optional[Callable[[Any], Optional[str]]] = None
+    # qmodel -> None: run by quantfx.calibrate once scales are known, for what the target fixes from them (the
+    # dpu's refine rules), so the calibrated model computes what the artefact will
+    after_calibration: Optional[Callable[[fx.GraphModule], None]] = None
 
 
 #: target name -> Backend; each backend module registers itself with :func:`register_backend`

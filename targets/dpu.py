@@ -58,6 +58,7 @@ from .profile import DPU
 
 FIX_POSITIONS_KEY = "quantfx.dpu.fix_positions"
 REPORT_KEY = "quantfx.dpu.report"
+REFINE_NOTE = "dpu.refine"  # qmodel.notes key: the refine changes made after calibration
 FORM_KEY = "quantfx.dpu.form"
 
 
@@ -77,7 +78,10 @@ class DpuLowering(QDQLowering):
 
     def check(self) -> None:
         super().check()  # the profile's rules (8-bit, per-tensor, symmetric, po2) and calibration
-        self.changes = refine(self.gm)
+        # calibration refined the model already (after_calibration) and noted its changes; a model calibrated
+        # otherwise is refined here
+        self.changes = list(getattr(self.gm, "notes", {}).get(REFINE_NOTE, [])) + \
+            [asdict(c) for c in refine(self.gm)]
 
     # -- the fast form: ReLU outputs as uint8 ---------------------------------------------------------------
     # A ReLU output lies in [0, 127]: written as uint8 (zero point 0, Clip at 127) it is the same integer, and
@@ -165,7 +169,7 @@ class DpuLowering(QDQLowering):
             if n.op_type == "DequantizeLinear" and n.inputs[1].const_value is not None:
                 positions[n.inputs[0].name] = fix_pos(n.inputs[1].const_value.numpy())
         shapes = {n: tuple(tm.shape) for n, tm in self.tensor_meta.items() if hasattr(tm, "shape")}
-        report = DpuReport(self.arch.name, legality(self.gm, shapes, self.arch), [asdict(c) for c in self.changes])
+        report = DpuReport(self.arch.name, legality(self.gm, shapes, self.arch), self.changes)
         model.metadata_props[FIX_POSITIONS_KEY] = json.dumps(positions)
         model.metadata_props[REPORT_KEY] = report.to_json()
         model.metadata_props[FORM_KEY] = self.form
@@ -329,9 +333,18 @@ def _lower(qmodel, example_inputs):
     return DpuLowering(qmodel, example_inputs, profile=DPU).lower()
 
 
+def refine_after_calibration(qmodel) -> None:
+    """Apply the DPU compiler's rules to freshly calibrated scales and note the changes on the model (the
+    lowering reports them), so the calibrated model already computes what the file will."""
+    changes = [asdict(c) for c in refine(qmodel)]
+    if hasattr(qmodel, "notes"):
+        qmodel.notes[REFINE_NOTE] = list(qmodel.notes.get(REFINE_NOTE, [])) + changes
+
+
 BACKEND = Backend(
     name="dpu", lower=_lower, save=save_onnx, load=load_onnx, run=run_dpu,
-    run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx)
+    run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx,
+    after_calibration=refine_after_calibration)
 
 __all__ = ["DpuLowering", "BACKEND", "report", "fix_positions", "fast_form", "dpu_session", "run_dpu",
            "check_file", "refine", "dpu_round_form", "float_sum_risks"]

@@ -151,7 +151,8 @@ def _refined_and_verified(q, name):
     assert check_file(art) == []
     x = example_input(name, batch=4, seed=7)
     assert max(lsb_errors(q, art, x).values()) == 0.0
-    assert dpu.report(art).refine == []  # nothing left for the lowering to change
+    # nothing left for the lowering to change: the report lists what calibration's refine noted, no more
+    assert dpu.report(art).refine == q.notes.get("dpu.refine", [])
     return changes
 
 
@@ -250,12 +251,12 @@ def test_refine_concat_shares_one_position():
 
 
 def test_refine_pool_keeps_input_position():
-    """resnet's average pool requantizes at a finer position than its input after calibration: refine gives it
-    its input's (Quark's align_pool)."""
-    q = quantized("resnet")
-    changes = _refined_and_verified(q, "resnet")
-    pool = [c for c in changes if c.node == "pool"]
-    assert len(pool) == 1 and pool[0].new < pool[0].old and "pool" in pool[0].rule
+    """resnet's average pool requantizes at a finer position than its input after calibration: refine, run when
+    calibration ends, gives it its input's (Quark's align_pool) and the model notes the change."""
+    q = quantized("resnet")  # calibration runs refine (the dpu backend's after_calibration) and notes it
+    assert _refined_and_verified(q, "resnet") == []  # nothing left to change
+    pool = [c for c in q.notes["dpu.refine"] if c["node"] == "pool"]
+    assert len(pool) == 1 and pool[0]["new"] < pool[0]["old"] and "pool" in pool[0]["rule"]
 
 
 # -- legality: one model per rule, the CPU fallback in the report -------------------------------------------
@@ -439,3 +440,24 @@ def test_cli_inspect_prints_the_dpu_report(tmp_path):
     assert f"{len(rep.on('DPU'))} nodes on the DPU" in text and "refined fix positions" in text
     ops = [line.split()[1] for line in text.splitlines() if len(line.split()) > 1]
     assert ops.count("QuantizeLinear") == sum(1 for n in art.graph.node if n.op_type == "QuantizeLinear")
+
+
+def test_calibrated_model_computes_the_file_before_any_lowering():
+    """Refine runs when calibration ends, so the model quantize returns already computes what the file will
+    (before, only after lower/export); its changes travel with the model through deepcopy and pickling."""
+    import copy
+    import io
+    q = quantized("resnet")
+    x = example_input("resnet", batch=4, seed=3)
+    with torch.no_grad():
+        before = q(x)
+    assert q.notes["dpu.refine"], "resnet's calibration needed no refine change: the test checks nothing"
+    art = quantfx.lower(q, (example_input("resnet", batch=1),), target="dpu")
+    with torch.no_grad():
+        assert torch.equal(before, q(x))  # lowering changed nothing
+    assert quantfx.verify(q, art, x).max_error_lsb == 0.0
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(q), torch.load(buf, weights_only=False)):
+        assert other.notes["dpu.refine"] == q.notes["dpu.refine"]
