@@ -110,28 +110,27 @@ class Lowering:
         nodes = list(self.gm.graph.nodes)
         saved = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
         statics = self.static_values = {}
+        target = self.target
 
         class Recorder(ShapeProp):
             def run_node(self, n):
-                out = super().run_node(n)
+                try:
+                    out = super().run_node(n)
+                except RuntimeError as wrapped:  # ShapeProp wraps what the node raised
+                    e = wrapped.__cause__
+                    if not isinstance(e, QuantFXError):
+                        raise
+                    if n.name not in str(e) and e.args:  # the user's message, said with the node that raised it
+                        e.args = (f"{target}: node {n.name}: {e.args[0]}",) + e.args[1:]
+                    raise e from None
                 if isinstance(out, (bool, int, float)) or (isinstance(out, (tuple, list, torch.Size)) and
                                                            all(isinstance(v, (bool, int, float)) for v in out)):
                     statics[n] = out  # shape arithmetic: static for the example inputs
                 return out
 
         try:
-            try:
-                with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
-                    Recorder(self.gm).propagate(*self.example_inputs)
-            except RuntimeError as e:  # ShapeProp wraps what a node raised: a quantfx error is the user's message
-                cause = e.__cause__
-                if isinstance(cause, QuantFXError):
-                    # said with the node that raised it, when the message does not name it already
-                    node = next((n.name for n in nodes if f"node=%{n.name} " in str(e)), None)
-                    if node is not None and node not in str(cause) and cause.args:
-                        cause.args = (f"{self.target}: node {node}: {cause.args[0]}",) + cause.args[1:]
-                    raise cause from None
-                raise
+            with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
+                Recorder(self.gm).propagate(*self.example_inputs)
             self.tensor_meta = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
         finally:
             for n in nodes:

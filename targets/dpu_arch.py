@@ -145,7 +145,7 @@ class Legality:
         return out
 
     def place(self, node) -> Placement:
-        gm, a = self.gm, self.arch
+        gm = self.gm
         m = module_of(gm, node)
         if is_compute(gm, node):
             return self._layer(node, m)

@@ -235,8 +235,7 @@ def _one_round(gm) -> list[Change]:
                 _set_pos(qo, i)
                 changes.append(Change(node.name, "output", o, i, "pooling keeps its input's position",
                                       f"input position {i}"))
-        if changes:
-            annotate(gm)  # later rules read the new positions
+        if changes:  # later rules read the new positions from the quantizers (scale()), not from annotations
             return changes
     return changes
 
@@ -245,8 +244,8 @@ def refine(gm: fx.GraphModule) -> list[Change]:
     """Adjust the fix positions of a calibrated compiled graph to the DPU compiler's rules (module docstring),
     in place; returns every change (node, tensor, old -> new position, rule, limit). Idempotent: a refined graph
     gives no change. A position it moves is fixed (the quantizer's ``fixed_scale``): calibrating again leaves it
-    where the rule put it. The dpu lowering runs it, so evaluate the model after ``quantfx.lower``/``export``
-    (or call this after calibration) to measure what the file computes."""
+    where the rule put it. Calibration runs it (the dpu backend's ``after_calibration``) and the lowering
+    again (a no-op then), so the calibrated model computes what the file will."""
     annotate(gm)
     changes: list[Change] = []
     for _ in range(MAX_LOOPS * max(1, len(gm.graph.nodes))):
@@ -254,6 +253,8 @@ def refine(gm: fx.GraphModule) -> list[Change]:
         if not step:
             break
         changes += step
+    if changes:
+        annotate(gm)  # the graph's metadata follows the moved positions
     return changes
 
 

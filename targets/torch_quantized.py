@@ -34,7 +34,6 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
@@ -482,8 +481,7 @@ class TorchLowering(Lowering):
         needs |acc| < 2^22). Said in the report where this layer's worst case passes that."""
         ints, _ = self.weight_ints(layer)
         meta = qmeta(node.args[0])
-        lo, hi = (0, 255) if meta.bit_width is None else \
-            ((-(2 ** (meta.bit_width - 1)), 2 ** (meta.bit_width - 1) - 1) if meta.signed else (0, 2 ** meta.bit_width - 1))
+        lo, hi = (0, 255) if meta.bit_width is None else qf.int_range(meta.bit_width, meta.signed, meta.narrow)
         x_bound = max(abs(lo - x.zero_point), abs(hi - x.zero_point))
         axis = 1 if isinstance(layer, _TRANSPOSED) else 0
         worst = float(ints.abs().transpose(0, axis).reshape(ints.shape[axis], -1).sum(1).max()) * x_bound

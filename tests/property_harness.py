@@ -7,7 +7,6 @@ import signal
 import tempfile
 from pathlib import Path
 
-import torch
 from hypothesis import strategies as st
 from torch import fx
 
@@ -116,7 +115,7 @@ def compile_export_verify(spec: ModelSpec, target: str, bits=None):
             cause = e.__cause__
             assert cause is None or isinstance(cause, QuantFXError), (
                 f"an internal error wrapped in {type(e).__name__}: {e}")  # a crash, not a refusal
-            names = construct_names(build(spec))
+            names = construct_names(model)
             if q is not None:  # the compiled graph's nodes and modules (x_quant, conv_1_quant, ...)
                 names |= construct_names(q, trace=False)
             assert names_a_construct(str(e), names), (

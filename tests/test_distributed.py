@@ -41,7 +41,7 @@ def _worker(rank, init_file, out_dir):
         q.train()
         ddp = DistributedDataParallel(q, broadcast_buffers=False)  # running statistics synced by quantfx itself
         opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
-        for step, x in enumerate(batches(3, 100 + rank)):  # a different batch on every rank
+        for x in batches(3, 100 + rank):  # a different batch on every rank
             loss = ddp(x).pow(2).mean()
             opt.zero_grad()
             loss.backward()

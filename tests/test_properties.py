@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import quantfx
 from quantfx.errors import QuantFXError

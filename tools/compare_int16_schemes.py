@@ -138,7 +138,7 @@ def main(argv=None):
           f"{'multiplies 8-bit integers into int32 (VNNI or ARM)' if dot else 'has no VNNI (int16 pair sums)'}")
     schemes = list(SCHEMES)
     table = zoo_sqnr()
-    print(f"\nSQNR of the fake-quant model vs float (dB); [layers that can saturate / integer layers]")
+    print("\nSQNR of the fake-quant model vs float (dB); [layers that can saturate / integer layers]")
     print(f"{'model':12s} " + " ".join(f"{s:>14s}" for s in schemes))
     for name in TEST_MODELS:
         cells = [f"{table[(name, s)][0]:6.2f} [{table[(name, s)][1]:2d}/{table[(name, s)][2]:2d}]" for s in schemes]
