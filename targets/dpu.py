@@ -52,8 +52,8 @@ from quantfx.nn import QuantReLU
 from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
 from .dpu_refine import check_file, fix_pos, refine
 from .int16_pairs import pair_risks
-from .onnx_base import OnnxLowering, feed, load_onnx, node_values, not_quantfx, save_onnx, with_values
-from .onnx_qdq import QDQLowering
+from .onnx_base import OnnxLowering, feed, load_onnx, not_quantfx, save_onnx
+from .onnx_qdq import QDQLowering, ort_session, run_onnx_intermediates
 from .profile import DPU
 
 FIX_POSITIONS_KEY = "quantfx.dpu.fix_positions"
@@ -246,14 +246,9 @@ def dpu_session(model: onnx.ModelProto, threads: int = 1):
     as the DPU rounds them (:func:`dpu_round_form`), QDQ fusion off, so every op runs in float32 on dequantized
     values, exact on every CPU under check_file's bound. The 'fast' form runs as written, on onnxruntime's
     integer kernels (ties to even)."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if _meta(model, FORM_KEY) != "fast":
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        model = dpu_round_form(model)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if _meta(model, FORM_KEY) == "fast":
+        return ort_session(model, threads)
+    return ort_session(dpu_round_form(model), threads, config={"session.disable_quant_qdq": "1"})
 
 
 def run_dpu(model: onnx.ModelProto, inputs) -> list:
@@ -261,12 +256,7 @@ def run_dpu(model: onnx.ModelProto, inputs) -> list:
 
 
 def run_dpu_intermediates(model: onnx.ModelProto, inputs, fx_names) -> dict:
-    mapping = node_values(model)
-    kept = [n for n in fx_names if n in mapping]
-    extended = with_values(model, [mapping[n] for n in kept])
-    sess = dpu_session(extended)
-    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed(extended.graph.input, inputs))))
-    return {n: values[mapping[n]] for n in kept if mapping[n] in values}
+    return run_onnx_intermediates(model, inputs, fx_names, session=dpu_session)
 
 
 def float_sum_risks(qmodel, inputs) -> list[tuple[str, int]]:

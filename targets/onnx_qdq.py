@@ -8,6 +8,8 @@ DQ -> Conv/Gemm/Add/... -> Q units into QLinear* integer kernels.
 from __future__ import annotations
 
 
+from typing import Optional
+
 import numpy as np
 import onnx
 import torch
@@ -192,9 +194,13 @@ class QDQLowering(OnnxLowering):
 # -- runtime ---------------------------------------------------------------------------------------------
 
 
-def ort_session(model: onnx.ModelProto, threads: int = 1, optimize: bool = True, optimized_path=None):
+def ort_session(model: onnx.ModelProto, threads: int = 1, optimize: bool = True, optimized_path=None,
+                config: Optional[dict] = None):
+    """An onnxruntime CPU session; ``config``: session config entries (e.g. {"session.disable_quant_qdq": "1"})."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else \
@@ -215,10 +221,10 @@ def with_outputs(model: onnx.ModelProto, fx_names) -> tuple[onnx.ModelProto, lis
     return with_values(model, [mapping[n] for n in kept]), kept
 
 
-def run_onnx_intermediates(model, inputs, fx_names) -> dict:
+def run_onnx_intermediates(model, inputs, fx_names, session=ort_session) -> dict:
     extended, kept = with_outputs(model, fx_names)
     mapping = node_values(model)
-    sess = ort_session(extended)
+    sess = session(extended)
     names = [o.name for o in sess.get_outputs()]
     values = dict(zip(names, sess.run(None, feed(extended.graph.input, inputs))))
     return {n: values[mapping[n]] for n in kept if mapping[n] in values}
