@@ -59,10 +59,14 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
     """Run ``data`` through ``qmodel`` in observer mode and fix every activation scale.
 
     ``method``: 'minmax' | 'percentile' | 'mse'. Quantization is bypassed while observing (float statistics).
+    A target may compute a method its own way (the dpu's 'mse' searches power-of-two positions as AMD Quark's
+    MinMSE does: ``Backend.calibration_methods``).
     A quantizer that saw no data stays uncalibrated; exporting then names it. Returns ``qmodel``."""
     if method not in CALIBRATION_METHODS:
         raise QuantArgumentError(f"calibrate: method={method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
-    stat = CALIBRATION_METHODS[method]
+    backend = _backend(qmodel)
+    own = backend.calibration_methods.get(method) if backend is not None else None
+    stat = "max" if own is not None else CALIBRATION_METHODS[method]
     qs = quantizers(qmodel)
     was_training = qmodel.training
     qmodel.eval()
@@ -85,16 +89,24 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
     if ran == 0:
         raise CalibrationError("calibrating: the calibration data is empty (no batch ran), so no activation "
                                "quantizer has a scale; give at least one batch")
+    if own is not None:
+        own(qmodel, data, max_batches)
     if bias_correction:
         correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
     if isinstance(qmodel, fx.GraphModule):
         annotate(qmodel)
-        from .lowering import BACKENDS
-        backend = BACKENDS.get(getattr(getattr(qmodel, "profile", None), "name", None))
         if backend is not None and backend.after_calibration is not None:
             backend.after_calibration(qmodel)
     qmodel.train(was_training)
     return qmodel
+
+
+def _backend(qmodel):
+    """The lowering backend of a compiled model's target, or None (a plain module, a target without one)."""
+    if not isinstance(qmodel, fx.GraphModule):
+        return None
+    from .lowering import BACKENDS
+    return BACKENDS.get(getattr(getattr(qmodel, "profile", None), "name", None))
 
 
 def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int],

@@ -15,9 +15,9 @@ core does what every target needs and none should copy:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import fx
@@ -48,6 +48,11 @@ class Backend:
     # qmodel -> None: run by quantfx.calibrate once scales are known, for what the target fixes from them (the
     # dpu's refine rules), so the calibrated model computes what the artefact will
     after_calibration: Optional[Callable[[fx.GraphModule], None]] = None
+    # calibration method -> (qmodel, data, max_batches) -> None: a method this target computes its own way. The
+    # observers collect plain max statistics, then this function sets the scales from them and the data (the
+    # dpu's 'mse': AMD Quark's min-MSE search over fix positions)
+    calibration_methods: Mapping[str, Callable[[fx.GraphModule, Any, Optional[int]], Any]] = \
+        field(default_factory=dict)
 
 
 #: target name -> Backend; each backend module registers itself with :func:`register_backend`

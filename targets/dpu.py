@@ -50,6 +50,7 @@ from quantfx.lowering import Backend
 from quantfx.nn import QuantReLU
 
 from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
+from .dpu_calibrate import calibrate_positions
 from .dpu_refine import check_file, fix_pos, refine
 from .int16_pairs import pair_risks
 from .onnx_base import OnnxLowering, feed, load_onnx, not_quantfx, save_onnx
@@ -334,7 +335,7 @@ def refine_after_calibration(qmodel) -> None:
 BACKEND = Backend(
     name="dpu", lower=_lower, save=save_onnx, load=load_onnx, run=run_dpu,
     run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx,
-    after_calibration=refine_after_calibration)
+    after_calibration=refine_after_calibration, calibration_methods={"mse": calibrate_positions})
 
 __all__ = ["DpuLowering", "BACKEND", "report", "fix_positions", "fast_form", "dpu_session", "run_dpu",
            "check_file", "refine", "dpu_round_form", "float_sum_risks"]

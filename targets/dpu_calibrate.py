@@ -6,7 +6,8 @@ starts from the position of the max, ``round(-log2(absmax / 127))``, tries the `
 :func:`calibrate_positions` does the same for every weight (on the tensor) and every activation quantizer (on
 the float activations of ``data``, all quantizers passing values through, as Quark's calibration collects them
 from the float model) of a calibrated compiled graph, and fixes those positions; run :func:`refine` (the
-lowering does) afterwards.
+lowering does) afterwards. ``quantize(model, 'dpu', calibration_data=..., calibration_method='mse')`` runs it
+(and the refine) as its calibration.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantfx.calibration import _as_args, _n_inputs, quantizers
+from quantfx.calibration import _run_batches, quantizers
 from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 
@@ -73,20 +74,18 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         return observe
 
     every = quantizers(qmodel)
-    for q in acts:
-        q.observe = observer(q)
+    searched = {id(q) for q in acts}
+    for q in every:  # the others (a fixed scale, a pool the refine pinned to its input) pass values through
+        if q.kind == "act":
+            q.observe = observer(q) if id(q) in searched else (lambda x: None)
     for q in every:
         q.calibrating = True
     try:
-        with torch.no_grad():
-            n_in = _n_inputs(qmodel)
-            for i, batch in enumerate(data):
-                if max_batches is not None and i >= max_batches:
-                    break
-                qmodel(*_as_args(batch, n_in))
+        _run_batches(qmodel, data, False, "min-MSE positions", max_batches)
     finally:
-        for q in acts:
-            del q.observe
+        for q in every:
+            if q.kind == "act":
+                del q.observe
         for q in every:
             q.calibrating = False
     for q in acts:

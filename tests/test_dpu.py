@@ -430,6 +430,33 @@ def test_calibrate_positions_min_mse():
         assert errs[c.chosen] == min(errs.values())
 
 
+def test_calibration_method_mse_is_quarks_position_search():
+    """quantize(..., 'dpu', calibration_method='mse') searches fix positions as calibrate_positions does (max
+    statistics first, then min-MSE over pos-1..pos+3, then the refine): the same scales as quantizing with max
+    and calling calibrate_positions and refine by hand, not the generic MSE grid search; the file verifies."""
+    from quantfx.calibration import quantizers
+    from quantfx.targets.dpu_calibrate import calibrate_positions
+    from quantfx.targets.dpu_refine import refine
+    name = "resnet"
+    torch.manual_seed(0)
+    model = TEST_MODELS[name][0]().eval()
+    data = [example_input(name, batch=4, seed=i) for i in range(2)]
+    by_method = quantfx.quantize(model, "dpu", calibration_data=data, calibration_method="mse", progress=False)
+    by_hand = quantfx.quantize(model, "dpu", calibration_data=data, progress=False)
+    plain = [float(q.qparams(None)[0]) for q in quantizers(by_hand, "act")]
+    choices = calibrate_positions(by_hand, data)
+    refine(by_hand)
+    assert any(c.chosen != c.max_position for c in choices)
+    got = [float(q.qparams(None)[0]) for q in quantizers(by_method, "act")]
+    assert got == [float(q.qparams(None)[0]) for q in quantizers(by_hand, "act")]
+    assert got != plain
+    weights = lambda q: [float(m.weight_quant.qparams(m.weight)[0]) for m in q.modules() if hasattr(m, "weight_quant")]
+    assert weights(by_method) == weights(by_hand)
+    x = example_input(name, batch=4, seed=99)
+    art = quantfx.lower(by_method, (x[:1],), target="dpu")
+    assert quantfx.verify(by_method, art, (x,)).max_error_lsb == 0.0
+
+
 def test_cli_inspect_prints_the_dpu_report(tmp_path):
     from quantfx.cli import inspect_onnx
     q = quantized("resnet")
