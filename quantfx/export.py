@@ -31,12 +31,17 @@ def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = N
     """The artefact for the model's target (or ``target``), in memory (an ``onnx.ModelProto`` for
     onnx/finn/dpu). Raises TargetError for a rule the model breaks and CalibrationError for a quantizer that
     never saw data."""
-    backend = backend_for(qmodel, target)
-    annotate(qmodel)  # scales may have moved since the last calibration (QAT)
+    return lower_with(backend_for(qmodel, target).lower, qmodel, example_inputs)
+
+
+def lower_with(lower_fn, qmodel: fx.GraphModule, example_inputs=None):
+    """``lower_fn(qmodel, inputs)`` on the model in eval mode with fresh annotations (scales may have moved since
+    the last calibration: QAT), its training flag restored afterwards: how every artefact form is lowered."""
+    annotate(qmodel)
     was_training = qmodel.training
     qmodel.eval()
     try:
-        return backend.lower(qmodel, _inputs(qmodel, example_inputs))
+        return lower_fn(qmodel, _inputs(qmodel, example_inputs))
     finally:
         qmodel.train(was_training)
 

@@ -198,11 +198,9 @@ def fast_form(qmodel, example_inputs) -> onnx.ModelProto:
     uint8, so onnxruntime fuses QLinearConv/QGemm integer kernels. Not exact: those kernels round activation ties
     to even (the DPU up), and on x86 CPUs without VNNI a layer whose int16 pair sums can pass 32767
     (``targets.int16_pairs.pair_risks``) may saturate. For speed measurements, not for verification."""
-    from quantfx.export import _inputs
-    from quantfx.pipelines import annotate
-    annotate(qmodel)
-    qmodel.eval()
-    return DpuLowering(qmodel, _inputs(qmodel, example_inputs), profile=DPU, form="fast").lower()
+    from quantfx.export import lower_with
+    return lower_with(lambda q, inputs: DpuLowering(q, inputs, profile=DPU, form="fast").lower(), qmodel,
+                      example_inputs)
 
 
 # -- runtime ---------------------------------------------------------------------------------------------

@@ -301,6 +301,32 @@ def test_legality_rule_falls_back_to_cpu(rule):
     assert len(rep.on("CPU")) == 1, rep.table()
 
 
+class _Gate(nn.Module):
+    """A gate: conv(x) * relu(conv(x)), a product of two tensors that is not a hard-swish."""
+
+    def __init__(self, hard_swish: bool):
+        super().__init__()
+        self.c, self.g, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+        self.h = nn.Hardswish() if hard_swish else None
+
+    def forward(self, x):
+        y = self.h(self.c(x)) if self.h is not None else self.c(x) * torch.relu(self.g(x))
+        return self.d(y)
+
+
+@pytest.mark.parametrize("hard_swish", [True, False])
+def test_only_hard_swish_products_are_placed_on_the_dpu(hard_swish):
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    q = quantfx.quantize(_Gate(hard_swish).eval(), "dpu", calibration_data=data, progress=False)
+    placed = {p.op: p for p in dpu.report(quantfx.lower(q, (data[0],))).nodes}
+    if hard_swish:
+        assert placed["hard_swish"].device == "DPU" and "elementwise-mul" not in placed
+    else:
+        assert placed["elementwise-mul"].device == "CPU" and "hard-swish" in placed["elementwise-mul"].rule
+        assert "hard_swish" not in placed
+
+
 def test_arch_variant_changes_placement():
     """A stride-8 conv runs on DPUCZDX8G (strides [1, 8]) but not on DPUCAHX8H (strides [1, 4])."""
     torch.manual_seed(0)
