@@ -20,6 +20,8 @@ from quantfx.calibration import _run_batches, quantizers
 from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 
+from .dpu_refine import set_pos
+
 POS_RANGE = 5  # Quark's default: positions pos - 1 .. pos + 3
 
 
@@ -54,8 +56,7 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
             w = m.weight.detach()
             cands = _candidates(float(w.abs().max()), layer_w.int_range()[1])
             best = min(cands, key=lambda p: _sq_error(w, p, layer_w))
-            layer_w.fixed_scale = 2.0 ** -best
-            layer_w.spec_fields["fixed_scale"] = 2.0 ** -best
+            set_pos(layer_w, best)
             choices.append(PositionChoice(f"{name}.weight_quant", cands[1], best))
     acts = [q for q in quantizers(qmodel, "act") if q.scale_type == "po2" and not q.scaling_per_output_channel
             and q.fixed_scale is None and bool(q.calibrated)]
@@ -93,8 +94,7 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         pos = cands[id(q)][k]
         if q.scale_group is not None:
             continue  # the members of a scale group keep their shared (max-based) scale
-        q.fixed_scale = 2.0 ** -pos
-        q.spec_fields["fixed_scale"] = 2.0 ** -pos
+        set_pos(q, pos)
         choices.append(PositionChoice(q.qname or "act", cands[id(q)][1], pos))
     annotate(qmodel)
     return choices

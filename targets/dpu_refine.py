@@ -71,7 +71,7 @@ class Change:
     limit: str
 
 
-def _set_pos(q, pos: int) -> None:
+def set_pos(q, pos: int) -> None:
     """Fix a quantizer's scale at ``2**-pos`` (every member of its scale group too: they share one scale)."""
     members = q.scale_group.members if getattr(q, "scale_group", None) is not None else [q]
     for m in members:
@@ -158,7 +158,7 @@ def _one_round(gm) -> list[Change]:
             lo, hi = SHIFT_CUT
             if not lo <= sc <= hi:
                 new_w = min(max(sc, lo), hi) + o - i
-                _set_pos(layer.weight_quant, new_w)
+                set_pos(layer.weight_quant, new_w)
                 changes.append(Change(node.target, "weight", w, new_w, f"shift_cut = w + i - o = {sc}",
                                       f"[{lo}, {hi}]"))
                 w, sc = new_w, new_w + i - o
@@ -167,7 +167,7 @@ def _one_round(gm) -> list[Change]:
                 sb = w + i - b
                 if not lo <= sb <= hi:
                     new_b = w + i - min(max(sb, lo), hi)
-                    _set_pos(layer.bias_quant, new_b)
+                    set_pos(layer.bias_quant, new_b)
                     changes.append(Change(node.target, "bias", b, new_b, f"shift_bias = w + i - b = {sb}",
                                           f"[{lo}, {hi}]"))
         elif is_add(node):
@@ -180,7 +180,7 @@ def _one_round(gm) -> list[Change]:
             if sr > SHIFT_READ[1]:
                 k = int(np.argmax(pos))
                 new = min(pos) + SHIFT_READ[1]
-                _set_pos(ins[k][1], new)
+                set_pos(ins[k][1], new)
                 changes.append(Change(node.name, f"input {ins[k][0].name}", pos[k], new,
                                       f"shift_read = max(i) - min(i) = {sr}", f"[{SHIFT_READ[0]}, {SHIFT_READ[1]}]"))
                 pos[k] = new
@@ -189,7 +189,7 @@ def _one_round(gm) -> list[Change]:
             lo, hi = SHIFT_WRITE_ADD
             if not lo <= sw <= hi:
                 new = min(pos) - min(max(sw, lo), hi)
-                _set_pos(qo, new)
+                set_pos(qo, new)
                 changes.append(Change(node.name, "output", o, new, f"shift_write = min(i) - o = {sw}",
                                       f"[{lo}, {hi}]"))
         elif is_cat(node):
@@ -201,7 +201,7 @@ def _one_round(gm) -> list[Change]:
             for name, q in [(f"input {a.name}", q) for a, q in ins] + [("output", qo)]:
                 p = fix_pos(q.scale())
                 if p != target:
-                    _set_pos(q, target)
+                    set_pos(q, target)
                     changes.append(Change(node.name, name, p, target, "concat inputs and output share one "
                                           "position", "the smallest"))
         elif _is_hard_sigmoid(node):
@@ -220,7 +220,7 @@ def _one_round(gm) -> list[Change]:
                     ("output", qo, o, new_o, "hard-sigmoid output position, shift_sigmoid = 14 + i - o > 0",
                      f">= {HARD_SIGMOID_OUT_MIN}")):
                 if new != old:
-                    _set_pos(q, new)
+                    set_pos(q, new)
                     changes.append(Change(node.name, what, old, new, rule, limit))
         elif _is_avgpool(gm, node):
             qi = g.act_quantizer(node.args[0])
@@ -232,7 +232,7 @@ def _one_round(gm) -> list[Change]:
                 continue
             i, o = fix_pos(qi.scale()), fix_pos(qo.scale())
             if i != o:
-                _set_pos(qo, i)
+                set_pos(qo, i)
                 changes.append(Change(node.name, "output", o, i, "pooling keeps its input's position",
                                       f"input position {i}"))
         if changes:  # later rules read the new positions from the quantizers (scale()), not from annotations
