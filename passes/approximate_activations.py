@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.graph import module_of
+from quantfx.nn import adaptive_window
 from quantfx.pass_infra import PassResult
 
 from .base import ProfilePass
@@ -59,12 +60,8 @@ def _window(gm, node, m):
     tm = node.args[0].meta.get("tensor_meta")
     if tm is None:
         return None
-    (h, w), out = tuple(tm.shape[-2:]), m.output_size
-    out = out if isinstance(out, tuple) else (out, out)
-    if None in out or h % out[0] or w % out[1]:
-        return None
-    k = (h // out[0], w // out[1])
-    return k, k, (0, 0)
+    k = adaptive_window(tm.shape[-2:], m.output_size)
+    return None if k is None else (k, k, (0, 0))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from quantfx.graph import (
 )
 from quantfx.nn import (
     QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantReLU, QuantSigmoid, build_from_state,
-    float_layer_kwargs,
+    adaptive_window, float_layer_kwargs,
 )
 from quantfx.pass_infra import PassResult
 from quantfx.quant.specs import FIELDS
@@ -68,8 +68,7 @@ def _even_windows(output_size, in_shape) -> bool:
     integer sum has one divisor; True when the input shape is unknown (the pool says so when it runs)."""
     if in_shape is None or len(in_shape) < 2:
         return True
-    out = (output_size, output_size) if isinstance(output_size, int) or output_size is None else tuple(output_size)
-    return all(o is None or s % o == 0 for s, o in zip(in_shape[-2:], out))
+    return adaptive_window(in_shape[-2:], output_size) is not None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch import fx, nn
 from quantfx.errors import ExportError
 from quantfx.graph import data_input, module_of, tensor_inputs
 from quantfx.lowering import Lowering
-from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
+from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid, adaptive_window
 from quantfx.quant import Quantizer
 
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -279,10 +279,10 @@ class OnnxLowering(Lowering):
             ins, out = self.shape(node.args[0])[-2:], self.shape(node)[-2:]
             if tuple(out) == (1, 1):
                 return self.op("GlobalAveragePool", [x], node.name)
-            if ins[0] % out[0] or ins[1] % out[1]:
+            k = adaptive_window(ins, out)
+            if k is None:
                 raise ExportError(f"{self.target}: {node.target}: adaptive pool {ins}->{out} has uneven windows")
-            k = [ins[0] // out[0], ins[1] // out[1]]
-            return self.op("AveragePool", [x], node.name, kernel_shape=k, strides=k)
+            return self.op("AveragePool", [x], node.name, kernel_shape=list(k), strides=list(k))
         if isinstance(m, nn.AvgPool2d):
             k = _pair(m.kernel_size, 2)
             p = _pair(m.padding, 2)

@@ -80,6 +80,17 @@ class QuantAvgPool2d(_TruncAvgPool):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, bit_width={self.bit_width}"
 
 
+def adaptive_window(in_hw, output_size):
+    """The (kernel, = stride) of a 2-d adaptive pool from input size ``in_hw`` to ``output_size`` (an int, a pair,
+    None entries keeping the input's size) when every window has that one size (the input a multiple of the
+    output), else None."""
+    o = (output_size, output_size) if isinstance(output_size, int) or output_size is None else tuple(output_size)
+    out = tuple(int(h) if v is None else int(v) for h, v in zip(in_hw, o))
+    if any(int(h) % v for h, v in zip(in_hw, out)):
+        return None
+    return tuple(int(h) // v for h, v in zip(in_hw, out))
+
+
 class QuantAdaptiveAvgPool2d(_TruncAvgPool):
     """AdaptiveAvgPool2d over a quantized input; the input size must be a multiple of the output size."""
 
@@ -88,18 +99,13 @@ class QuantAdaptiveAvgPool2d(_TruncAvgPool):
         super().__init__(bit_width, rounding, return_quant_tensor)
         self.output_size = output_size
 
-    def _out(self, x):
-        o = self.output_size
-        o = (o, o) if isinstance(o, int) or o is None else tuple(o)
-        return tuple(x.shape[-2 + i] if v is None else v for i, v in enumerate(o))
-
     def _kernel(self, x):
-        out = self._out(x)
-        if x.shape[-2] % out[0] or x.shape[-1] % out[1]:
+        k = adaptive_window(x.shape[-2:], self.output_size)
+        if k is None:
             raise QuantArgumentError(
-                f"QuantAdaptiveAvgPool2d: input {tuple(x.shape[-2:])} is not a multiple of output {out}; "
-                "uneven windows have no single integer divisor (use a float AdaptiveAvgPool2d)")
-        return x.shape[-2] // out[0], x.shape[-1] // out[1]
+                f"QuantAdaptiveAvgPool2d: input {tuple(x.shape[-2:])} is not a multiple of output "
+                f"{self.output_size}; uneven windows have no single integer divisor (use a float AdaptiveAvgPool2d)")
+        return k
 
     def _pool(self, x):
         return F.adaptive_avg_pool2d(x, self.output_size)
