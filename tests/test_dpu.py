@@ -444,7 +444,7 @@ def test_calibrate_positions_min_mse():
         art = quantfx.lower(q, (x[:1],), target="dpu")
         assert quantfx.verify(q, art, (x,)).max_error_lsb == 0.0
         with torch.no_grad():
-            sqnr[mse] = float(10 * torch.log10(ref.pow(2).sum() / (ref - q(x)).pow(2).sum()))
+            sqnr[mse] = quantfx.sqnr(ref, q(x))
     assert sqnr[True] >= sqnr[False] - 1.0, sqnr
     assert any(c.chosen != c.max_position for c in choices)
     assert all(c.max_position - 1 <= c.chosen <= c.max_position + POS_RANGE - 2 for c in choices)

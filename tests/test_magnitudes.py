@@ -21,11 +21,6 @@ DATA = [torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) fo
 TEST = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(99))
 
 
-def sqnr(ref, out) -> float:
-    ref, out = ref.double(), out.double()
-    return 10 * math.log10(float((ref ** 2).mean()) / float(((ref - out) ** 2).mean()))
-
-
 def scaled(kind: str, m: float):
     """(model, input factor) computing m x the base function (acts) or the base function (weights)."""
     model = copy.deepcopy(BASE)
@@ -45,7 +40,7 @@ def quality(target, kind, m):
     model, k = scaled(kind, m)
     q = quantfx.quantize(model, target, calibration_data=[d * k for d in DATA], progress=False)
     with torch.no_grad():
-        snr = sqnr(model(TEST * k), q(TEST * k))
+        snr = quantfx.sqnr(model(TEST * k), q(TEST * k))
     report = quantfx.verify(q, quantfx.lower(q, (TEST[:1] * k,)), TEST * k)
     return snr, report.max_error_lsb
 

@@ -38,10 +38,6 @@ MEASURED = {
 }
 
 
-def sqnr(y, yq) -> float:
-    return float(10 * torch.log10(y.pow(2).mean() / (y - yq).pow(2).mean()))
-
-
 @pytest.mark.parametrize("column", COLUMNS)
 @pytest.mark.parametrize("name", sorted(TEST_MODELS))
 def test_sqnr_against_float(name, column):
@@ -52,7 +48,7 @@ def test_sqnr_against_float(name, column):
     q = quantfx.quantize(model, target, calibration_data=data, progress=False, cpu=cpu or None)
     x = example_input(name, batch=4, seed=100)
     with torch.no_grad():
-        value = sqnr(model(x), q(x))
+        value = quantfx.sqnr(model(x), q(x))
     assert value >= MEASURED[name][COLUMNS.index(column)] - 3.0, value
 
 
@@ -157,7 +153,7 @@ def test_calibration_methods_work_and_give_different_scales():
         q = quantfx.quantize(model, "finn", calibration_data=data, calibration_method=method, progress=False)
         scales[method] = [float(qz.scale()) for qz in quantfx.quantizers(q, "act")]
         with torch.no_grad():
-            sqnrs[method] = sqnr(model(x), q(x))
+            sqnrs[method] = quantfx.sqnr(model(x), q(x))
     assert len(scales["minmax"]) == 6  # x_quant, relu1..4, fc3_quant
     # percentile and mse clip outliers, so no scale exceeds the max's; on the input and the conv activations
     # (thousands of values) all three differ (measured x_quant: minmax 0.0329, percentile 0.0300, mse 0.0312;

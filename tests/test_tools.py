@@ -30,3 +30,15 @@ def test_dump_passes(tmp_path):
     assert len([f for f in files if f.suffix == ".svg"]) == 8
     before, after = (tmp_path / "00_trace.txt").read_text(), (tmp_path / "07_annotate.txt").read_text()
     assert "self.x_quant(x)" not in before and "self.x_quant(x)" in after  # swap_modules added the input quantizer
+
+
+def test_sqnr_is_the_ratio_in_db_and_names_a_shape_mismatch():
+    import math
+    import torch
+    import quantfx
+    from quantfx.errors import QuantArgumentError
+    ref = torch.tensor([3.0, -4.0])
+    assert quantfx.sqnr(ref, ref) == math.inf
+    assert abs(quantfx.sqnr(ref, ref + torch.tensor([0.5, 0.0])) - 10 * math.log10(25 / 0.25)) < 1e-12
+    with pytest.raises(QuantArgumentError, match="shapes differ"):
+        quantfx.sqnr(ref, ref[:1])

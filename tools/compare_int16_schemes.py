@@ -18,7 +18,6 @@ ResNet-18-shaped model (batch 1, one thread, sessions taking turns).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -60,11 +59,6 @@ def as_u8u8(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
-    noise = float(((ref - got) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float((ref ** 2).sum()) / noise)
-
-
 def quantize(model, calib, scheme):
     return quantfx.quantize(model, "onnx", calibration_data=calib, progress=False, **SCHEMES[scheme])
 
@@ -86,7 +80,7 @@ def zoo_sqnr() -> dict:
         for scheme in SCHEMES:
             q = quantize(model, calib, scheme)
             with torch.no_grad():
-                s = sqnr_db(ref, q(x))
+                s = quantfx.sqnr(ref, q(x))
             art = lowered(q, x[:1], scheme)
             table[(name, scheme)] = (s, sum(not r.safe for r in pair_risks(art)),
                                      len(integer_layers(art, signed_weights_only=False)))
