@@ -50,13 +50,14 @@ class QuantTensor:
 
     The affine invariant: ``value == (int - zero_point) * scale`` with ``int`` inside the ``bit_width`` range.
     ``exact``: the integers are exact and ``value`` is ``float32(int * scale)`` rounded once (an accumulator a
-    layer computed exactly in eval mode, which the activation after it may requantize as the runtime does).
+    layer computed exactly in eval mode, which the activation after it may requantize as the runtime does);
+    ``acc_bias``: the bias integers such an accumulator includes.
     """
 
-    __slots__ = ("value", "scale", "zero_point", "bit_width", "signed", "training", "narrow", "exact")
+    __slots__ = ("value", "scale", "zero_point", "bit_width", "signed", "training", "narrow", "exact", "acc_bias")
 
     def __init__(self, value, scale, zero_point=0.0, bit_width=8, signed=True, training=False, narrow=False,
-                 exact=False):
+                 exact=False, acc_bias=None):
         self.value = value
         self.scale = scale if torch.is_tensor(scale) else torch.tensor(float(scale))
         self.zero_point = zero_point if torch.is_tensor(zero_point) else torch.tensor(float(zero_point))
@@ -65,6 +66,9 @@ class QuantTensor:
         self.training = bool(training)
         self.narrow = bool(narrow)
         self.exact = bool(exact)
+        # with ``exact``: the bias integers the accumulator includes (broadcastable to value), or None; a
+        # runtime that adds its bias in float after scaling (oneDNN) needs the two apart
+        self.acc_bias = acc_bias
 
     # -- the affine view -------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from quantfx.rules import INT16_MAX, code_max
 BIAS_MODES = ("external", "internal", "float")
 AVGPOOL_MODES = ("trunc", "requant")
 ADD_GRIDS = ("scale", "quantizer")
-REQUANT_MODES = ("float", "multiplier", "inverse_multiplier")
+REQUANT_MODES = ("float", "multiplier", "inverse_multiplier", "float_bias")
 CPU_MODES = ("any", "vnni")
 ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")  # PyTorch's quantized engines (torch target)
 ROUNDINGS = ("half_even", "floor", "half_up")
@@ -51,6 +51,8 @@ class TargetProfile:
     # one float32 multiplier, in_scale x w_scale / out_scale (onnxruntime's QLinearConv/QGemm; PyTorch's fbgemm too,
     # given the float bias whose float32 quotient by in_scale x w_scale is nearest the bias integer).
     # "inverse_multiplier": the same with m = (in_scale x w_scale) x float32(1 / out_scale) (PyTorch's qnnpack).
+    # "float_bias": rne(((acc - b_int) x s_acc + b) x float32(1 / out_scale) + zp) in float32 steps, the bias b
+    # added in float after scaling (oneDNN, PyTorch's onednn engine)
     # With these the fake-quant model computes the same way in eval mode, so the artefact agrees to the bit.
     requant: str = "float"
     # the runtime's 8-bit kernels sum u8 x s8 products in pairs into a saturating int16 on x86 CPUs without VNNI
@@ -210,12 +212,14 @@ def torch_profile(engine: str = "fbgemm") -> TargetProfile:
     fbgemm (the default) runs the same kernels and float32 requantization on every x86 CPU with AVX2, so its
     files give the same integers on all of them. PyTorch's 'x86' engine runs fbgemm on CPUs without AVX512-VNNI
     but oneDNN convolutions on CPUs with it, whose requantization ``(acc x s + b) x (1 / s_out)`` parts from
-    fbgemm's at rounding ties: an 'x86' file is exact where fbgemm runs (README: the torch target)."""
+    fbgemm's at rounding ties: an 'x86' file is exact where fbgemm runs (README: the torch target). The 'onednn'
+    profile models oneDNN's arithmetic itself (``requant='float_bias'``)."""
     if engine not in ENGINES:
         raise QuantArgumentError(f"torch target: engine={engine!r}; use one of {', '.join(ENGINES)}")
     bits = 8 if engine == "qnnpack" else 7
     return dataclasses.replace(TORCH, act_bit_width=bits, input_bit_width=bits, pair_kernels=engine != "qnnpack",
-                               requant="inverse_multiplier" if engine == "qnnpack" else "multiplier",
+                               requant={"qnnpack": "inverse_multiplier", "onednn": "float_bias"}.get(engine,
+                                                                                                  "multiplier"),
                                options={"engine": engine})
 
 

@@ -106,6 +106,20 @@ def requantize_accumulator(acc: torch.Tensor, multiplier: torch.Tensor, scale: f
 
 
 @torch.fx.wrap
+def requantize_accumulator_bias_after(acc: torch.Tensor, acc_bias: torch.Tensor, acc_scale: torch.Tensor,
+                                      inv_scale: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                                      relu: bool) -> torch.Tensor:
+    """An exact integer accumulator (bias integers ``acc_bias`` included) requantized as the fake-quant model's
+    ``requant='float_bias'`` does, and oneDNN's int8 layers: ``rne(fl(fl(fl(acc - b_int) x s_acc) + b) x
+    fl(1 / s_out)) + zp)`` in float32 steps, clamped, as a quint8 tensor."""
+    t = (acc - acc_bias).float() * acc_scale + acc_bias.float() * acc_scale
+    if relu:
+        t = torch.clamp(t, min=0.0)
+    q = torch.clamp(torch.round(t * inv_scale + float(zero_point)), qmin, qmax)
+    return torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), scale, zero_point)
+
+
+@torch.fx.wrap
 def exact_layer_output(acc: torch.Tensor, acc_scale: torch.Tensor) -> torch.Tensor:
     """An exact integer accumulator (float64) times its float32 scale, as the fake-quant model rounds it: one
     float32 product below 2^22, else the float64 product rounded to float32."""
@@ -407,16 +421,25 @@ class TorchLowering(Lowering):
         self.value(node)  # the exact accumulator, in float64
         if node not in self._acc:
             return None
-        acc, acc_scale = self._acc[node]
+        acc, acc_scale, b_node = self._acc[node]
         scale, zp = _qparams(m.act_quant)
         lo, hi = m.act_quant.int_range()
         s_out = torch.tensor(scale, dtype=torch.float32)
+        relu = isinstance(m, QuantReLU)
+        if m.requant == "float_bias":
+            self.note(act_node, "requantize in float", "float", "its layer has no quantized module: the exact "
+                      "accumulator scaled, its bias added in float32, x the output scale's reciprocal (as oneDNN)")
+            if b_node is None:
+                b_node = self.buffer(act_node.name + "_no_bias", torch.zeros((), dtype=torch.float64))
+            return _Q(self.call(requantize_accumulator_bias_after, acc, b_node,
+                                self.buffer(act_node.name + "_acc_scale", acc_scale.float()),
+                                self.buffer(act_node.name + "_inv_scale", 1.0 / s_out), scale, zp, lo, hi, relu),
+                      scale, zp, False)
         mult = acc_scale.float() * (1.0 / s_out) if m.requant == "inverse_multiplier" else acc_scale.float() / s_out
         mult = self.buffer(act_node.name + "_multiplier", mult)
         self.note(act_node, "requantize in float", "float",
                   "its layer has no quantized module: the exact accumulator x one float32 multiplier")
-        return _Q(self.call(requantize_accumulator, acc, mult, scale, zp, lo, hi, isinstance(m, QuantReLU)),
-                  scale, zp, False)
+        return _Q(self.call(requantize_accumulator, acc, mult, scale, zp, lo, hi, relu), scale, zp, False)
 
     def _quantized_module(self, layer, relu: bool) -> nn.Module:
         if isinstance(layer, nn.Linear):
@@ -465,6 +488,8 @@ class TorchLowering(Lowering):
                               "fewer weight bits or keep it float (overrides={name: None})")
         want = ints.float()
         b = want * s
+        if (self.profile or TORCH).requant == "float_bias":  # oneDNN adds b itself after scaling: the fake-quant model's b
+            return b, 0, 0.0
         best, err = b.clone(), (b / s - want).abs()
         up, down = b, b
         for _ in range(4):
@@ -510,12 +535,14 @@ class TorchLowering(Lowering):
             acc = self._float_op(layer, xi, self.buffer(node.target + "_w_int", ints.double()))
             shape = [1] * len(self.shape(node))
             shape[layer.out_channel_axis % len(shape)] = -1
+            b_node = None
             if layer.bias is not None:
                 b, _ = self.bias_ints(layer, self.input_scale(node))
-                acc = self.call(torch.add, acc, self.buffer(node.target + "_b_int", b.double().reshape(shape)))
+                b_node = self.buffer(node.target + "_b_int", b.double().reshape(shape))
+                acc = self.call(torch.add, acc, b_node)
             acc_scale = layer.acc_scale(self.input_scale(node), w_scale).float()
             acc_scale = acc_scale.reshape(shape) if acc_scale.numel() > 1 else acc_scale
-            self._acc[node] = (acc, acc_scale)
+            self._acc[node] = (acc, acc_scale, b_node)
             out = self.call(exact_layer_output, acc, self.buffer(node.target + "_acc_scale", acc_scale))
             self.note(node, f"float {type(layer).__name__[5:]} on integers", "float",
                       "read in float (no identity/ReLU quantizer requantizes it): exact integer accumulator x scale")

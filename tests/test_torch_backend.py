@@ -101,7 +101,7 @@ torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r}
     assert quantfx.verify(q, path, x).max_error_lsb == 0.0
 
 
-@pytest.mark.parametrize("engine, bits", [("x86", 7), ("fbgemm", 7), ("qnnpack", 8)])
+@pytest.mark.parametrize("engine, bits", [("x86", 7), ("fbgemm", 7), ("qnnpack", 8), ("onednn", 7)])
 def test_engine_range_is_honoured(engine, bits):
     """7-bit activation codes on x86/fbgemm (whose AVX2 kernels sum u8 x s8 pairs into a saturating int16),
     8-bit on qnnpack: in the quantizers, and in the artefact's integers even for inputs far past calibration
@@ -127,6 +127,70 @@ def test_engine_range_is_honoured(engine, bits):
         Recorder(program.module).run(x)
     assert codes and max(codes) == 2 ** bits - 1
     assert quantfx.verify(q, program, x).max_error_lsb == 0.0
+
+
+needs_onednn = pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
+                                  reason="this PyTorch build has no onednn quantized engine")
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_onednn_engine_verifies_at_zero_lsb_on_every_quantizer(name):
+    """The onednn profile (requant='float_bias': the bias added in float32 after scaling, as oneDNN does) agrees
+    with the engine to the bit at every activation quantizer. With fbgemm's arithmetic in the fake-quant model,
+    MobileNetV2 and ShuffleNet each had one activation off by 1 LSB here, and UNet 2 LSB at its output."""
+    from quantfx.targets.torch_quantized import quantized_engine
+    q = quantized(name, torch_profile("onednn"))
+    program = quantfx.lower(q, (example_input(name, batch=1),))
+    assert program.engine == "onednn"
+    with quantized_engine("onednn"):
+        for seed in (7, 123):
+            x = example_input(name, batch=4, seed=seed)
+            expected = _intermediates(q, (x,))
+            got = run_program_intermediates(program, (x,), list(expected))
+            assert len(got) >= 2
+            for node_name, value in got.items():
+                assert np.array_equal(value, expected[node_name]), (seed, node_name)
+
+
+@needs_onednn
+@pytest.mark.parametrize("layer", ["conv", "conv_relu", "linear"])
+def test_onednn_requantization_formula_matches_the_engine(layer):
+    """quantfx.quant.functional.requantize_bias_after against oneDNN's int8 kernels on 256 input codes x 1024
+    output channels of random scales and float biases (a 1x1 conv or linear with one input: every accumulator
+    value (x - zp) x w_int is visited): not one integer differs."""
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+    from quantfx.quant import functional as qf
+    from quantfx.targets.torch_quantized import quantized_engine
+    g = torch.Generator().manual_seed(1)
+    channels, differ = 1024, 0
+    with quantized_engine("onednn"):
+        for trial in range(2):
+            s_in = float(torch.rand(1, generator=g) * 0.05 + 0.005)
+            s_out = float(torch.rand(1, generator=g) * 0.05 + 0.01)
+            zp_in, zp_out = 128, int(torch.randint(0, 128, (1,), generator=g))
+            w_scale = (torch.rand(channels, generator=g) * 0.02 + 0.001).double()
+            w_int = torch.randint(-127, 128, (channels, 1), generator=g)
+            b_int = torch.randint(-3000, 3000, (channels,), generator=g).double()
+            shape = (channels, 1, 1, 1) if layer != "linear" else (channels, 1)
+            qw = torch._make_per_channel_quantized_tensor(w_int.to(torch.int8).reshape(shape), w_scale,
+                                                          torch.zeros(channels, dtype=torch.long), 0)
+            acc_scale = (torch.tensor(s_in, dtype=torch.float32) * qw.q_per_channel_scales().float())
+            bias = b_int.float() * acc_scale  # the float32 bias the lowering hands the engine
+            module = {"conv": lambda: nnq.Conv2d(1, channels, 1), "conv_relu": lambda: nniq.ConvReLU2d(1, channels, 1),
+                      "linear": lambda: nnq.Linear(1, channels)}[layer]()
+            module.set_weight_bias(qw, bias)
+            module.scale, module.zero_point = s_out, zp_out
+            codes = torch.arange(256, dtype=torch.uint8)
+            x = codes.reshape(1, 1, 16, 16) if layer != "linear" else codes.reshape(256, 1)
+            y = module(torch._make_per_tensor_quantized_tensor(x, s_in, zp_in)).int_repr().double()
+            y = y.reshape(channels, 256) if layer != "linear" else y.t()
+            acc = (codes.double() - zp_in)[None, :] * w_int.double() + b_int[:, None]
+            want = qf.requantize_bias_after(acc, acc_scale[:, None], b_int[:, None], torch.tensor(s_out),
+                                            torch.tensor(float(zp_out)), 0, 255, relu=layer == "conv_relu")
+            differ += int((want != y).sum())
+    assert differ == 0
 
 
 class WithFloatOps(nn.Module):

@@ -29,7 +29,9 @@ class QuantAct(nn.Module):
         # how an exact accumulator (a QuantTensor with exact=True, from the conv/linear before) becomes this
         # activation's integers in eval mode: "float" quantizes its value; "multiplier" requantizes its integers
         # with one float32 multiplier, as onnxruntime does (set by the compiler on requant='multiplier' targets);
-        # "inverse_multiplier" computes the multiplier with the reciprocal of the output scale, as qnnpack does
+        # "inverse_multiplier" computes the multiplier with the reciprocal of the output scale, as qnnpack does;
+        # "float_bias" scales the accumulator without its bias, adds the bias in float32, then multiplies by the
+        # reciprocal of the output scale, as oneDNN does (quantfx.quant.functional.requantize_bias_after)
         self.requant = "float"
 
     def act_fn(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,14 +46,14 @@ class QuantAct(nn.Module):
         y = self.act_fn(xv)
         if self.requant != "float" and isinstance(x, QuantTensor) and x.exact and not self.training and \
                 not self.act_quant.calibrating and self.runtime_requant_ok():
-            qt = self._requantize_like_runtime(x.scale, xv, y)
+            qt = self._requantize_like_runtime(x.scale, xv, y, x.acc_bias)
         else:
             qt = self.act_quant.quant_tensor(y, training=self.training)
         if self.return_quant_tensor and isinstance(qt, QuantTensor):
             return qt
         return value_of(qt)
 
-    def _requantize_like_runtime(self, acc_scale, xv, y) -> QuantTensor:
+    def _requantize_like_runtime(self, acc_scale, xv, y, acc_bias=None) -> QuantTensor:
         """Eval mode, on an accumulator a layer computed exactly (``requant='multiplier'``, set by the compiler on
         targets that requantize so): the integers the runtime's requantization gives
         (:func:`quantfx.quant.functional.requantize_multiplier`), not a rounded float quotient. The values
@@ -74,10 +76,14 @@ class QuantAct(nn.Module):
                 bool(torch.all((qmax - zp) * scale <= self.max_val))
             if not relu6_ok:
                 return plain if plain is not None else q.quant_tensor(y, training=False)
-            if isinstance(self, QuantReLU):
-                acc = torch.clamp(acc, min=0.0)
-            ints = qf.requantize_multiplier(acc, acc_scale, scale.detach(), zp.detach(), qmin, qmax,
-                                            inverse=self.requant == "inverse_multiplier")
+            if self.requant == "float_bias":
+                ints = qf.requantize_bias_after(acc, acc_scale, acc_bias, scale.detach(), zp.detach(), qmin, qmax,
+                                                relu=isinstance(self, QuantReLU))
+            else:
+                if isinstance(self, QuantReLU):
+                    acc = torch.clamp(acc, min=0.0)
+                ints = qf.requantize_multiplier(acc, acc_scale, scale.detach(), zp.detach(), qmin, qmax,
+                                                inverse=self.requant == "inverse_multiplier")
             value = (ints - zp.detach()) * scale.detach()
         if plain is not None:
             value = plain.value + (value - plain.value).detach()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,19 +109,19 @@ class QuantWBIOL(InputQuantMixin):
                                               training=self.training)
             bv = value_of(qb)
         exact = self._exact_ok(qx, qw, qb)
-        small = False
+        small, acc_bias = False, None
         needs_grad = torch.is_grad_enabled() and (xv.requires_grad or any(p.requires_grad for p in self.parameters()))
         if exact and not needs_grad:
-            out, small = self._exact_accumulator(xv, qx, qw, qb)
+            out, small, acc_bias = self._exact_accumulator(xv, qx, qw, qb)
         else:
             out = self.inner_forward(xv, wv, bv)
             if exact:  # exact values, float gradients
-                acc, small = self._exact_accumulator(xv, qx, qw, qb)
+                acc, small, acc_bias = self._exact_accumulator(xv, qx, qw, qb)
                 out = out + (acc - out).detach()
         result = out
         if qx is not None and isinstance(qw, QuantTensor) and qx.scale.numel() == 1:
             # (a per-channel input scale puts each input channel on its own grid: the sum is on none)
-            result = self._accumulator(out, qx, qw, qb, exact=small)
+            result = self._accumulator(out, qx, qw, qb, exact=small, acc_bias=acc_bias)
         if self.output_quant.is_quant_enabled:
             result = self.output_quant.quant_tensor(out, training=self.training)
         if self.return_quant_tensor and isinstance(result, QuantTensor):
@@ -161,12 +162,13 @@ class QuantWBIOL(InputQuantMixin):
             isinstance(qw, QuantTensor) and self._integer_layer(qw.zero_point) and \
             (self.bias is None or isinstance(qb, QuantTensor))
 
-    def _exact_accumulator(self, xv, qx, qw, qb) -> tuple[torch.Tensor, bool]:
+    def _exact_accumulator(self, xv, qx, qw, qb) -> tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
         """The layer output as the integer hardware computes it: the integer accumulator (input integers minus
         zero point, times weight integers, plus bias integers; exact, see :class:`ExactIntegerOp`) times the
         accumulator scale, rounded once to float32. The accumulator scale is the float32 product input scale x
         weight scale, as the runtimes compute it. Returns (output, whether it carries the accumulator exactly:
-        below 2^22, so the activation after it can recover the integers)."""
+        below 2^22, so the activation after it can recover the integers; the bias integers it includes, shaped to
+        broadcast, or None)."""
         with torch.no_grad():
             # float32 quotients of values on the grid round back to their integers (|int| < 2^22)
             x_int = torch.round(xv.detach().float() / qx.scale.detach().float())
@@ -180,15 +182,16 @@ class QuantWBIOL(InputQuantMixin):
                 self.__dict__["_exact_op"] = op
             acc = op(lambda a, b: self.inner_forward(a, b, None), x_int)
             acc_scale = self._acc_scale_of(qx, qw, acc.dim()).detach().float()
+            acc_bias = None
             if qb is not None:  # the bias integers, on the accumulator grid (external scale), as exported
-                acc = acc.double() + qf.broadcast_shape(self.int_bias().double(), acc.dim(),
-                                                        self.out_channel_axis % acc.dim())
+                acc_bias = qf.broadcast_shape(self.int_bias().double(), acc.dim(), self.out_channel_axis % acc.dim())
+                acc = acc.double() + acc_bias
             small = float(acc.abs().max()) < 2 ** 22 if acc.numel() else True
             if small:  # exact integers below 2^22: one float32 product rounds once
-                return acc.float() * acc_scale, True
-            return (acc.double() * acc_scale.double()).float(), False
+                return acc.float() * acc_scale, True, acc_bias
+            return (acc.double() * acc_scale.double()).float(), False, acc_bias
 
-    def _accumulator(self, out, qx, qw, qb, exact: bool = False) -> QuantTensor:
+    def _accumulator(self, out, qx, qw, qb, exact: bool = False, acc_bias=None) -> QuantTensor:
         scale = self._acc_scale_of(qx, qw, out.dim())
         axis = self.out_channel_axis % out.dim()
         bits = qf.accumulator_bit_width(qx.bit_width, qw.bit_width, self.weight_quant.narrow_range,
@@ -200,7 +203,8 @@ class QuantWBIOL(InputQuantMixin):
             # float or internally-scaled bias: not on the accumulator grid, so it becomes a zero point.
             bias = value_of(qb) if qb is not None else self.bias
             zero_point = -qf.broadcast_shape(bias, out.dim(), axis) / scale
-        return QuantTensor(out, scale, zero_point, bits, True, self.training, exact=exact)
+        return QuantTensor(out, scale, zero_point, bits, True, self.training, exact=exact,
+                           acc_bias=acc_bias if exact else None)
 
 
 F32_EXACT = 2 ** 24  # float32 holds every integer below this

@@ -84,6 +84,25 @@ def requantize_multiplier(acc, acc_scale, scale, zero_point, qmin: int, qmax: in
     return torch.round(v) + zero_point.float()
 
 
+def requantize_bias_after(acc, acc_scale, acc_bias, scale, zero_point, qmin: int, qmax: int,
+                          relu: bool = False) -> torch.Tensor:
+    """Integers of an exact integer accumulator ``acc`` (which includes the bias integers ``acc_bias``, or None)
+    requantized the way oneDNN's int8 convolutions and inner products do it (PyTorch's 'onednn' engine): the
+    accumulator without bias scaled in float32, the float32 bias ``b = float32(acc_bias x acc_scale)`` added,
+    ReLU, times ``float32(1 / scale)``, plus the zero point in float32, rounded half to even and clamped:
+    ``rne(fl(fl(fl(fl(acc - acc_bias) x s_acc) + b) x fl(1 / scale)) + zp)``. Checked against the engine on
+    2 million accumulators (tests/test_torch_backend.py). No gradient (an exact model of the runtime)."""
+    s = acc_scale.float()
+    if acc_bias is None:
+        t = acc.float() * s
+    else:
+        t = (acc - acc_bias).float() * s + acc_bias.float() * s
+    if relu:
+        t = torch.clamp(t, min=0.0)
+    v = t * (1.0 / scale.float()) + zero_point.float()
+    return torch.clamp(torch.round(v), qmin, qmax)
+
+
 def bipolar_quant(x, scale) -> torch.Tensor:
     """1-bit: +scale where x >= 0, -scale elsewhere; identity gradient inside [-1, 1] * scale."""
     sign = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
