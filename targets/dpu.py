@@ -68,6 +68,8 @@ class DpuLowering(QDQLowering):
     ``form``: 'dpu' (the artefact) or 'fast' (int32 biases on the accumulator's scale, for onnxruntime's
     integer kernels); ``arch``: the DPU the report places nodes for (a name of ``dpu_arch.ARCHS``)."""
 
+    guard_double_qdq = False  # verified with onnxruntime's QDQ transformers off; the file keeps Quark's form
+
     target = "dpu"
 
     def __init__(self, qmodel, example_inputs, profile=None, arch=DEFAULT_ARCH, form: str = "dpu"):

@@ -32,9 +32,14 @@ class QDQLowering(OnnxLowering):
     target = "onnx"
     opset = 13
 
+    # put a Clip to the first grid's range between two Q/DQ pairs of different grids (see _qdq)
+    guard_double_qdq = True
+
     def begin(self):
         super().begin()
         self._requantized: set = set()
+        self._grids: dict = {}  # DequantizeLinear output -> (scale, zero point, int range) of its grid
+        self._guards: list = []  # the Clips _qdq put between two Q/DQ pairs
 
     def emit_act_quant(self, x, q, base):
         scale, zp = q.qparams(None)
@@ -48,13 +53,42 @@ class QDQLowering(OnnxLowering):
 
     def _qdq(self, x, scale, zp, int_range, signed, base):
         dtype = _int_dtype(8, signed)
+        grid = (float(scale.reshape(())), float(zp.reshape(()).round()))
+        up = self._grids.get(x)
+        if self.guard_double_qdq and up is not None and up[:2] != grid:
+            # Q1 -> DQ1 -> Q2 -> DQ2 of two grids (a requantizer reading a quantizer): onnxruntime's
+            # DoubleQDQPairsRemover replaces the pairs by one Q/DQ of a third scale spanning both ranges, which
+            # rounds otherwise (2 LSB found by the property tests). A Clip to DQ1's own range between them is
+            # the identity on its values (they are that grid's, in float32) and leaves no pattern to rewrite.
+            (s1, z1), (lo, hi) = up[:2], up[2]
+            x = self.op("Clip", [x, self.const(base + "_grid_min", np.float32(np.float32(lo - z1) * np.float32(s1))),
+                                 self.const(base + "_grid_max", np.float32(np.float32(hi - z1) * np.float32(s1)))],
+                        base + "_grid")
+            self._guards.append(x)
         s, z = self._q_consts(base, scale, zp, signed)
         y = self.op("QuantizeLinear", [x, s, z], base + "_q")
         info = np.iinfo(dtype)
         if tuple(int_range) != (info.min, info.max):
             y = self.op("Clip", [y, self.const(base + "_qmin", np.asarray(int_range[0], dtype)),
                                  self.const(base + "_qmax", np.asarray(int_range[1], dtype))], base + "_clip")
-        return self.op("DequantizeLinear", [y, s, z], base)
+        out = self.op("DequantizeLinear", [y, s, z], base)
+        self._grids[out] = grid + (tuple(int_range),)
+        return out
+
+    def postprocess(self, model) -> None:
+        """Drop the Clips between Q/DQ pairs where the first DequantizeLinear has other readers too: the
+        remover rewrites only a DequantizeLinear read by one QuantizeLinear, so there they guard nothing."""
+        super().postprocess(model)
+        for clip in self._guards:
+            node = clip.producer()
+            src = node.inputs[0]
+            if len(src.uses()) > 1:
+                bounds = list(node.inputs[1:])
+                clip.replace_all_uses_with(src)
+                model.graph.remove(node, safe=True)
+                for v in bounds:
+                    if not v.uses():
+                        del model.graph.initializers[v.name]
 
     def emit(self, node):
         out = super().emit(node)

@@ -8,7 +8,7 @@ from torch import nn
 import quantfx
 from quantfx.lowering import BACKENDS
 
-from property_harness import compile_export_verify
+from property_harness import BATCH, CALIB_BATCHES, compile_export_verify
 from property_models import ModelSpec, Step, build, inputs
 
 
@@ -186,10 +186,10 @@ def test_adds_whose_output_grid_is_a_power_of_two_times_the_input_grid(target):
 
 
 # Found by the long run (QUANTFX_LONG_PROPERTIES=1), seed 0 inputs from property_harness: t = relu(x + x);
-# r = conv1x1(x) + x; relu(cat(...)). 2 LSB at the output. On onnx every activation agrees to the bit when the
-# file runs with its intermediate values exposed (run_onnx_intermediates), so the difference comes from
-# onnxruntime's graph optimisations of the full file (a fusion around the Concat -> Relu -> QuantizeLinear
-# requantization, not isolated yet). On torch the first node off is the final ReLU quantizer (act_4, 2 LSB),
+# r = conv1x1(x) + x; relu(cat(...)). 2 LSB at the output. On onnx every activation agreed to the bit when the
+# file ran with its intermediate values exposed (run_onnx_intermediates): the difference came from onnxruntime's
+# DoubleQDQPairsRemover, which rewrites Q1 -> DQ1 -> Q2 -> DQ2 (the ReLU's grid, then the cat's) as one pair of
+# a third scale (targets/onnx_qdq.py, QDQLowering._qdq). On torch the first node off is the final ReLU quantizer (act_4, 2 LSB),
 # which requantizes the cat's grid (scale 0.0512, zero point 51) in float while every input of it agrees; the
 # ReLU before the cat (act_1) has exactly the same scale, 0.030644554644823074. Not isolated either.
 _RELU = (("act", "relu"), ("functional", False))
@@ -203,9 +203,9 @@ def _relu_add_cat(shape, cat):
 
 
 @pytest.mark.parametrize("target, spec", [
-    pytest.param("onnx", _relu_add_cat((2, 4), (3, 2)), marks=pytest.mark.xfail(strict=True, reason=(
-        "2 LSB only in onnxruntime's optimised session (every node agrees with intermediates exposed): not "
-        "isolated"))),
+    # was 2 LSB in onnxruntime's optimised session: its DoubleQDQPairsRemover merged the ReLU's Q/DQ and the
+    # cat grid's requantizing Q/DQ into one pair of a third scale; the lowering now puts a Clip between them
+    ("onnx", _relu_add_cat((2, 4), (3, 2))),
     ("torch", _relu_add_cat((1, 3), (1, 3))),  # was 2 LSB: a tied quantized::add, now run in float
     ("finn", _relu_add_cat((2, 4), (3, 2))), ("finn", _relu_add_cat((1, 3), (1, 3))),
     ("torch", _relu_add_cat((2, 4), (3, 2))), ("onnx", _relu_add_cat((1, 3), (1, 3)))])
@@ -214,3 +214,23 @@ def test_relu_of_a_cat_of_a_residual_add_and_a_doubled_input(target, spec):
         warnings.simplefilter("ignore")
         outcome, report = compile_export_verify(spec, target)
     assert outcome == "ok" and report.max_error_lsb <= 1.0, str(report)
+
+
+def test_requantizer_of_a_quantizer_keeps_its_two_roundings_in_onnxruntime(monkeypatch):
+    """The ReLU's grid requantized onto the cat's: the file holds a Clip to the first grid's range between the
+    two Q/DQ pairs, and verifies at 0 LSB in onnxruntime's optimised session; without that Clip onnxruntime's
+    DoubleQDQPairsRemover merges the pairs into one of a third scale and the output moves."""
+    from quantfx.targets.onnx_qdq import QDQLowering
+    spec = _relu_add_cat((2, 4), (3, 2))
+    model = build(spec)
+    calib = [inputs(spec, BATCH, seed=spec.seed + 10 + i) for i in range(CALIB_BATCHES)]
+    x = inputs(spec, BATCH, seed=spec.seed + 99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantfx.quantize(model, "onnx", calibration_data=calib, progress=False)
+        guarded = quantfx.lower(q, (calib[0][:1],))
+        assert [n.op_type for n in guarded.graph.node if n.name.endswith("_grid_Clip")] == ["Clip"]
+        assert quantfx.verify(q, guarded, (x,)).max_error_lsb == 0.0
+        monkeypatch.setattr(QDQLowering, "guard_double_qdq", False)
+        bare = quantfx.lower(q, (calib[0][:1],))
+        assert quantfx.verify(q, bare, (x,)).max_error_lsb >= 1.0
