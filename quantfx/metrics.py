@@ -9,7 +9,7 @@ import torch
 def sqnr(ref, got) -> float:
     """Signal-to-quantization-noise ratio of ``got`` against ``ref`` in dB, ``10 log10(sum ref^2 / sum (ref -
     got)^2)``, in float64; ``inf`` when they are equal. Tensors or arrays of one shape."""
-    ref, got = torch.as_tensor(ref).double(), torch.as_tensor(got).double()
+    ref, got = torch.as_tensor(ref).detach().double(), torch.as_tensor(got).detach().double()
     if ref.shape != got.shape:
         from .errors import QuantArgumentError
         raise QuantArgumentError(f"sqnr: shapes differ, {tuple(ref.shape)} and {tuple(got.shape)}")
