@@ -1,0 +1,169 @@
+"""torch target: a file gives the same integers whichever instruction set the runtime picks.
+
+PyTorch's kernels choose their code path by the CPU: oneDNN's int8 convolutions use AVX512-VNNI where the CPU has
+it, AVX512BW or AVX2 (``vpmaddubsw``: u8 x s8 products summed in saturating int16 pairs) elsewhere; ATen's
+vectorized quantized ops (``quantized::add``, clamp, quantize) run AVX512, AVX2 or scalar loops. Both can be held
+below what the CPU has by the environment of a fresh process: ``ONEDNN_MAX_CPU_ISA`` and ``ATEN_CPU_CAPABILITY``.
+This test runs the files written here in subprocesses at each level this CPU can run, and checks
+
+- the saved ``.pt`` gives the same output bytes as in this process, at 0 LSB from the fake-quant model;
+- lowering again in that process makes the same decisions (the report: which add runs as ``quantized::add``)
+  and every activation quantizer agrees to the bit;
+- a control: a plain 8-bit oneDNN convolution (codes up to 255, weights +-127) does give other integers under
+  the AVX2 cap where this CPU has VNNI, so the caps do change the arithmetic and the checks above can fail.
+
+fbgemm files (the default) pass at every level; the onednn profile's files part at rare ties under oneDNN's
+AVX2 kernels when written on an AVX512 CPU (an xfail with its figures).
+
+fbgemm picks its kernels from cpuinfo with no cap; its files are covered by the 7-bit activation range (no pair
+can saturate) and by running the suite on AVX2 and AVX512-VNNI machines (README: the torch target)."""
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import quantfx
+from quantfx.export import _intermediates
+from quantfx.targets import torch_profile
+from quantfx.zoo import TEST_MODELS, example_input
+
+MODELS = ("resnet", "unet", "mobilenetv2")   # residual adds, decoder ties, depthwise convs
+ENGINES = ("fbgemm", "onednn")
+
+# one child process per level: (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY); None leaves the variable unset
+LEVELS = {"native": (None, None), "avx512_core": ("AVX512_CORE", "avx512"), "avx2": ("AVX2", "avx2"),
+          "scalar_aten": (None, "default")}
+
+CHILD = textwrap.dedent(r"""
+    import json, pickle, sys, warnings
+    import numpy as np, torch
+    warnings.filterwarnings("ignore")
+    import quantfx
+    from quantfx.targets.torch_quantized import load_program, quantized_engine, run_program, run_program_intermediates
+    import torch.ao.nn.quantized as nnq
+    work = sys.argv[1]
+    cases = pickle.load(open(work + "/cases.pkl", "rb"))
+    out = {"aten": torch.backends.cpu.get_cpu_capability()}
+    results = {}
+    for key, case in cases.items():
+        program = load_program(case["path"])
+        file_out = run_program(program, (case["x"],))
+        relowered = quantfx.lower(case["qmodel"], (case["x"][:1],))
+        inter = run_program_intermediates(relowered, (case["x"],), case["names"])
+        results[key] = {"file": file_out, "inter": inter, "report": relowered.report}
+    # the control: a full 8-bit oneDNN conv, whose int16 pair sums saturate on AVX2 but not with VNNI
+    g = torch.Generator().manual_seed(0)
+    with quantized_engine("onednn"):
+        conv = nnq.Conv2d(16, 8, 3)
+        w = torch.randint(-127, 128, (8, 16, 3, 3), generator=g).to(torch.int8)
+        conv.set_weight_bias(torch._make_per_tensor_quantized_tensor(w, 0.01, 0), None)
+        conv.scale, conv.zero_point = 1000.0, 0
+        codes = torch.randint(200, 256, (1, 16, 10, 10), generator=g).to(torch.uint8)
+        results["control"] = conv(torch._make_per_tensor_quantized_tensor(codes, 1.0, 0)).int_repr().numpy()
+    pickle.dump({"meta": out, "results": results}, open(work + "/out.pkl", "wb"))
+""")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this PyTorch build has no onednn quantized engine")
+    work = tmp_path_factory.mktemp("isa")
+    cases, expected = {}, {}
+    for name in MODELS:
+        ctor, _ = TEST_MODELS[name]
+        data = [example_input(name, batch=4, seed=i) for i in range(4)]
+        x = example_input(name, batch=4, seed=31)
+        for engine in ENGINES:
+            torch.manual_seed(0)
+            q = quantfx.quantize(ctor().eval(), torch_profile(engine), calibration_data=data, progress=False)
+            path = work / f"{name}_{engine}.pt"
+            program = quantfx.export(q, path, example_inputs=(x[:1],))
+            inter = _intermediates(q, (x,))
+            with torch.no_grad():
+                y = q(x)
+            key = f"{name}/{engine}"
+            cases[key] = {"path": str(path), "x": x, "qmodel": q, "names": sorted(inter)}
+            expected[key] = {"inter": inter, "out": y.numpy(), "report": program.report,
+                             "file": quantfx.targets.torch_quantized.run_program(
+                                 quantfx.targets.torch_quantized.load_program(path), (x,))}
+    with open(work / "cases.pkl", "wb") as f:
+        pickle.dump(cases, f)
+    return work, expected
+
+
+def _run_child(work, level):
+    isa, aten = LEVELS[level]
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    env.update({k: v for k, v in (("ONEDNN_MAX_CPU_ISA", isa), ("ATEN_CPU_CAPABILITY", aten)) if v})
+    env["ONEDNN_VERBOSE"] = "1"   # its first line names the ISA oneDNN runs
+    run = subprocess.run([sys.executable, "-c", CHILD, str(work)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    isa_line = next((ln for ln in run.stdout.splitlines() if ",isa:" in ln), "")
+    with open(work / "out.pkl", "rb") as f:
+        out = pickle.load(f)
+    out["meta"]["onednn"] = isa_line.split(",isa:", 1)[-1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(cases):
+    work, _ = cases
+    return {level: _run_child(work, level) for level in LEVELS}
+
+
+def _mismatches(want, res) -> list:
+    """Where a run in a child process parts from this process: the saved file's outputs, the decisions of a
+    lowering there (the report), every activation quantizer of that lowering."""
+    bad = [f"output {i}" for i, (a, b) in enumerate(zip(res["file"], want["file"])) if not np.array_equal(a, b)]
+    if res["report"] != want["report"]:
+        bad.append("report")
+    assert len(res["inter"]) >= 2
+    return bad + [f"{node}: {int((v != want['inter'][node]).sum())} of {v.size}" for node, v in res["inter"].items()
+                  if not np.array_equal(v, want["inter"][node])]
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_fbgemm_files_give_the_same_integers_at_every_instruction_set(cases, runs, level):
+    """The default engine: ATen's AVX512, AVX2 and scalar loops (quantized::add, clamp) and every oneDNN ISA give
+    the file's integers, at 0 LSB from the fake-quant model."""
+    _, expected = cases
+    got = runs[level]
+    for key, want in expected.items():
+        if key.endswith("/fbgemm"):
+            assert np.array_equal(want["file"][0], want["out"]), key
+            assert _mismatches(want, got["results"][key]) == [], (level, key, got["meta"])
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_onednn_files_at_every_instruction_set(cases, runs, level):
+    """The onednn profile models oneDNN's requantization as its AVX512 kernels compute it (0 LSB here at the
+    native and AVX512BW levels). Under oneDNN's AVX2 kernels, a file calibrated and written on an AVX512-VNNI CPU
+    parts at rare rounding ties (UNet: one value of 32,768 at enc2_0_2, 201 of 8,192 outputs by the end): a known
+    gap, stated in the README; fbgemm, the default, has none."""
+    _, expected = cases
+    got = runs[level]
+    native = runs["native"]["meta"]["onednn"]
+    bad = {key: _mismatches(want, got["results"][key]) for key, want in expected.items() if key.endswith("/onednn")}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad and got["meta"]["onednn"] != native and "AVX2" in got["meta"]["onednn"]:
+        pytest.xfail(f"oneDNN {got['meta']['onednn']} (native: {native}): {bad}")
+    assert not bad, (level, got["meta"], bad)
+
+
+def test_the_instruction_set_caps_change_the_arithmetic(runs):
+    """The caps are real: AVX2's saturating pairs give a full 8-bit conv other integers than VNNI's exact sums.
+    Where this CPU has no VNNI the native level is already the saturating one and there is nothing to tell."""
+    native, avx2 = runs["native"], runs["avx2"]
+    assert "AVX2" in avx2["meta"]["onednn"] and "AVX-512" not in avx2["meta"]["onednn"], avx2["meta"]
+    assert avx2["meta"]["aten"] == "AVX2" and runs["scalar_aten"]["meta"]["aten"] == "DEFAULT"
+    if "DL Boost" not in native["meta"]["onednn"] and "VNNI" not in native["meta"]["onednn"]:
+        pytest.skip(f"this CPU's oneDNN ISA is {native['meta']['onednn']!r}: no VNNI to compare AVX2 with")
+    a, b = native["results"]["control"], avx2["results"]["control"]
+    assert (a != b).sum() > 10, "the AVX2 cap did not change oneDNN's arithmetic"
