@@ -1,4 +1,4 @@
-"""torch target: latency of the lowered int8 program against torch.ao's FX flow (prepare_fx + convert_fx, x86
+"""torch target: latency of the lowered int8 programs (engines fbgemm and onednn) against torch.ao's FX flow (prepare_fx + convert_fx, x86
 backend, the comparison only: quantfx never uses it) and the float model, side by side in one run, batch 1,
 for 1 and 2 threads; and the time to lower a ResNet-50-sized model.
 
@@ -20,6 +20,8 @@ import quantfx
 from quantfx import zoo
 from quantfx.targets import torch_profile
 from quantfx.targets.torch_quantized import quantized_engine
+
+ENGINES = ("fbgemm", "onednn")  # quantfx's default, and oneDNN's arithmetic modelled
 
 
 def cpu_name() -> str:
@@ -48,10 +50,12 @@ def build(name: str, size: int):
     torch.manual_seed(0)
     model = ctor().eval()
     calib = [torch.randn(1, 3, size, size) for _ in range(4)]
-    q = quantfx.quantize(model, torch_profile(), calibration_data=calib, progress=False)
-    program = quantfx.lower(q, (calib[0],))
+    programs = {}
+    for engine in ENGINES:
+        q = quantfx.quantize(model, torch_profile(engine), calibration_data=calib, progress=False)
+        programs[engine] = quantfx.lower(q, (calib[0],))
     ao = torch_ao_int8(zoo_copy(ctor), calib, calib[0])
-    return model, program, ao
+    return model, programs, ao
 
 
 def zoo_copy(ctor):
@@ -60,16 +64,20 @@ def zoo_copy(ctor):
 
 
 def measure(fns: dict, x, runs: int) -> dict:
+    """Median ms of each ``name: (fn, engine)``, each called under its quantized engine (a quantfx program's
+    own; torch.ao's modules keep the packing of the engine they were converted under)."""
     times = {k: [] for k in fns}
-    with torch.no_grad(), quantized_engine("fbgemm"):  # the engine quantfx's file records
-        for fn in fns.values():
-            for _ in range(5):
-                fn(x)
+    with torch.no_grad():
+        for fn, engine in fns.values():
+            with quantized_engine(engine):
+                for _ in range(5):
+                    fn(x)
         for _ in range(runs):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn(x)
-                times[k].append(time.perf_counter() - t)
+            for k, (fn, engine) in fns.items():
+                with quantized_engine(engine):
+                    t = time.perf_counter()
+                    fn(x)
+                    times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -81,18 +89,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # this script only
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; quantfx engine fbgemm; torch.ao x86 backend config "
-          "(packed under fbgemm here: on a CPU without VNNI PyTorch's x86 engine runs fbgemm's kernels)")
-    print("| model | threads | float ms | torch.ao int8 ms | quantfx int8 ms | quantfx vs float | quantfx vs torch.ao |")
-    print("|---|---|---|---|---|---|---|")
+    vnni = "VNNI" in cpu_name()
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; quantfx engines {', '.join(ENGINES)}; torch.ao x86 "
+          f"backend config, converted under engine x86 (on this CPU {'oneDNN convolutions' if vnni else 'fbgemm'})")
+    print("| model | threads | float ms | torch.ao int8 ms | quantfx fbgemm ms | quantfx onednn ms | fbgemm vs float "
+          "| fbgemm vs torch.ao | onednn vs float | onednn vs torch.ao |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     x = torch.randn(1, 3, args.size, args.size)
     for name in args.models:
-        model, program, ao = build(name, args.size)
+        model, programs, ao = build(name, args.size)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            ms = measure({"float": model, "ao": ao, "quantfx": program.module}, x, args.runs)
-            print(f"| {name} | {threads} | {ms['float']:.2f} | {ms['ao']:.2f} | {ms['quantfx']:.2f} | "
-                  f"{ms['float'] / ms['quantfx']:.2f}x | {ms['ao'] / ms['quantfx']:.2f}x |", flush=True)
+            fns = {"float": (model, "x86"), "ao": (ao, "x86"),
+                   **{e: (p.module, p.engine) for e, p in programs.items()}}
+            ms = measure(fns, x, args.runs)
+            print(f"| {name} | {threads} | {ms['float']:.2f} | {ms['ao']:.2f} | {ms['fbgemm']:.2f} | {ms['onednn']:.2f} | "
+                  + " | ".join(f"{ms['float'] / ms[e]:.2f}x | {ms['ao'] / ms[e]:.2f}x" for e in ENGINES) + " |",
+                  flush=True)
     torch.set_num_threads(1)
     m50 = zoo.resnet50_like().eval()
     x50 = torch.randn(1, 3, args.size, args.size)
