@@ -21,6 +21,8 @@ class Quantizer(nn.Module):
     """
 
     scale_group = None  # a ScaleGroup whose scale this quantizer shares (set on the instance by ScaleGroup)
+    calibrated_by = None  # the statistic its last calibration used ('max', 'mse', ...), for quantfx.inspect
+    rounding_learned = False  # its weight integers were chosen on data (quantfx.weight_rounding)
 
     def __init__(self, spec=QuantSpec, name: str | None = None, **overrides):
         super().__init__()
@@ -209,6 +211,8 @@ class Quantizer(nn.Module):
             if self.scale_group is not None:
                 return self._from_stat(stat, self.scale_group.scale(self, stat))
             return self._from_stat(stat)
+        if self.is_frozen:
+            return self._from_stat(self.stat)  # (freeze_weight_scale)
         if x is None:
             if self._last is not None:
                 return self._last
@@ -216,6 +220,25 @@ class Quantizer(nn.Module):
                                      "(call the layer's quant_weight() first, or pass the tensor)")
         hit = self._cached(x, self._weight_cache_key(x))
         return hit[3] if hit is not None else self._from_stat(self.batch_stat(x))
+
+    @property
+    def is_frozen(self) -> bool:
+        """A weight quantizer whose scale no longer follows the weights (:meth:`freeze_weight_scale`)."""
+        return self.kind == "weight" and bool(self.calibrated) and self.stat.numel() > 0
+
+    def freeze_weight_scale(self, w: torch.Tensor) -> None:
+        """Keep the scale that weight tensor ``w`` gives from now on, whatever the weights become (learned
+        rounding writes its integers into the weights, which would move a statistics-based scale). Stored in
+        the ``stat`` buffer, so it travels with the state dict. A frozen scale stays as it is."""
+        if self.kind != "weight" or not self.is_quant_enabled:
+            raise QuantArgumentError(f"{self._where}: only an enabled weight quantizer's scale can be frozen")
+        if self.is_frozen:
+            return
+        with torch.no_grad():
+            self.stat = self.batch_stat(w).detach().clone()
+        self.calibrated.fill_(True)
+        self.__dict__.pop("_wcache", None)
+        self.__dict__.pop("_icache", None)
 
     def scale(self, x=None) -> torch.Tensor:
         """The scale (0-d or [C]); weight quantizers use x or the tensor of their last call."""
@@ -249,6 +272,7 @@ class Quantizer(nn.Module):
             return
         stat = c["sum"] if c["method"] == "max" else c["sum"] / c["n"]
         self.stat = stat
+        self.calibrated_by = c["method"]
         self.calibrated.fill_(True)
         if self.learned_scale:
             self.scale_param.data = self._from_stat(stat)[0].detach().clone()
