@@ -23,6 +23,7 @@ from .api import (
 from .export import export, lower, verify, VerifyReport
 from .draw import draw
 from .metrics import sqnr
+from .weight_rounding import adaround
 
 # importing quantfx.targets registers the target profiles and backends in the core's registries (the profile
 # registry, quantfx.lowering.BACKENDS): last, since they build on everything above

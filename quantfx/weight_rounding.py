@@ -1,0 +1,212 @@
+"""Weight rounding learned on calibration data (AdaRound: Nagel et al., "Up or Down? Adaptive Rounding for
+Post-Training Quantization", ICML 2020).
+
+Each weight integer is the floor of ``w / s`` plus a learned 0 or 1, so it lies at most one step from the nearest
+integer. Layer by layer, in graph order, the choice minimises the error of the layer's output (through the
+activation that reads it) against the float model's, on the inputs the quantized model gives the layer with
+the layers before it already rounded ("asymmetric reconstruction", the paper's section 5). The result is
+written into the weights themselves (every weight on its grid, ``s x q``) and the weight scale is frozen
+(:meth:`quantfx.quant.Quantizer.freeze_weight_scale`), so every backend exports exactly these integers.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import fx, nn
+
+from .errors import QuantArgumentError
+from .nn import QuantWBIOL
+from .quant import Quantizer
+from .quant import functional as qf
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper eq. 23)
+NOTE = "weight_rounding"  # qmodel.notes key: one record per rounded layer
+DEFAULT_ITERATIONS = 1000  # Adam steps per layer when quantize/calibrate learn the rounding
+
+
+@dataclass
+class RoundedLayer:
+    """What learned rounding did to one layer."""
+    name: str
+    bits: int
+    changed: int  # weight integers that differ from round-to-nearest
+    total: int
+    mse_nearest: float  # output error on the calibration data before ...
+    mse_learned: float  # ... and after
+
+    def __str__(self):
+        return (f"{self.name}: {self.bits}-bit, {self.changed}/{self.total} integers off nearest, output MSE "
+                f"{self.mse_nearest:.3g} -> {self.mse_learned:.3g}")
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the layer of interest needs to run."""
+
+
+@contextlib.contextmanager
+def float_view(model: nn.Module):
+    """Within the block every quantizer of ``model`` is off and every layer whose weights learned rounding
+    replaced has its float weights back (``float_weight``): the compiled model computes its float original."""
+    qs = [m for m in model.modules() if isinstance(m, Quantizer) and m.is_quant_enabled]
+    swapped = [(m, m.weight.data) for m in model.modules()
+               if isinstance(m, QuantWBIOL) and getattr(m, "float_weight", None) is not None]
+    for q in qs:
+        q.is_quant_enabled = False
+    for m, _ in swapped:
+        m.weight.data = m.float_weight
+    try:
+        yield model
+    finally:
+        for q in qs:
+            q.is_quant_enabled = True
+        for m, rounded in swapped:
+            m.weight.data = rounded
+
+
+def _capture(model, layer, batches, n_in, quantized_input: bool) -> list[torch.Tensor]:
+    """The input ``layer`` computes with, per batch: as quantized by its input quantizer (or the upstream
+    quantizer the graph passes), or the plain value in a float view."""
+    from .calibration import _as_args
+    got = []
+
+    def hook(mod, args, kwargs):
+        x, src = args[0], kwargs.get("input_quantizer", args[1] if len(args) > 1 else None)
+        got.append((mod._quant_input(x, src)[0] if quantized_input else mod._quant_input(x, None)[0]).detach())
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(*_as_args(batch, n_in))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return got
+
+
+def _after(gm: fx.GraphModule, name: str):
+    """The float function the layer's output goes through before anything else reads it (its activation
+    module, in a float view), or the identity: the reconstruction error is measured after it."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == name), None)
+    if node is None or len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or user.args[0] is not node:
+        return None
+    mod = gm.get_submodule(user.target)
+    fn = getattr(mod, "act_fn", None)
+    return fn if callable(fn) else None
+
+
+def _layers(qmodel: nn.Module, max_bits: int):
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantWBIOL) and m.weight_quant.is_quant_enabled and \
+                1 < m.weight_quant.bit_width <= max_bits and m.weight_quant.fixed_scale is None:
+            yield name, m
+
+
+def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = None, batch_size: int = 32,
+             lr: float = 1e-2, reg: float = 0.01, max_bits: int = 8, seed: int = 0, progress: bool = True,
+             max_batches: Optional[int] = None) -> list[RoundedLayer]:
+    """Learn the rounding of every quantized layer's weights of ``qmodel`` (calibrated; weight bit widths 2 to
+    ``max_bits``) on ``data``; ``iterations`` Adam steps per layer (default :data:`DEFAULT_ITERATIONS`) on random
+    ``batch_size`` samples. Deterministic
+    under ``seed`` (for one torch thread count). Returns one :class:`RoundedLayer` per layer, also kept in
+    ``qmodel.notes['weight_rounding']``."""
+    from .calibration import _n_inputs, _progress
+    iterations = DEFAULT_ITERATIONS if iterations is None else iterations
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise QuantArgumentError(f"adaround: iterations={iterations!r}; give at least 1")
+    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
+    if not batches:
+        raise QuantArgumentError("adaround: the calibration data is empty; give at least one batch")
+    n_in = _n_inputs(qmodel)
+    was_training = qmodel.training
+    qmodel.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    layers = list(_layers(qmodel, max_bits))
+    try:
+        for name, layer in _progress(layers, progress and bool(layers), "learning weight rounding"):
+            with float_view(qmodel):
+                x_float = torch.cat(_capture(qmodel, layer, batches, n_in, quantized_input=False))
+            x_quant = torch.cat(_capture(qmodel, layer, batches, n_in, quantized_input=True))
+            after = _after(qmodel, name) if isinstance(qmodel, fx.GraphModule) else None
+            out.append(_round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, lr, reg, gen))
+    finally:
+        qmodel.train(was_training)
+    if hasattr(qmodel, "notes"):
+        qmodel.notes[NOTE] = [str(r) for r in out]
+    return out
+
+
+def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, lr, reg, gen) -> RoundedLayer:
+    wq = layer.weight_quant
+    original = getattr(layer, "float_weight", None)  # rounded before: start again from the float weights
+    w = (layer.weight if original is None else original).detach().clone()
+    with torch.no_grad():
+        scale, zp = wq.qparams(w)
+        s, z = wq.broadcast(scale, zp, w)
+        qmin, qmax = wq.int_range()
+        base = torch.floor(w / s)
+        rest = w / s - base
+        nearest = torch.clamp(qf.round_int(w / s, wq.rounding) + z, qmin, qmax)
+        bias = None if layer.bias is None else layer.bias.detach()
+        f = after or (lambda y: y)
+        target = f(layer.inner_forward(x_float, w, bias))
+    # h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1) starts at the fractional part of w / s
+    v = -torch.log((ZETA - GAMMA) / (rest.clamp(1e-4, 1 - 1e-4) - GAMMA) - 1)
+    v = nn.Parameter(v)
+    opt = torch.optim.Adam([v], lr=lr)
+    n = x_quant.shape[0]
+    warmup = iterations // 5
+
+    def soft(v):
+        return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def weight_of(ints):
+        return (ints - z) * s
+
+    def output_mse(weights) -> float:
+        with torch.no_grad():
+            return float((f(layer.inner_forward(x_quant, weights, bias)) - target).pow(2).mean())
+
+    before = output_mse(weight_of(nearest))
+    if not before > 0:  # nearest rounding already reproduces the float output
+        return RoundedLayer(name, wq.bit_width, 0, w.numel(), before, before)
+    for it in range(iterations):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        h = soft(v)
+        wt = weight_of(torch.clamp(base + h + z, qmin, qmax))
+        # the error relative to nearest rounding's, so that the regulariser weighs the same at any magnitude
+        loss = (f(layer.inner_forward(x_quant[idx], wt, bias)) - target[idx]).pow(2).mean() / before
+        if it >= warmup:
+            # beta anneals from 20 to 2, pushing every h to 0 or 1 (paper eq. 24)
+            beta = 2 + 18 * (1 - (it - warmup) / max(1, iterations - warmup))
+            loss = loss + reg * (1 - (2 * h - 1).abs().pow(beta)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        learned = torch.clamp(base + (soft(v) >= 0.5).to(w.dtype) + z, qmin, qmax)
+        after_mse = output_mse(weight_of(learned))
+        if after_mse > before:  # never worse than nearest on the data it saw
+            learned = nearest
+            after_mse = before
+        changed = int((learned != nearest).sum())
+        wq.freeze_weight_scale(w)
+        if getattr(layer, "float_weight", None) is None:  # the float original, for float_view (not saved)
+            layer.register_buffer("float_weight", w.clone(), persistent=False)
+        layer.weight.copy_(weight_of(learned))
+        wq.rounding_learned = True
+    return RoundedLayer(name, wq.bit_width, changed, learned.numel(), before, after_mse)
+
+
+__all__ = ["adaround", "float_view", "RoundedLayer"]
