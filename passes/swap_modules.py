@@ -1,6 +1,8 @@
 """swap_modules: replace float layers by ``quantfx.nn`` variants with the quantizers the target profile says.
 
 - every Conv/ConvTranspose/Linear -> its Quant* twin (weights from the profile; parameters via load_state_dict);
+  a weight of 4 bits or fewer gets its scale by MSE search (``weight_scale_stat='mse'``) unless an override says
+  otherwise: at such widths clipping the largest weights costs less than a coarse grid for all the others;
 - ReLU / ReLU6 / Hardtanh / Sigmoid -> QuantReLU / QuantReLU(max_val=6) / QuantHardTanh / QuantSigmoid
   (unsigned quantizers where the value is non-negative, as the profile says);
 - average pooling -> truncating QuantAvgPool2d / QuantAdaptiveAvgPool2d when the profile pools in integers;
@@ -27,7 +29,7 @@ from quantfx.nn import (
     adaptive_window, float_layer_kwargs,
 )
 from quantfx.pass_infra import PassResult
-from quantfx.quant.specs import FIELDS
+from quantfx.quant.specs import FIELDS, is_low_bit
 
 from .base import ProfilePass
 
@@ -118,6 +120,9 @@ class SwapModules(ProfilePass):
                     "override the activation that follows it by its name")
             wq = over.get("weight_quant") or p.weight_quant
             wkw = {"weight_" + k: v for k, v in {"bit_width": p.weight_bit_width, **over["weight"]}.items()}
+            if is_low_bit(wkw["weight_bit_width"]) and "weight_quant" not in over and \
+                    "scale_stat" not in over["weight"] and getattr(wq, "scale_stat", "max") == "max":
+                wkw["weight_scale_stat"] = "mse"
             if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.groups > 1 and \
                     m.out_channels // m.groups > 1 and "scaling_per_output_channel" not in over["weight"]:
                 # a grouped transposed conv's weight (in, out / groups, k...) has no axis of output channels: a

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from .calibration import (  # noqa: F401  (re-exported)
-    CALIBRATION_METHODS, _as_args, _first_batch, _n_inputs, _progress, _run_batches, calibrate, correct_bias,
+    CALIBRATION_METHODS, WEIGHT_ROUNDINGS, _as_args, _first_batch, _n_inputs, _progress, _run_batches, calibrate, correct_bias,
     quantizers,
 )
 from .draw import dump_diagram
@@ -59,8 +59,9 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
              bias_bit_width: Optional[int] = None, input_bit_width: Optional[int] = None,
              bias_scaling: Optional[str] = None, cpu: Optional[str] = None, overrides: Optional[dict] = None,
              leaf_modules=(), concrete_args: Optional[dict] = None, pipeline: Optional[Pipeline] = None,
-             calibration_method: str = "minmax", progress: bool = True, bias_correction: bool = False,
-             dump_dir=None, on_dump=None) -> QuantGraphModule:
+             calibration_method: str = "auto", weight_rounding: str = "auto", progress: bool = True,
+             bias_correction: bool = False, equalize: Optional[bool] = None, seed: int = 0, dump_dir=None,
+             on_dump=None) -> QuantGraphModule:
     """Quantize a float model for ``target`` ('finn' | 'torch' | 'onnx' | 'dpu' or a TargetProfile).
 
     The model is copied (never modified); BatchNorm is folded with its running statistics, so the copy is put
@@ -69,12 +70,21 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     ``cpu`` ('any' | 'vnni', onnx and torch): 'any' (the default) keeps every integer layer exact on x86 CPUs
     without VNNI too, whose 8-bit kernels sum products in saturating int16 pairs; 'vnni' is for deployments on
     AVX512-VNNI/AVX-VNNI x86 or ARM only, and allows full 8-bit weights.
+    With ``calibration_data``, the defaults pick the grid by bit width (``calibration_method='auto'``,
+    ``weight_rounding='auto'``): at 4 bits or fewer, activation scales by MSE calibration, weight scales by MSE
+    search (swap_modules) and weight rounding learned on the data (AdaRound, deterministic under ``seed``);
+    above, min/max ranges and round-to-nearest. Give 'minmax' / 'percentile' / 'mse' and 'nearest' / 'learned'
+    to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
+    quantization (None: on targets with per-tensor weight scales, dpu; pipeline_for).
     Returns a :class:`QuantGraphModule` in eval mode. Raises TraceError, QuantArgumentError, PassError."""
     if not isinstance(model, nn.Module):
         raise QuantArgumentError(f"quantize: expected an nn.Module, got {type(model).__name__}")
     if calibration_method not in CALIBRATION_METHODS:
         raise QuantArgumentError(f"quantize: calibration_method={calibration_method!r}; use one of "
                                  f"{', '.join(CALIBRATION_METHODS)}")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise QuantArgumentError(f"quantize: weight_rounding={weight_rounding!r}; use one of "
+                                 f"{', '.join(WEIGHT_ROUNDINGS)}")
     _check_finite_state(model)
     profile = _profile(target, **_profile_opts(dict(
         weight_bit_width=weight_bit_width, act_bit_width=act_bit_width, bias_bit_width=bias_bit_width,
@@ -84,7 +94,10 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     if example_inputs is not None and torch.is_tensor(example_inputs):
         example_inputs = (example_inputs,)
     if pipeline is None:
-        pipeline = pipeline_for(profile)
+        pipeline = pipeline_for(profile, equalize=equalize)
+    elif equalize is not None:
+        raise QuantArgumentError("quantize: equalize= chooses a pass of the default pipeline; with pipeline= given, "
+                                 "add or leave out equalize_cross_layer in it instead")
     options = dict(overrides=dict(overrides) if overrides is not None else None,
                    leaf_modules=tuple(leaf_modules) or None, concrete_args=concrete_args,
                    example_inputs=tuple(example_inputs) if example_inputs is not None else None)
@@ -103,7 +116,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     qmodel.eval()
     if calibration_data is not None:
         calibrate(qmodel, calibration_data, method=calibration_method, progress=progress,
-                  bias_correction=bias_correction)
+                  bias_correction=bias_correction, weight_rounding=weight_rounding, seed=seed)
     elif not any(p.name == "annotate" for p in pipeline):
         annotate(qmodel)
     return qmodel

@@ -16,7 +16,22 @@ from .pipelines import annotate
 from .quant import Quantizer
 from .quant_tensor import value_of
 
-CALIBRATION_METHODS = {"minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
+CALIBRATION_METHODS = {"auto": None, "minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
+WEIGHT_ROUNDINGS = ("auto", "nearest", "learned")
+
+
+def auto_stat(q: Quantizer) -> str:
+    """The statistic method 'auto' gives an activation quantizer: MSE search at low widths (4 bits or fewer),
+    where clipping outliers costs less than a coarse grid for everything else; the range (min/max) above."""
+    from .quant import is_low_bit
+    return "mse" if is_low_bit(q.bit_width) else "max"
+
+
+def learned_rounding_default(qmodel: nn.Module) -> bool:
+    """Whether weight_rounding='auto' learns the rounding: some quantized layer has low-bit weights."""
+    from .quant import is_low_bit
+    return any(is_low_bit(m.weight_quant.bit_width) for m in qmodel.modules()
+               if isinstance(m, QuantWBIOL) and m.weight_quant.is_quant_enabled)
 
 
 def _n_inputs(model) -> int:
@@ -54,16 +69,26 @@ def quantizers(model: nn.Module, kind: Optional[str] = None) -> list[Quantizer]:
     return out
 
 
-def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progress: bool = True,
-              bias_correction: bool = False, max_batches: Optional[int] = None) -> nn.Module:
+def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress: bool = True,
+              bias_correction: bool = False, max_batches: Optional[int] = None, weight_rounding: str = "nearest",
+              seed: int = 0) -> nn.Module:
     """Run ``data`` through ``qmodel`` in observer mode and fix every activation scale.
 
-    ``method``: 'minmax' | 'percentile' | 'mse'. Quantization is bypassed while observing (float statistics).
+    ``method``: 'auto' (the default: 'mse' for activations of 4 bits or fewer, 'minmax' above) | 'minmax' |
+    'percentile' | 'mse'. Quantization is bypassed while observing (float statistics).
     A target may compute a method its own way (the dpu's 'mse' searches power-of-two positions as AMD Quark's
     MinMSE does: ``Backend.calibration_methods``).
+    ``weight_rounding``: 'nearest' (the default here), 'learned' (AdaRound, :mod:`quantfx.weight_rounding`:
+    each weight integer up or down, chosen on ``data`` layer by layer; deterministic under ``seed``), or 'auto'
+    ('learned' where some layer has weights of 4 bits or fewer). Then ``bias_correction``.
     A quantizer that saw no data stays uncalibrated; exporting then names it. Returns ``qmodel``."""
+    if method is None:
+        method = "auto"
     if method not in CALIBRATION_METHODS:
         raise QuantArgumentError(f"calibrate: method={method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise QuantArgumentError(f"calibrate: weight_rounding={weight_rounding!r}; use one of "
+                                 f"{', '.join(WEIGHT_ROUNDINGS)}")
     backend = _backend(qmodel)
     own = backend.calibration_methods.get(method) if backend is not None else None
     stat = "max" if own is not None else CALIBRATION_METHODS[method]
@@ -72,7 +97,7 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
     qmodel.eval()
     for q in qs:
         if q.kind == "act":
-            q.begin_calibration(stat)
+            q.begin_calibration(stat or auto_stat(q))
         else:
             q.calibrating = True
     try:
@@ -91,6 +116,9 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "minmax", progres
                                "quantizer has a scale; give at least one batch")
     if own is not None:
         own(qmodel, data, max_batches)
+    if weight_rounding == "learned" or (weight_rounding == "auto" and learned_rounding_default(qmodel)):
+        from .weight_rounding import adaround
+        adaround(qmodel, data, progress=progress, max_batches=max_batches, seed=seed)
     if bias_correction:
         correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
     if isinstance(qmodel, fx.GraphModule):
@@ -170,30 +198,58 @@ def _progress(data, enabled: bool, desc: str):
 
 def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
                  max_batches: Optional[int] = None) -> nn.Module:
-    """Empirical bias correction: add to each quantized layer's bias the mean per-channel difference between
-    its output with float weights and with quantized weights, on the same (quantized) inputs."""
+    """Empirical bias correction (Nagel et al., "Data-Free Quantization", 2019, section 4.2, its empirical
+    form): layer by layer in graph order, add to each quantized layer's bias the mean per-channel difference
+    between the float model's output of that layer and the quantized model's, with the layers before it already
+    corrected. The reference is the float model (:func:`quantfx.weight_rounding.float_view`), so this composes
+    with learned rounding, which writes its integers into the weights."""
+    from .weight_rounding import _Stop, float_view
     layers = [m for m in qmodel.modules() if isinstance(m, QuantWBIOL) and m.bias is not None
               and m.weight_quant.is_quant_enabled]
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
+    if not layers or not batches:
+        return qmodel
+    n_in = _n_inputs(qmodel)
+    sums: dict[int, list] = {}  # per layer: [sum of each output channel over the data, values per channel]
+    stop_at = [None]
 
-    def hook(layer, args, _out):
-        x = value_of(args[0])
-        diff = layer.inner_forward(x, layer.weight, None) - \
-            layer.inner_forward(x, value_of(layer.quant_weight()), None)
-        axis = layer.out_channel_axis % diff.dim()
-        dims = [d for d in range(diff.dim()) if d != axis]
-        sums[id(layer)] = sums.get(id(layer), 0) + diff.mean(dims)
-        counts[id(layer)] = counts.get(id(layer), 0) + 1
+    def hook(layer, _args, out):
+        out = value_of(out).detach()
+        axis = layer.out_channel_axis % out.dim()
+        rows = out.transpose(0, axis).reshape(out.shape[axis], -1).double()
+        acc = sums.setdefault(id(layer), [0, 0])
+        acc[0], acc[1] = acc[0] + rows.sum(1), acc[1] + rows.shape[1]
+        if layer is stop_at[0]:
+            raise _Stop
 
-    handles = [m.register_forward_hook(hook) for m in layers]
+    def means(selected) -> dict:
+        """Per-channel means of each selected layer's output over the data."""
+        sums.clear()
+        handles = [m.register_forward_hook(hook) for m in selected]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    try:
+                        qmodel(*_as_args(batch, n_in))
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: total / n for k, (total, n) in sums.items()}
+
+    was_training = qmodel.training
+    qmodel.eval()
     try:
-        _run_batches(qmodel, data, progress, "bias correction", max_batches)
+        with float_view(qmodel):
+            reference = means(layers)
+        for layer in _progress(layers, progress, "bias correction"):
+            stop_at[0] = layer
+            got = means([layer])
+            if id(layer) in got and id(layer) in reference:
+                with torch.no_grad():
+                    layer.bias.add_((reference[id(layer)] - got[id(layer)]).to(layer.bias.dtype))
     finally:
-        for h in handles:
-            h.remove()
-    with torch.no_grad():
-        for m in layers:
-            if id(m) in sums:
-                m.bias.add_(sums[id(m)] / counts[id(m)])
+        stop_at[0] = None
+        qmodel.train(was_training)
     return qmodel

@@ -98,6 +98,7 @@ def cmd_quantize(args) -> int:
         model, target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
         weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
         bias_bit_width=args.bias_bit_width, cpu=args.cpu, pipeline=pipeline, calibration_method=args.calib_method,
+        weight_rounding=args.weight_rounding,
         progress=not args.quiet, dump_dir=args.dump_dir)
     if args.save:
         torch.save(qmodel, args.save)
@@ -211,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-shape", required=True, help="e.g. 1,3,32,32")
     q.add_argument("--calib", default="random", help="random | data.npz | folder of .npy (default random)")
     q.add_argument("--calib-batches", type=int, default=8)
-    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "mse"])
+    q.add_argument("--calib-method", default="auto", choices=["auto", "minmax", "percentile", "mse"],
+                   help="activation scales (auto: mse at 4 bits or fewer, minmax above)")
+    q.add_argument("--weight-rounding", default="auto", choices=["auto", "nearest", "learned"],
+                   help="weight integers (auto: learned on the calibration data at 4 bits or fewer)")
     q.add_argument("--weight-bit-width", type=int)
     q.add_argument("--act-bit-width", type=int)
     q.add_argument("--bias-bit-width", type=int)

@@ -1,7 +1,7 @@
 """Quantizers: specs (plain classes), the ``Quantizer`` module and the integer arithmetic."""
 from .quantizer import Quantizer, ScaleGroup, make_quantizer
 from .specs import (
-    FIELDS, QuantSpec,
+    FIELDS, LOW_BIT_WIDTH, QuantSpec, is_low_bit,
     Int8WeightPerTensorFloat, Int8WeightPerChannelFloat, Int8WeightPerTensorFixedPoint,
     Int8WeightPerChannelFixedPoint,
     Int8ActPerTensorFloat, Uint8ActPerTensorFloat, Int8ActPerTensorFixedPoint, Uint8ActPerTensorFixedPoint,

@@ -19,6 +19,14 @@ ROUNDINGS = ("half_even", "half_up", "floor")
 SCALE_STATS = ("max", "percentile", "mse")
 BIAS_SCALINGS = ("external", "internal")
 MAX_BIT_WIDTH = 32
+# at this many bits or fewer, the compiler's automatic choices switch to the low-bit recipe: weight scales by MSE
+# search, activation scales by MSE calibration, weight rounding learned on calibration data (quantfx.quantize)
+LOW_BIT_WIDTH = 4
+
+
+def is_low_bit(bit_width: int) -> bool:
+    """Whether a quantizer of ``bit_width`` bits gets the low-bit recipe (2..LOW_BIT_WIDTH; 1-bit is bipolar)."""
+    return 1 < bit_width <= LOW_BIT_WIDTH
 
 
 class QuantSpec:
