@@ -8,6 +8,7 @@ from .annotate import Annotate
 from .approximate_activations import ApproximateActivations
 from .canonicalize import Canonicalize
 from .choose_bias_scaling import ChooseBiasScaling
+from .equalize_cross_layer import EqualizeCrossLayer
 from .fuse_conv_bn import FuseConvBN
 from .propagate_shapes import PropagateShapes
 from .share_quantizers import ShareQuantizers
@@ -15,7 +16,7 @@ from .swap_modules import SwapModules
 from .trace import Trace
 
 for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
-             Annotate, ApproximateActivations):
+             Annotate, ApproximateActivations, EqualizeCrossLayer):
     register_pass(_cls)
 del _cls
 
@@ -23,5 +24,5 @@ del _cls
 #: registry itself, so a pass registered with quantfx.pass_infra.register_pass is listed here too
 REGISTRY = PASSES
 
-__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes", "ShareQuantizers",
-           "SwapModules", "Trace", "REGISTRY"]
+__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "EqualizeCrossLayer", "FuseConvBN",
+           "PropagateShapes", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]

@@ -39,17 +39,28 @@ def annotate(qmodel: fx.GraphModule) -> fx.GraphModule:
     return qmodel
 
 
+def equalize_default(profile) -> bool:
+    """Whether ``equalize=None`` runs cross-layer equalization: on targets whose weights have one scale per tensor
+    (dpu), where a channel of large weights otherwise sets the grid of all the others; per-channel scales
+    already give each channel its own grid."""
+    return not getattr(profile.weight_quant, "scaling_per_output_channel", False)
+
+
 def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_modules=(), concrete_args=None,
-                 example_inputs=(), **profile_options) -> Pipeline:
-    """The default pass pipeline for a target (a name or a TargetProfile); edit it and pass it to quantize."""
+                 example_inputs=(), equalize: Optional[bool] = None, **profile_options) -> Pipeline:
+    """The default pass pipeline for a target (a name or a TargetProfile); edit it and pass it to quantize.
+    ``equalize``: run equalize_cross_layer after fuse_conv_bn (None: where :func:`equalize_default` says)."""
     P = get_pass
     profile = _profile(target, **profile_options)
     overrides = dict(overrides or {})
+    if equalize is None:
+        equalize = equalize_default(profile)
     return Pipeline([
         P("trace")(leaf_modules=tuple(leaf_modules), concrete_args=tuple((concrete_args or {}).items())),
         P("propagate_shapes")(example_inputs=tuple(example_inputs or ())),
         P("canonicalize")(),
         P("fuse_conv_bn")(),
+        *([P("equalize_cross_layer")()] if equalize else []),
         P("swap_modules")(profile=profile, overrides=overrides),
         # the accelerator's activation and average-pool constants, on profiles that state them (dpu)
         *([P("approximate_activations")(profile=profile)] if profile.activation_approx != "exact" else []),
