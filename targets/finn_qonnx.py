@@ -178,8 +178,9 @@ class QONNXLowering(OnnxLowering):
         with torch.no_grad():
             scale = np32(layer.acc_scale(in_scale, w_scale))
         rank = len(self.shape(node))
-        if scale.size > 1 and not isinstance(layer, torch.nn.Linear):
-            scale = scale.reshape([1, -1] + [1] * (rank - 2))  # output channels on axis 1, FINN's layout
+        if scale.size > 1:  # output channels on axis 1 (FINN's layout), a linear layer's on the last
+            scale = scale.reshape([1] * (rank - 1) + [-1] if isinstance(layer, torch.nn.Linear)
+                                  else [1, -1] + [1] * (rank - 2))
         return self.dequant(acc, scale, node.name)  # an accumulator: no activation grid
 
     # -- quantizers -----------------------------------------------------------------------------------

@@ -169,12 +169,13 @@ def get_profile(target) -> TargetProfile:
 
 
 FINN = register_profile(TargetProfile(
-    name="finn", weight_quant=Q.Int8WeightPerTensorFloat, act_quant=Q.Int8ActPerTensorFloat,
+    name="finn", weight_quant=Q.Int8WeightPerChannelFloat, act_quant=Q.Int8ActPerTensorFloat,
     act_quant_unsigned=Q.Uint8ActPerTensorFloat, bias_scaling="external", bias_bit_width=32,
     avgpool="trunc", weight_bit_range=(1, 8), act_bit_range=(1, 8), add_grid="quantizer",
     runtime="FINN", half_up_signed_ok=False, bias_modes_allowed=("external",), unsigned_after_relu=True,
     weight_quantizer_per_layer=True, add_same_datatype=True,
-    description="QONNX for FINN: 1-8 bit weights/activations, zero point 0, unsigned activations after ReLU, "
+    description="QONNX for FINN: 1-8 bit weights (one scale per output channel) and activations, zero point 0, "
+                "unsigned activations after ReLU, "
                 "external 32-bit or float bias"))
 
 ONNX = register_profile(TargetProfile(
