@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from torch import fx
 
@@ -26,12 +26,14 @@ def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
                        act_bits=qmeta(node.args[0]).bit_width,
                        bias=(f"{bq.bit_width} {bq.bias_scaling}" if bq.is_quant_enabled
                              else ("float" if m.bias is not None else None)),
-                       scale=fmt_scale(meta.scale), acc_bits=meta.bit_width, group=None)
+                       scale=fmt_scale(meta.scale), acc_bits=meta.bit_width, group=None,
+                       method=weight_method(m.weight_quant))
         elif is_act_quant(qmodel, node):
             m = module_of(qmodel, node)
             row = dict(name=node.target, op=type(m).__name__, weight_bits=None,
                        act_bits=f"{'int' if meta.signed else 'uint'}{meta.bit_width}", bias=None,
-                       scale=fmt_scale(meta.scale), acc_bits=None, group=meta.group)
+                       scale=fmt_scale(meta.scale), acc_bits=None, group=meta.group,
+                       method=m.act_quant.calibrated_by)
         elif is_trunc_pool(qmodel, node):
             row = dict(name=node.target, op=type(module_of(qmodel, node)).__name__, weight_bits=None,
                        act_bits=meta.bit_width, bias=None, scale=fmt_scale(meta.scale), acc_bits=None,
@@ -45,6 +47,15 @@ def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
     return rows
 
 
+def weight_method(q) -> Optional[str]:
+    """How a weight quantizer got its grid and integers: 'per-channel mse, learned rounding' and the like."""
+    if not q.is_quant_enabled:
+        return None
+    how = "fixed" if q.fixed_scale is not None else q.scale_stat
+    text = f"{'per-channel' if q.scaling_per_output_channel else 'per-tensor'} {how}"
+    return text + (", learned rounding" if q.rounding_learned else "")
+
+
 def inspect(qmodel: fx.GraphModule, file=None) -> str:
     """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group. Given a
     lowered artefact that reports how each node runs (the torch target's program), print that report."""
@@ -53,8 +64,8 @@ def inspect(qmodel: fx.GraphModule, file=None) -> str:
         print(text, file=file or sys.stdout)
         return text
     rows = layer_table(qmodel)
-    cols = ["name", "op", "weight_bits", "act_bits", "bias", "scale", "acc_bits", "group"]
-    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    cols = ["name", "op", "weight_bits", "act_bits", "bias", "scale", "acc_bits", "group", "method"]
+    cells = [[("" if r.get(c) is None else str(r[c])) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
              "  ".join("-" * w for w in widths)]

@@ -91,7 +91,7 @@ def test_inspect_table():
     assert len(rows) == expected
     assert len(text.splitlines()) == expected + 2 and out.getvalue().strip() == text.strip()
     header = text.splitlines()[0].split()
-    assert header == ["name", "op", "weight_bits", "act_bits", "bias", "scale", "acc_bits", "group"]
+    assert header == ["name", "op", "weight_bits", "act_bits", "bias", "scale", "acc_bits", "group", "method"]
     assert any(r["group"] == "share_group_0" for r in rows)
     by_name = {n.target if n.op == "call_module" else n.name: n for n in q.graph.nodes}
     compute = [r for r in rows if r["op"].startswith("QuantConv") or r["op"] == "QuantLinear"]
@@ -100,6 +100,8 @@ def test_inspect_table():
         assert (r["weight_bits"], r["bias"]) == (8, "32 external")
         assert r["acc_bits"] == qmeta(by_name[r["name"]]).bit_width > 32
         assert r["name"] in text
+        assert r["method"] == "per-channel max"  # finn's 8-bit weights: a scale per output channel, from the range
+    assert {r["method"] for r in rows if r["op"] == "QuantReLU"} == {"max"}  # 8-bit activations: min/max
 
 
 def test_add_of_a_scale_group_counts_both_integer_ranges():
