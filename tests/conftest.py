@@ -11,3 +11,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def short_learned_rounding():
+    # quantize(..., weight_bit_width<=4) learns each layer's rounding with 1000 Adam steps by default; tests
+    # about other things (property tests, low-bit exports) take that path with 20, which exercises the same code
+    # and exports the same kind of integers. tests/test_low_bit_ptq.py measures the method with its own counts.
+    from quantfx import weight_rounding
+    saved = weight_rounding.DEFAULT_ITERATIONS
+    weight_rounding.DEFAULT_ITERATIONS = 20
+    yield
+    weight_rounding.DEFAULT_ITERATIONS = saved
