@@ -75,7 +75,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     search (swap_modules) and weight rounding learned on the data (AdaRound, deterministic under ``seed``);
     above, min/max ranges and round-to-nearest. Give 'minmax' / 'percentile' / 'mse' and 'nearest' / 'learned'
     to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
-    quantization (None: on targets with per-tensor weight scales, dpu; pipeline_for).
+    quantization (None: off for now; pipelines.equalize_default).
     Returns a :class:`QuantGraphModule` in eval mode. Raises TraceError, QuantArgumentError, PassError."""
     if not isinstance(model, nn.Module):
         raise QuantArgumentError(f"quantize: expected an nn.Module, got {type(model).__name__}")

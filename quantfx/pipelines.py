@@ -40,10 +40,10 @@ def annotate(qmodel: fx.GraphModule) -> fx.GraphModule:
 
 
 def equalize_default(profile) -> bool:
-    """Whether ``equalize=None`` runs cross-layer equalization: on targets whose weights have one scale per tensor
-    (dpu), where a channel of large weights otherwise sets the grid of all the others; per-channel scales
-    already give each channel its own grid."""
-    return not getattr(profile.weight_quant, "scaling_per_output_channel", False)
+    """Whether ``equalize=None`` runs cross-layer equalization: not yet on any target. On the random-weight test
+    zoo it moved dpu SQNR by -1.0..+0.7 dB (its channels are balanced; trained MobileNets' are not) and changed
+    the magnitude tests' dpu figures, so it stays opt-in (``equalize=True``) until measured on trained models."""
+    return False
 
 
 def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_modules=(), concrete_args=None,

@@ -42,8 +42,11 @@ def test_custom_pass(capsys):
 
 def test_qat_recovers_accuracy():
     float_acc, ptq_acc, qat_acc = load("qat").main([])
-    # measured (1 and 2 torch threads): float 97.8, PTQ 4-bit 96.1-96.4, QAT 4-bit 98.3-98.6
-    assert qat_acc >= ptq_acc + 1.0
+    # measured before the low-bit PTQ recipe (1 and 2 torch threads): float 97.8, PTQ 4-bit 96.1-96.4, QAT 4-bit
+    # 98.3-98.6; with it (MSE scales, learned rounding) PTQ 4-bit reaches 97.8 and QAT 98.1, so QAT now keeps
+    # float accuracy rather than recovering much over PTQ
+    assert qat_acc >= float_acc - 0.5
+    assert qat_acc >= ptq_acc - 0.5
     assert qat_acc > 95.0
 
 

@@ -220,10 +220,10 @@ def test_equalization_improves_per_tensor_quantization(target):
     assert results[True] > results[False] + 3.0, results
 
 
-def test_equalization_is_on_by_default_for_per_tensor_weights_only():
-    names = {t: [p.name for p in quantfx.pipeline_for(t)] for t in ("dpu", "finn", "onnx", "torch")}
-    assert "equalize_cross_layer" in names["dpu"]
-    assert not any("equalize_cross_layer" in names[t] for t in ("finn", "onnx", "torch"))
+def test_equalization_is_opt_in():
+    for t in ("dpu", "finn", "onnx", "torch"):
+        assert "equalize_cross_layer" not in [p.name for p in quantfx.pipeline_for(t)]
+        assert "equalize_cross_layer" in [p.name for p in quantfx.pipeline_for(t, equalize=True)]
 
 
 # -- every method's result is still exact in its runtime -------------------------------------------------
