@@ -15,6 +15,7 @@ breaks there).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -70,30 +71,25 @@ def equalize_pair(a: nn.Module, b: nn.Module) -> float:
 
 
 def pairs(gm: fx.GraphModule) -> list[tuple[nn.Module, nn.Module]]:
-    """(A, B) of every equalizable pair, in graph order."""
-    calls: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    """(A, B) of every equalizable pair, in graph order: B reads A's output directly or through one
+    homogeneous activation, each the only reader, and no module is called twice (shared weights)."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+    def module(n):
+        return module_of(gm, n) if n is not None and n.op == "call_module" and calls[n.target] == 1 else None
+
     out = []
     for node in gm.graph.nodes:
-        a = module_of(gm, node) if node.op == "call_module" else None
-        if not isinstance(a, _LAYERS) or calls[node.target] != 1:
+        a = module(node)
+        if not isinstance(a, _LAYERS):
             continue
-        reader, act = _single_reader(node), None
-        if reader is not None and reader.op == "call_module" and isinstance(module_of(gm, reader), _HOMOGENEOUS):
-            act = module_of(gm, reader)
-            if calls[reader.target] != 1:
-                continue
-            reader = _single_reader(reader)
-        if reader is None or reader.op != "call_module" or not reader.args or \
-                reader.args[0] is not (node if act is None else next(iter(node.users))):
-            continue
-        b = module_of(gm, reader)
-        if not isinstance(b, _LAYERS) or calls[reader.target] != 1 or type(b) is not type(a) or \
-                b.weight.shape[1] * getattr(b, "groups", 1) != a.weight.shape[0]:
-            continue
-        out.append((a, b))
+        src, reader = node, _single_reader(node)
+        if isinstance(module(reader), _HOMOGENEOUS):
+            src, reader = reader, _single_reader(reader)
+        b = module(reader)
+        if isinstance(b, _LAYERS) and type(b) is type(a) and reader.args and reader.args[0] is src and \
+                b.weight.shape[1] * getattr(b, "groups", 1) == a.weight.shape[0]:
+            out.append((a, b))
     return out
 
 

@@ -13,23 +13,26 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import CalibrationError, QuantArgumentError, QuantFXError
 from .nn import QuantWBIOL
 from .pipelines import annotate
-from .quant import Quantizer
+from .quant import Quantizer, is_low_bit
 from .quant_tensor import value_of
 
 CALIBRATION_METHODS = {"auto": None, "minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
 WEIGHT_ROUNDINGS = ("auto", "nearest", "learned")
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after the layer of interest needs to run);
+    :func:`_run_batches` counts the batch as run."""
+
+
 def auto_stat(q: Quantizer) -> str:
     """The statistic method 'auto' gives an activation quantizer: MSE search at low widths (4 bits or fewer),
     where clipping outliers costs less than a coarse grid for everything else; the range (min/max) above."""
-    from .quant import is_low_bit
     return "mse" if is_low_bit(q.bit_width) else "max"
 
 
 def learned_rounding_default(qmodel: nn.Module) -> bool:
     """Whether weight_rounding='auto' learns the rounding: some quantized layer has low-bit weights."""
-    from .quant import is_low_bit
     return any(is_low_bit(m.weight_quant.bit_width) for m in qmodel.modules()
                if isinstance(m, QuantWBIOL) and m.weight_quant.is_quant_enabled)
 
@@ -155,6 +158,8 @@ def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[i
                     ShapeProp(model).propagate(*args)
                 else:
                     model(*args)
+            except StopForward:
+                pass
             except QuantFXError:
                 raise
             except Exception as e:
@@ -203,15 +208,14 @@ def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
     between the float model's output of that layer and the quantized model's, with the layers before it already
     corrected. The reference is the float model (:func:`quantfx.weight_rounding.float_view`), so this composes
     with learned rounding, which writes its integers into the weights."""
-    from .weight_rounding import _Stop, float_view
+    from .weight_rounding import float_view
     layers = [m for m in qmodel.modules() if isinstance(m, QuantWBIOL) and m.bias is not None
               and m.weight_quant.is_quant_enabled]
     batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
     if not layers or not batches:
         return qmodel
-    n_in = _n_inputs(qmodel)
     sums: dict[int, list] = {}  # per layer: [sum of each output channel over the data, values per channel]
-    stop_at = [None]
+    stop_at = None
 
     def hook(layer, _args, out):
         out = value_of(out).detach()
@@ -219,20 +223,15 @@ def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
         rows = out.transpose(0, axis).reshape(out.shape[axis], -1).double()
         acc = sums.setdefault(id(layer), [0, 0])
         acc[0], acc[1] = acc[0] + rows.sum(1), acc[1] + rows.shape[1]
-        if layer is stop_at[0]:
-            raise _Stop
+        if layer is stop_at:
+            raise StopForward
 
     def means(selected) -> dict:
         """Per-channel means of each selected layer's output over the data."""
         sums.clear()
         handles = [m.register_forward_hook(hook) for m in selected]
         try:
-            with torch.no_grad():
-                for batch in batches:
-                    try:
-                        qmodel(*_as_args(batch, n_in))
-                    except _Stop:
-                        pass
+            _run_batches(qmodel, batches, False, "bias correction", None)
         finally:
             for h in handles:
                 h.remove()
@@ -244,12 +243,11 @@ def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
         with float_view(qmodel):
             reference = means(layers)
         for layer in _progress(layers, progress, "bias correction"):
-            stop_at[0] = layer
+            stop_at = layer
             got = means([layer])
             if id(layer) in got and id(layer) in reference:
                 with torch.no_grad():
                     layer.bias.add_((reference[id(layer)] - got[id(layer)]).to(layer.bias.dtype))
     finally:
-        stop_at[0] = None
         qmodel.train(was_training)
     return qmodel

@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 import torch
 from torch import fx, nn
 
+from .calibration import StopForward, _progress, _run_batches
 from .errors import QuantArgumentError
 from .nn import QuantWBIOL
 from .quant import Quantizer
@@ -43,10 +44,6 @@ class RoundedLayer:
                 f"{self.mse_nearest:.3g} -> {self.mse_learned:.3g}")
 
 
-class _Stop(Exception):
-    """Raised by a capture hook: nothing after the layer of interest needs to run."""
-
-
 @contextlib.contextmanager
 def float_view(model: nn.Module):
     """Within the block every quantizer of ``model`` is off and every layer whose weights learned rounding
@@ -67,41 +64,33 @@ def float_view(model: nn.Module):
             m.weight.data = rounded
 
 
-def _capture(model, layer, batches, n_in, quantized_input: bool) -> list[torch.Tensor]:
+def _capture(model, layer, batches, quantized_input: bool) -> list[torch.Tensor]:
     """The input ``layer`` computes with, per batch: as quantized by its input quantizer (or the upstream
     quantizer the graph passes), or the plain value in a float view."""
-    from .calibration import _as_args
     got = []
 
     def hook(mod, args, kwargs):
         x, src = args[0], kwargs.get("input_quantizer", args[1] if len(args) > 1 else None)
-        got.append((mod._quant_input(x, src)[0] if quantized_input else mod._quant_input(x, None)[0]).detach())
-        raise _Stop
+        got.append(mod._quant_input(x, src if quantized_input else None)[0].detach())
+        raise StopForward
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(*_as_args(batch, n_in))
-                except _Stop:
-                    pass
+        _run_batches(model, batches, False, "learning weight rounding", None)
     finally:
         handle.remove()
     return got
 
 
-def _after(gm: fx.GraphModule, name: str):
+def _after(gm: fx.GraphModule, node) -> Optional[callable]:
     """The float function the layer's output goes through before anything else reads it (its activation
-    module, in a float view), or the identity: the reconstruction error is measured after it."""
-    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == name), None)
+    module, in a float view), or None (the identity): the reconstruction error is measured after it."""
     if node is None or len(node.users) != 1:
         return None
     user = next(iter(node.users))
     if user.op != "call_module" or user.args[0] is not node:
         return None
-    mod = gm.get_submodule(user.target)
-    fn = getattr(mod, "act_fn", None)
+    fn = getattr(gm.get_submodule(user.target), "act_fn", None)
     return fn if callable(fn) else None
 
 
@@ -117,28 +106,27 @@ def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = N
              max_batches: Optional[int] = None) -> list[RoundedLayer]:
     """Learn the rounding of every quantized layer's weights of ``qmodel`` (calibrated; weight bit widths 2 to
     ``max_bits``) on ``data``; ``iterations`` Adam steps per layer (default :data:`DEFAULT_ITERATIONS`) on random
-    ``batch_size`` samples. Deterministic
-    under ``seed`` (for one torch thread count). Returns one :class:`RoundedLayer` per layer, also kept in
+    ``batch_size`` samples. Deterministic under ``seed`` (for one torch thread count). Returns one :class:`RoundedLayer` per layer, also kept in
     ``qmodel.notes['weight_rounding']``."""
-    from .calibration import _n_inputs, _progress
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise QuantArgumentError(f"adaround: iterations={iterations!r}; give at least 1")
     batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
     if not batches:
         raise QuantArgumentError("adaround: the calibration data is empty; give at least one batch")
-    n_in = _n_inputs(qmodel)
     was_training = qmodel.training
     qmodel.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
     layers = list(_layers(qmodel, max_bits))
+    nodes = {n.target: n for n in qmodel.graph.nodes if n.op == "call_module"} \
+        if isinstance(qmodel, fx.GraphModule) else {}
     try:
         for name, layer in _progress(layers, progress and bool(layers), "learning weight rounding"):
             with float_view(qmodel):
-                x_float = torch.cat(_capture(qmodel, layer, batches, n_in, quantized_input=False))
-            x_quant = torch.cat(_capture(qmodel, layer, batches, n_in, quantized_input=True))
-            after = _after(qmodel, name) if isinstance(qmodel, fx.GraphModule) else None
+                x_float = torch.cat(_capture(qmodel, layer, batches, quantized_input=False))
+            x_quant = torch.cat(_capture(qmodel, layer, batches, quantized_input=True))
+            after = _after(qmodel, nodes.get(name))
             out.append(_round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, lr, reg, gen))
     finally:
         qmodel.train(was_training)

@@ -175,8 +175,7 @@ FINN = register_profile(TargetProfile(
     runtime="FINN", half_up_signed_ok=False, bias_modes_allowed=("external",), unsigned_after_relu=True,
     weight_quantizer_per_layer=True, add_same_datatype=True,
     description="QONNX for FINN: 1-8 bit weights (one scale per output channel) and activations, zero point 0, "
-                "unsigned activations after ReLU, "
-                "external 32-bit or float bias"))
+                "unsigned activations after ReLU, external 32-bit or float bias"))
 
 ONNX = register_profile(TargetProfile(
     name="onnx", weight_quant=Q.Int8WeightPerChannelFloat, act_quant=Q.Uint8ActPerTensorFloatAsym,
