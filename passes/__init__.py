@@ -10,12 +10,13 @@ from .canonicalize import Canonicalize
 from .choose_bias_scaling import ChooseBiasScaling
 from .fuse_conv_bn import FuseConvBN
 from .propagate_shapes import PropagateShapes
+from .quantize_products import QuantizeProducts
 from .share_quantizers import ShareQuantizers
 from .swap_modules import SwapModules
 from .trace import Trace
 
 for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
-             Annotate, ApproximateActivations):
+             Annotate, ApproximateActivations, QuantizeProducts):
     register_pass(_cls)
 del _cls
 
@@ -23,5 +24,6 @@ del _cls
 #: registry itself, so a pass registered with quantfx.pass_infra.register_pass is listed here too
 REGISTRY = PASSES
 
-__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes", "ShareQuantizers",
+__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes", "QuantizeProducts",
+           "ShareQuantizers",
            "SwapModules", "Trace", "REGISTRY"]

@@ -106,6 +106,27 @@ class QDQLowering(OnnxLowering):
                 self._requantized.add(out)
         return out
 
+    def emit_product(self, node):
+        """A QuantProduct on integers: each operand's codes (``QuantizeLinear`` on its own grid, exact on its
+        values), ``Cast`` to int32 minus the zero point, an int32 ``Mul`` / ``MatMul`` (exact below 2^31), then
+        ``Cast`` to float and ``Mul(s_a x s_b)``: ``float32(acc) x float32(s_a s_b)``, as the fake-quant model
+        computes it. The activation quantizer after it is its requantization (Q/DQ)."""
+        codes = []
+        for i, operand in enumerate(node.args[:2]):
+            meta = qmeta(operand)
+            base = f"{node.name}_in{i}"
+            s, z = self._q_consts(base, meta.scale, meta.zero_point, meta.signed)
+            q = self.op("QuantizeLinear", [self.env[operand], s, z], base + "_q")
+            ints = self.op("Cast", [q], base + "_int32", to=int(onnx.TensorProto.INT32))
+            zp = int(meta.zero_point.reshape(()).round().item())
+            codes.append(self.op("Sub", [ints, self.const(base + "_zp32", np.asarray(zp, np.int32))], base + "_int")
+                         if zp else ints)
+        op = module_of(self.gm, node).op
+        acc = self.op("Mul" if op == "mul" else "MatMul", codes, node.name + "_acc")
+        acc = self.op("Cast", [acc], node.name + "_acc_float", to=int(onnx.TensorProto.FLOAT))
+        _, _, acc_scale = self.product_scales(node)
+        return self.op("Mul", [acc, self.const(node.name + "_acc_scale", np32(acc_scale.reshape(())))], node.name)
+
     def _dq_const(self, base, ints, scale, dtype, axis):
         w = self.const(base + "_int", ints.numpy().astype(dtype))
         s = self.const(base + "_scale", np32(scale))

@@ -129,6 +129,16 @@ def exact_layer_output(acc: torch.Tensor, acc_scale: torch.Tensor) -> torch.Tens
     return (acc * acc_scale.double()).float()
 
 
+@torch.fx.wrap
+def exact_product(a: torch.Tensor, b: torch.Tensor, acc_scale: torch.Tensor, matmul: bool) -> torch.Tensor:
+    """The product of two quantized tensors on the accumulator grid, as the fake-quant model's QuantProduct
+    computes it: the operands' integers ``q - zp`` multiplied exactly (float64), then ``float32(acc) x s_a s_b``."""
+    ia = a.int_repr().double() - float(a.q_zero_point())
+    ib = b.int_repr().double() - float(b.q_zero_point())
+    acc = torch.matmul(ia, ib) if matmul else ia * ib
+    return acc.float() * acc_scale
+
+
 # -- the artefact --------------------------------------------------------------------------------------
 
 
@@ -638,6 +648,18 @@ class TorchLowering(Lowering):
         self.note(node, "float add", "float",
                   self._deferred_why.get(node, "not read by one identity/ReLU quantizer alone"))
         return _Q(self.call(node.target, self.as_float(a), self.as_float(b)))
+
+    def emit_product(self, node):
+        """A QuantProduct: on the quantized operands' integers (exact), scaled to the accumulator's value; the
+        activation quantizer after it quantizes that value as the model does."""
+        a, b = (self.value(x) for x in node.args[:2])
+        op = module_of(self.gm, node).op
+        if not (a.quantized and b.quantized):
+            raise ExportError(f"torch: node {node.name}: an operand of the product is not quantized here")
+        _, _, acc_scale = self.product_scales(node)
+        scale = self.buffer(node.name + "_acc_scale", acc_scale.float().reshape(()))
+        self.note(node, f"integer {op} (exact, accumulator scale {float(acc_scale):.3g})")
+        return _Q(self.call(exact_product, a.node, b.node, scale, op == "matmul"))
 
     def emit_cat(self, node):
         items = [self.value(a) for a in tensor_inputs(node)]
