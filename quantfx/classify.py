@@ -117,6 +117,18 @@ def tensor_product_op(node: fx.Node) -> Optional[str]:
     return op if all(isinstance(v, fx.Node) and is_tensor_node(v) for v in (a, b)) else None
 
 
+# float islands a dataflow target can still build as thresholds: monotonic activations read by a quantizer
+MONOTONIC_ISLANDS = (nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Tanh, F.hardsigmoid, F.leaky_relu, F.prelu,
+                     torch.tanh, "tanh")
+
+
+def is_monotonic_island(gm, node: fx.Node) -> bool:
+    """A float island that is a monotonic activation (a quantizer after it is a threshold step)."""
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), tuple(c for c in MONOTONIC_ISLANDS if isinstance(c, type)))
+    return node.op in ("call_function", "call_method") and node.target in MONOTONIC_ISLANDS
+
+
 def float_island(gm, node: fx.Node) -> Optional[str]:
     """Why ``node`` runs in float between quantized regions (a float island), or None: activations without an
     integer kernel, normalizations, softmax, attention, and products of two tensors left float."""

@@ -7,7 +7,10 @@ from typing import Any
 
 from torch import fx
 
-from .graph import META_KEY, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
+from .graph import (
+    META_KEY, float_island, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_product, is_trunc_pool, module_of,
+    qmeta,
+)
 
 
 def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
@@ -36,12 +39,29 @@ def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
             row = dict(name=node.target, op=type(module_of(qmodel, node)).__name__, weight_bits=None,
                        act_bits=meta.bit_width, bias=None, scale=fmt_scale(meta.scale), acc_bits=None,
                        group=None)
+        elif is_product(qmodel, node):
+            row = dict(name=node.name, op=module_of(qmodel, node).op, weight_bits=None, act_bits=None, bias=None,
+                       scale=fmt_scale(meta.scale), acc_bits=meta.bit_width, group=None)
         elif is_add(node) or is_cat(node):
             row = dict(name=node.name, op="add" if is_add(node) else "cat", weight_bits=None,
                        act_bits=meta.bit_width if is_cat(node) else None, bias=None, scale=fmt_scale(meta.scale),
                        acc_bits=meta.bit_width if is_add(node) else None, group=meta.group)
         if row is not None:
             rows.append(row)
+    return rows
+
+
+def float_islands(qmodel: fx.GraphModule) -> list[dict[str, str]]:
+    """The nodes of a compiled model that run in float between quantized regions (dequantized, computed in float,
+    requantized by the activation quantizer after them), each with why: ``[{'node', 'op', 'why'}]``."""
+    rows = []
+    for node in qmodel.graph.nodes:
+        why = float_island(qmodel, node)
+        if why is None:
+            continue
+        op = type(module_of(qmodel, node)).__name__ if node.op == "call_module" else \
+            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        rows.append(dict(node=node.name, op=op, why=why))
     return rows
 
 
@@ -59,6 +79,11 @@ def inspect(qmodel: fx.GraphModule, file=None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    islands = float_islands(qmodel)
+    if islands:
+        lines.append("float islands (dequantized, run in float, requantized by the quantizer after them):")
+        w = [max(len(r[k]) for r in islands) for k in ("node", "op")]
+        lines += [f"  {r['node']:<{w[0]}}  {r['op']:<{w[1]}}  {r['why']}" for r in islands]
     text = "\n".join(lines)
     print(text, file=file or sys.stdout)
     return text

@@ -24,7 +24,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import fx, nn
 
-from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, module_of
+from quantfx.graph import (
+    float_island, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, is_product, module_of,
+)
 from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 
@@ -153,6 +155,10 @@ class Legality:
             return self._act(node, m)
         if is_add(node):
             return Placement(node.name, "elementwise-sum", "DPU")
+        if is_product(gm, node):
+            op = "elementwise-mul" if m.op == "mul" else "matmul"
+            return Placement(node.name, op, "CPU", f"a {m.op} of two activations is not mapped to the DPU here "
+                             "(UG1414's eltwise takes sums)", "it runs on the CPU, on integers, between DPU subgraphs")
         if is_cat(node):
             return Placement(node.name, "concat", "DPU")
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \
@@ -171,6 +177,10 @@ class Legality:
         if isinstance(m, nn.LeakyReLU):
             return self._named(node, "leaky_relu")
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
+        island = float_island(gm, node)
+        if island is not None:
+            return Placement(node.name, what, "CPU", f"float island: {island}",
+                             "it runs in float on the CPU between DPU subgraphs")
         return Placement(node.name, what, "CPU", "float operator: not quantized, the DPU computes on int8 only",
                          "quantize it (drop its override) or keep it on the CPU")
 

@@ -26,11 +26,13 @@ from torch import fx, nn
 from quantfx.errors import ExportError
 from quantfx.graph import data_input, module_of, tensor_inputs
 from quantfx.lowering import Lowering
+from quantfx.tables import float_islands
 from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid, adaptive_window
 from quantfx.quant import Quantizer
 
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 NODE_VALUES_KEY = "quantfx.node_values"
+FLOAT_ISLANDS_KEY = "quantfx.float_islands"  # metadata: the float islands of the file (absent when none)
 _ALIAS_METHODS = {"contiguous", "clone", "detach"}
 
 
@@ -67,6 +69,15 @@ def node_values(model: onnx.ModelProto) -> dict:
         if prop.key == NODE_VALUES_KEY:
             return json.loads(prop.value)
     return {}
+
+
+def file_float_islands(model: onnx.ModelProto) -> list:
+    """The float islands a file quantfx wrote lists (``[{'node', 'op', 'why'}]``): the ops it runs in float
+    between a DequantizeLinear and a QuantizeLinear."""
+    for prop in model.metadata_props:
+        if prop.key == FLOAT_ISLANDS_KEY:
+            return json.loads(prop.value)
+    return []
 
 
 def with_values(model: onnx.ModelProto, names) -> onnx.ModelProto:
@@ -181,6 +192,9 @@ class OnnxLowering(Lowering):
         model = ir.Model(self.graph, ir_version=min(onnx.IR_VERSION, 10), producer_name=self.producer_name)
         self.postprocess(model)
         model.metadata_props[NODE_VALUES_KEY] = json.dumps(self.value_of_node)
+        islands = float_islands(self.gm)
+        if islands:
+            model.metadata_props[FLOAT_ISLANDS_KEY] = json.dumps(islands)
         return ir.serde.serialize_model(model)
 
     def _io_shape(self, node) -> list:
@@ -691,5 +705,5 @@ def _shape_source(size):
     return None
 
 
-__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "feed", "save_onnx", "load_onnx", "node_values", "with_values",
+__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "FLOAT_ISLANDS_KEY", "file_float_islands", "feed", "save_onnx", "load_onnx", "node_values", "with_values",
            "not_quantfx"]

@@ -35,7 +35,7 @@ def test_recompiles_once_per_modified_pass(monkeypatch):
     modified = [r.name for r in manager.records if r.modified]
     assert modified == ["canonicalize", "fuse_conv_bn", "swap_modules", "share_quantizers", "choose_bias_scaling"]
     assert len(calls) == len(modified) == 5  # once per modified pass, never per node
-    assert [r.name for r in manager.records] == pipeline.names() and len(manager.records) == 8
+    assert [r.name for r in manager.records] == pipeline.names() and len(manager.records) == 9
     assert all(r.seconds > 0 for r in manager.records) and sum(r.seconds for r in manager.records) <= wall
     assert all(f"{r.name:24s}" in manager.timings() for r in manager.records)
     assert out is gm and isinstance(gm.get_submodule("fc"), QuantWBIOL)
