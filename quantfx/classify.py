@@ -63,7 +63,9 @@ FLOAT_ISLAND_FUNCTIONS = {
     F.group_norm: "normalization over the data (mean, variance, division): no integer kernel",
     F.scaled_dot_product_attention: "scaled-dot-product attention: matmul, softmax, matmul in one op, run in float",
 }
-FLOAT_ISLAND_METHODS = {"softmax": "softmax: a reduction with exp, no integer kernel",
+_MEAN = "a mean over non-spatial axes (tokens, channels): run in float"
+FLOAT_ISLAND_FUNCTIONS[torch.mean] = _MEAN
+FLOAT_ISLAND_METHODS = {"softmax": "softmax: a reduction with exp, no integer kernel", "mean": _MEAN,
                         "tanh": "tanh: no integer kernel"}
 
 

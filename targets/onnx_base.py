@@ -384,6 +384,8 @@ class OnnxLowering(Lowering):
         island = self.emit_float_island_function(node)
         if island is not None:
             return island
+        if t is torch.mean:
+            return self._mean(node, self.env[node.args[0]])
         if t in (torch.sigmoid, torch.tanh, F.silu, torch.relu, F.relu):
             op_type = {torch.sigmoid: "Sigmoid", torch.tanh: "Tanh", torch.relu: "Relu", F.relu: "Relu"}.get(t)
             if op_type:
@@ -400,6 +402,8 @@ class OnnxLowering(Lowering):
             return x
         if t == "expand":
             return self._expand(node, x)
+        if t == "mean":
+            return self._mean(node, x)
         if t == "softmax":
             _, dim = self._args(node, [("self", None), ("dim", None)])
             return self._softmax(node, x, int(dim))
@@ -526,6 +530,52 @@ class OnnxLowering(Lowering):
         attn = self._softmax(type("N", (), {"name": n + "_softmax"}), scores, -1)
         return self.op("MatMul", [attn, self.env[v]], n)
 
+    def _mha(self, node, m):
+        """nn.MultiheadAttention in eval without masks: the input projections, per-head attention, the output
+        projection; returns (output, None) as the module does with need_weights=False."""
+        query, key, value = (node.args + (None, None, None))[:3]
+        key = key if key is not None else node.kwargs.get("key")
+        value = value if value is not None else node.kwargs.get("value")
+        extra = {k: v for k, v in node.kwargs.items() if k not in ("key", "value", "need_weights")}
+        if node.kwargs.get("need_weights", True) or any(v is not None and v is not False for v in extra.values()) \
+                or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise ExportError(f"{self.target}: node {node.name}: MultiheadAttention lowers with need_weights=False, "
+                              "no masks, one embedding size for query, key and value, no bias_k/bias_v")
+        n, e, h = node.name, m.embed_dim, m.num_heads
+        d = e // h
+        w = np32(m.in_proj_weight)
+        b = np32(m.in_proj_bias) if m.in_proj_bias is not None else None
+        heads = []
+        for i, (src, what) in enumerate(((query, "q"), (key, "k"), (value, "v"))):
+            x = self.env[src] if m.batch_first else self.op("Transpose", [self.env[src]], f"{n}_{what}_bf",
+                                                               perm=[1, 0, 2])
+            y = self.op("MatMul", [x, self.const(f"{n}_{what}_wT", w[i * e:(i + 1) * e].T.copy())], f"{n}_{what}_mm")
+            if b is not None:
+                y = self.op("Add", [y, self.const(f"{n}_{what}_b", b[i * e:(i + 1) * e])], f"{n}_{what}_proj")
+            y = self.op("Reshape", [y, self.const(f"{n}_{what}_heads", np.array([0, 0, h, d], np.int64))],
+                        f"{n}_{what}_split")
+            heads.append(self.op("Transpose", [y], f"{n}_{what}_bhld", perm=[0, 2, 1, 3]))
+        q, k, v = heads
+        kt = self.op("Transpose", [k], n + "_kT", perm=[0, 1, 3, 2])
+        scores = self.op("Mul", [self.op("MatMul", [q, kt], n + "_scores"), self._c(node, "scale", 1 / math.sqrt(d))],
+                         n + "_scaled")
+        attn = self._softmax(type("N", (), {"name": n + "_softmax"}), scores, -1)
+        y = self.op("Transpose", [self.op("MatMul", [attn, v], n + "_attend")], n + "_blhd", perm=[0, 2, 1, 3])
+        y = self.op("Reshape", [y, self.const(n + "_merge", np.array([0, 0, e], np.int64))], n + "_merged")
+        y = self.op("MatMul", [y, self.const(n + "_out_wT", np32(m.out_proj.weight).T.copy())], n + "_out_mm")
+        if m.out_proj.bias is not None:
+            y = self.op("Add", [y, self.const(n + "_out_b", np32(m.out_proj.bias))], n + "_out")
+        if not m.batch_first:
+            y = self.op("Transpose", [y], n + "_seq_first", perm=[1, 0, 2])
+        return (y, None)
+
+    def _mean(self, node, x):
+        _, dim, keepdim = self._args(node, [("input", None), ("dim", None), ("keepdim", False)])
+        rank = len(self.shape(data_input(node)))
+        dims = list(range(rank)) if dim is None else [d % rank for d in (dim if isinstance(dim, (list, tuple))
+                                                                        else [dim])]
+        return self.op("ReduceMean", [x], node.name, axes=dims, keepdims=int(bool(keepdim)))
+
     _ISLAND_MODULES = {nn.SiLU: "silu", nn.GELU: "gelu", nn.Hardsigmoid: "hardsigmoid", nn.Hardswish: "hardswish",
                        nn.Mish: "mish", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Softmax: "softmax"}
     _ISLAND_FUNCTIONS = {F.silu: "silu", F.gelu: "gelu", F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish",
@@ -546,6 +596,8 @@ class OnnxLowering(Lowering):
             return self._prelu(node, x, m.weight)
         if isinstance(m, nn.LayerNorm):
             return self._layer_norm(node, x, tuple(m.normalized_shape), m.weight, m.bias, float(m.eps))
+        if isinstance(m, nn.MultiheadAttention):
+            return self._mha(node, m)
         if isinstance(m, nn.GroupNorm):
             return self._group_norm(node, x, m.num_groups, m.weight if m.affine else None,
                                     m.bias if m.affine else None, float(m.eps))

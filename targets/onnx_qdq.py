@@ -107,16 +107,22 @@ class QDQLowering(OnnxLowering):
         return out
 
     def emit_product(self, node):
-        """A QuantProduct on integers: each operand's codes (``QuantizeLinear`` on its own grid, exact on its
-        values), ``Cast`` to int32 minus the zero point, an int32 ``Mul`` / ``MatMul`` (exact below 2^31), then
+        """A QuantProduct on integers: each operand's codes (those its DequantizeLinear reads, else a
+        ``QuantizeLinear`` on its own grid, exact on its values), ``Cast`` to int32 minus the zero point, an int32 ``Mul`` / ``MatMul`` (exact below 2^31), then
         ``Cast`` to float and ``Mul(s_a x s_b)``: ``float32(acc) x float32(s_a s_b)``, as the fake-quant model
         computes it. The activation quantizer after it is its requantization (Q/DQ)."""
         codes = []
         for i, operand in enumerate(node.args[:2]):
             meta = qmeta(operand)
             base = f"{node.name}_in{i}"
-            s, z = self._q_consts(base, meta.scale, meta.zero_point, meta.signed)
-            q = self.op("QuantizeLinear", [self.env[operand], s, z], base + "_q")
+            value = self.env[operand]
+            grid = (float(meta.scale.reshape(())), float(meta.zero_point.reshape(()).round()))
+            dq = value.producer()
+            if dq is not None and dq.op_type == "DequantizeLinear" and self._grids.get(value, (None,))[:2] == grid:
+                q = dq.inputs[0]  # the codes the operand was dequantized from
+            else:
+                s, z = self._q_consts(base, meta.scale, meta.zero_point, meta.signed)
+                q = self.op("QuantizeLinear", [value, s, z], base + "_q")
             ints = self.op("Cast", [q], base + "_int32", to=int(onnx.TensorProto.INT32))
             zp = int(meta.zero_point.reshape(()).round().item())
             codes.append(self.op("Sub", [ints, self.const(base + "_zp32", np.asarray(zp, np.int32))], base + "_int")

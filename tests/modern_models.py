@@ -104,3 +104,29 @@ class ViTBlock(nn.Module):
 def calibration(shape=(4, 3, 16, 16), n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+class Activations(nn.Module):
+    """One conv per activation kind, as modules and as functions, then GroupNorm, softmax over channels and a
+    multi-head attention over the pixels: the float islands of issue 16 one after another."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.acts = nn.ModuleList([nn.Hardswish(), nn.Hardsigmoid(), nn.Mish(), nn.PReLU(c), nn.LeakyReLU(0.1),
+                                   nn.GELU(approximate="tanh"), nn.ELU(), nn.SiLU(), nn.Tanh()])
+        self.convs = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1) for _ in self.acts])
+        self.norm = nn.GroupNorm(2, c)
+        self.softmax = nn.Softmax(dim=1)
+        self.mha = nn.MultiheadAttention(c, 2, batch_first=True)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for act, conv in zip(self.acts, self.convs):
+            x = conv(act(x))
+        x = F.hardswish(F.silu(F.gelu(x)))
+        x = self.softmax(self.norm(x)) * 4.0
+        t = x.flatten(2).transpose(1, 2)
+        t = self.mha(t, t, t, need_weights=False)[0]
+        return self.head(t.mean(1))

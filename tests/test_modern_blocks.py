@@ -35,7 +35,7 @@ from quantfx.tables import float_islands
 from targets import dpu
 from targets.onnx_base import file_float_islands
 
-from modern_models import ConvNeXtBlock, MBConv, ViTBlock, calibration
+from modern_models import Activations, ConvNeXtBlock, MBConv, ViTBlock, calibration
 
 MODELS = {
     "mbconv": MBConv,
@@ -245,3 +245,40 @@ def test_override_keeps_a_product_float():
     assert any(r["node"] == "mul" for r in float_islands(q))
     with pytest.raises(quantfx.QuantArgumentError, match="did you mean 'mul'"):
         quantfx.quantize(GatedConv().eval(), "onnx", calibration_data=data, progress=False, overrides={"mull": None})
+
+
+ACTIVATIONS_SQNR_BOUND = {"onnx": 42.6, "torch": 35.3, "dpu": 43.1}  # measured 45.6 / 38.3 / 46.1 dB, less 3
+
+
+@pytest.mark.parametrize("target", ["onnx", "torch", "dpu"])
+def test_activations_norms_softmax_and_mha_as_float_islands(target):
+    """Hardswish, Hardsigmoid, Mish, PReLU, LeakyReLU, GELU (tanh), ELU, SiLU, Tanh, F.gelu/silu/hardswish,
+    GroupNorm, softmax and nn.MultiheadAttention between quantized convs: each a float island (dpu: Hardswish,
+    Hardsigmoid and LeakyReLU in the DPU's own arithmetic instead), the convs integer, every quantized tensor
+    exact."""
+    torch.manual_seed(0)
+    model = Activations().eval()
+    data = calibration(shape=(4, 3, 8, 8))
+    q = quantfx.quantize(model, target, calibration_data=data, progress=False)
+    ops = {r["op"] for r in float_islands(q)}
+    expected = {"Mish", "PReLU", "GELU", "ELU", "SiLU", "Tanh", "GroupNorm", "Softmax", "MultiheadAttention",
+                "gelu", "silu", "mean"} | (set() if target == "dpu" else {"Hardswish", "Hardsigmoid", "LeakyReLU",
+                                                                             "hardswish"})
+    assert expected <= ops, expected - ops
+    artefact = quantfx.lower(q, (data[0][:1],))
+    assert quantfx.verify(q, artefact, data[1]).max_error_lsb == 0.0
+    assert assert_bit_exact(q, artefact, data[1])[0] >= 20
+    with torch.no_grad():
+        db = quantfx.sqnr(model(data[1]), q(data[1]))
+    assert db > ACTIVATIONS_SQNR_BOUND[target], f"{target}: SQNR {db:.1f} dB"
+
+
+def test_finn_takes_monotonic_float_islands():
+    """LeakyReLU, PReLU, ELU, Tanh, Hardsigmoid before a quantizer are thresholds for FINN: not refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.1), nn.Conv2d(8, 8, 3), nn.Tanh(), nn.Conv2d(8, 4, 3),
+                          nn.Hardsigmoid()).eval()
+    data = calibration()
+    q = quantfx.quantize(model, "finn", calibration_data=data, progress=False)
+    assert {r["op"] for r in float_islands(q)} == {"LeakyReLU", "Tanh", "Hardsigmoid"}
+    assert quantfx.verify(q, quantfx.lower(q, (data[0][:1],)), data[1]).max_error_lsb == 0.0
