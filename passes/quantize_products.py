@@ -57,10 +57,7 @@ class QuantizeProducts(ProfilePass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return PassResult(gm, modified)  # the pass manager recompiles and lints a modified graph
 
     @staticmethod
     def _per_tensor(gm, node) -> bool:

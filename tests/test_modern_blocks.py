@@ -20,6 +20,7 @@ machine (dB, 8 bits, batch of 4 random images, seed 0):
 The bounds below are those figures less 3 dB (torch runs 7-bit activations on fbgemm, dpu power-of-two scales).
 """
 import copy
+import operator
 import warnings
 
 import numpy as np
@@ -282,3 +283,55 @@ def test_finn_takes_monotonic_float_islands():
     q = quantfx.quantize(model, "finn", calibration_data=data, progress=False)
     assert {r["op"] for r in float_islands(q)} == {"LeakyReLU", "Tanh", "Hardsigmoid"}
     assert quantfx.verify(q, quantfx.lower(q, (data[0][:1],)), data[1]).max_error_lsb == 0.0
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm and torchvision write it: identity unless training."""
+
+    def __init__(self, p=0.2):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop_path = DropPath()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return x + self.drop(self.drop_path(self.body(x)))
+
+
+@pytest.mark.parametrize("target", ["finn", "onnx", "torch", "dpu"])
+def test_stochastic_depth_and_dropout_are_identity_in_eval(target):
+    torch.manual_seed(0)
+    data = calibration()
+    model = Residual().train()  # quantize evaluates a copy: the random branch is not traced
+    q = quantfx.quantize(model, target, calibration_data=data, progress=False)
+    assert not [n for n in q.graph.nodes if "drop" in n.name or n.target in (torch.rand, operator.mul)]
+    assert quantfx.verify(q, quantfx.lower(q, (data[0][:1],)), data[1]).max_error_lsb == 0.0
+    assert model.training  # the user's model keeps its mode
+
+
+@pytest.mark.parametrize("target", ["onnx", "torch"])
+def test_class_token_cat_and_position_embedding_add_are_integer(target):
+    _, q, data = _quantize("vit_matmul", target)
+    nodes = {n.name: n for n in q.graph.nodes}
+    cat, add = nodes["cat"], nodes["add"]
+    assert qmeta(cat).kind == "act" and qmeta(add).kind == "acc"  # one grid for the cat, an integer sum
+    # the parameters are quantized by their own quantizers, in the cat's group / the add's scale group
+    assert qmeta(cat.args[0][0]).group == qmeta(cat.args[0][1]).group is not None
+    assert qmeta(add.args[0]).group == qmeta(add.args[1]).group is not None
+    if target == "torch":
+        rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],)).report}
+        assert rows["cat"]["runs_as"] == "quantized cat" and rows["add"]["runs_as"] == "quantized::add"
