@@ -8,7 +8,8 @@ integers exactly and scales the result by ``s_a x s_b`` (scale of the product's 
 activation quantizer after it requantizes, as integer runtimes do (a squeeze-excitation gate ``x * sigmoid(.)``,
 the matmuls of attention). Products with a Python scalar are left as they are, and so are products the user
 keeps float: ``overrides={'<node name>': None}`` (the name of the product's node, as ``print(qmodel.graph)``
-shows it before this pass: ``mul``, ``matmul_1``)."""
+shows it before this pass: ``mul``, ``matmul_1``). The hard-swish product that approximate_activations writes
+in the DPU's arithmetic stays as it is."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from quantfx.graph import is_act_quant, producer, tensor_product_op, unique_name
 from quantfx.nn import QuantProduct
 from quantfx.pass_infra import PassResult
 
+from .approximate_activations import APPROX_KEY
 from .base import ProfilePass
 from .swap_modules import FLOAT
 
@@ -34,8 +36,8 @@ class QuantizeProducts(ProfilePass):
         modified = False
         for node in list(gm.graph.nodes):
             op = tensor_product_op(node)
-            if op is None:
-                continue
+            if op is None or node.meta.get(APPROX_KEY):
+                continue  # not a product of two tensors, or a hard-swish in the DPU's arithmetic
             if node.name in self.overrides and self.overrides[node.name] is None:
                 node.meta[FLOAT] = True
                 continue

@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from quantfx.errors import TargetError
 from quantfx.graph import is_act_quant, is_cat, is_invariant, module_of, qmeta
 from quantfx.lowering import Backend
 from quantfx.quant import functional as qf
@@ -111,6 +112,10 @@ class QDQLowering(OnnxLowering):
         ``QuantizeLinear`` on its own grid, exact on its values), ``Cast`` to int32 minus the zero point, an int32 ``Mul`` / ``MatMul`` (exact below 2^31), then
         ``Cast`` to float and ``Mul(s_a x s_b)``: ``float32(acc) x float32(s_a s_b)``, as the fake-quant model
         computes it. The activation quantizer after it is its requantization (Q/DQ)."""
+        if qmeta(node).bit_width > 32:
+            raise TargetError(f"{self.target}: {node.target} ({module_of(self.gm, node).op}) can reach a "
+                              f"{qmeta(node).bit_width}-bit accumulator; the file multiplies in int32 (reduce the "
+                              "operands' bit widths, or keep it float with overrides={" + repr(node.target) + ": None})")
         codes = []
         for i, operand in enumerate(node.args[:2]):
             meta = qmeta(operand)
