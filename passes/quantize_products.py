@@ -6,7 +6,7 @@ operand with none gets a QuantIdentity on its edge), and the product node takes 
 arguments, ``self.mul(a, b, a_quantizer=..., b_quantizer=...)``: in eval mode it multiplies the operands'
 integers exactly and scales the result by ``s_a x s_b`` (scale of the product's grid, zero point 0), and the
 activation quantizer after it requantizes, as integer runtimes do (a squeeze-excitation gate ``x * sigmoid(.)``,
-the matmuls of attention). Products with a Python scalar are left as they are, and so are products the user
+the matmuls of attention). Products with a Python scalar or a parameter (a layer scale) are left as they are, and so are products the user
 keeps float: ``overrides={'<node name>': None}`` (the name of the product's node, as ``print(qmodel.graph)``
 shows it before this pass: ``mul``, ``matmul_1``). The hard-swish product that approximate_activations writes
 in the DPU's arithmetic stays as it is."""
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from quantfx.graph import is_act_quant, producer, tensor_product_op, unique_name
+from quantfx.graph import is_act_quant, producer, scales_by_constant, tensor_product_op, unique_name
 from quantfx.nn import QuantProduct
 from quantfx.pass_infra import PassResult
 
@@ -36,8 +36,8 @@ class QuantizeProducts(ProfilePass):
         modified = False
         for node in list(gm.graph.nodes):
             op = tensor_product_op(node)
-            if op is None or node.meta.get(APPROX_KEY):
-                continue  # not a product of two tensors, or a hard-swish in the DPU's arithmetic
+            if op is None or node.meta.get(APPROX_KEY) or scales_by_constant(gm, node):
+                continue  # not a product of two activations, or a hard-swish in the DPU's arithmetic
             if node.name in self.overrides and self.overrides[node.name] is None:
                 node.meta[FLOAT] = True
                 continue

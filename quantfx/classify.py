@@ -146,9 +146,20 @@ def float_island(gm, node: fx.Node) -> Optional[str]:
         return FLOAT_ISLAND_FUNCTIONS[node.target]
     if node.op == "call_method" and node.target in FLOAT_ISLAND_METHODS:
         return FLOAT_ISLAND_METHODS[node.target]
-    if tensor_product_op(node) is not None:
+    if tensor_product_op(node) is not None and not scales_by_constant(gm, node):
         return "a product of two tensors whose operands are not both quantized per tensor"
     return None
+
+
+def scales_by_constant(gm, node: fx.Node) -> bool:
+    """A product one of whose operands is a parameter or buffer (through moves such as ``view``): a scaling by a
+    constant (ConvNeXt's layer scale), kept as the float op it is, like a product with a Python number."""
+    for operand in node.args[:2]:
+        while isinstance(operand, fx.Node) and is_invariant(gm, operand):
+            operand = operand.args[0] if operand.args else None
+        if isinstance(operand, fx.Node) and operand.op == "get_attr" and not is_link(gm, operand):
+            return True
+    return False
 
 
 def is_cat(node: fx.Node) -> bool:

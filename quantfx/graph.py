@@ -13,7 +13,7 @@ from torch import fx, nn
 from .classify import (  # noqa: F401  (re-exported)
     ADD_FUNCTIONS, BN_TYPES, CAT_FUNCTIONS, COMPUTE_TYPES, FLOAT_COMPUTE_TYPES, INVARIANT_FUNCTIONS, INVARIANT_METHODS,
     INVARIANT_MODULES, SHAPE_METHODS, attr_value, float_island, is_act_quant, is_monotonic_island, is_add, is_cat, is_compute,
-    is_invariant, is_link, is_product, is_tensor_node, is_trunc_pool, module_of, tensor_product_op,
+    is_invariant, is_link, is_product, is_tensor_node, is_trunc_pool, module_of, scales_by_constant, tensor_product_op,
 )
 from .ir import FLOAT, GROUP_KEY, META_KEY, QMeta, fmt_scale, group_of, qmeta
 
@@ -93,5 +93,5 @@ __all__ = [
     "attr_value", "data_input", "float_island", "fmt_scale", "group_of", "input_quantizer_of", "insert_module_after",
     "is_act_quant", "is_add", "is_cat", "is_compute", "is_invariant", "is_link", "is_monotonic_island", "is_product",
     "is_tensor_node", "is_trunc_pool",
-    "module_of", "producer", "qmeta", "tensor_inputs", "tensor_product_op", "unique_name",
+    "module_of", "producer", "qmeta", "scales_by_constant", "tensor_inputs", "tensor_product_op", "unique_name",
 ]

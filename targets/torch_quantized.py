@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.errors import ExportError, QuantArgumentError, TargetError
-from quantfx.graph import input_quantizer_of, is_add, module_of, qmeta, tensor_inputs
+from quantfx.graph import float_island, input_quantizer_of, is_add, module_of, qmeta, tensor_inputs
 from quantfx.lowering import Backend, Lowering
 from quantfx.quant import functional as qf
 from quantfx.nn import (
@@ -691,7 +691,9 @@ class TorchLowering(Lowering):
             self.note(node, f"quantized {_op_name(self.gm, node)}")
             return self._tuple_or_q(node, out, v)
         out = make(fx.map_arg(node.args, lambda a: self._arg(a, False)), kwargs)
-        self.note(node, "float", "float", "no quantized kernel keeps the fake-quant model's arithmetic")
+        island = float_island(self.gm, node)
+        self.note(node, "float", "float", f"float island: {island}" if island else
+                  "no quantized kernel keeps the fake-quant model's arithmetic")
         return self._tuple_or_q(node, out, None)
 
     def _tuple_or_q(self, node, out, grid: Optional[_Q]):

@@ -335,3 +335,25 @@ def test_class_token_cat_and_position_embedding_add_are_integer(target):
     if target == "torch":
         rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],)).report}
         assert rows["cat"]["runs_as"] == "quantized cat" and rows["add"]["runs_as"] == "quantized::add"
+
+
+class LayerScale(nn.Module):
+    """ConvNeXt's layer scale: a product with a parameter, a scaling by a constant rather than a gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(1e-3, 2.0, 8).reshape(8, 1, 1))
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.conv(x) * self.gamma)
+
+
+@pytest.mark.parametrize("target", ["finn", "onnx", "torch", "dpu"])
+def test_layer_scale_by_a_parameter_is_not_a_product_of_activations(target):
+    torch.manual_seed(0)
+    data = calibration()
+    q = quantfx.quantize(LayerScale().eval(), target, calibration_data=data, progress=False)
+    assert not any(is_product(q, n) for n in q.graph.nodes) and not float_islands(q)
+    assert quantfx.verify(q, quantfx.lower(q, (data[0][:1],)), data[1]).max_error_lsb == 0.0
