@@ -24,6 +24,6 @@ del _cls
 #: registry itself, so a pass registered with quantfx.pass_infra.register_pass is listed here too
 REGISTRY = PASSES
 
-__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes", "QuantizeProducts",
-           "ShareQuantizers",
+__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "FuseConvBN", "PropagateShapes",
+           "QuantizeProducts", "ShareQuantizers",
            "SwapModules", "Trace", "REGISTRY"]

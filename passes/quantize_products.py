@@ -6,9 +6,9 @@ operand with none gets a QuantIdentity on its edge), and the product node takes 
 arguments, ``self.mul(a, b, a_quantizer=..., b_quantizer=...)``: in eval mode it multiplies the operands'
 integers exactly and scales the result by ``s_a x s_b`` (scale of the product's grid, zero point 0), and the
 activation quantizer after it requantizes, as integer runtimes do (a squeeze-excitation gate ``x * sigmoid(.)``,
-the matmuls of attention). Products with a Python scalar or a parameter (a layer scale) are left as they are, and so are products the user
-keeps float: ``overrides={'<node name>': None}`` (the name of the product's node, as ``print(qmodel.graph)``
-shows it before this pass: ``mul``, ``matmul_1``). The hard-swish product that approximate_activations writes
+the matmuls of attention). Products with a Python scalar or a parameter (a layer scale) are left as they are,
+and so are products the user keeps float: ``overrides={'<node name>': None}`` (the name of the product's node
+as ``print(qmodel.graph)`` shows it before this pass, ``mul``, ``matmul_1``: the QuantProduct module's name). The hard-swish product that approximate_activations writes
 in the DPU's arithmetic stays as it is."""
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .nn import (
-    QuantAct, QuantProduct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear,
-    QuantWBIOL,
+    QuantAct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear,
+    QuantProduct, QuantWBIOL,
 )
 from .nn.pool import _TruncAvgPool
 

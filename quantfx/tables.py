@@ -2,6 +2,7 @@
 ``inspect`` (the same rows printed)."""
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -51,6 +52,9 @@ def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
     return rows
 
 
+FLOAT_ISLANDS_KEY = "quantfx.float_islands"  # an ONNX file's metadata: its float islands (absent when none)
+
+
 def float_islands(qmodel: fx.GraphModule) -> list[dict[str, str]]:
     """The nodes of a compiled model that run in float between quantized regions (dequantized, computed in float,
     requantized by the activation quantizer after them), each with why: ``[{'node', 'op', 'why'}]``."""
@@ -65,11 +69,25 @@ def float_islands(qmodel: fx.GraphModule) -> list[dict[str, str]]:
     return rows
 
 
+def _island_lines(islands, title) -> list[str]:
+    w = [max(len(r[k]) for r in islands) for k in ("node", "op")]
+    return [title] + [f"  {r['node']:<{w[0]}}  {r['op']:<{w[1]}}  {r['why']}" for r in islands]
+
+
 def inspect(qmodel: fx.GraphModule, file=None) -> str:
-    """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group. Given a
-    lowered artefact that reports how each node runs (the torch target's program), print that report."""
+    """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group, then the
+    float islands. Given a lowered artefact that reports how each node runs (the torch target's program), print
+    that report; given an ONNX file quantfx wrote, its float islands."""
     if not isinstance(qmodel, fx.GraphModule) and callable(getattr(qmodel, "table", None)):
         text = qmodel.table()
+        print(text, file=file or sys.stdout)
+        return text
+    if not isinstance(qmodel, fx.GraphModule) and hasattr(qmodel, "metadata_props"):  # an ONNX file quantfx wrote
+        props = {p.key: p.value for p in qmodel.metadata_props}
+        islands = json.loads(props.get(FLOAT_ISLANDS_KEY, "[]"))
+        lines = _island_lines(islands, "float islands of the file (DequantizeLinear -> float ops -> "
+                                       "QuantizeLinear):") if islands else ["no float islands in the file"]
+        text = "\n".join(lines)
         print(text, file=file or sys.stdout)
         return text
     rows = layer_table(qmodel)
@@ -81,9 +99,8 @@ def inspect(qmodel: fx.GraphModule, file=None) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     islands = float_islands(qmodel)
     if islands:
-        lines.append("float islands (dequantized, run in float, requantized by the quantizer after them):")
-        w = [max(len(r[k]) for r in islands) for k in ("node", "op")]
-        lines += [f"  {r['node']:<{w[0]}}  {r['op']:<{w[1]}}  {r['why']}" for r in islands]
+        lines += _island_lines(islands, "float islands (dequantized, run in float, requantized by the quantizer "
+                                        "after them):")
     text = "\n".join(lines)
     print(text, file=file or sys.stdout)
     return text

@@ -26,13 +26,12 @@ from torch import fx, nn
 from quantfx.errors import ExportError
 from quantfx.graph import data_input, module_of, tensor_inputs
 from quantfx.lowering import Lowering
-from quantfx.tables import float_islands
+from quantfx.tables import FLOAT_ISLANDS_KEY, float_islands
 from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid, adaptive_window
 from quantfx.quant import Quantizer
 
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 NODE_VALUES_KEY = "quantfx.node_values"
-FLOAT_ISLANDS_KEY = "quantfx.float_islands"  # metadata: the float islands of the file (absent when none)
 _ALIAS_METHODS = {"contiguous", "clone", "detach"}
 
 
@@ -757,5 +756,6 @@ def _shape_source(size):
     return None
 
 
-__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "FLOAT_ISLANDS_KEY", "file_float_islands", "feed", "save_onnx", "load_onnx", "node_values", "with_values",
+__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "FLOAT_ISLANDS_KEY", "file_float_islands", "feed", "save_onnx",
+           "load_onnx", "node_values", "with_values",
            "not_quantfx"]

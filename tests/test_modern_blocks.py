@@ -33,8 +33,8 @@ import quantfx
 from quantfx.graph import is_act_quant, is_product, qmeta
 from quantfx.lowering import BACKENDS
 from quantfx.tables import float_islands
-from targets import dpu
-from targets.onnx_base import file_float_islands
+from quantfx.targets import dpu
+from quantfx.targets.onnx_base import file_float_islands, node_values
 
 from modern_models import Activations, ConvNeXtBlock, MBConv, ViTBlock, calibration
 
@@ -198,18 +198,15 @@ def test_onnx_file_lists_its_float_islands_and_runs_them_between_dq_and_q():
     islands = {r["node"]: r for r in file_float_islands(model)}
     assert {"norm1", "norm2", "norm", "act", "scaled_dot_product_attention"} <= set(islands), islands
     assert "attention" in islands["scaled_dot_product_attention"]["why"]
+    text = quantfx.inspect(model)
+    assert text.startswith("float islands of the file") and "norm1" in text and "LayerNorm" in text
     by_output = {o: n for n in model.graph.node for o in n.output}
-    names = json_node_values(model)
+    names = node_values(model)
     # GELU's output is requantized (Q/DQ) right after it, and its input is a dequantized tensor
     gelu = by_output[names["act"]]
     readers = [n for n in model.graph.node if names["act"] in n.input]
     assert [n.op_type for n in readers] == ["QuantizeLinear"], [n.op_type for n in readers]
     assert gelu.op_type == "Mul"
-
-
-def json_node_values(model):
-    from targets.onnx_base import node_values
-    return node_values(model)
 
 
 def test_dpu_report_puts_float_islands_and_products_on_the_cpu():
