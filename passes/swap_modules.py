@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from quantfx.errors import QuantArgumentError
 from quantfx.graph import (
-    is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of, tensor_product_op,
+    USER_FLOAT_KEY, is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of, tensor_product_op,
 )
 from quantfx.nn import (
     QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantReLU, QuantSigmoid, build_from_state,
@@ -31,7 +31,7 @@ from quantfx.quant.specs import FIELDS
 
 from .base import ProfilePass
 
-FLOAT = "float"  # marker in node.meta for nodes the user kept float
+FLOAT = USER_FLOAT_KEY  # marker in node.meta for nodes the user kept float
 
 
 def split_override(values: dict, where: str) -> dict:

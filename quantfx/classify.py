@@ -181,6 +181,7 @@ def is_link(gm, node: fx.Node) -> bool:
     return node.op == "get_attr" and isinstance(attr_value(gm, node.target), nn.Module)
 
 
+USER_FLOAT_KEY = "float"  # node.meta: the user kept this node float (overrides={name: None}; passes/swap_modules)
 TENSOR_KEY = "quantfx.tensor"  # node.meta: whether shape propagation saw the node compute a tensor
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from torch import fx
 
 from .graph import (
-    META_KEY, float_island, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_product, is_trunc_pool, module_of,
-    qmeta,
+    META_KEY, USER_FLOAT_KEY, float_island, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_product,
+    is_trunc_pool, module_of, qmeta,
 )
 
 
@@ -61,6 +61,8 @@ def float_islands(qmodel: fx.GraphModule) -> list[dict[str, str]]:
     rows = []
     for node in qmodel.graph.nodes:
         why = float_island(qmodel, node)
+        if node.meta.get(USER_FLOAT_KEY):
+            why = "kept float by overrides" + (f" ({why})" if why else "")
         if why is None:
             continue
         op = type(module_of(qmodel, node)).__name__ if node.op == "call_module" else \
