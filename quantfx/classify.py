@@ -45,6 +45,7 @@ PRODUCT_METHODS = {"mul": "mul", "__mul__": "mul", "matmul": "matmul", "__matmul
 # Float islands: ops no target computes on integers here. They run in float on dequantized values and the
 # activation quantizer after them requantizes (name -> why, as inspect and the lowering reports say it).
 _NONLINEAR = "a non-monotonic activation: no integer kernel, and no threshold form"
+_MEAN = "a mean over non-spatial axes (tokens, channels): run in float"
 FLOAT_ISLAND_MODULES = {
     nn.SiLU: _NONLINEAR, nn.GELU: _NONLINEAR, nn.Mish: _NONLINEAR, nn.Hardswish: _NONLINEAR,
     nn.Hardsigmoid: "hard-sigmoid: no integer kernel", nn.PReLU: "PReLU: a learned slope, no integer kernel",
@@ -62,9 +63,8 @@ FLOAT_ISLAND_FUNCTIONS = {
     F.layer_norm: "normalization over the data (mean, variance, division): no integer kernel",
     F.group_norm: "normalization over the data (mean, variance, division): no integer kernel",
     F.scaled_dot_product_attention: "scaled-dot-product attention: matmul, softmax, matmul in one op, run in float",
+    torch.mean: _MEAN,
 }
-_MEAN = "a mean over non-spatial axes (tokens, channels): run in float"
-FLOAT_ISLAND_FUNCTIONS[torch.mean] = _MEAN
 FLOAT_ISLAND_METHODS = {"softmax": "softmax: a reduction with exp, no integer kernel", "mean": _MEAN,
                         "tanh": "tanh: no integer kernel"}
 

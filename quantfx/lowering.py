@@ -8,7 +8,8 @@ core does what every target needs and none should copy:
   and the calibration check (a quantizer that never saw data is an error naming it);
 - shapes for the example inputs, kept in the lowering (the user's ``node.meta['tensor_meta']`` is not touched);
 - the walk over the compiled graph in topological order with dispatch by node kind (input, output, constant,
-  activation quantizer, conv/linear, truncating pool, add, cat, product of two quantized tensors, other module / function / method), every
+  activation quantizer, conv/linear, truncating pool, add, cat, product of two quantized tensors, other module /
+  function / method), every
   failure re-raised as an ExportError naming the node;
 - the integers of a layer: weights, and bias for external scaling (scale = input scale x weight scale, the
   accumulator's) or internal scaling (the bias quantizer's own scale).
@@ -253,8 +254,8 @@ class Lowering:
         raise NotImplementedError
 
     def emit_product(self, node):
-        raise TargetError(f"{self.target}: node {node.name} multiplies two quantized tensors, which this target "
-                          "cannot express; keep it float with overrides={" + repr(node.name) + ": None}")
+        raise TargetError(f"{self.target}: {node.target} multiplies two quantized tensors, which this target "
+                          "cannot express; keep it float with overrides={" + repr(node.target) + ": None}")
 
     def product_scales(self, node):
         """(s_a, s_b, float32 accumulator scale s_a x s_b) of a QuantProduct node, from the graph."""

@@ -655,7 +655,8 @@ class TorchLowering(Lowering):
         a, b = (self.value(x) for x in node.args[:2])
         op = module_of(self.gm, node).op
         if not (a.quantized and b.quantized):
-            raise ExportError(f"torch: node {node.name}: an operand of the product is not quantized here")
+            raise ExportError(f"torch: {node.target}: an operand of the product is not a quantized tensor here; keep "
+                              "the product float with overrides={" + repr(node.target) + ": None}")
         _, _, acc_scale = self.product_scales(node)
         scale = self.buffer(node.name + "_acc_scale", acc_scale.float().reshape(()))
         self.note(node, f"integer {op} (exact, accumulator scale {float(acc_scale):.3g})")
