@@ -11,12 +11,13 @@ from .choose_bias_scaling import ChooseBiasScaling
 from .equalize_cross_layer import EqualizeCrossLayer
 from .fuse_conv_bn import FuseConvBN
 from .propagate_shapes import PropagateShapes
+from .quantize_products import QuantizeProducts
 from .share_quantizers import ShareQuantizers
 from .swap_modules import SwapModules
 from .trace import Trace
 
 for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
-             Annotate, ApproximateActivations, EqualizeCrossLayer):
+             Annotate, ApproximateActivations, EqualizeCrossLayer, QuantizeProducts):
     register_pass(_cls)
 del _cls
 
@@ -25,4 +26,4 @@ del _cls
 REGISTRY = PASSES
 
 __all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "EqualizeCrossLayer", "FuseConvBN",
-           "PropagateShapes", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]
+           "PropagateShapes", "QuantizeProducts", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]

@@ -16,7 +16,7 @@ from torch import fx
 from quantfx.errors import CalibrationError
 from quantfx.graph import (
     FLOAT, META_KEY, QMeta, data_input, group_of, is_act_quant, is_add, is_cat, is_compute, is_invariant,
-    is_trunc_pool, module_of, qmeta, tensor_inputs,
+    is_product, is_trunc_pool, module_of, qmeta, tensor_inputs,
 )
 from quantfx.quant import functional as qf
 from quantfx.pass_infra import Pass, PassResult
@@ -65,6 +65,8 @@ class Annotate(Pass):
             return self._compute(gm, node)
         if is_trunc_pool(gm, node):
             return self._pool(gm, node)
+        if is_product(gm, node):
+            return self._product(gm, node)
         if is_add(node):
             ins = [qmeta(a) for a in tensor_inputs(node)]
             if all(m.kind == "act" for m in ins) and len({m.group for m in ins}) == 1 and ins[0].group:
@@ -98,6 +100,25 @@ class Annotate(Pass):
             bits = max(bits, bq.bit_width) + 1
         return QMeta("acc", bits, True, False, _mul(inp.scale, w_scale),
                      None if inp.scale is None else torch.zeros(()), None, None)
+
+    @staticmethod
+    def _product(gm, node) -> QMeta:
+        """A product of two quantized tensors: an accumulator of scale s_a x s_b, zero point 0, as wide as the
+        product of the operands' integers (times the reduced length of a matmul)."""
+        ins = [qmeta(a) for a in node.args[:2]]
+        if any(m.kind != "act" for m in ins):
+            return FLOAT
+        ranges = [qf.int_range(m.bit_width, m.signed, m.narrow) for m in ins]
+        # operands as (q - zp): unsigned grids with a zero point span as much as signed ones of their width
+        mags = [max(abs(lo), abs(hi)) for lo, hi in ranges]
+        k = 1
+        if module_of(gm, node).op == "matmul":
+            tm = node.args[1].meta.get("tensor_meta")
+            k = int(tm.shape[-2]) if hasattr(tm, "shape") and len(tm.shape) >= 2 else 1
+        bits = (mags[0] * mags[1] * k).bit_length() + 1
+        scale = None if any(m.scale is None for m in ins) else \
+            ins[0].scale.float().reshape(()) * ins[1].scale.float().reshape(())
+        return QMeta("acc", bits, True, False, scale, None if scale is None else torch.zeros(()), None, None)
 
     @staticmethod
     def _pool(gm, node) -> QMeta:

@@ -32,6 +32,7 @@ from quantfx.pass_infra import PassResult
 from .base import ProfilePass
 
 HARD_SIGMOID_SCALE = 2731 / 16384
+APPROX_KEY = "quantfx.approx"  # node.meta: a node this pass wrote in the accelerator's arithmetic
 _AVGPOOL_TABLE = {(3, 3): (7, 6), (5, 5): (10, 8), (6, 6): (7, 8), (7, 7): (21, 10), (14, 14): (21, 12)}
 
 
@@ -85,6 +86,7 @@ class ApproximateActivations(ProfilePass):
                     y = gm.graph.call_function(operator.mul, (y, HARD_SIGMOID_SCALE))
                     if isinstance(m, nn.Hardswish):
                         y = gm.graph.call_function(operator.mul, (x, y))
+                        y.meta[APPROX_KEY] = "hard_swish"  # the DPU's own product: quantize_products leaves it
                 node.replace_all_uses_with(y)
                 gm.graph.erase_node(node)
                 modified = True

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from quantfx.errors import QuantArgumentError
 from quantfx.graph import (
-    is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of,
+    USER_FLOAT_KEY, is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of, tensor_product_op,
 )
 from quantfx.nn import (
     QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantReLU, QuantSigmoid, build_from_state,
@@ -33,7 +33,7 @@ from quantfx.quant.specs import FIELDS, is_low_bit
 
 from .base import ProfilePass
 
-FLOAT = "float"  # marker in node.meta for nodes the user kept float
+FLOAT = USER_FLOAT_KEY  # marker in node.meta for nodes the user kept float
 
 
 def split_override(values: dict, where: str) -> dict:
@@ -96,6 +96,8 @@ class SwapModules(ProfilePass):
                                     in_shape=tuple(meta.shape) if hasattr(meta, "shape") else None)
             if new is not None:
                 gm.add_submodule(node.target, new)
+        # products of two tensors are named by their node (passes/quantize_products.py reads the override)
+        used_names |= {n.name for n in gm.graph.nodes if n.name in self.overrides and tensor_product_op(n)}
         self._check_names(gm, used_names)
         self._insert_quantizers(gm, taken)
         return PassResult(gm, True)
@@ -156,7 +158,8 @@ class SwapModules(ProfilePass):
         names = [k for k in self.overrides if isinstance(k, str)]
         unknown = [k for k in names if k not in used]
         if unknown:
-            known = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+            known = [n.target for n in gm.graph.nodes if n.op == "call_module"] + \
+                [n.name for n in gm.graph.nodes if tensor_product_op(n)]
             hints = {k: difflib.get_close_matches(k, known, n=3) for k in unknown}
             raise QuantArgumentError(
                 "overrides name modules that are not in the traced model: " +

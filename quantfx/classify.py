@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from .nn import (
     QuantAct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear,
-    QuantWBIOL,
+    QuantProduct, QuantWBIOL,
 )
 from .nn.pool import _TruncAvgPool
 
@@ -37,6 +37,36 @@ INVARIANT_METHODS = {
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
 ADD_FUNCTIONS = {operator.add}
 SHAPE_METHODS = {"size", "dim"}
+# products of two tensors: passes/quantize_products.py makes those whose operands are quantized a QuantProduct
+PRODUCT_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.matmul: "matmul", torch.matmul: "matmul",
+                     torch.bmm: "matmul"}
+PRODUCT_METHODS = {"mul": "mul", "__mul__": "mul", "matmul": "matmul", "__matmul__": "matmul", "bmm": "matmul"}
+
+# Float islands: ops no target computes on integers here. They run in float on dequantized values and the
+# activation quantizer after them requantizes (name -> why, as inspect and the lowering reports say it).
+_NONLINEAR = "a non-monotonic activation: no integer kernel, and no threshold form"
+_MEAN = "a mean over non-spatial axes (tokens, channels): run in float"
+FLOAT_ISLAND_MODULES = {
+    nn.SiLU: _NONLINEAR, nn.GELU: _NONLINEAR, nn.Mish: _NONLINEAR, nn.Hardswish: _NONLINEAR,
+    nn.Hardsigmoid: "hard-sigmoid: no integer kernel", nn.PReLU: "PReLU: a learned slope, no integer kernel",
+    nn.LeakyReLU: "LeakyReLU: no integer kernel", nn.ELU: "ELU: no integer kernel", nn.Tanh: "tanh: no integer kernel",
+    nn.Softmax: "softmax: a reduction with exp, no integer kernel",
+    nn.LayerNorm: "normalization over the data (mean, variance, division): no integer kernel",
+    nn.GroupNorm: "normalization over the data (mean, variance, division): no integer kernel",
+}
+FLOAT_ISLAND_FUNCTIONS = {
+    F.silu: _NONLINEAR, F.gelu: _NONLINEAR, F.mish: _NONLINEAR, F.hardswish: _NONLINEAR,
+    F.hardsigmoid: "hard-sigmoid: no integer kernel", F.leaky_relu: "LeakyReLU: no integer kernel",
+    F.prelu: "PReLU: a learned slope, no integer kernel", torch.tanh: "tanh: no integer kernel",
+    F.softmax: "softmax: a reduction with exp, no integer kernel",
+    torch.softmax: "softmax: a reduction with exp, no integer kernel",
+    F.layer_norm: "normalization over the data (mean, variance, division): no integer kernel",
+    F.group_norm: "normalization over the data (mean, variance, division): no integer kernel",
+    F.scaled_dot_product_attention: "scaled-dot-product attention: matmul, softmax, matmul in one op, run in float",
+    torch.mean: _MEAN,
+}
+FLOAT_ISLAND_METHODS = {"softmax": "softmax: a reduction with exp, no integer kernel", "mean": _MEAN,
+                        "tanh": "tanh: no integer kernel"}
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
@@ -74,6 +104,64 @@ def is_add(node: fx.Node) -> bool:
         all(isinstance(a, fx.Node) for a in node.args[:2])
 
 
+def is_product(gm, node: fx.Node) -> bool:
+    """A product of two quantized tensors on the accumulator grid (a QuantProduct)."""
+    return node.op == "call_module" and isinstance(module_of(gm, node), QuantProduct)
+
+
+def tensor_product_op(node: fx.Node) -> Optional[str]:
+    """'mul' or 'matmul' for a product of two tensor nodes (either operand may be anything a product takes)."""
+    table = PRODUCT_FUNCTIONS if node.op == "call_function" else PRODUCT_METHODS if node.op == "call_method" else {}
+    op = table.get(node.target) if node.op in ("call_function", "call_method") else None
+    if op is None or len(node.args) < 2 or node.kwargs:
+        return None
+    a, b = node.args[:2]
+    return op if all(isinstance(v, fx.Node) and is_tensor_node(v) for v in (a, b)) else None
+
+
+# float islands a dataflow target can still build as thresholds: monotonic activations read by a quantizer
+MONOTONIC_ISLANDS = (nn.Hardsigmoid, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Tanh, F.hardsigmoid, F.leaky_relu, F.prelu,
+                     torch.tanh, "tanh")
+
+
+def is_monotonic_island(gm, node: fx.Node) -> bool:
+    """A float island that is a monotonic activation (a quantizer after it is a threshold step)."""
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), tuple(c for c in MONOTONIC_ISLANDS if isinstance(c, type)))
+    return node.op in ("call_function", "call_method") and node.target in MONOTONIC_ISLANDS
+
+
+def float_island(gm, node: fx.Node) -> Optional[str]:
+    """Why ``node`` runs in float between quantized regions (a float island), or None: activations without an
+    integer kernel, normalizations, softmax, attention, and products of two tensors left float."""
+    if node.op == "call_module":
+        m = module_of(gm, node)
+        for cls in type(m).__mro__:
+            if cls in FLOAT_ISLAND_MODULES:
+                return FLOAT_ISLAND_MODULES[cls]
+        if isinstance(m, nn.MultiheadAttention):
+            return "multi-head attention: run in float"
+        return None
+    if node.op == "call_function" and node.target in FLOAT_ISLAND_FUNCTIONS:
+        return FLOAT_ISLAND_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in FLOAT_ISLAND_METHODS:
+        return FLOAT_ISLAND_METHODS[node.target]
+    if tensor_product_op(node) is not None and not scales_by_constant(gm, node):
+        return "a product of two tensors whose operands are not both quantized per tensor"
+    return None
+
+
+def scales_by_constant(gm, node: fx.Node) -> bool:
+    """A product one of whose operands is a parameter or buffer (through moves such as ``view``): a scaling by a
+    constant (ConvNeXt's layer scale), kept as the float op it is, like a product with a Python number."""
+    for operand in node.args[:2]:
+        while isinstance(operand, fx.Node) and is_invariant(gm, operand):
+            operand = operand.args[0] if operand.args else None
+        if isinstance(operand, fx.Node) and operand.op == "get_attr" and not is_link(gm, operand):
+            return True
+    return False
+
+
 def is_cat(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in CAT_FUNCTIONS
 
@@ -93,6 +181,7 @@ def is_link(gm, node: fx.Node) -> bool:
     return node.op == "get_attr" and isinstance(attr_value(gm, node.target), nn.Module)
 
 
+USER_FLOAT_KEY = "float"  # node.meta: the user kept this node float (overrides={name: None}; passes/swap_modules)
 TENSOR_KEY = "quantfx.tensor"  # node.meta: whether shape propagation saw the node compute a tensor
 
 

@@ -12,8 +12,9 @@ from torch import fx, nn
 
 from .classify import (  # noqa: F401  (re-exported)
     ADD_FUNCTIONS, BN_TYPES, CAT_FUNCTIONS, COMPUTE_TYPES, FLOAT_COMPUTE_TYPES, INVARIANT_FUNCTIONS, INVARIANT_METHODS,
-    INVARIANT_MODULES, SHAPE_METHODS, attr_value, is_act_quant, is_add, is_cat, is_compute, is_invariant,
-    is_link, is_tensor_node, is_trunc_pool, module_of,
+    INVARIANT_MODULES, SHAPE_METHODS, USER_FLOAT_KEY, attr_value, float_island, is_act_quant, is_add, is_cat,
+    is_compute, is_invariant, is_link, is_monotonic_island, is_product, is_tensor_node, is_trunc_pool, module_of,
+    scales_by_constant, tensor_product_op,
 )
 from .ir import FLOAT, GROUP_KEY, META_KEY, QMeta, fmt_scale, group_of, qmeta
 
@@ -90,7 +91,9 @@ def insert_module_after(gm, node: fx.Node, module: nn.Module, name: str, users=N
 __all__ = [
     "ADD_FUNCTIONS", "BN_TYPES", "CAT_FUNCTIONS", "COMPUTE_TYPES", "FLOAT", "FLOAT_COMPUTE_TYPES", "GROUP_KEY",
     "INVARIANT_FUNCTIONS", "INVARIANT_METHODS", "INVARIANT_MODULES", "META_KEY", "QMeta", "SHAPE_METHODS",
-    "attr_value", "data_input", "fmt_scale", "group_of", "input_quantizer_of", "insert_module_after",
-    "is_act_quant", "is_add", "is_cat", "is_compute", "is_invariant", "is_link", "is_tensor_node", "is_trunc_pool",
-    "module_of", "producer", "qmeta", "tensor_inputs", "unique_name",
+    "USER_FLOAT_KEY",
+    "attr_value", "data_input", "float_island", "fmt_scale", "group_of", "input_quantizer_of", "insert_module_after",
+    "is_act_quant", "is_add", "is_cat", "is_compute", "is_invariant", "is_link", "is_monotonic_island", "is_product",
+    "is_tensor_node", "is_trunc_pool",
+    "module_of", "producer", "qmeta", "scales_by_constant", "tensor_inputs", "tensor_product_op", "unique_name",
 ]

@@ -8,7 +8,8 @@ core does what every target needs and none should copy:
   and the calibration check (a quantizer that never saw data is an error naming it);
 - shapes for the example inputs, kept in the lowering (the user's ``node.meta['tensor_meta']`` is not touched);
 - the walk over the compiled graph in topological order with dispatch by node kind (input, output, constant,
-  activation quantizer, conv/linear, truncating pool, add, cat, other module / function / method), every
+  activation quantizer, conv/linear, truncating pool, add, cat, product of two quantized tensors, other module /
+  function / method), every
   failure re-raised as an ExportError naming the node;
 - the integers of a layer: weights, and bias for external scaling (scale = input scale x weight scale, the
   accumulator's) or internal scaling (the bias quantizer's own scale).
@@ -24,7 +25,9 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import CalibrationError, ExportError, QuantArgumentError, QuantFXError, TargetError
-from .graph import attr_value, is_act_quant, is_add, is_cat, is_compute, is_link, is_trunc_pool, module_of, qmeta
+from .graph import (
+    attr_value, is_act_quant, is_add, is_cat, is_compute, is_link, is_product, is_trunc_pool, module_of, qmeta,
+)
 from .nn import exact_arithmetic
 from .quant import Quantizer
 from . import rules
@@ -211,6 +214,8 @@ class Lowering:
             return self.emit_add(node)
         if is_cat(node):
             return self.emit_cat(node)
+        if is_product(self.gm, node):
+            return self.emit_product(node)
         if node.op == "call_module":
             return self.emit_module(node, module_of(self.gm, node))
         if node.op == "call_function":
@@ -247,6 +252,17 @@ class Lowering:
 
     def emit_cat(self, node):
         raise NotImplementedError
+
+    def emit_product(self, node):
+        raise TargetError(f"{self.target}: {node.target} multiplies two quantized tensors, which this target "
+                          "cannot express; keep it float with overrides={" + repr(node.target) + ": None}")
+
+    def product_scales(self, node):
+        """(s_a, s_b, float32 accumulator scale s_a x s_b) of a QuantProduct node, from the graph."""
+        a, b = (qmeta(x) for x in node.args[:2])
+        if a.scale is None or b.scale is None:
+            raise CalibrationError(f"{self.target}: an operand of {node.name} has no scale; calibrate first")
+        return a.scale, b.scale, module_of(self.gm, node).acc_scale(a.scale, b.scale)
 
     def emit_module(self, node, module):
         raise ExportError(f"{self.target}: module {node.target} ({type(module).__name__}) has no lowering")

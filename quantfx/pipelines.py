@@ -66,6 +66,7 @@ def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_module
         *([P("approximate_activations")(profile=profile)] if profile.activation_approx != "exact" else []),
         P("share_quantizers")(profile=profile),
         P("choose_bias_scaling")(profile=profile, overrides=overrides),
+        P("quantize_products")(profile=profile, overrides=overrides),
         P("annotate")(),
     ])
 

@@ -17,7 +17,10 @@ import torch
 from torch import fx
 
 from .errors import TargetError
-from .graph import is_act_quant, is_add, is_compute, is_trunc_pool, module_of, qmeta, tensor_inputs
+from .graph import (
+    float_island, is_act_quant, is_add, is_compute, is_monotonic_island, is_product, is_trunc_pool, module_of, qmeta,
+    tensor_inputs,
+)
 from .nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 from .quant import functional as qf
 
@@ -82,6 +85,20 @@ def _walk(gm, p) -> Iterator[Violation]:
             pool = module_of(gm, node)
             yield from _rounding(node.target, "truncation", pool.rounding, qmeta(node.args[0]).signed, p,
                                  p.quant_rounding)
+        elif is_product(gm, node) and not p.tensor_products_allowed:
+            op = module_of(gm, node).op
+            yield Violation(node.target, f"multiplies two quantized tensors ({op} of {node.args[0].name} and "
+                                       f"{node.args[1].name}); {p.runtime} has no layer for a product of two "
+                                       "activations (its streamlining absorbs a Mul by a constant only): quantize "
+                                       "for 'onnx', 'torch' or 'dpu', which compute it on integers, or remove the "
+                                       "product (e.g. the squeeze-excitation gate) from the model")
+        elif not p.float_islands_allowed and float_island(gm, node) and not is_monotonic_island(gm, node):
+            what = type(module_of(gm, node)).__name__ if node.op == "call_module" else \
+                getattr(node.target, "__name__", str(node.target))
+            yield Violation(node.name, f"({what}) would run in float between quantizers, a float island "
+                                       f"({float_island(gm, node)}); {p.runtime} builds integer layers and "
+                                       "thresholds of monotonic activations only: quantize for 'onnx', 'torch' or "
+                                       "'dpu', which run it in float, or replace it (ReLU, Hardtanh, Sigmoid)")
         elif is_add(node) and p.add_same_datatype:
             grids = {(m.bit_width, m.signed) for m in map(qmeta, tensor_inputs(node)) if m.kind == "act"}
             if len(grids) > 1:

@@ -2,12 +2,16 @@
 ``inspect`` (the same rows printed)."""
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Optional
 
 from torch import fx
 
-from .graph import META_KEY, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_trunc_pool, module_of, qmeta
+from .graph import (
+    META_KEY, USER_FLOAT_KEY, float_island, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_product,
+    is_trunc_pool, module_of, qmeta,
+)
 
 
 def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
@@ -38,6 +42,9 @@ def layer_table(qmodel: fx.GraphModule) -> list[dict[str, Any]]:
             row = dict(name=node.target, op=type(module_of(qmodel, node)).__name__, weight_bits=None,
                        act_bits=meta.bit_width, bias=None, scale=fmt_scale(meta.scale), acc_bits=None,
                        group=None)
+        elif is_product(qmodel, node):
+            row = dict(name=node.name, op=module_of(qmodel, node).op, weight_bits=None, act_bits=None, bias=None,
+                       scale=fmt_scale(meta.scale), acc_bits=meta.bit_width, group=None)
         elif is_add(node) or is_cat(node):
             row = dict(name=node.name, op="add" if is_add(node) else "cat", weight_bits=None,
                        act_bits=meta.bit_width if is_cat(node) else None, bias=None, scale=fmt_scale(meta.scale),
@@ -56,11 +63,44 @@ def weight_method(q) -> Optional[str]:
     return text + (", learned rounding" if q.rounding_learned else "")
 
 
+FLOAT_ISLANDS_KEY = "quantfx.float_islands"  # an ONNX file's metadata: its float islands (absent when none)
+
+
+def float_islands(qmodel: fx.GraphModule) -> list[dict[str, str]]:
+    """The nodes of a compiled model that run in float between quantized regions (dequantized, computed in float,
+    requantized by the activation quantizer after them), each with why: ``[{'node', 'op', 'why'}]``."""
+    rows = []
+    for node in qmodel.graph.nodes:
+        why = float_island(qmodel, node)
+        if node.meta.get(USER_FLOAT_KEY):
+            why = "kept float by overrides" + (f" ({why})" if why else "")
+        if why is None:
+            continue
+        op = type(module_of(qmodel, node)).__name__ if node.op == "call_module" else \
+            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        rows.append(dict(node=node.name, op=op, why=why))
+    return rows
+
+
+def _island_lines(islands, title) -> list[str]:
+    w = [max(len(r[k]) for r in islands) for k in ("node", "op")]
+    return [title] + [f"  {r['node']:<{w[0]}}  {r['op']:<{w[1]}}  {r['why']}" for r in islands]
+
+
 def inspect(qmodel: fx.GraphModule, file=None) -> str:
-    """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group. Given a
-    lowered artefact that reports how each node runs (the torch target's program), print that report."""
+    """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group, then the
+    float islands. Given a lowered artefact that reports how each node runs (the torch target's program), print
+    that report; given an ONNX file quantfx wrote, its float islands."""
     if not isinstance(qmodel, fx.GraphModule) and callable(getattr(qmodel, "table", None)):
         text = qmodel.table()
+        print(text, file=file or sys.stdout)
+        return text
+    if not isinstance(qmodel, fx.GraphModule) and hasattr(qmodel, "metadata_props"):  # an ONNX file quantfx wrote
+        props = {p.key: p.value for p in qmodel.metadata_props}
+        islands = json.loads(props.get(FLOAT_ISLANDS_KEY, "[]"))
+        lines = _island_lines(islands, "float islands of the file (DequantizeLinear -> float ops -> "
+                                       "QuantizeLinear):") if islands else ["no float islands in the file"]
+        text = "\n".join(lines)
         print(text, file=file or sys.stdout)
         return text
     rows = layer_table(qmodel)
@@ -70,6 +110,10 @@ def inspect(qmodel: fx.GraphModule, file=None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    islands = float_islands(qmodel)
+    if islands:
+        lines += _island_lines(islands, "float islands (dequantized, run in float, requantized by the quantizer "
+                                        "after them):")
     text = "\n".join(lines)
     print(text, file=file or sys.stdout)
     return text

@@ -69,6 +69,7 @@ class DpuLowering(QDQLowering):
     integer kernels); ``arch``: the DPU the report places nodes for (a name of ``dpu_arch.ARCHS``)."""
 
     guard_double_qdq = False  # verified with onnxruntime's QDQ transformers off; the file keeps Quark's form
+    gemm_over_tokens = False  # the same: Linear over tokens stays MatMul -> Add, as Quark writes it
 
     target = "dpu"
 

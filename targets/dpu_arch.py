@@ -24,7 +24,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import fx, nn
 
-from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, module_of
+from quantfx.graph import (
+    float_island, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, is_product, module_of,
+)
 from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
 
@@ -129,6 +131,9 @@ def _within(name, values, rng) -> Optional[tuple[str, str]]:
     return (f"{name} {tuple(values)}", f"[{rng[0]}, {rng[1]}]") if bad else None
 
 
+_PRODUCT_RULE = "a product of two tensors other than hard-swish's x * hard_sigmoid(x) is not mapped to the DPU here"
+
+
 class Legality:
     """Places every node of a compiled graph on the DPU or the CPU for ``arch``; ``shapes`` maps fx nodes to
     their output shapes (the lowering's), for pooling windows and input channels."""
@@ -153,6 +158,12 @@ class Legality:
             return self._act(node, m)
         if is_add(node):
             return Placement(node.name, "elementwise-sum", "DPU")
+        if is_product(gm, node):  # on integers, on the accumulator grid (passes/quantize_products.py)
+            if m.op == "mul":
+                return Placement(node.name, "elementwise-mul", "CPU", _PRODUCT_RULE,
+                                 "keep it on the CPU (on integers), or write the gate as a hard-swish")
+            return Placement(node.name, "matmul", "CPU", "a matmul of two activations is not in UG1414's DPU "
+                             "operator table", "it runs on the CPU, on integers, between DPU subgraphs")
         if is_cat(node):
             return Placement(node.name, "concat", "DPU")
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \
@@ -171,6 +182,10 @@ class Legality:
         if isinstance(m, nn.LeakyReLU):
             return self._named(node, "leaky_relu")
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
+        island = float_island(gm, node)
+        if island is not None:
+            return Placement(node.name, what, "CPU", f"float island: {island}",
+                             "it runs in float on the CPU between DPU subgraphs")
         return Placement(node.name, what, "CPU", "float operator: not quantized, the DPU computes on int8 only",
                          "quantize it (drop its override) or keep it on the CPU")
 
@@ -187,9 +202,8 @@ class Legality:
         if node.target is operator.mul and not const:
             if _is_hard_swish(node):
                 return self._named(node, "hard_swish")
-            return Placement(node.name, "elementwise-mul", "CPU",
-                             "a product of two tensors other than hard-swish's x * hard_sigmoid(x) is not mapped "
-                             "to the DPU here", "keep it on the CPU, or write the gate as a hard-swish")
+            return Placement(node.name, "elementwise-mul", "CPU", _PRODUCT_RULE,
+                             "keep it on the CPU, or write the gate as a hard-swish")
         return Placement(node.name, getattr(node.target, "__name__", str(node.target)), "CPU",
                          "float operator: not quantized, the DPU computes on int8 only",
                          "quantize it or keep it on the CPU")

@@ -26,6 +26,7 @@ from torch import fx, nn
 from quantfx.errors import ExportError
 from quantfx.graph import data_input, module_of, tensor_inputs
 from quantfx.lowering import Lowering
+from quantfx.tables import FLOAT_ISLANDS_KEY, float_islands
 from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid, adaptive_window
 from quantfx.quant import Quantizer
 
@@ -67,6 +68,15 @@ def node_values(model: onnx.ModelProto) -> dict:
         if prop.key == NODE_VALUES_KEY:
             return json.loads(prop.value)
     return {}
+
+
+def file_float_islands(model: onnx.ModelProto) -> list:
+    """The float islands a file quantfx wrote lists (``[{'node', 'op', 'why'}]``): the ops it runs in float
+    between a DequantizeLinear and a QuantizeLinear."""
+    for prop in model.metadata_props:
+        if prop.key == FLOAT_ISLANDS_KEY:
+            return json.loads(prop.value)
+    return []
 
 
 def with_values(model: onnx.ModelProto, names) -> onnx.ModelProto:
@@ -181,6 +191,9 @@ class OnnxLowering(Lowering):
         model = ir.Model(self.graph, ir_version=min(onnx.IR_VERSION, 10), producer_name=self.producer_name)
         self.postprocess(model)
         model.metadata_props[NODE_VALUES_KEY] = json.dumps(self.value_of_node)
+        islands = float_islands(self.gm)
+        if islands:
+            model.metadata_props[FLOAT_ISLANDS_KEY] = json.dumps(islands)
         return ir.serde.serialize_model(model)
 
     def _io_shape(self, node) -> list:
@@ -299,6 +312,9 @@ class OnnxLowering(Lowering):
                 self.const(base + ".bias", np32(m.bias if m.affine else torch.zeros(m.num_features))),
                 self.const(base + ".running_mean", np32(m.running_mean)),
                 self.const(base + ".running_var", np32(m.running_var))], node.name, epsilon=float(m.eps))
+        island = self.emit_float_island_module(node, m, x)
+        if island is not None:
+            return island
         simple = {nn.ReLU: "Relu", nn.Sigmoid: "Sigmoid", nn.Tanh: "Tanh"}
         for cls, op_type in simple.items():
             if type(m) is cls:
@@ -364,6 +380,11 @@ class OnnxLowering(Lowering):
             return self._reshape(node, self.env[node.args[0]])
         if t in (operator.mul, torch.mul, operator.truediv, operator.sub, operator.add, torch.add, torch.sub):
             return self._binary(node)
+        island = self.emit_float_island_function(node)
+        if island is not None:
+            return island
+        if t is torch.mean:
+            return self._mean(node, self.env[node.args[0]])
         if t in (torch.sigmoid, torch.tanh, F.silu, torch.relu, F.relu):
             op_type = {torch.sigmoid: "Sigmoid", torch.tanh: "Tanh", torch.relu: "Relu", F.relu: "Relu"}.get(t)
             if op_type:
@@ -378,7 +399,14 @@ class OnnxLowering(Lowering):
         x = self.env[node.args[0]]
         if t in _ALIAS_METHODS:
             return x
-        if t in ("view", "reshape", "squeeze", "unsqueeze", "expand"):
+        if t == "expand":
+            return self._expand(node, x)
+        if t == "mean":
+            return self._mean(node, x)
+        if t == "softmax":
+            _, dim = self._args(node, [("self", None), ("dim", None)])
+            return self._softmax(node, x, int(dim))
+        if t in ("view", "reshape", "squeeze", "unsqueeze"):
             return self._reshape(node, x)
         if t == "flatten":
             _, start, end = self._args(node, [("self", None), ("start_dim", 0), ("end_dim", -1)])
@@ -390,6 +418,236 @@ class OnnxLowering(Lowering):
         if t in ("mul", "div", "sub"):
             return self._binary(node)
         raise ExportError(f"{self.target}: method .{t}() at node {node.name} has no ONNX lowering")
+
+    # -- float islands: ops with no integer kernel, in float between a DequantizeLinear and a QuantizeLinear ----
+    # Each is written with the float operations PyTorch's CPU kernels use (same formula, same order), so the
+    # values differ from the fake-quant model's by float32 rounding only.
+
+    def _c(self, node, name, value):
+        return self.const(f"{node.name}_{name}", np32(value))
+
+    def _hard_sigmoid6(self, node, x):
+        """``min(max(x + 3, 0), 6)``, the clamp of hard-sigmoid and hard-swish."""
+        y = self.op("Add", [x, self._c(node, "three", 3.0)], node.name + "_plus3")
+        return self.op("Clip", [y, self._c(node, "zero", 0.0), self._c(node, "six", 6.0)], node.name + "_relu6")
+
+    def _activation(self, node, kind: str, x, **p):
+        n = node.name
+        if kind == "silu":  # x / (1 + exp(-x))
+            e = self.op("Exp", [self.op("Neg", [x], n + "_neg")], n + "_exp")
+            return self.op("Div", [x, self.op("Add", [e, self._c(node, "one", 1.0)], n + "_den")], n)
+        if kind == "gelu":
+            if p.get("approximate", "none") == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+                cube = self.op("Mul", [self.op("Mul", [x, x], n + "_sq"), x], n + "_cube")
+                inner = self.op("Add", [x, self.op("Mul", [cube, self._c(node, "k", 0.044715)], n + "_kx3")],
+                                n + "_inner")
+                t = self.op("Tanh", [self.op("Mul", [inner, self._c(node, "beta", math.sqrt(2 / math.pi))],
+                                             n + "_scaled")], n + "_tanh")
+            else:  # x * 0.5 * (1 + erf(x / sqrt(2)))
+                t = self.op("Erf", [self.op("Mul", [x, self._c(node, "rsqrt2", 1 / math.sqrt(2))], n + "_scaled")],
+                            n + "_erf")
+            half = self.op("Mul", [x, self._c(node, "half", 0.5)], n + "_half")
+            return self.op("Mul", [half, self.op("Add", [t, self._c(node, "one", 1.0)], n + "_1p")], n)
+        if kind == "hardsigmoid":  # min(max(x + 3, 0), 6) / 6
+            return self.op("Div", [self._hard_sigmoid6(node, x), self._c(node, "six_d", 6.0)], n)
+        if kind == "hardswish":  # x * min(max(x + 3, 0), 6) / 6
+            y = self.op("Mul", [x, self._hard_sigmoid6(node, x)], n + "_x_relu6")
+            return self.op("Div", [y, self._c(node, "six_d", 6.0)], n)
+        if kind == "mish":  # x * tanh(softplus(x))
+            return self.op("Mul", [x, self.op("Tanh", [self.op("Softplus", [x], n + "_softplus")], n + "_tanh")], n)
+        if kind == "leaky_relu":
+            return self.op("LeakyRelu", [x], n, alpha=float(p.get("negative_slope", 0.01)))
+        if kind == "elu":
+            return self.op("Elu", [x], n, alpha=float(p.get("alpha", 1.0)))
+        if kind == "tanh":
+            return self.op("Tanh", [x], n)
+        if kind == "softmax":
+            return self._softmax(node, x, int(p["dim"]))
+        return None
+
+    def _softmax(self, node, x, axis):
+        """``exp(x - max) / sum``, as its own ops: onnxruntime fuses ``DequantizeLinear -> Softmax ->
+        QuantizeLinear`` into QLinearSoftmax, whose exp table rounds otherwise (1 LSB at 4% of a ViT's attention
+        weights); the spelled-out form stays float."""
+        n = node.name
+        axes = self.const(n + "_axes", np.array([axis], np.int64))
+        peak = self.op("ReduceMax", [x], n + "_max", axes=[axis], keepdims=1)
+        e = self.op("Exp", [self.op("Sub", [x, peak], n + "_shifted")], n + "_exp")
+        return self.op("Div", [e, self.op("ReduceSum", [e, axes], n + "_sum", keepdims=1)], n)
+
+    def _prelu(self, node, x, weight):
+        rank = len(self.shape(node))
+        w = np32(weight).reshape(-1)
+        slope = w.reshape((w.size,) + (1,) * (rank - 2)) if w.size > 1 and rank >= 2 else w
+        return self.op("PRelu", [x, self.const(node.name + "_slope", slope)], node.name)
+
+    def _layer_norm(self, node, x, shape, weight, bias, eps):
+        """``(x - mean) * (1 / sqrt(var + eps)) * weight + bias`` over the last ``len(shape)`` axes."""
+        n = node.name
+        axes = list(range(-len(shape), 0))
+        mean = self.op("ReduceMean", [x], n + "_mean", axes=axes, keepdims=1)
+        d = self.op("Sub", [x, mean], n + "_centered")
+        var = self.op("ReduceMean", [self.op("Mul", [d, d], n + "_sq")], n + "_var", axes=axes, keepdims=1)
+        std = self.op("Sqrt", [self.op("Add", [var, self._c(node, "eps", eps)], n + "_var_eps")], n + "_std")
+        y = self.op("Mul", [d, self.op("Reciprocal", [std], n + "_rstd")], n + "_normed" if weight is not None
+                    or bias is not None else n)
+        if weight is not None:
+            y = self.op("Mul", [y, self.const(n + "_weight", np32(weight))], n + "_scaled" if bias is not None else n)
+        if bias is not None:
+            y = self.op("Add", [y, self.const(n + "_bias", np32(bias))], n)
+        return y
+
+    def _group_norm(self, node, x, groups, weight, bias, eps):
+        shape = self.shape(node)
+        n = node.name
+        grouped = self.op("Reshape", [x, self.const(n + "_groups", np.array([0, groups, -1], np.int64))], n + "_g")
+        fake = type("N", (), {"name": n + "_gn"})
+        y = self._layer_norm(fake, grouped, (1,), None, None, eps)
+        y = self.op("Reshape", [y, self.const(n + "_shape", np.array([0] + list(shape[1:]), np.int64))], n + "_ug")
+        per_channel = (len(shape[1:]) and shape[1],) + (1,) * (len(shape) - 2)
+        if weight is not None:
+            y = self.op("Mul", [y, self.const(n + "_weight", np32(weight).reshape(per_channel))], n + "_scaled")
+        if bias is not None:
+            y = self.op("Add", [y, self.const(n + "_bias", np32(bias).reshape(per_channel))], n)
+        return y
+
+    def _sdpa(self, node):
+        q, k, v, mask, dropout, causal, scale = self._args(node, [
+            ("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
+            ("is_causal", False), ("scale", None)])
+        if mask is not None or dropout or causal:
+            raise ExportError(f"{self.target}: node {node.name}: scaled_dot_product_attention with a mask, dropout "
+                              "or is_causal has no lowering here; pass none of them (eval, no mask)")
+        n = node.name
+        e = self.shape(q)[-1]
+        rank = len(self.shape(k))
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        kt = self.op("Transpose", [self.env[k]], n + "_kT", perm=perm)
+        scores = self.op("MatMul", [self.env[q], kt], n + "_scores")
+        scores = self.op("Mul", [scores, self._c(node, "scale", scale if scale is not None else 1 / math.sqrt(e))],
+                         n + "_scaled")
+        attn = self._softmax(type("N", (), {"name": n + "_softmax"}), scores, -1)
+        return self.op("MatMul", [attn, self.env[v]], n)
+
+    def _mha(self, node, m):
+        """nn.MultiheadAttention in eval without masks: the input projections, per-head attention, the output
+        projection; returns (output, None) as the module does with need_weights=False."""
+        query, key, value = (node.args + (None, None, None))[:3]
+        key = key if key is not None else node.kwargs.get("key")
+        value = value if value is not None else node.kwargs.get("value")
+        extra = {k: v for k, v in node.kwargs.items() if k not in ("key", "value", "need_weights")}
+        if node.kwargs.get("need_weights", True) or any(v is not None and v is not False for v in extra.values()) \
+                or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise ExportError(f"{self.target}: node {node.name}: MultiheadAttention lowers with need_weights=False, "
+                              "no masks, one embedding size for query, key and value, no bias_k/bias_v")
+        n, e, h = node.name, m.embed_dim, m.num_heads
+        d = e // h
+        w = np32(m.in_proj_weight)
+        b = np32(m.in_proj_bias) if m.in_proj_bias is not None else None
+        heads = []
+        for i, (src, what) in enumerate(((query, "q"), (key, "k"), (value, "v"))):
+            x = self.env[src] if m.batch_first else self.op("Transpose", [self.env[src]], f"{n}_{what}_bf",
+                                                               perm=[1, 0, 2])
+            y = self.op("MatMul", [x, self.const(f"{n}_{what}_wT", w[i * e:(i + 1) * e].T.copy())], f"{n}_{what}_mm")
+            if b is not None:
+                y = self.op("Add", [y, self.const(f"{n}_{what}_b", b[i * e:(i + 1) * e])], f"{n}_{what}_proj")
+            y = self.op("Reshape", [y, self.const(f"{n}_{what}_heads", np.array([0, 0, h, d], np.int64))],
+                        f"{n}_{what}_split")
+            heads.append(self.op("Transpose", [y], f"{n}_{what}_bhld", perm=[0, 2, 1, 3]))
+        q, k, v = heads
+        kt = self.op("Transpose", [k], n + "_kT", perm=[0, 1, 3, 2])
+        scores = self.op("Mul", [self.op("MatMul", [q, kt], n + "_scores"), self._c(node, "scale", 1 / math.sqrt(d))],
+                         n + "_scaled")
+        attn = self._softmax(type("N", (), {"name": n + "_softmax"}), scores, -1)
+        y = self.op("Transpose", [self.op("MatMul", [attn, v], n + "_attend")], n + "_blhd", perm=[0, 2, 1, 3])
+        y = self.op("Reshape", [y, self.const(n + "_merge", np.array([0, 0, e], np.int64))], n + "_merged")
+        y = self.op("MatMul", [y, self.const(n + "_out_wT", np32(m.out_proj.weight).T.copy())], n + "_out_mm")
+        if m.out_proj.bias is not None:
+            y = self.op("Add", [y, self.const(n + "_out_b", np32(m.out_proj.bias))], n + "_out")
+        if not m.batch_first:
+            y = self.op("Transpose", [y], n + "_seq_first", perm=[1, 0, 2])
+        return (y, None)
+
+    def _mean(self, node, x):
+        _, dim, keepdim = self._args(node, [("input", None), ("dim", None), ("keepdim", False)])
+        rank = len(self.shape(data_input(node)))
+        dims = list(range(rank)) if dim is None else [d % rank for d in (dim if isinstance(dim, (list, tuple))
+                                                                        else [dim])]
+        return self.op("ReduceMean", [x], node.name, axes=dims, keepdims=int(bool(keepdim)))
+
+    _ISLAND_MODULES = {nn.SiLU: "silu", nn.GELU: "gelu", nn.Hardsigmoid: "hardsigmoid", nn.Hardswish: "hardswish",
+                       nn.Mish: "mish", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Softmax: "softmax"}
+    _ISLAND_FUNCTIONS = {F.silu: "silu", F.gelu: "gelu", F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish",
+                         F.mish: "mish", F.leaky_relu: "leaky_relu", F.elu: "elu", F.softmax: "softmax",
+                         torch.softmax: "softmax"}
+
+    def emit_float_island_module(self, node, m, x):
+        """The ONNX ops of a float-island module (activation, normalization), or None for other modules."""
+        kind = self._ISLAND_MODULES.get(type(m))
+        if kind is not None:
+            params = {"approximate": getattr(m, "approximate", "none"),
+                      "negative_slope": getattr(m, "negative_slope", 0.01), "alpha": getattr(m, "alpha", 1.0),
+                      "dim": getattr(m, "dim", None)}
+            if kind == "softmax" and m.dim is None:
+                raise ExportError(f"{self.target}: {node.target}: nn.Softmax without dim has no lowering")
+            return self._activation(node, kind, x, **params)
+        if isinstance(m, nn.PReLU):
+            return self._prelu(node, x, m.weight)
+        if isinstance(m, nn.LayerNorm):
+            return self._layer_norm(node, x, tuple(m.normalized_shape), m.weight, m.bias, float(m.eps))
+        if isinstance(m, nn.MultiheadAttention):
+            return self._mha(node, m)
+        if isinstance(m, nn.GroupNorm):
+            return self._group_norm(node, x, m.num_groups, m.weight if m.affine else None,
+                                    m.bias if m.affine else None, float(m.eps))
+        return None
+
+    def emit_float_island_function(self, node):
+        t = node.target
+        kind = self._ISLAND_FUNCTIONS.get(t)
+        if kind is not None:
+            x = self.env[node.args[0]]
+            names = {"silu": [], "mish": [], "hardsigmoid": [], "hardswish": [], "gelu": [],
+                     "leaky_relu": [("negative_slope", 0.01)], "elu": [("alpha", 1.0)], "softmax": [("dim", None)]}
+            values = dict(zip([k for k, _ in names[kind]],
+                              self._args(node, [("input", None)] + names[kind])[1:]))
+            values.setdefault("approximate", node.kwargs.get("approximate", "none"))
+            return self._activation(node, kind, x, **values)
+        if t is F.layer_norm:
+            _, shape, w, b, eps = self._args(node, [("input", None), ("normalized_shape", None), ("weight", None),
+                                                    ("bias", None), ("eps", 1e-5)])
+            wv = self.attribute(w) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+            bv = self.attribute(b) if isinstance(b, fx.Node) and b.op == "get_attr" else None
+            if (w is not None and wv is None) or (b is not None and bv is None):
+                raise ExportError(f"{self.target}: node {node.name}: layer_norm with computed weights has no lowering")
+            return self._layer_norm(node, self.env[node.args[0]], tuple(shape), wv, bv, float(eps))
+        if t is F.prelu:
+            w = node.args[1]
+            return self._prelu(node, self.env[node.args[0]], self.attribute(w))
+        if t is F.scaled_dot_product_attention:
+            return self._sdpa(node)
+        return None
+
+    def _expand(self, node, x):
+        """``x.expand(sizes)``: ONNX Expand to the sizes, each -1 the input's own, each size read off a tensor's
+        shape (``y.shape[0]``: the dynamic batch) taken from that tensor at run time."""
+        sizes = node.args[1:]
+        sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+        inp = self.shape(node.args[0])
+        parts = []
+        for i, s in enumerate(sizes):
+            src = _shape_source(s)
+            if src is not None:
+                tensor, axis = src
+                shp = self.op("Shape", [self.env[tensor]], f"{node.name}_shape{i}")
+                parts.append(self.op("Gather", [shp, self.const(f"{node.name}_axis{i}", np.array([axis], np.int64))],
+                                     f"{node.name}_dim{i}", axis=0))
+            else:
+                value = self.static_value(s) if isinstance(s, fx.Node) else s
+                value = inp[i - (len(sizes) - len(inp))] if value == -1 else value
+                parts.append(self.const(f"{node.name}_size{i}", np.array([value], np.int64)))
+        shape = self.op("Concat", parts, node.name + "_sizes", axis=0)
+        return self.move("Expand", [x, shape], node.name)
 
     def _transpose(self, node, x, dims):
         rank = len(self.shape(node))
@@ -482,5 +740,22 @@ class OnnxLowering(Lowering):
         return self.op(op_type, ins, node.name)
 
 
-__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "feed", "save_onnx", "load_onnx", "node_values", "with_values",
+def _shape_source(size):
+    """(tensor node, axis) when ``size`` is ``tensor.shape[axis]`` / ``tensor.size(axis)`` in the graph, else None."""
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[1], int):
+        shape = size.args[0]
+        if isinstance(shape, fx.Node) and ((shape.op == "call_function" and shape.target is getattr and
+                                            shape.args[1] == "shape") or
+                                           (shape.op == "call_method" and shape.target == "size" and
+                                            len(shape.args) == 1)):
+            return shape.args[0], size.args[1]
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2 and isinstance(size.args[1], int):
+        return size.args[0], size.args[1]
+    return None
+
+
+__all__ = ["OnnxLowering", "np32", "NODE_VALUES_KEY", "FLOAT_ISLANDS_KEY", "file_float_islands", "feed", "save_onnx",
+           "load_onnx", "node_values", "with_values",
            "not_quantfx"]

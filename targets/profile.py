@@ -76,6 +76,12 @@ class TargetProfile:
     unsigned_after_relu: bool = False  # ReLU/Sigmoid outputs unsigned and not narrow, identity outputs signed
     weight_quantizer_per_layer: bool = False  # no weight quantizer shared by two layers (or two calls)
     add_same_datatype: bool = False  # the inputs of an add have one bit width and sign
+    # a product of two quantized tensors (QuantProduct: SE gates, attention matmuls) on the accumulator grid
+    tensor_products_allowed: bool = True
+    # float islands (quantfx.classify.float_island: SiLU, GELU, LayerNorm, softmax, attention, ...) run in float
+    # between a dequantization and a requantization; False: only monotonic ones (a quantizer after them is a
+    # threshold), the others are refused
+    float_islands_allowed: bool = True
     # "dpu": LeakyReLU slopes in 1/256, hard-sigmoid/swish with 2731/2^14, average pools of non-power-of-two
     # areas as sum x k/2^n, as the DPU computes them (passes/approximate_activations.py); "exact": as written
     activation_approx: str = "exact"
@@ -173,7 +179,8 @@ FINN = register_profile(TargetProfile(
     act_quant_unsigned=Q.Uint8ActPerTensorFloat, bias_scaling="external", bias_bit_width=32,
     avgpool="trunc", weight_bit_range=(1, 8), act_bit_range=(1, 8), add_grid="quantizer",
     runtime="FINN", half_up_signed_ok=False, bias_modes_allowed=("external",), unsigned_after_relu=True,
-    weight_quantizer_per_layer=True, add_same_datatype=True,
+    weight_quantizer_per_layer=True, add_same_datatype=True, tensor_products_allowed=False,
+    float_islands_allowed=False,
     description="QONNX for FINN: 1-8 bit weights (one scale per output channel) and activations, zero point 0, "
                 "unsigned activations after ReLU, external 32-bit or float bias"))
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.errors import ExportError, QuantArgumentError, TargetError
-from quantfx.graph import input_quantizer_of, is_add, module_of, qmeta, tensor_inputs
+from quantfx.graph import float_island, input_quantizer_of, is_add, module_of, qmeta, tensor_inputs
 from quantfx.lowering import Backend, Lowering
 from quantfx.quant import functional as qf
 from quantfx.nn import (
@@ -127,6 +127,16 @@ def exact_layer_output(acc: torch.Tensor, acc_scale: torch.Tensor) -> torch.Tens
     if bool(small):
         return acc.float() * acc_scale
     return (acc * acc_scale.double()).float()
+
+
+@torch.fx.wrap
+def exact_product(a: torch.Tensor, b: torch.Tensor, acc_scale: torch.Tensor, matmul: bool) -> torch.Tensor:
+    """The product of two quantized tensors on the accumulator grid, as the fake-quant model's QuantProduct
+    computes it: the operands' integers ``q - zp`` multiplied exactly (float64), then ``float32(acc) x s_a s_b``."""
+    ia = a.int_repr().double() - float(a.q_zero_point())
+    ib = b.int_repr().double() - float(b.q_zero_point())
+    acc = torch.matmul(ia, ib) if matmul else ia * ib
+    return acc.float() * acc_scale
 
 
 # -- the artefact --------------------------------------------------------------------------------------
@@ -639,6 +649,19 @@ class TorchLowering(Lowering):
                   self._deferred_why.get(node, "not read by one identity/ReLU quantizer alone"))
         return _Q(self.call(node.target, self.as_float(a), self.as_float(b)))
 
+    def emit_product(self, node):
+        """A QuantProduct: on the quantized operands' integers (exact), scaled to the accumulator's value; the
+        activation quantizer after it quantizes that value as the model does."""
+        a, b = (self.value(x) for x in node.args[:2])
+        op = module_of(self.gm, node).op
+        if not (a.quantized and b.quantized):
+            raise ExportError(f"torch: {node.target}: an operand of the product is not a quantized tensor here; keep "
+                              "the product float with overrides={" + repr(node.target) + ": None}")
+        _, _, acc_scale = self.product_scales(node)
+        scale = self.buffer(node.name + "_acc_scale", acc_scale.float().reshape(()))
+        self.note(node, f"integer {op} (exact, accumulator scale {float(acc_scale):.3g})")
+        return _Q(self.call(exact_product, a.node, b.node, scale, op == "matmul"))
+
     def emit_cat(self, node):
         items = [self.value(a) for a in tensor_inputs(node)]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -669,7 +692,9 @@ class TorchLowering(Lowering):
             self.note(node, f"quantized {_op_name(self.gm, node)}")
             return self._tuple_or_q(node, out, v)
         out = make(fx.map_arg(node.args, lambda a: self._arg(a, False)), kwargs)
-        self.note(node, "float", "float", "no quantized kernel keeps the fake-quant model's arithmetic")
+        island = float_island(self.gm, node)
+        self.note(node, "float", "float", f"float island: {island}" if island else
+                  "no quantized kernel keeps the fake-quant model's arithmetic")
         return self._tuple_or_q(node, out, None)
 
     def _tuple_or_q(self, node, out, grid: Optional[_Q]):

@@ -284,21 +284,21 @@ def test_dump_dir_writes_text_and_diagram_per_pass(tmp_path):
     quantfx.quantize(ResidualCat().eval(), "finn", example_inputs=(torch.randn(1, 3, 8, 8),), dump_dir=tmp_path)
     texts, svgs = sorted(tmp_path.glob("*.txt")), sorted(tmp_path.glob("*.svg"))
     names = ["trace", "propagate_shapes", "canonicalize", "fuse_conv_bn", "swap_modules", "share_quantizers",
-             "choose_bias_scaling", "annotate"]
+             "choose_bias_scaling", "quantize_products", "annotate"]
     assert [p.name for p in texts] == [f"{i:02d}_{n}.txt" for i, n in enumerate(names)]
     assert [p.name for p in svgs] == [f"{i:02d}_{n}.svg" for i, n in enumerate(names)]
     assert not list(tmp_path.glob("*.dot"))
     # before swap_modules nothing is quantized; after it the quantizers' widths show (no scales: not annotated);
     # annotate adds the accumulators
     assert ">uint8<" not in svgs[3].read_text() and ">uint8<" in svgs[4].read_text()
-    assert ">acc 9b<" not in svgs[6].read_text() and ">acc 9b<" in svgs[7].read_text()
+    assert ">acc 9b<" not in svgs[7].read_text() and ">acc 9b<" in svgs[8].read_text()
 
 
 def test_dump_dir_keeps_a_custom_hook(tmp_path):
     seen = []
     quantfx.quantize(ResidualCat().eval(), "finn", example_inputs=(torch.randn(1, 3, 8, 8),), dump_dir=tmp_path,
                      on_dump=lambda gm, stem: seen.append(stem.name))
-    assert len(seen) == 8 and not list(tmp_path.glob("*.svg"))
+    assert len(seen) == 9 and not list(tmp_path.glob("*.svg"))
 
 
 def test_large_generated_graph_renders(tmp_path):

@@ -35,7 +35,7 @@ def test_recompiles_once_per_modified_pass(monkeypatch):
     modified = [r.name for r in manager.records if r.modified]
     assert modified == ["canonicalize", "fuse_conv_bn", "swap_modules", "share_quantizers", "choose_bias_scaling"]
     assert len(calls) == len(modified) == 5  # once per modified pass, never per node
-    assert [r.name for r in manager.records] == pipeline.names() and len(manager.records) == 8
+    assert [r.name for r in manager.records] == pipeline.names() and len(manager.records) == 9
     assert all(r.seconds > 0 for r in manager.records) and sum(r.seconds for r in manager.records) <= wall
     assert all(f"{r.name:24s}" in manager.timings() for r in manager.records)
     assert out is gm and isinstance(gm.get_submodule("fc"), QuantWBIOL)
@@ -85,7 +85,7 @@ def test_pipeline_editing_and_spelling():
     assert "count_convs{threshold=3}" in pipeline.spell()
     pipeline.remove("count_convs")
     assert pipeline.spell() == ("trace,propagate_shapes,canonicalize,fuse_conv_bn,swap_modules,share_quantizers,"
-                                "choose_bias_scaling,annotate")
+                                "choose_bias_scaling,quantize_products,annotate")
     with pytest.raises(quantfx.QuantFXError, match="no pass named 'nope'"):
         pipeline.insert_before("nope", CountConvs())
 
@@ -113,7 +113,7 @@ def test_string_pipeline_quantizes_like_the_default(name):
     default = quantfx.quantize(model, "finn", calibration_data=data, progress=False)
     # spelled without propagate_shapes: calibration records the shapes annotate needs for pools
     spelled = quantfx.parse_pipeline("trace,canonicalize,fuse_conv_bn,swap_modules,share_quantizers,"
-                                     "choose_bias_scaling,annotate", target="finn")
+                                     "choose_bias_scaling,quantize_products,annotate", target="finn")
     assert spelled.names() == [n for n in quantfx.pipeline_for("finn").names() if n != "propagate_shapes"]
     custom = quantfx.quantize(model, "finn", calibration_data=data, progress=False, pipeline=spelled)
     assert torch.equal(default(x), custom(x))

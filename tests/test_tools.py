@@ -26,9 +26,9 @@ def test_help(path, capsys):
 
 def test_dump_passes(tmp_path):
     files = load(TOOLS / "dump_passes.py").main(["zoo:mlp", "-o", str(tmp_path)])
-    assert len([f for f in files if f.suffix == ".txt"]) == 8
-    assert len([f for f in files if f.suffix == ".svg"]) == 8
-    before, after = (tmp_path / "00_trace.txt").read_text(), (tmp_path / "07_annotate.txt").read_text()
+    assert len([f for f in files if f.suffix == ".txt"]) == 9
+    assert len([f for f in files if f.suffix == ".svg"]) == 9
+    before, after = (tmp_path / "00_trace.txt").read_text(), (tmp_path / "08_annotate.txt").read_text()
     assert "self.x_quant(x)" not in before and "self.x_quant(x)" in after  # swap_modules added the input quantizer
 
 
