@@ -5,18 +5,49 @@ compile time, scaling with depth, inference latency, accuracy on the quick start
 
 Brevitas, torch.ao and onnxruntime's quantizer are benchmark-only comparisons (``pip install -e ".[bench]"``);
 a comparison whose package is missing is skipped, and the script says which and why. quantfx never imports them.
+
+What each compile timing includes (one model, the same calibration batches for every tool, wall time):
+  quantfx finn   ``quantfx.quantize(model, 'finn', calibration_data=calib)`` (trace, passes, calibration)
+                 + ``quantfx.export`` to a QONNX file
+  Brevitas       ``preprocess_for_quantize`` + ``quantize`` + calibration (``calibration_mode``, same batches)
+                 + ``export_qonnx`` to a QONNX file
+  quantfx torch  ``quantfx.quantize(model, 'torch', calibration_data=calib)`` + ``quantfx.export`` (TorchScript .pt)
+  torch.ao       ``prepare_fx`` + calibration (same batches) + ``convert_fx`` (in memory, no file); the
+                 ``torch.jit.trace`` + save of its result is timed apart ("ao save")
+Each tool is warmed up once on a small model first (imports, first-call costs), then the tools take turns per
+round; the best and the median of ``--runs`` rounds are shown and ratios use the medians. Figures on this
+shared machine move with the load: the load average is printed with every section.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "examples"))
 
+import torch  # noqa: E402
+
+import quantfx  # noqa: E402
+from quantfx import zoo  # noqa: E402
+
+import baselines  # noqa: E402
+
 SECTIONS = ("compile", "scaling", "inference", "accuracy", "memory")
+COMPILE_MODELS = ("resnet18_like", "resnet50_like", "mobilenetv2_like", "densenet121_like")
+COMPARISONS = {"brevitas": "Brevitas", "torch.ao": "torch.ao FX", "onnxruntime.quantization": "onnxruntime quantize_static"}
 
 
 def parse_sections(text: str) -> list[str]:
@@ -27,15 +58,398 @@ def parse_sections(text: str) -> list[str]:
     return names
 
 
+def available() -> dict:
+    """package -> None when usable, else why not (``baselines.missing``)."""
+    return {name: baselines.missing(name) for name in COMPARISONS}
+
+
+def skip_lines(avail: dict) -> list[str]:
+    return [f"skipped: every {COMPARISONS[name]} comparison: {why}" for name, why in avail.items() if why]
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def section(title: str) -> None:
+    print(f"\n## {title}  [{load()}]", flush=True)
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
+# --------------------------------------------------------------------------------------------------- compile
+
+
+def compile_quantfx(model, target: str, calib, workdir: Path) -> dict:
+    t_q, q = timed(quantfx.quantize, model, target, calibration_data=calib, progress=False)
+    t_e, _ = timed(quantfx.export, q, workdir / f"quantfx_{target}", example_inputs=(calib[0],))
+    graph = sum(r.seconds for r in q.pass_timings)
+    return {"total": t_q + t_e, "graph": graph, "calibrate": t_q - graph, "export": t_e}
+
+
+def compile_brevitas(model, calib, workdir: Path) -> dict:
+    t_g, bq = timed(baselines.brevitas_quantize, model)
+    t_c, _ = timed(baselines.brevitas_calibrate, bq, calib)
+    t_e, _ = timed(baselines.brevitas_export_qonnx, bq, calib[0], workdir / "brevitas.onnx")
+    return {"total": t_g + t_c + t_e, "graph": t_g, "calibrate": t_c, "export": t_e}
+
+
+def compile_torchao(model, calib, workdir: Path) -> dict:
+    t_p, prepared = timed(baselines.torchao_prepare, model, calib[0])
+    t_c, _ = timed(baselines._run, prepared, calib)
+    t_v, converted = timed(baselines.torchao_convert, prepared)
+    t = time.perf_counter()
+    try:
+        with torch.no_grad():
+            torch.jit.save(torch.jit.trace(converted, calib[0]), str(workdir / "torchao.pt"))
+        t_save = time.perf_counter() - t
+    except Exception as e:  # a model torch.jit.trace cannot take: say so, the compile figure stands
+        print(f"  (torch.ao result not saved: {type(e).__name__}: {e})")
+        t_save = float("nan")
+    return {"total": t_p + t_c + t_v, "graph": t_p + t_v, "calibrate": t_c, "export": t_save}
+
+
+def compile_tools(avail: dict) -> dict:
+    tools = {"quantfx finn": lambda m, c, d: compile_quantfx(m, "finn", c, d),
+             "quantfx torch": lambda m, c, d: compile_quantfx(m, "torch", c, d)}
+    if not avail["brevitas"]:
+        tools["Brevitas"] = compile_brevitas
+    if not avail["torch.ao"]:
+        tools["torch.ao"] = compile_torchao
+    return tools
+
+
+def run_compile(models: dict, tools: dict, size: int, n_calib: int, runs: int) -> dict:
+    """name -> tool -> list of per-round timing dicts; each model built once (seed 0), calibration batches of 1."""
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        warm = zoo.ResNetSmall().eval()
+        warm_calib = [torch.randn(1, 3, 32, 32)]
+        for fn in tools.values():
+            fn(warm, warm_calib, work)
+        for name, ctor in models.items():
+            torch.manual_seed(0)
+            model = ctor().eval()
+            before = copy.deepcopy(model.state_dict())
+            gen = torch.Generator().manual_seed(1)
+            calib = [torch.randn(1, 3, size, size, generator=gen) for _ in range(n_calib)]
+            results[name] = {tool: [] for tool in tools}
+            for _ in range(runs):
+                for tool, fn in tools.items():
+                    gc.collect()
+                    results[name][tool].append(fn(model, calib, work))
+            after = model.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: a tool modified the user's model"
+    return results
+
+
+def med(rows: list, key: str = "total") -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def print_compile(results: dict, size: int, n_calib: int, runs: int) -> None:
+    print(f"input 1x3x{size}x{size}, {n_calib} calibration batches of 1, {runs} round(s), "
+          f"torch threads {torch.get_num_threads()}; seconds, median of the rounds (best in brackets)")
+    tools = list(next(iter(results.values())))
+    print("| model | " + " | ".join(tools) + " | Brevitas / quantfx finn | torch.ao / quantfx torch |")
+    print("|---|" + "---|" * (len(tools) + 2))
+    for name, per_tool in results.items():
+        cells = [f"{med(per_tool[t]):.2f} ({min(r['total'] for r in per_tool[t]):.2f})" for t in tools]
+        ratios = []
+        for other, ours in (("Brevitas", "quantfx finn"), ("torch.ao", "quantfx torch")):
+            ratios.append(f"{med(per_tool[other]) / med(per_tool[ours]):.2f}x" if other in per_tool else "skipped")
+        print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    print("\nsplit, medians in seconds: graph work (quantfx: the pass pipeline; Brevitas: preprocess + quantize; "
+          "torch.ao: prepare_fx + convert_fx) / calibration / export (torch.ao: jit.trace + save, not in its total)")
+    print("| model | " + " | ".join(tools) + " |")
+    print("|---|" + "---|" * len(tools))
+    for name, per_tool in results.items():
+        print(f"| {name} | " + " | ".join(
+            " / ".join(f"{med(per_tool[t], k):.2f}" for k in ("graph", "calibrate", "export")) for t in tools) + " |")
+
+
+def compile_section(args, avail) -> None:
+    section("Compile time: quantize + export, against Brevitas and torch.ao FX")
+    for line in skip_lines({k: avail[k] for k in ("brevitas", "torch.ao")}):
+        print(line)
+    models = {name: getattr(zoo, name) for name in COMPILE_MODELS}
+    results = run_compile(models, compile_tools(avail), args.size, args.calib, args.compile_runs)
+    print_compile(results, args.size, args.calib, args.compile_runs)
+
+
+# --------------------------------------------------------------------------------------------------- scaling
+
+
+def scaling_section(args, avail) -> None:
+    section("Scaling: generated deep_chain(n) models")
+    for line in skip_lines({k: avail[k] for k in ("brevitas", "torch.ao")}):
+        print(line)
+    tools = compile_tools(avail)
+    print(f"input 1x3x16x16, 1 calibration batch, {args.scaling_runs} round(s); totals as in the compile section, "
+          f"median seconds; per node: total / traced fx nodes. Baselines up to {args.scaling_baseline_max} layers")
+    print("| layers | traced nodes | " + " | ".join(f"{t} s | {t} ms/node" for t in tools) + " |")
+    print("|---|---|" + "---|---|" * len(tools))
+    rows = {}
+    for n in args.layers:
+        torch.manual_seed(0)
+        model = zoo.deep_chain(n).eval()
+        nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
+        use = {t: fn for t, fn in tools.items() if t.startswith("quantfx") or n <= args.scaling_baseline_max}
+        res = run_compile({f"deep_chain({n})": lambda m=model: m}, use, 16, 1, args.scaling_runs)
+        per = res[f"deep_chain({n})"]
+        rows[n] = {t: med(v) for t, v in per.items()}
+        cells = [f"{rows[n][t]:.2f} | {rows[n][t] / nodes * 1e3:.2f}" if t in rows[n] else "not run | -"
+                 for t in tools]
+        print(f"| {n} | {nodes} | " + " | ".join(cells) + " |", flush=True)
+    first, last = args.layers[0], args.layers[-1]
+    for t in tools:
+        if t in rows[first] and t in rows[last]:
+            print(f"{t}: {last} / {first} layers: {rows[last][t] / rows[first][t]:.1f}x the time for "
+                  f"{last / first:.0f}x the layers")
+
+
+# ------------------------------------------------------------------------------------------------- inference
+
+
+def row(what: str, threads: int, float_ms: float, ours_ms: float, other_ms, missing: str = "skipped") -> None:
+    """One Markdown row of the inference table; ``other_ms`` None: the comparison was not run (``missing``)."""
+    other = missing if other_ms is None else f"{other_ms:.2f}"
+    vs_other = missing if other_ms is None else f"{other_ms / ours_ms:.2f}x"
+    print(f"| {what} | {threads} | {float_ms:.2f} | {ours_ms:.2f} | {other} | {float_ms / ours_ms:.2f}x | {vs_other} |",
+          flush=True)
+
+
+def inference_section(args, avail) -> None:
+    import bench_dpu
+    import bench_onnx
+    import bench_torch
+    from bench_torch import ENGINES
+    section("Inference: batch 1, ResNet-18 shape")
+    for line in skip_lines({k: avail[k] for k in ("torch.ao", "onnxruntime.quantization")}):
+        print(line)
+    size, runs = args.size, args.latency_runs
+    torch.manual_seed(0)
+    model = zoo.resnet18_like().eval()
+    x = torch.randn(1, 3, size, size)
+    calib = [torch.randn(1, 3, size, size) for _ in range(args.calib)]
+    q_onnx = quantfx.quantize(model, "onnx", calibration_data=calib, progress=False)
+    q_dpu = quantfx.quantize(model, "dpu", calibration_data=calib, progress=False)
+    f32 = bench_onnx.float_onnx(model, x)
+    onnx_models = {"float": f32, "quantfx onnx": quantfx.lower(q_onnx, (x,))}
+    if not avail["onnxruntime.quantization"]:
+        with tempfile.TemporaryDirectory() as d:
+            onnx_models["ort quantize_static"] = bench_onnx.ort_static(f32, [c.numpy() for c in calib], Path(d))
+    # bench_torch.build: the float model, quantfx's programs (engines fbgemm, onednn) and torch.ao's x86 int8 model
+    built = None if avail["torch.ao"] else bench_torch.build("resnet18_like", size)
+    print(f"input 1x3x{size}x{size}; onnxruntime: median of {runs} runs, sessions in turns (bench_onnx / "
+          f"bench_dpu); PyTorch: median of {runs} runs, interleaved (bench_torch); ratios: speed-up over the "
+          "row's reference (>1 is faster)")
+    print("| runtime | threads | float ms | quantfx ms | other int8 ms | quantfx vs float | quantfx vs other |")
+    print("|---|---|---|---|---|---|---|")
+    for threads in args.thread_list:
+        torch.set_num_threads(threads)
+        ms = bench_onnx.latencies_ms(onnx_models, x.numpy(), runs, threads)
+        row("onnxruntime, onnx target (other: quantize_static)", threads, ms["float"], ms["quantfx onnx"],
+            ms.get("ort quantize_static"))
+        if built is not None:
+            fmodel, programs, ao = built
+            fns = {"float": (fmodel, "x86"), "ao": (ao, "x86"), **{e: (p.module, p.engine) for e, p in programs.items()}}
+            tm = bench_torch.measure(fns, x, runs)
+            for e in ENGINES:
+                row(f"PyTorch, torch target engine {e} (other: torch.ao x86)", threads, tm["float"], tm[e], tm["ao"])
+        sessions, _, _ = bench_dpu.forms(model, q_dpu, x, threads)
+        dm = bench_dpu.median_ms(sessions, x.numpy(), runs)
+        for form in ("dpu (verification form)", "dpu fast form"):
+            row(f"onnxruntime, {form} (no other)", threads, dm["float"], dm[form], None, missing="-")
+    torch.set_num_threads(args.threads)
+
+
+# -------------------------------------------------------------------------------------------------- accuracy
+
+
+def accuracy_section(args, avail) -> None:
+    import quickstart as qs
+    from quantfx.export import BACKENDS
+    section("Accuracy: the quick start's digits CNN")
+    for line in skip_lines({k: avail[k] for k in ("brevitas", "torch.ao")}):
+        print(line)
+    x_tr, y_tr, x_te, y_te = qs.load_digits(seed=0)
+    torch.manual_seed(0)
+    model = qs.train(qs.DigitsNet(), x_tr, y_tr, args.epochs)
+    calib = [x_tr[i:i + 64] for i in range(0, 512, 64)]
+    with torch.no_grad():
+        ref = model(x_te)
+    print(f"scikit-learn digits, quickstart.load_digits(seed=0): 80/20 split by a seeded permutation, "
+          f"{len(x_tr)} train / {len(x_te)} test images; DigitsNet trained {args.epochs} epochs (seed 0); calibration: "
+          f"the first 512 training images in 8 batches of 64, the same for every tool. float {qs.accuracy(ref, y_te):.2f}%")
+    print("quantfx: each target's file run in its own runtime (qonnx, onnxruntime, PyTorch), its defaults but the "
+          "widths (weights, activations and the input at W/A bits; at 8 bits the target's own defaults, e.g. onnx "
+          "7-bit weight magnitudes, torch 7-bit activations); torch.ao: int8 kernels at W8A8, fake-quant below; "
+          "Brevitas: its fake-quant model (tools/baselines.py)")
+    print("| tool | " + " | ".join(f"W{b}A{b} acc % | W{b}A{b} SQNR dB" for b in args.bits) + " |")
+    print("|---|" + "---|---|" * len(args.bits))
+    entries = [(f"quantfx {t}", t) for t in sorted(BACKENDS)]
+    if not avail["torch.ao"]:
+        entries.append(("torch.ao FX PTQ", baselines.torchao_ptq))
+    if not avail["brevitas"]:
+        entries.append(("Brevitas PTQ", baselines.brevitas_ptq))
+    notes = []
+    with tempfile.TemporaryDirectory() as d:
+        for label, how in entries:
+            cells = []
+            for b in args.bits:
+                try:
+                    if isinstance(how, str):
+                        widths = {} if b == 8 else dict(weight_bit_width=b, act_bit_width=b, input_bit_width=b)
+                        out = qs.quantize_and_run(model, how, calib, x_te, Path(d) / f"digits_{how}_{b}",
+                                                  progress=False, **widths)[4]
+                    else:
+                        with torch.no_grad():
+                            out = how(model, calib, b, b)(x_te)
+                except quantfx.QuantFXError as e:
+                    notes.append(f"{label} W{b}A{b}: not available: {str(e).splitlines()[0]}")
+                    cells.append("n/a | n/a")
+                    continue
+                out = torch.as_tensor(out).float()
+                cells.append(f"{qs.accuracy(out, y_te):.2f} | {quantfx.sqnr(ref, out):.2f}")
+            print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    for note in notes:
+        print(note)
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+def memory_child(step: str, path: str, size: int) -> None:
+    """In a fresh process: one step on resnet50_like, peak Python allocations (tracemalloc) and the RSS
+    high-water mark (getrusage) against the RSS before the step; JSON on stdout."""
+    import tracemalloc
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    if step == "quantize":
+        subject = zoo.resnet50_like().eval()
+    else:
+        subject = torch.load(path, weights_only=False)
+    gc.collect()
+    rss0, hw0 = rss_now(), max_rss()
+    tracemalloc.start()
+    if step == "quantize":
+        quantfx.quantize(subject, "finn", calibration_data=[x], progress=False)
+    else:
+        quantfx.export(subject, Path(path).with_suffix(""), example_inputs=(x,))
+    _, py_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(json.dumps({"rss_before": rss0, "hw_before": hw0, "hw_after": max_rss(), "py_peak": py_peak}))
+
+
+def memory_section(args, avail) -> None:
+    section("Peak memory: quantize() and export() of resnet50_like (finn)")
+    torch.manual_seed(0)
+    model = zoo.resnet50_like().eval()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    print(f"parameters {param_bytes / 2**20:.1f} MiB ({sum(p.numel() for p in model.parameters()):,} float32), "
+          f"buffers {buffer_bytes / 2**20:.1f} MiB; input 1x3x{args.size}x{args.size}, 1 calibration batch")
+    print("each step in a fresh Python process: 'Python peak' = tracemalloc's peak of Python-level allocations "
+          "during the step (tensor storage is not a Python allocation, so it is not in it); 'RSS peak' = "
+          "getrusage ru_maxrss after the step minus the RSS just before it (the process's high-water mark; "
+          "export: the process first loads the quantized model with torch.load)")
+    with tempfile.TemporaryDirectory() as d:
+        qpath = Path(d) / "q50.pt"
+        q = quantfx.quantize(model, "finn", calibration_data=[torch.randn(1, 3, args.size, args.size)], progress=False)
+        torch.save(q, qpath)
+        del q
+        print("| step | Python peak MiB | x params | RSS peak above start MiB | x params | note |")
+        print("|---|---|---|---|---|---|")
+        for step in ("quantize", "export"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", step, str(qpath), "--size",
+                                  str(args.size)], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rss = r["hw_after"] - r["rss_before"]
+            note = ("" if r["hw_after"] > r["hw_before"] else
+                    "high-water mark set before the step (model load); the step's own peak is at most this")
+            print(f"| {step} | {r['py_peak'] / 2**20:.1f} | {r['py_peak'] / param_bytes:.2f} | {rss / 2**20:.1f} | "
+                  f"{rss / param_bytes:.2f} | {note} |", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def settings(args) -> None:
+    """Fill in the per-section sizes from --quick and --runs."""
+    q = args.quick
+    args.size = args.size or (112 if q else 224)
+    args.calib = 2 if q else 4
+    args.compile_runs = args.runs or (1 if q else 3)
+    args.scaling_runs = args.runs or 1
+    args.layers = (100, 1000, 5000)
+    args.scaling_baseline_max = 1000 if q else 5000
+    args.latency_runs = args.runs or (10 if q else 40)
+    args.thread_list = (1, 2)
+    args.epochs = 15
+    args.bits = (8, 4, 3)
+
+
+def header(args, avail) -> None:
+    import bench_torch
+    import onnxruntime
+    versions = [f"torch {torch.__version__}", f"onnxruntime {onnxruntime.__version__}"]
+    if not avail["brevitas"]:
+        import brevitas
+        versions.append(f"brevitas {brevitas.__version__}")
+    print(f"# quantfx side-by-side benchmark ({'--quick' if args.quick else 'full'} run, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+    print(f"CPU: {bench_torch.cpu_name()}; {', '.join(versions)}; torch threads {args.threads} outside the "
+          f"inference section; {load()}")
+    for line in skip_lines(avail):
+        print(line)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer runs and smaller inputs: a few minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 compile round, 112x112 inputs, 10 latency runs: a few minutes")
     parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
                         help=f"comma-separated, from {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per measurement")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for compile-time sections")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="rounds per compile/scaling timing and runs per latency (default: by --quick)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the compile-time sections")
+    parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=2, metavar=("STEP", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    raise NotImplementedError("sections are being written")
+    warnings.filterwarnings("ignore", category=UserWarning)  # this script only: notices of the compared libraries
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.memory_child:
+        memory_child(*args.memory_child, args.size or 224)
+        return 0
+    settings(args)
+    torch.set_num_threads(args.threads)
+    avail = available()
+    header(args, avail)
+    run = {"compile": compile_section, "scaling": scaling_section, "inference": inference_section,
+           "accuracy": accuracy_section, "memory": memory_section}
+    for name in args.sections:
+        t = time.perf_counter()
+        run[name](args, avail)
+        print(f"({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
