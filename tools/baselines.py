@@ -39,6 +39,11 @@ Brevitas (``preprocess_for_quantize`` + ``quantize`` + ``calibration_mode``):
     the 99.999th percentile of the calibration activations (runtime statistics, averaged over batches), bias
     ``Int32Bias`` (scale = input scale x weight scale). Calibration: ``calibration_mode`` (quantization off
     while statistics are collected). Evaluated in Brevitas's fake-quant form (its QuantTensor ops).
+  * Pitfall (Brevitas 0.13.4 with torch 2.13): Brevitas's backport of torch.fx names the code it generates
+    ``<eval_with_key>.N`` with its own counter, as torch.fx does with another, and both register it in
+    linecache; once Brevitas has traced a model, ``torch.jit.script`` of a GraphModule made later in the same
+    process can compile Brevitas's source instead of its own (quantfx's torch export of mobilenetv2_like failed
+    that way). tools/bench.py therefore runs Brevitas in a child process; do the same, or run Brevitas last.
 """
 from __future__ import annotations
 

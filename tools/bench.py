@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,17 +116,49 @@ def compile_torchao(model, calib, workdir: Path) -> dict:
 
 
 def compile_tools(avail: dict) -> dict:
+    """The in-process compile timings; Brevitas runs in a child process (``in_child``)."""
     tools = {"quantfx finn": lambda m, c, d: compile_quantfx(m, "finn", c, d),
              "quantfx torch": lambda m, c, d: compile_quantfx(m, "torch", c, d)}
-    if not avail["brevitas"]:
-        tools["Brevitas"] = compile_brevitas
     if not avail["torch.ao"]:
         tools["torch.ao"] = compile_torchao
     return tools
 
 
-def run_compile(models: dict, tools: dict, size: int, n_calib: int, runs: int) -> dict:
-    """name -> tool -> list of per-round timing dicts; each model built once (seed 0), calibration batches of 1."""
+def in_child(kind: str, **spec):
+    """Run Brevitas work in a fresh process of this script: Brevitas's backport of torch.fx names generated
+    code ``<eval_with_key>.N`` with its own counter, as torch.fx does, so once Brevitas has traced a model,
+    ``torch.jit.script`` of a GraphModule made later in the same process can be handed Brevitas's source from
+    linecache (seen here: quantfx's torch export of mobilenetv2_like after Brevitas quantized a model)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "spec.pt"
+        torch.save(dict(spec, kind=kind, threads=torch.get_num_threads()), path)
+        out = subprocess.run([sys.executable, __file__, "--brevitas-child", str(path)], capture_output=True,
+                             text=True)
+        if out.returncode:
+            raise RuntimeError(f"Brevitas child process failed ({kind}):\n{out.stderr[-3000:]}")
+        return torch.load(Path(d) / "out.pt", weights_only=False)
+
+
+def brevitas_child(path: str) -> None:
+    spec = torch.load(path, weights_only=False)
+    torch.set_num_threads(spec["threads"])
+    result = None
+    if spec["kind"] == "compile":
+        with tempfile.TemporaryDirectory() as d:
+            compile_brevitas(zoo.ResNetSmall().eval(), [torch.randn(1, 3, 32, 32)], Path(d))  # warm-up
+            result = []
+            for _ in range(spec["runs"]):
+                gc.collect()
+                result.append(compile_brevitas(spec["model"], spec["calib"], Path(d)))
+    elif spec["kind"] == "ptq":
+        with torch.no_grad():
+            result = [baselines.brevitas_ptq(spec["model"], spec["calib"], b, b)(spec["x"]) for b in spec["bits"]]
+    torch.save(result, Path(path).with_name("out.pt"))
+
+
+def run_compile(models: dict, tools: dict, size: int, n_calib: int, runs: int, brevitas: bool) -> dict:
+    """name -> tool -> list of per-round timing dicts; each model built once (seed 0), calibration batches of 1.
+    The in-process tools take turns round by round; Brevitas's rounds follow in a child process."""
     results = {}
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -146,6 +179,8 @@ def run_compile(models: dict, tools: dict, size: int, n_calib: int, runs: int) -
                     results[name][tool].append(fn(model, calib, work))
             after = model.state_dict()
             assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: a tool modified the user's model"
+            if brevitas:
+                results[name]["Brevitas"] = in_child("compile", model=model, calib=calib, runs=runs)
     return results
 
 
@@ -179,7 +214,8 @@ def compile_section(args, avail) -> None:
     for line in skip_lines({k: avail[k] for k in ("brevitas", "torch.ao")}):
         print(line)
     models = {name: getattr(zoo, name) for name in COMPILE_MODELS}
-    results = run_compile(models, compile_tools(avail), args.size, args.calib, args.compile_runs)
+    results = run_compile(models, compile_tools(avail), args.size, args.calib, args.compile_runs,
+                          brevitas=not avail["brevitas"])
     print_compile(results, args.size, args.calib, args.compile_runs)
 
 
@@ -191,27 +227,30 @@ def scaling_section(args, avail) -> None:
     for line in skip_lines({k: avail[k] for k in ("brevitas", "torch.ao")}):
         print(line)
     tools = compile_tools(avail)
+    names = list(tools) + ([] if avail["brevitas"] else ["Brevitas"])
     print(f"input 1x3x16x16, 1 calibration batch, {args.scaling_runs} round(s); totals as in the compile section, "
           f"median seconds; per node: total / traced fx nodes. Baselines up to {args.scaling_baseline_max} layers")
-    print("| layers | traced nodes | " + " | ".join(f"{t} s | {t} ms/node" for t in tools) + " |")
-    print("|---|---|" + "---|---|" * len(tools))
+    print("| layers | traced nodes | " + " | ".join(f"{t} s | {t} ms/node" for t in names) + " |")
+    print("|---|---|" + "---|---|" * len(names))
     rows = {}
     for n in args.layers:
         torch.manual_seed(0)
         model = zoo.deep_chain(n).eval()
         nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
-        use = {t: fn for t, fn in tools.items() if t.startswith("quantfx") or n <= args.scaling_baseline_max}
-        res = run_compile({f"deep_chain({n})": lambda m=model: m}, use, 16, 1, args.scaling_runs)
-        per = res[f"deep_chain({n})"]
-        rows[n] = {t: med(v) for t, v in per.items()}
+        base = n <= args.scaling_baseline_max
+        use = {t: fn for t, fn in tools.items() if t.startswith("quantfx") or base}
+        res = run_compile({"chain": lambda m=model: m}, use, 16, 1, args.scaling_runs,
+                          brevitas=base and not avail["brevitas"])
+        rows[n] = {t: med(v) for t, v in res["chain"].items()}
         cells = [f"{rows[n][t]:.2f} | {rows[n][t] / nodes * 1e3:.2f}" if t in rows[n] else "not run | -"
-                 for t in tools]
+                 for t in names]
         print(f"| {n} | {nodes} | " + " | ".join(cells) + " |", flush=True)
-    first, last = args.layers[0], args.layers[-1]
-    for t in tools:
-        if t in rows[first] and t in rows[last]:
-            print(f"{t}: {last} / {first} layers: {rows[last][t] / rows[first][t]:.1f}x the time for "
-                  f"{last / first:.0f}x the layers")
+    first = args.layers[0]
+    for t in names:
+        done = [n for n in args.layers if t in rows[n]]
+        if len(done) > 1:
+            print(f"{t}: {done[-1]} / {first} layers: {rows[done[-1]][t] / rows[first][t]:.1f}x the time for "
+                  f"{done[-1] / first:.0f}x the layers")
 
 
 # ------------------------------------------------------------------------------------------------- inference
@@ -294,31 +333,35 @@ def accuracy_section(args, avail) -> None:
           "Brevitas: its fake-quant model (tools/baselines.py)")
     print("| tool | " + " | ".join(f"W{b}A{b} acc % | W{b}A{b} SQNR dB" for b in args.bits) + " |")
     print("|---|" + "---|---|" * len(args.bits))
-    entries = [(f"quantfx {t}", t) for t in sorted(BACKENDS)]
+    work = Path(tempfile.mkdtemp(prefix="bench_digits_"))
+
+    def quantfx_logits(target):
+        def run(b):
+            widths = {} if b == 8 else dict(weight_bit_width=b, act_bit_width=b, input_bit_width=b)
+            return qs.quantize_and_run(model, target, calib, x_te, work / f"digits_{target}_{b}", progress=False,
+                                       **widths)[4]
+        return run
+
+    entries = [(f"quantfx {t}", quantfx_logits(t)) for t in sorted(BACKENDS)]
     if not avail["torch.ao"]:
-        entries.append(("torch.ao FX PTQ", baselines.torchao_ptq))
-    if not avail["brevitas"]:
-        entries.append(("Brevitas PTQ", baselines.brevitas_ptq))
+        entries.append(("torch.ao FX PTQ", lambda b: baselines.torchao_ptq(model, calib, b, b)(x_te)))
+    if not avail["brevitas"]:  # in a child process (in_child says why)
+        brevitas_logits = dict(zip(args.bits, in_child("ptq", model=model, calib=calib, x=x_te, bits=args.bits)))
+        entries.append(("Brevitas PTQ", brevitas_logits.__getitem__))
     notes = []
-    with tempfile.TemporaryDirectory() as d:
-        for label, how in entries:
-            cells = []
-            for b in args.bits:
-                try:
-                    if isinstance(how, str):
-                        widths = {} if b == 8 else dict(weight_bit_width=b, act_bit_width=b, input_bit_width=b)
-                        out = qs.quantize_and_run(model, how, calib, x_te, Path(d) / f"digits_{how}_{b}",
-                                                  progress=False, **widths)[4]
-                    else:
-                        with torch.no_grad():
-                            out = how(model, calib, b, b)(x_te)
-                except quantfx.QuantFXError as e:
-                    notes.append(f"{label} W{b}A{b}: not available: {str(e).splitlines()[0]}")
-                    cells.append("n/a | n/a")
-                    continue
-                out = torch.as_tensor(out).float()
-                cells.append(f"{qs.accuracy(out, y_te):.2f} | {quantfx.sqnr(ref, out):.2f}")
-            print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    for label, logits in entries:
+        cells = []
+        for b in args.bits:
+            try:
+                with torch.no_grad():
+                    out = torch.as_tensor(logits(b)).float()
+            except quantfx.QuantFXError as e:
+                notes.append(f"{label} W{b}A{b}: not available: {str(e).splitlines()[0]}")
+                cells.append("n/a | n/a")
+                continue
+            cells.append(f"{qs.accuracy(out, y_te):.2f} | {quantfx.sqnr(ref, out):.2f}")
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     for note in notes:
         print(note)
 
@@ -432,10 +475,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the compile-time sections")
     parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs=2, metavar=("STEP", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--brevitas-child", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)  # this script only: notices of the compared libraries
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.brevitas_child:
+        brevitas_child(args.brevitas_child)
+        return 0
     if args.memory_child:
         memory_child(*args.memory_child, args.size or 224)
         return 0
