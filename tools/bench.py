@@ -181,6 +181,7 @@ def run_compile(models: dict, tools: dict, size: int, n_calib: int, runs: int, b
             assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: a tool modified the user's model"
             if brevitas:
                 results[name]["Brevitas"] = in_child("compile", model=model, calib=calib, runs=runs)
+            print(f"  {name}: " + ", ".join(f"{t} {med(v):.2f} s" for t, v in results[name].items()), flush=True)
     return results
 
 
