@@ -214,7 +214,7 @@ def compile_section(args, avail) -> None:
     section("Compile time: quantize + export, against Brevitas and torch.ao FX")
     for line in skip_lines({k: avail[k] for k in ("brevitas", "torch.ao")}):
         print(line)
-    models = {name: getattr(zoo, name) for name in COMPILE_MODELS}
+    models = {name: getattr(zoo, name) for name in args.compile_models}
     results = run_compile(models, compile_tools(avail), args.size, args.calib, args.compile_runs,
                           brevitas=not avail["brevitas"])
     print_compile(results, args.size, args.calib, args.compile_runs)
@@ -230,7 +230,7 @@ def scaling_section(args, avail) -> None:
     tools = compile_tools(avail)
     names = list(tools) + ([] if avail["brevitas"] else ["Brevitas"])
     print(f"input 1x3x16x16, 1 calibration batch, {args.scaling_runs} round(s); totals as in the compile section, "
-          f"median seconds; per node: total / traced fx nodes. Baselines up to {args.scaling_baseline_max} layers")
+          f"median seconds; per node: total / traced fx nodes. Brevitas up to {args.scaling_baseline_max} layers")
     print("| layers | traced nodes | " + " | ".join(f"{t} s | {t} ms/node" for t in names) + " |")
     print("|---|---|" + "---|---|" * len(names))
     rows = {}
@@ -238,9 +238,8 @@ def scaling_section(args, avail) -> None:
         torch.manual_seed(0)
         model = zoo.deep_chain(n).eval()
         nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
-        base = n <= args.scaling_baseline_max
-        use = {t: fn for t, fn in tools.items() if t.startswith("quantfx") or base}
-        res = run_compile({"chain": lambda m=model: m}, use, 16, 1, args.scaling_runs,
+        base = n <= args.scaling_baseline_max  # Brevitas
+        res = run_compile({"chain": lambda m=model: m}, tools, 16, 1, args.scaling_runs,
                           brevitas=base and not avail["brevitas"])
         rows[n] = {t: med(v) for t, v in res["chain"].items()}
         cells = [f"{rows[n][t]:.2f} | {rows[n][t] / nodes * 1e3:.2f}" if t in rows[n] else "not run | -"
@@ -371,17 +370,32 @@ def accuracy_section(args, avail) -> None:
 
 
 def rss_now() -> int:
+    """The process's current resident set size in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def max_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+def peak_rss() -> int:
+    """The process's RSS high-water mark (VmHWM, the figure getrusage's ru_maxrss reports for a process of its
+    own; ru_maxrss itself starts at the parent's RSS in a process made by fork + exec on Linux)."""
+    with open("/proc/self/status") as f:
+        kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+    return kb * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Set the high-water mark to the current RSS (Linux >= 4.0: ``5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def memory_child(step: str, path: str, size: int) -> None:
     """In a fresh process: one step on resnet50_like, peak Python allocations (tracemalloc) and the RSS
-    high-water mark (getrusage) against the RSS before the step; JSON on stdout."""
+    high-water mark, reset just before the step, against the RSS then; JSON on stdout."""
     import tracemalloc
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -391,7 +405,8 @@ def memory_child(step: str, path: str, size: int) -> None:
     else:
         subject = torch.load(path, weights_only=False)
     gc.collect()
-    rss0, hw0 = rss_now(), max_rss()
+    reset = reset_peak_rss()
+    rss0, hw0 = rss_now(), peak_rss()
     tracemalloc.start()
     if step == "quantize":
         quantfx.quantize(subject, "finn", calibration_data=[x], progress=False)
@@ -399,7 +414,8 @@ def memory_child(step: str, path: str, size: int) -> None:
         quantfx.export(subject, Path(path).with_suffix(""), example_inputs=(x,))
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(json.dumps({"rss_before": rss0, "hw_before": hw0, "hw_after": max_rss(), "py_peak": py_peak}))
+    print(json.dumps({"rss_before": rss0, "hw_before": hw0, "hw_after": peak_rss(), "py_peak": py_peak,
+                      "reset": reset}))
 
 
 def memory_section(args, avail) -> None:
@@ -411,9 +427,9 @@ def memory_section(args, avail) -> None:
     print(f"parameters {param_bytes / 2**20:.1f} MiB ({sum(p.numel() for p in model.parameters()):,} float32), "
           f"buffers {buffer_bytes / 2**20:.1f} MiB; input 1x3x{args.size}x{args.size}, 1 calibration batch")
     print("each step in a fresh Python process: 'Python peak' = tracemalloc's peak of Python-level allocations "
-          "during the step (tensor storage is not a Python allocation, so it is not in it); 'RSS peak' = "
-          "getrusage ru_maxrss after the step minus the RSS just before it (the process's high-water mark; "
-          "export: the process first loads the quantized model with torch.load)")
+          "during the step (tensor storage is not a Python allocation, so it is not in it); 'RSS peak' = the "
+          "process's RSS high-water mark (VmHWM, reset to the current RSS just before the step) minus the RSS "
+          "then: what the step added at its peak (export: the process first loads the quantized model)")
     with tempfile.TemporaryDirectory() as d:
         qpath = Path(d) / "q50.pt"
         q = quantfx.quantize(model, "finn", calibration_data=[torch.randn(1, 3, args.size, args.size)], progress=False)
@@ -426,8 +442,8 @@ def memory_section(args, avail) -> None:
                                   str(args.size)], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rss = r["hw_after"] - r["rss_before"]
-            note = ("" if r["hw_after"] > r["hw_before"] else
-                    "high-water mark set before the step (model load); the step's own peak is at most this")
+            note = ("" if r["reset"] else "could not reset the high-water mark: an upper bound that includes the "
+                    "model's construction or load")
             print(f"| {step} | {r['py_peak'] / 2**20:.1f} | {r['py_peak'] / param_bytes:.2f} | {rss / 2**20:.1f} | "
                   f"{rss / param_bytes:.2f} | {note} |", flush=True)
 
@@ -443,7 +459,8 @@ def settings(args) -> None:
     args.compile_runs = args.runs or (1 if q else 3)
     args.scaling_runs = args.runs or 1
     args.layers = (100, 1000, 5000)
-    args.scaling_baseline_max = 1000 if q else 5000
+    args.compile_models = COMPILE_MODELS[::2] if q else COMPILE_MODELS  # quick: resnet18_like, mobilenetv2_like
+    args.scaling_baseline_max = 100 if q else 1000  # Brevitas: about a minute at 100 layers here
     args.latency_runs = args.runs or (10 if q else 40)
     args.thread_list = (1, 2)
     args.epochs = 15
@@ -468,7 +485,7 @@ def header(args, avail) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="1 compile round, 112x112 inputs, 10 latency runs: a few minutes")
+                        help="2 of the 4 compile models, 1 round, 112x112 inputs, Brevitas scaling at 100 layers only, 10 latency runs")
     parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
                         help=f"comma-separated, from {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--runs", type=int, default=None,
