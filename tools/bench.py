@@ -181,7 +181,9 @@ def run_compile(models: dict, tools: dict, size: int, n_calib: int, runs: int, b
             assert all(torch.equal(before[k], after[k]) for k in before), f"{name}: a tool modified the user's model"
             if brevitas:
                 results[name]["Brevitas"] = in_child("compile", model=model, calib=calib, runs=runs)
-            print(f"  {name}: " + ", ".join(f"{t} {med(v):.2f} s" for t, v in results[name].items()), flush=True)
+            print(f"  {name}: " + ", ".join(
+                f"{t} {med(v):.2f} s ({' / '.join(f'{med(v, k):.2f}' for k in ('graph', 'calibrate', 'export'))})"
+                for t, v in results[name].items()), flush=True)
     return results
 
 
@@ -201,8 +203,10 @@ def print_compile(results: dict, size: int, n_calib: int, runs: int) -> None:
         for other, ours in (("Brevitas", "quantfx finn"), ("torch.ao", "quantfx torch")):
             ratios.append(f"{med(per_tool[other]) / med(per_tool[ours]):.2f}x" if other in per_tool else "skipped")
         print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    print("\nsplit, medians in seconds: graph work (quantfx: the pass pipeline; Brevitas: preprocess + quantize; "
-          "torch.ao: prepare_fx + convert_fx) / calibration / export (torch.ao: jit.trace + save, not in its total)")
+    print("\nsplit, medians in seconds: graph work (quantfx: the pass pipeline's own timings; Brevitas: preprocess + "
+          "quantize; torch.ao: prepare_fx + convert_fx) / calibration (quantfx: the rest of quantize(), i.e. the "
+          "model copy and calibration) / export (quantfx: lower + write; Brevitas: export_qonnx; torch.ao: "
+          "jit.trace + save, not in its total)")
     print("| model | " + " | ".join(tools) + " |")
     print("|---|" + "---|" * len(tools))
     for name, per_tool in results.items():
@@ -230,7 +234,8 @@ def scaling_section(args, avail) -> None:
     tools = compile_tools(avail)
     names = list(tools) + ([] if avail["brevitas"] else ["Brevitas"])
     print(f"input 1x3x16x16, 1 calibration batch, {args.scaling_runs} round(s); totals as in the compile section, "
-          f"median seconds; per node: total / traced fx nodes. Brevitas up to {args.scaling_baseline_max} layers")
+          f"median seconds; per node: total / traced fx nodes. Brevitas up to {args.scaling_baseline_max} layers. "
+          "Progress lines: total (graph / calibration / export), as split in the compile section")
     print("| layers | traced nodes | " + " | ".join(f"{t} s | {t} ms/node" for t in names) + " |")
     print("|---|---|" + "---|---|" * len(names))
     rows = {}
@@ -458,7 +463,7 @@ def settings(args) -> None:
     args.calib = 2 if q else 4
     args.compile_runs = args.runs or (1 if q else 3)
     args.scaling_runs = args.runs or 1
-    args.layers = (100, 1000, 5000)
+    args.layers = (100, 1000) if q else (100, 1000, 5000)  # 5000 layers: minutes per tool here
     args.compile_models = COMPILE_MODELS[::2] if q else COMPILE_MODELS  # quick: resnet18_like, mobilenetv2_like
     args.scaling_baseline_max = 100 if q else 1000  # Brevitas: about a minute at 100 layers here
     args.latency_runs = args.runs or (10 if q else 40)
@@ -485,7 +490,8 @@ def header(args, avail) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="2 of the 4 compile models, 1 round, 112x112 inputs, Brevitas scaling at 100 layers only, 10 latency runs")
+                        help="2 of the 4 compile models, 1 round, 112x112 inputs, scaling to 1000 layers (Brevitas: 100), 10 latency "
+                             "runs")
     parser.add_argument("--sections", type=parse_sections, default=list(SECTIONS),
                         help=f"comma-separated, from {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--runs", type=int, default=None,
