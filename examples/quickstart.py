@@ -73,6 +73,21 @@ def accuracy(logits, y) -> float:
     return float((logits.argmax(1) == y).float().mean()) * 100
 
 
+def quantize_and_run(model, target, calib, x_test, stem: Path, progress: bool = True, **options):
+    """Quantize ``model`` for ``target`` (``options`` go to ``quantfx.quantize``), export it to ``stem`` plus the
+    backend's suffix, reload the file and run it in the target's own runtime. Returns (qmodel, path, verify
+    report on the first 64 test images, fake-quant logits, runtime logits on ``x_test``)."""
+    qmodel = quantfx.quantize(model, target, calibration_data=calib, progress=progress, **options)
+    with torch.no_grad():
+        fq_logits = qmodel(x_test)
+    backend = backend_for(qmodel)
+    path = stem.with_name(stem.name + backend.suffix)
+    quantfx.export(qmodel, path, example_inputs=(x_test[:1],))
+    artefact = backend.load(path)  # the file as written, run in the target's own runtime
+    report = quantfx.verify(qmodel, artefact, (x_test[:64],))
+    return qmodel, path, report, fq_logits, backend.run(artefact, (x_test,))[0]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/quickstart", help="folder for artefacts and diagrams")
@@ -94,17 +109,12 @@ def main(argv=None):
     import quantfx.targets  # noqa: F401  (registers the backends)
     rows = []
     for target in sorted(BACKENDS):
-        qmodel = quantfx.quantize(model, target, calibration_data=calib, progress=not args.quiet)
-        with torch.no_grad():
-            fq_acc = accuracy(qmodel(x_test), y_test)
-        path = out / f"digits_{target}{backend_for(qmodel).suffix}"
-        quantfx.export(qmodel, path, example_inputs=(x_test[:1],))
-        backend = backend_for(qmodel)
-        artefact = backend.load(path)  # the file as written, run in the target's own runtime
-        report = quantfx.verify(qmodel, artefact, (x_test[:64],))
+        qmodel, path, report, fq_logits, runtime_logits = quantize_and_run(
+            model, target, calib, x_test, out / f"digits_{target}", progress=not args.quiet)
+        fq_acc = accuracy(fq_logits, y_test)
         if not report.ok:
             print(report)  # which node is off first, and the backend's reading of why
-        runtime_acc = accuracy(backend.run(artefact, (x_test,))[0], y_test)
+        runtime_acc = accuracy(runtime_logits, y_test)
         diagram = None
         try:
             diagram = quantfx.draw(qmodel, out / f"digits_{target}.svg")

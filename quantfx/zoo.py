@@ -256,6 +256,66 @@ class DenseBlockNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class DenseNetLayer(nn.Module):
+    """torchvision's dense layer: BN-ReLU-conv1x1 (``bn_size * growth`` channels)-BN-ReLU-conv3x3 (``growth``), on
+    the concatenation of every earlier feature map of its block."""
+
+    def __init__(self, cin: int, growth: int, bn_size: int = 4):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU()
+        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(bn_size * growth), nn.ReLU()
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features):
+        x = torch.cat(features, 1)
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class DenseNet(nn.Module):
+    """Configurable DenseNet (BN-ReLU-conv ordering): dense blocks of ``blocks`` layers, transitions
+    BN-ReLU-conv1x1 (half the channels)-avgpool 2, final BN-ReLU, global pool, linear. ``imagenet_stem``: conv 7x7
+    stride 2, BN, ReLU, max-pool 3 stride 2 (torchvision's); else one 3x3 conv."""
+
+    def __init__(self, blocks=(6, 12, 24, 16), growth: int = 32, stem: int = 64, bn_size: int = 4,
+                 num_classes: int = 1000, imagenet_stem: bool = True):
+        super().__init__()
+        if imagenet_stem:
+            self.stem = nn.Sequential(nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Conv2d(3, stem, 3, padding=1, bias=False)
+        self.blocks, self.transitions = nn.ModuleList(), nn.ModuleList()
+        c = stem
+        for i, n in enumerate(blocks):
+            self.blocks.append(nn.ModuleList(DenseNetLayer(c + j * growth, growth, bn_size) for j in range(n)))
+            c += n * growth
+            if i < len(blocks) - 1:
+                self.transitions.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False),
+                                                      nn.AvgPool2d(2)))
+                c //= 2
+        self.norm, self.relu = nn.BatchNorm2d(c), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, num_classes)
+        _randomize_bn(self)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            features = [x]
+            for layer in block:
+                features.append(layer(features))
+            x = torch.cat(features, 1)
+            if i < len(self.transitions):
+                x = self.transitions[i](x)
+        return self.fc(torch.flatten(self.pool(self.relu(self.norm(x))), 1))
+
+
+def densenet121_like(num_classes=1000):
+    """torchvision densenet121 topology (growth 32, blocks (6, 12, 24, 16), bn_size 4, 64 stem channels,
+    BN-ReLU-conv ordering), for 3x224x224 inputs."""
+    return DenseNet((6, 12, 24, 16), growth=32, stem=64, bn_size=4, num_classes=num_classes)
+
+
 class InceptionBlockNet(nn.Module):
     """Stem plus one four-branch Inception block concatenated along channels, for 3x32x32."""
 

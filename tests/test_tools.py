@@ -42,3 +42,15 @@ def test_sqnr_is_the_ratio_in_db_and_names_a_shape_mismatch():
     assert abs(quantfx.sqnr(ref, ref + torch.tensor([0.5, 0.0])) - 10 * math.log10(25 / 0.25)) < 1e-12
     with pytest.raises(QuantArgumentError, match="shapes differ"):
         quantfx.sqnr(ref, ref[:1])
+
+
+def test_bench_says_which_comparisons_it_skips_without_brevitas(monkeypatch):
+    """tools/bench.py: with Brevitas not importable, every Brevitas comparison is skipped with the reason (no
+    timing here; the benchmark itself is run by hand)."""
+    monkeypatch.setitem(sys.modules, "brevitas", None)  # `import brevitas...` raises ImportError
+    bench = load(TOOLS / "bench.py")
+    avail = bench.available()
+    assert avail["brevitas"] and "brevitas" in avail["brevitas"] and avail["torch.ao"] is None
+    lines = bench.skip_lines(avail)
+    assert len(lines) == 1 and lines[0].startswith("skipped: every Brevitas comparison: brevitas is not installed")
+    assert "Brevitas" not in bench.compile_tools(avail) and "torch.ao" in bench.compile_tools(avail)

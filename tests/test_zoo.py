@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from quantfx.zoo import TEST_MODELS, _randomize_bn, deep_chain, example_input, resnet18_like, resnet50_like
+from quantfx.zoo import (TEST_MODELS, _randomize_bn, deep_chain, densenet121_like, example_input, resnet18_like,
+                         resnet50_like)
 
 NAMES = sorted(TEST_MODELS)
 EXPECTED_NAMES = {"lenet", "resnet", "mobilenetv2", "unet", "densenet", "inception", "shufflenet", "mlp"}
@@ -154,6 +155,22 @@ def test_resnet18_like_graph_size_and_forward():
     assert eager.shape == (1, 100) and torch.isfinite(eager).all()
     assert torch.equal(out, eager)
 
+
+
+def test_densenet121_like_is_torchvisions_topology_and_traces():
+    """Growth 32, blocks (6, 12, 24, 16), bn_size 4: torchvision densenet121's 7,978,856 parameters, 120 convs
+    (stem, 58 dense layers of two, 3 transitions), a cat before every dense layer and at every block's end."""
+    torch.manual_seed(0)
+    model = densenet121_like().eval()
+    assert sum(p.numel() for p in model.parameters()) == 7_978_856
+    assert n_modules(model, nn.Conv2d) == 120
+    gm = fx.symbolic_trace(model)
+    assert _targets(gm, "call_function").count(torch.cat) == 58 + 4
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # 224 works too; 64 is faster
+    with torch.no_grad():
+        logits = model(x)
+        assert torch.equal(gm(x), logits)
+    assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
 
 def test_deep_chain_200():
     torch.manual_seed(0)

@@ -15,55 +15,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import quantfx
+from quantfx import zoo
 from quantfx.zoo import deep_chain
 
 
-class DenseLayer(nn.Module):
-    """BN-ReLU-conv1x1-BN-ReLU-conv3x3 on the concatenation of every earlier feature map (torchvision's shape)."""
-
-    def __init__(self, cin: int, growth: int, bn_size: int = 2):
-        super().__init__()
-        self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU()
-        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
-        self.norm2, self.relu2 = nn.BatchNorm2d(bn_size * growth), nn.ReLU()
-        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
-
-    def forward(self, features):
-        x = torch.cat(features, 1)
-        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
-
-
-class DenseNet(nn.Module):
-    """DenseNet-121's block structure with few channels (graph size is what matters here, not FLOPs)."""
-
-    def __init__(self, blocks=(6, 12, 24, 16), growth: int = 4, stem: int = 8, num_classes: int = 10):
-        super().__init__()
-        self.stem = nn.Conv2d(3, stem, 3, padding=1, bias=False)
-        self.blocks, self.transitions = nn.ModuleList(), nn.ModuleList()
-        c = stem
-        for i, n in enumerate(blocks):
-            self.blocks.append(nn.ModuleList(DenseLayer(c + j * growth, growth) for j in range(n)))
-            c += n * growth
-            if i < len(blocks) - 1:
-                self.transitions.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False),
-                                                      nn.AvgPool2d(2)))
-                c //= 2
-        self.norm, self.relu = nn.BatchNorm2d(c), nn.ReLU()
-        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, num_classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for i, block in enumerate(self.blocks):
-            features = [x]
-            for layer in block:
-                features.append(layer(features))
-            x = torch.cat(features, 1)
-            if i < len(self.transitions):
-                x = self.transitions[i](x)
-        return self.fc(torch.flatten(self.pool(self.relu(self.norm(x))), 1))
+def DenseNet():
+    """DenseNet-121's block structure (dense blocks of 6, 12, 24, 16) with few channels (graph size is what
+    matters here, not FLOPs): growth 4, bn_size 2, an 8-channel 3x3 stem, for 3x32x32 inputs."""
+    return zoo.DenseNet((6, 12, 24, 16), growth=4, stem=8, bn_size=2, num_classes=10, imagenet_stem=False)
 
 
 def bench(name: str, qmodel, fmt: str, repeat: int) -> str:
