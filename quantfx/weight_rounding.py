@@ -27,6 +27,9 @@ from .quant import functional as qf
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper eq. 23)
 NOTE = "weight_rounding"  # qmodel.notes key: one record per rounded layer
 DEFAULT_ITERATIONS = 1000  # Adam steps per layer when quantize/calibrate learn the rounding
+STEP_POSITIONS = 2048  # output positions (samples x spatial window) one Adam step of a convolution sees at most
+WINDOW = 16  # a convolution's step sees a random window of at most this many outputs along each spatial axis
+STEP_MACS = 2 ** 27  # multiply-accumulates of one step's forward at most (fewer samples for wide layers)
 
 
 @dataclass
@@ -106,8 +109,9 @@ def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = N
              max_batches: Optional[int] = None) -> list[RoundedLayer]:
     """Learn the rounding of every quantized layer's weights of ``qmodel`` (calibrated; weight bit widths 2 to
     ``max_bits``) on ``data``; ``iterations`` Adam steps per layer (default :data:`DEFAULT_ITERATIONS`) on random
-    ``batch_size`` samples. Deterministic under ``seed`` (for one torch thread count). Returns one :class:`RoundedLayer` per layer, also kept in
-    ``qmodel.notes['weight_rounding']``."""
+    ``batch_size`` samples (on large feature maps, fewer samples and a random output window: :class:`_Steps`).
+    Deterministic under ``seed`` (for one torch thread count). Returns one :class:`RoundedLayer` per layer, also
+    kept in ``qmodel.notes['weight_rounding']``."""
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise QuantArgumentError(f"adaround: iterations={iterations!r}; give at least 1")
@@ -135,6 +139,50 @@ def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = N
     return out
 
 
+class _Steps:
+    """The data of one Adam step: random samples and, for a convolution with zero padding, a random window of
+    its output (at most :data:`WINDOW` positions per spatial axis), computed exactly from the padded input's
+    matching slice. At most ``batch_size`` samples, :data:`STEP_POSITIONS` output positions and
+    :data:`STEP_MACS` multiply-accumulates a step, at least one sample: a step of a ResNet stem at 112 x 112 or
+    of a 512-channel convolution costs about what a step of a small layer does, while the 8 x 8 maps of a
+    small CNN are taken whole, ``batch_size`` samples a step."""
+
+    def __init__(self, layer, x, target, batch_size, gen):
+        self.layer, self.target, self.gen, self.n = layer, target, gen, x.shape[0]
+        conv = isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed and \
+            layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+        self.out_shape = tuple(target.shape[2:]) if conv else ()
+        self.window = tuple(min(o, WINDOW) for o in self.out_shape)
+        # output positions of one sample in a step (a Linear's rows: its tokens), each costing the weight's size
+        positions = math.prod(target.shape[1:-1]) if isinstance(layer, nn.Linear) else \
+            math.prod(self.window if conv else target.shape[2:])
+        self.samples = max(1, min(batch_size, STEP_POSITIONS // positions,
+                                  STEP_MACS // (positions * layer.weight.numel())))
+        if conv and self.window != self.out_shape:
+            pad = [p for p in reversed(layer.padding) for _ in (0, 1)]
+            self.x = nn.functional.pad(x, pad)
+            self.conv = getattr(nn.functional, f"conv{len(self.out_shape)}d")
+        else:
+            self.x, self.conv = x, None
+
+    def _forward(self, x, w, b):
+        layer = self.layer
+        return self.conv(x, w, b, layer.stride, 0, layer.dilation, layer.groups)
+
+    def __call__(self):
+        idx = torch.randint(0, self.n, (min(self.samples, self.n),), generator=self.gen)
+        if self.conv is None:
+            return self.x[idx], self.target[idx], self.layer.inner_forward
+        starts = [int(torch.randint(0, o - c + 1, (1,), generator=self.gen)) for o, c in
+                  zip(self.out_shape, self.window)]
+        x_slices, out_slices = [], []
+        for start, c, k, s, d in zip(starts, self.window, self.layer.kernel_size, self.layer.stride,
+                                     self.layer.dilation):
+            out_slices.append(slice(start, start + c))
+            x_slices.append(slice(start * s, (start + c - 1) * s + d * (k - 1) + 1))
+        return self.x[idx][(..., *x_slices)], self.target[idx][(..., *out_slices)], self._forward
+
+
 def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, lr, reg, gen) -> RoundedLayer:
     wq = layer.weight_quant
     original = getattr(layer, "float_weight", None)  # rounded before: start again from the float weights
@@ -155,6 +203,7 @@ def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, l
     opt = torch.optim.Adam([v], lr=lr)
     n = x_quant.shape[0]
     warmup = iterations // 5
+    step = _Steps(layer, x_quant, target, batch_size, gen)
 
     def soft(v):
         return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
@@ -170,11 +219,11 @@ def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, l
     if not before > 0:  # nearest rounding already reproduces the float output
         return RoundedLayer(name, wq.bit_width, 0, w.numel(), before, before)
     for it in range(iterations):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         h = soft(v)
         wt = weight_of(torch.clamp(base + h + z, qmin, qmax))
+        x_step, target_step, forward = step()
         # the error relative to nearest rounding's, so that the regulariser weighs the same at any magnitude
-        loss = (f(layer.inner_forward(x_quant[idx], wt, bias)) - target[idx]).pow(2).mean() / before
+        loss = (f(forward(x_step, wt, bias)) - target_step).pow(2).mean() / before
         if it >= warmup:
             # beta anneals from 20 to 2, pushing every h to 0 or 1 (paper eq. 24)
             beta = 2 + 18 * (1 - (it - warmup) / max(1, iterations - warmup))

@@ -121,6 +121,43 @@ def test_learned_rounding_moves_each_integer_at_most_one_step_from_nearest():
                 *m.weight_quant.qparams(m.weight), m.weight)[0])
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 8, 3, stride=2, padding=(1, 2), dilation=(1, 2)),
+                                  nn.Conv2d(6, 6, 5, padding=2, groups=3), nn.Conv1d(6, 8, 7, padding=3)])
+def test_a_large_map_steps_on_random_windows_computed_exactly(conv):
+    """On maps larger than the window a step sees fewer samples and a window of the output, computed from the
+    padded input's slice: the same numbers as that window of the whole layer's output."""
+    from quantfx.weight_rounding import STEP_MACS, STEP_POSITIONS, WINDOW, _Steps
+    torch.manual_seed(0)
+    x = torch.randn(12, 6, *([45, 40] if isinstance(conv, nn.Conv2d) else [300]))
+    with torch.no_grad():
+        full = conv(x)
+    step = _Steps(conv, x, full, 32, torch.Generator().manual_seed(0))
+    assert step.window == tuple(min(o, WINDOW) for o in full.shape[2:]) and step.window != full.shape[2:]
+    positions = int(np.prod(step.window))
+    assert step.samples == max(1, min(32, STEP_POSITIONS // positions, STEP_MACS // (positions * conv.weight.numel())))
+    for _ in range(5):
+        x_step, target, forward = step()
+        assert target.shape[0] == min(step.samples, 12) and tuple(target.shape[2:]) == step.window
+        with torch.no_grad():
+            torch.testing.assert_close(forward(x_step, conv.weight, conv.bias), target, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_rounding_on_windows_lowers_the_whole_maps_error():
+    """A 4-bit net on 48 x 48 inputs: its two convolutions learn on random windows of their 24 x 24 outputs, and
+    the rounding learned there lowers the error over the whole maps of every calibration sample."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))).eval()
+    calib = [torch.rand(16, 3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    q = quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=4, act_bit_width=4,
+                         weight_rounding="nearest", progress=False)
+    rows = {r.name: r for r in adaround(q, calib, iterations=200, progress=False)}
+    for name in ("0", "3"):  # mse_* are measured on the whole maps, after learning on windows
+        assert rows[name].changed > 0 and rows[name].mse_learned < 0.95 * rows[name].mse_nearest, rows[name]
+
+
 def test_learned_rounding_is_deterministic_under_a_seed():
     model = small_net()
     runs = []

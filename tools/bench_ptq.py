@@ -2,7 +2,8 @@
 runtime against torch.ao FX PTQ and Brevitas PTQ of the same float model with the same calibration data, and
 output SQNR against float on the test zoo per method.
 
-    python tools/bench_ptq.py [--tasks digits,digits_res] [--targets finn,onnx] [--widths 8/8,4/4,3/3,2/4]
+    python tools/bench_ptq.py [--tasks digits,digits_res] [--targets finn,onnx,torch,dpu]
+                              [--widths 8/8,4/4,3/3,2/4,2/2]
                               [--zoo] [--threads 1] [--quiet]
 
 Tasks: models trained here from packaged data (scikit-learn's digits, 8x8 images, 80/20 split, seed 0):
@@ -15,7 +16,8 @@ act_bit_width=a)`` with its defaults (at 4 bits or fewer: per-channel weight sca
 activation calibration, learned weight rounding), export the artefact, reload it and run it in the target's
 runtime (qonnx for finn, onnxruntime for onnx); the verify column is the largest error against the fake-quant
 model, in LSBs, on 64 test images. The onnx row at 8/8 uses ``cpu='vnni'`` (8-bit weights; exact on VNNI and ARM
-CPUs only), at other widths the default. ``minmax`` rows are the old defaults for comparison: per-tensor
+CPUs only), at other widths the default. torch (W8A7, fbgemm) and dpu (W8A8, power-of-two) are 8-bit targets:
+they appear in the 8/8 rows only, with their profile's widths. ``minmax`` rows are the old defaults for comparison: per-tensor
 min/max weight scales, min/max activation calibration, round-to-nearest.
 
 torch.ao FX and Brevitas (benchmark-only, ``pip install -e ".[bench]"``) are described in tools/baselines.py:
@@ -88,10 +90,19 @@ def trained(task: str):
     return model, calib, x_test, y_test
 
 
-def quantfx_row(model, target, calib, x_test, y_test, w, a, out_dir, method) -> tuple:
+def target_options(target: str, w: int, a: int):
+    """quantize options for ``target`` at W``w``A``a``, or None where the target takes other widths only: torch
+    and dpu are 8-bit targets, run at their profile's widths in the 8/8 row (torch: 7-bit activations on fbgemm)."""
+    if target in ("torch", "dpu"):
+        return {} if (w, a) == (8, 8) else None
     options = dict(weight_bit_width=w, act_bit_width=a)
     if target == "onnx" and (w, a) == (8, 8):
         options["cpu"] = "vnni"
+    return options
+
+
+def quantfx_row(model, target, calib, x_test, y_test, w, a, out_dir, method) -> tuple:
+    options = target_options(target, w, a)
     if method == "minmax":
         options.update(MINMAX, overrides=minmax_overrides(w))
     start = time.perf_counter()
@@ -129,7 +140,9 @@ def accuracy_table(tasks, targets, widths, out_dir) -> None:
         for w, a in widths:
             rows = []
             for target in targets:
-                for method in ("default", "minmax"):
+                if target_options(target, w, a) is None:
+                    continue
+                for method in ("default", "minmax") if target in ("finn", "onnx") else ("default",):
                     rows.append((f"quantfx {target} {method}",
                                  quantfx_row(model, target, calib, x_test, y_test, w, a, out_dir, method)))
             for kind in ("torch.ao", "brevitas"):
@@ -198,8 +211,8 @@ def resnet18_time(batches: int = 8, batch: int = 8) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="digits,digits_res")
-    parser.add_argument("--targets", default="finn,onnx")
-    parser.add_argument("--widths", default="8/8,4/4,3/3,2/4")
+    parser.add_argument("--targets", default="finn,onnx,torch,dpu")
+    parser.add_argument("--widths", default="8/8,4/4,3/3,2/4,2/2")
     parser.add_argument("--zoo", action="store_true", help="also the per-method SQNR table on the test zoo")
     parser.add_argument("--resnet18", action="store_true", help="also time calibration of a ResNet-18 shape")
     parser.add_argument("--threads", type=int, default=None)
