@@ -46,15 +46,19 @@ def probe(name: str, target: str, seed: int = 0) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", default=list(MODELS), choices=MODELS, metavar="model",
+    # checked below: argparse (3.11) checks a nargs='*' positional's default, even [], against choices as one value
+    parser.add_argument("models", nargs="*", metavar="model",
                         help=f"models to probe (default: all of {', '.join(MODELS)})")
     parser.add_argument("--targets", nargs="+", default=["finn", "onnx", "torch", "dpu"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     lines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in args.models:
+        for name in args.models or list(MODELS):
             for target in args.targets:
                 lines.append(probe(name, target, args.seed))
                 print(lines[-1], flush=True)
