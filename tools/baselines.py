@@ -27,8 +27,10 @@ torch.ao FX (``prepare_fx`` + calibration + ``convert_fx`` / fake-quant):
     affine, codes ``0..2^a-1``, observed by ``HistogramObserver`` whose L2 range search targets ``2^a`` levels
     (stock HistogramObserver searches for 256 levels whatever quant_min/quant_max say); weights
     ``FakeQuantize`` qint8 **per channel** symmetric, ``PerChannelMinMaxObserver``, codes
-    ``-2^(w-1)..2^(w-1)-1``. Calibration runs with fake quantization off (observers only); evaluation with
-    observers off and fake quantization on. No ``convert_fx``; the returned module is the prepared GraphModule.
+    ``-2^(w-1)..2^(w-1)-1``, applied to each conv/linear weight after calibration as ``convert_fx`` would
+    (``prepare_fx`` leaves weights float in the forward: before 2026-12-03 these rows had float weights).
+    Calibration runs with fake quantization off (observers only); evaluation with observers off and fake
+    quantization on. No ``convert_fx``; the returned module is the prepared GraphModule.
 
 Brevitas (``preprocess_for_quantize`` + ``quantize`` + ``calibration_mode``):
   * ``preprocess_for_quantize`` with its defaults (trace, BatchNorm merged into the conv, ReLU6 -> ReLU, no
@@ -82,7 +84,7 @@ def _run(model, calib_batches: Iterable) -> None:
 
 def _lowbit_qconfig_mapping(w_bits: int, a_bits: int):
     from torch.ao.quantization import FakeQuantize, QConfig, QConfigMapping
-    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+    from torch.ao.quantization.observer import HistogramObserver
 
     class LevelsHistogramObserver(HistogramObserver):
         """HistogramObserver whose range search minimizes L2 error for quant_max - quant_min + 1 levels."""
@@ -93,10 +95,28 @@ def _lowbit_qconfig_mapping(w_bits: int, a_bits: int):
 
     act = FakeQuantize.with_args(observer=LevelsHistogramObserver, quant_min=0, quant_max=2 ** a_bits - 1,
                                  dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    weight = FakeQuantize.with_args(observer=PerChannelMinMaxObserver, quant_min=-2 ** (w_bits - 1),
-                                    quant_max=2 ** (w_bits - 1) - 1, dtype=torch.qint8,
-                                    qscheme=torch.per_channel_symmetric, ch_axis=0)
-    return QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    return QConfigMapping().set_global(QConfig(activation=act, weight=_lowbit_weight_observer(w_bits)))
+
+
+def _lowbit_weight_observer(w_bits: int):
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+    return PerChannelMinMaxObserver.with_args(quant_min=-2 ** (w_bits - 1), quant_max=2 ** (w_bits - 1) - 1,
+                                              dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+
+
+def _fake_quantize_weights(prepared: nn.Module, w_bits: int) -> None:
+    """What ``convert_fx`` does to each weight, kept in float: ``prepare_fx`` (post-training) observes
+    activations only and leaves conv/linear weights float in the prepared model's forward, so each weight is
+    observed (per channel, symmetric) and fake-quantized in place here."""
+    make = _lowbit_weight_observer(w_bits)
+    with torch.no_grad():
+        for m in prepared.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                obs = make()
+                obs(m.weight)
+                scale, zero_point = obs.calculate_qparams()
+                m.weight.copy_(torch.fake_quantize_per_channel_affine(
+                    m.weight, scale.float(), zero_point.int(), 0, obs.quant_min, obs.quant_max))
 
 
 def torchao_prepare(model: nn.Module, example_inputs, w_bits: int = 8, a_bits: int = 8, *, backend: str = "x86"):
@@ -127,6 +147,7 @@ def torchao_convert(prepared, w_bits: int = 8, a_bits: int = 8) -> nn.Module:
     from torch.ao.quantization import disable_observer, enable_fake_quant
     prepared.apply(disable_observer)
     prepared.apply(enable_fake_quant)
+    _fake_quantize_weights(prepared, w_bits)
     return prepared.eval()
 
 

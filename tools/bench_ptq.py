@@ -3,8 +3,8 @@ runtime against torch.ao FX PTQ and Brevitas PTQ of the same float model with th
 output SQNR against float on the test zoo per method.
 
     python tools/bench_ptq.py [--tasks digits,digits_res] [--targets finn,onnx,torch,dpu]
-                              [--widths 8/8,4/4,3/3,2/4,2/2]
-                              [--zoo] [--threads 1] [--quiet]
+                              [--widths 8/8,4/4,3/3,2/4,2/2] [--zoo [--zoo-widths 4/4,3/3]] [--resnet18]
+                              [--threads 1]
 
 Tasks: models trained here from packaged data (scikit-learn's digits, 8x8 images, 80/20 split, seed 0):
 ``digits`` is the quick start's DigitsNet (15 epochs), ``digits_res`` a small residual CNN (two residual blocks,
@@ -214,12 +214,16 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="finn,onnx,torch,dpu")
     parser.add_argument("--widths", default="8/8,4/4,3/3,2/4,2/2")
     parser.add_argument("--zoo", action="store_true", help="also the per-method SQNR table on the test zoo")
+    parser.add_argument("--zoo-widths", default="4/4,3/3", help="widths of the zoo table")
     parser.add_argument("--resnet18", action="store_true", help="also time calibration of a ResNet-18 shape")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    widths = [tuple(int(v) for v in item.split("/")) for item in args.widths.split(",")]
+    def parse_widths(text):
+        return [tuple(int(v) for v in item.split("/")) for item in text.split(",") if item]
+
+    widths = parse_widths(args.widths)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as out_dir:
         accuracy_table(tasks, [t for t in args.targets.split(",") if t], widths, out_dir)
     if args.zoo:
-        zoo_table([w for w in widths if w != (8, 8)] or widths)
+        zoo_table(parse_widths(args.zoo_widths))
     if args.resnet18:
         resnet18_time()
     return 0
