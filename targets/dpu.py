@@ -336,7 +336,7 @@ def refine_after_calibration(qmodel) -> None:
 BACKEND = Backend(
     name="dpu", lower=_lower, save=save_onnx, load=load_onnx, run=run_dpu,
     run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx,
-    after_calibration=refine_after_calibration, calibration_methods={"mse": calibrate_positions})
+    after_calibration=refine_after_calibration, calibration_methods={"auto": calibrate_positions, "mse": calibrate_positions})
 
 __all__ = ["DpuLowering", "BACKEND", "report", "fix_positions", "fast_form", "dpu_session", "run_dpu",
            "check_file", "refine", "dpu_round_form", "float_sum_risks"]

@@ -1,7 +1,7 @@
 """Benchmark the dpu target: accuracy of the quick start's digits CNN (float, fake-quant, the dpu file in
 onnxruntime), its fidelity in LSB, and onnxruntime latency of the dpu file's two forms against the float model.
 
-    python tools/bench_dpu.py [--runs 200] [--threads 1] [--resnet]
+    python tools/bench_dpu.py [--runs 200] [--threads 1] [--resnet] [--zoo]
 
 Forms: the dpu file as the verification runs it (QDQ fusion off: float kernels on dequantized values, exact on
 every CPU), and the onnxruntime-fast form (int32 biases: onnxruntime fuses QLinearConv/QGemm; exact where no
@@ -75,13 +75,11 @@ def digits(args):
           f"onnxruntime {rt:.2f}% ({rt - float_acc:+.2f} points), max error {report.max_error_lsb:.0f} LSB; fast "
           f"form {fast_acc:.2f}%, max error {fast_report.max_error_lsb:.0f} LSB ({risky} layer(s) can saturate an "
           f"int16 pair; this CPU {'has' if cpu_has_int32_dot() else 'has no'} VNNI)")
-    from quantfx.targets.dpu_calibrate import calibrate_positions
-    q_mse = quantfx.quantize(model, "dpu", calibration_data=calib, progress=False)
-    moved = sum(c.chosen != c.max_position for c in calibrate_positions(q_mse, calib))
-    art_mse = quantfx.lower(q_mse, (x_te[:1],), target="dpu")
-    mse_acc = qs.accuracy(dpu.run_dpu(art_mse, (x_te,))[0], y_te)
-    print(f"  with min-MSE positions (calibrate_positions, {moved} moved): dpu file in onnxruntime {mse_acc:.2f}%, "
-          f"max error {quantfx.verify(q_mse, art_mse, (x_te,)).max_error_lsb:.0f} LSB")
+    q_max = quantfx.quantize(model, "dpu", calibration_data=calib, calibration_method="minmax", progress=False)
+    art_max = quantfx.lower(q_max, (x_te[:1],), target="dpu")
+    max_acc = qs.accuracy(dpu.run_dpu(art_max, (x_te,))[0], y_te)
+    print(f"  with max-based positions (calibration_method='minmax'): dpu file in onnxruntime {max_acc:.2f}%, "
+          f"max error {quantfx.verify(q_max, art_max, (x_te,)).max_error_lsb:.0f} LSB")
     print(f"  refine changes: {len(dpu.report(art).refine)}; DPU report: {len(dpu.report(art).on('DPU'))} nodes on "
           f"the DPU, {len(dpu.report(art).on('CPU'))} on the CPU")
     for batch in (1, 64):
@@ -108,11 +106,35 @@ def resnet(args):
     print("  " + ", ".join(f"{k} {v:.2f} ms ({ms['float'] / v:.2f}x float)" for k, v in ms.items()))
 
 
+def zoo_positions(args):
+    """Output SQNR against float per test-zoo model (64 held-out inputs: 4 batches of 16, seeds 99-102;
+    calibrated on 3 batches of 4) with max-based positions, Quark's per-tensor MinMSE alone, and the default."""
+    from quantfx.targets.dpu_calibrate import local_positions
+    from quantfx.targets.dpu_refine import refine
+    from quantfx.zoo import TEST_MODELS, example_input
+    print("output SQNR against float, dB (64 held-out inputs): model, max positions, per-tensor MinMSE, default")
+    for name in sorted(TEST_MODELS):
+        torch.manual_seed(0)
+        model = TEST_MODELS[name][0]().eval()
+        data = [example_input(name, batch=4, seed=i) for i in range(3)]
+        x = torch.cat([example_input(name, batch=16, seed=s) for s in (99, 100, 101, 102)])
+        by_max = quantfx.quantize(model, "dpu", calibration_data=data, calibration_method="minmax", progress=False)
+        local = quantfx.quantize(model, "dpu", calibration_data=data, calibration_method="minmax", progress=False)
+        local_positions(local, data)
+        refine(local)
+        default = quantfx.quantize(model, "dpu", calibration_data=data, progress=False)
+        with torch.no_grad():
+            ref = model(x)
+            row = [float(quantfx.sqnr(ref, q(x))) for q in (by_max, local, default)]
+        print(f"  {name:12s} " + "  ".join(f"{v:6.2f}" for v in row) + f"  ({row[2] - row[0]:+.2f})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resnet", action="store_true", help="also time a ResNet-18 shape")
+    parser.add_argument("--zoo", action="store_true", help="also the fix-position SQNR table of the test zoo")
     args = parser.parse_args(argv)
     import onnxruntime
     print(f"onnxruntime {onnxruntime.__version__}, {args.threads} thread(s), median of {args.runs} runs")
@@ -120,6 +142,8 @@ def main(argv=None):
     digits(args)
     if args.resnet:
         resnet(args)
+    if args.zoo:
+        zoo_positions(args)
 
 
 if __name__ == "__main__":
