@@ -107,7 +107,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     manager = PassManager(pipeline, dump_dir=dump_dir, on_dump=on_dump)
     with gc_paused():
         work = copy.deepcopy(model).eval()
-        gm = manager.run(work)
+        gm = manager.run(work, recompile=False)  # QuantGraphModule below compiles the graph once
         if not isinstance(gm, fx.GraphModule):
             raise QuantFXError("quantize: the pipeline did not produce a GraphModule (does it start with trace?)")
         qmodel = QuantGraphModule(gm, gm.graph, profile)
