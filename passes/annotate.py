@@ -41,6 +41,7 @@ def _mul(a, b):
 @dataclass(frozen=True)
 class Annotate(Pass):
     name = "annotate"
+    runs_code = False  # reads and edits the graph only
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         for node in gm.graph.nodes:

@@ -68,6 +68,7 @@ def _window(gm, node, m):
 @dataclass(frozen=True)
 class ApproximateActivations(ProfilePass):
     name = "approximate_activations"
+    runs_code = False  # reads and edits the graph only
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.profile.activation_approx == "exact":

@@ -40,6 +40,7 @@ def _arg(node, i, name, default=None):
 @dataclass(frozen=True)
 class Canonicalize(Pass):
     name = "canonicalize"
+    runs_code = False  # reads and edits the graph only
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph

@@ -43,6 +43,7 @@ def bias_spec(mode: str, power_of_two: bool):
 @dataclass(frozen=True)
 class ChooseBiasScaling(ProfilePass):
     name = "choose_bias_scaling"
+    runs_code = False  # reads and edits the graph only
     overrides: dict = field(default_factory=dict, hash=False)
 
     def call(self, gm: fx.GraphModule) -> PassResult:

@@ -98,6 +98,7 @@ class EqualizeCrossLayer(Pass):
     """Cross-layer equalization of conv -> [ReLU] -> conv and linear -> [ReLU] -> linear pairs."""
 
     name = "equalize_cross_layer"
+    runs_code = False  # reads and edits the graph only
     sweeps: int = 20  # passes over the chain at most
     tolerance: float = 1e-4  # stop when no scale moves more than this (relative)
 

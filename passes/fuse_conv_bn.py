@@ -49,6 +49,7 @@ class FuseConvBN(Pass):
     """Conv1d/2d/3d, ConvTranspose1d/2d and Linear followed by BatchNorm (conv with a single user)."""
 
     name = "fuse_conv_bn"
+    runs_code = False  # reads and edits the graph only
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False

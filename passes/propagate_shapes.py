@@ -16,6 +16,7 @@ from quantfx.pass_infra import Pass, PassResult
 @dataclass(frozen=True)
 class PropagateShapes(Pass):
     name = "propagate_shapes"
+    runs_code = False  # reads and edits the graph only
     example_inputs: tuple = field(default=(), compare=False, hash=False, repr=False)
 
     def call(self, gm: fx.GraphModule) -> PassResult:

@@ -28,6 +28,7 @@ from .swap_modules import FLOAT
 @dataclass(frozen=True)
 class QuantizeProducts(ProfilePass):
     name = "quantize_products"
+    runs_code = False  # reads and edits the graph only
     needs_profile = False  # without one, requantizers are plain 8-bit QuantIdentity
     overrides: dict = field(default_factory=dict, hash=False)
 

@@ -34,6 +34,7 @@ from .base import ProfilePass
 @dataclass(frozen=True)
 class ShareQuantizers(ProfilePass):
     name = "share_quantizers"
+    runs_code = False  # reads and edits the graph only
     needs_profile = False  # without one, requantizers are plain 8-bit QuantIdentity
 
     def call(self, gm: fx.GraphModule) -> PassResult:

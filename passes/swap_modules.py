@@ -76,6 +76,7 @@ def _even_windows(output_size, in_shape) -> bool:
 @dataclass(frozen=True)
 class SwapModules(ProfilePass):
     name = "swap_modules"
+    runs_code = False  # reads and edits the graph only
     overrides: dict = field(default_factory=dict, hash=False)
 
     def call(self, gm: fx.GraphModule) -> PassResult:

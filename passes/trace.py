@@ -43,6 +43,7 @@ class Trace(Pass):
     ``concrete_args``: forward arguments fixed at trace time (e.g. flags that select a branch)."""
 
     name = "trace"
+    runs_code = False  # reads and edits the graph only
     leaf_modules: tuple = ()
     concrete_args: tuple = ()  # ((name, value), ...) so the pass stays hashable
 

@@ -2,8 +2,9 @@
 
 A pass is ``call(gm) -> PassResult(graph_module, modified)`` wrapped by optional ``requires(gm)`` /
 ``ensures(gm)`` checks. A plain function ``gm -> gm | PassResult`` is accepted too. The manager recompiles
-once per pass (never per node), lints the graph after each pass, times each pass, and re-raises a failure as
-:class:`quantfx.PassError` naming the pass and the passes that already ran. Built-in passes use this same API.
+at most once per pass (never per node; once for a run of passes that do not run the code), lints the graph after
+each pass, times each pass, and re-raises a failure as :class:`quantfx.PassError` naming the pass and the passes
+that already ran. Built-in passes use this same API.
 
 ``PASSES`` maps a pass name to its class. The built-in passes (``quantfx.passes``) register themselves in it when
 quantfx is imported; the core finds passes there by name (pipelines spelled as strings, the default pipeline,
@@ -32,6 +33,10 @@ class Pass:
     """Base of graph passes. Subclasses are frozen dataclasses: a ``name`` and options as fields."""
 
     name: ClassVar[str] = "pass"
+    #: whether the pass runs the GraphModule's generated code (``gm(...)``, ``gm.forward``, ``gm.code``): before
+    #: such a pass the manager recompiles what earlier passes changed in the graph. Passes that read and edit the
+    #: graph only (every built-in one) set it False, and the manager then recompiles once after them.
+    runs_code: ClassVar[bool] = True
 
     def requires(self, gm) -> None:
         """Raise if ``gm`` is not a valid input of this pass."""
@@ -183,16 +188,24 @@ class PassManager:
         self.on_dump = on_dump
         self.records: list[PassRecord] = []
 
-    def run(self, gm):
+    def run(self, gm, recompile: bool = True):
+        """Run the pipeline on ``gm``. A GraphModule is recompiled once after a run of passes that changed its
+        graph (before a pass that ``runs_code``, before a dump, at the end), not after each of them; the time
+        goes to the pass before it. ``recompile=False`` leaves the last recompilation out, for a caller that
+        builds a new GraphModule on the returned graph at once (its code is then stale)."""
         self.records = []
         done: list[str] = []
+        stale = False  # the graph changed since gm's code was generated
         for i, p in enumerate(self.pipeline):
+            if stale and p.runs_code:
+                self._recompile(gm)
+                stale = False
             start = time.perf_counter()
             try:
                 result = p(gm)
                 gm = result.graph_module
                 if isinstance(gm, fx.GraphModule) and result.modified:
-                    gm.recompile()
+                    stale = True
                 if self.check and isinstance(gm, fx.GraphModule):
                     gm.graph.lint()
             except PassError:
@@ -208,8 +221,22 @@ class PassManager:
             self.records.append(PassRecord(p.name, time.perf_counter() - start, result.modified))
             done.append(p.name)
             if self.dump_dir is not None and isinstance(gm, fx.GraphModule):
+                if stale:
+                    self._recompile(gm)
+                    stale = False
                 self._dump(gm, i, p.name)
+        if stale and recompile:
+            self._recompile(gm)
         return gm
+
+    def _recompile(self, gm) -> None:
+        start = time.perf_counter()
+        try:
+            gm.recompile()
+        except Exception as e:
+            raise PassError(f"recompiling the graph after pass {self.records[-1].name!r} failed: "
+                            f"{type(e).__name__}: {e}") from e
+        self.records[-1].seconds += time.perf_counter() - start
 
     def _dump(self, gm, index: int, name: str) -> None:
         self.dump_dir.mkdir(parents=True, exist_ok=True)

@@ -122,16 +122,22 @@ class OnnxLowering(Lowering):
                               name=f"{type(self.gm).__name__}_{self.target}")
         self.value_of_node: dict = {}  # fx node name -> onnx value name (for intermediate checks)
         self._names: set = set()
+        self._next_suffix: dict = {}  # base -> index of its next candidate name (fresh)
 
     # -- naming and building -----------------------------------------------------------------------------
 
     def fresh(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ... : the first of them not taken yet."""
         base = base.replace(".", "_") or "v"
-        name, i = base, 1
+        # names are only ever added, so the candidates of ``base`` before the last one it got stay taken: the
+        # search starts there (a fresh scan from ``base_1`` made a base asked for k times cost O(k^2))
+        i = self._next_suffix.get(base, 0)
+        name = f"{base}_{i}" if i else base
         while name in self._names:
-            name = f"{base}_{i}"
             i += 1
+            name = f"{base}_{i}"
         self._names.add(name)
+        self._next_suffix[base] = i + 1
         return name
 
     def const(self, base: str, array, dtype=None) -> ir.Value:

@@ -1,4 +1,4 @@
-"""Pass infrastructure: PassManager (one recompile per modified pass, timings, failures named), Pipeline
+"""Pass infrastructure: PassManager (one recompile after a run of graph-only passes, timings, failures named), Pipeline
 editing and spelling, plain-function passes, string pipelines."""
 import time
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ def counting_recompiles(monkeypatch) -> list:
     return calls
 
 
-def test_recompiles_once_per_modified_pass(monkeypatch):
+def test_recompiles_once_after_graph_only_passes(monkeypatch):
     pipeline = quantfx.pipeline_for("finn", example_inputs=(example_input("resnet", 1),))
     gm = fx.symbolic_trace(ResNetSmall().eval())  # traced up front: the trace pass has nothing to do
     calls = counting_recompiles(monkeypatch)
@@ -34,7 +34,8 @@ def test_recompiles_once_per_modified_pass(monkeypatch):
     wall = time.perf_counter() - start
     modified = [r.name for r in manager.records if r.modified]
     assert modified == ["canonicalize", "fuse_conv_bn", "swap_modules", "share_quantizers", "choose_bias_scaling"]
-    assert len(calls) == len(modified) == 5  # once per modified pass, never per node
+    assert len(calls) == 1  # once after the built-in passes (none runs the code), never per pass or node
+    assert gm.code == gm.graph.python_code("self").src  # the code is the final graph's
     assert [r.name for r in manager.records] == pipeline.names() and len(manager.records) == 9
     assert all(r.seconds > 0 for r in manager.records) and sum(r.seconds for r in manager.records) <= wall
     assert all(f"{r.name:24s}" in manager.timings() for r in manager.records)
@@ -47,7 +48,28 @@ def test_tracing_adds_one_compile_of_the_new_graph_module(monkeypatch):
     manager.run(LeNet().eval())  # nothing to canonicalize or share in LeNet
     modified = [r.name for r in manager.records if r.modified]
     assert modified == ["trace", "fuse_conv_bn", "swap_modules", "choose_bias_scaling"]
-    assert len(calls) == len(modified) + 1  # plus fx.GraphModule's constructor compiling the traced graph
+    assert len(calls) == 2  # fx.GraphModule's constructor compiling the traced graph, then once at the end
+
+
+def test_a_pass_that_runs_the_code_sees_the_changes_before_it(monkeypatch):
+    seen = []
+
+    def run_it(gm):  # a plain function may call the module: it runs_code
+        seen.append(gm.code == gm.graph.python_code("self").src)
+        gm(example_input("lenet", 1))
+        return PassResult(gm, False)
+    pipeline = quantfx.pipeline_for("finn", example_inputs=(example_input("lenet", 1),))
+    pipeline.insert_after("swap_modules", run_it)
+    calls = counting_recompiles(monkeypatch)
+    manager = PassManager(pipeline)
+    gm = manager.run(LeNet().eval())
+    assert seen == [True]  # recompiled before run_it, after fuse_conv_bn and swap_modules changed the graph
+    assert len(calls) == 3  # the traced graph's compile, before run_it, after choose_bias_scaling
+    assert gm.code == gm.graph.python_code("self").src
+    stale = PassManager(quantfx.pipeline_for("finn", example_inputs=(example_input("lenet", 1),)))
+    calls.clear()
+    stale.run(LeNet().eval(), recompile=False)
+    assert len(calls) == 1  # the traced graph's compile only: the caller compiles the result itself
 
 
 def test_failure_names_the_pass_and_those_before_it():
