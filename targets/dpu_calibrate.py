@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from quantfx.calibration import _as_args, _n_inputs, _run_batches, quantizers
+from quantfx.weight_rounding import float_view
 from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 from quantfx.quant_tensor import value_of
@@ -160,8 +161,8 @@ def _first_samples(batches: list[tuple], n: int) -> list[tuple]:
 
 
 class _OutputError:
-    """The squared error of the model's output against its float output (every quantizer passing values
-    through) over the calibration batches, with the DPU compiler's rules applied to the positions being tried
+    """The squared error of the model's output against its float output (:func:`float_view`) over the first
+    calibration samples, with the DPU compiler's rules applied to the positions being tried
     (refine moves positions after the search, so a position is judged as the DPU will get it)."""
 
     def __init__(self, qmodel, data, max_batches):
@@ -170,18 +171,8 @@ class _OutputError:
         self.batches = _first_samples([_as_args(b, n_in) for i, b in enumerate(data)
                                        if max_batches is None or i < max_batches], JUDGE_SAMPLES)
         self.every = quantizers(qmodel)
-        for q in self.every:
-            q.calibrating = True
-            if q.kind == "act":
-                q.observe = lambda x: None
-        try:
-            with torch.no_grad():
-                self.refs = [_flat(qmodel(*args)) for args in self.batches]
-        finally:
-            for q in self.every:
-                q.calibrating = False
-                if q.kind == "act":
-                    del q.observe
+        with torch.no_grad(), float_view(qmodel):
+            self.refs = [_flat(qmodel(*args)) for args in self.batches]
 
     def __call__(self) -> float:
         snap = _snapshot(self.every)
