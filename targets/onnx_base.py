@@ -487,35 +487,43 @@ class OnnxLowering(Lowering):
         slope = w.reshape((w.size,) + (1,) * (rank - 2)) if w.size > 1 and rank >= 2 else w
         return self.op("PRelu", [x, self.const(node.name + "_slope", slope)], node.name)
 
-    def _layer_norm(self, node, x, shape, weight, bias, eps):
-        """``(x - mean) * (1 / sqrt(var + eps)) * weight + bias`` over the last ``len(shape)`` axes."""
-        n = node.name
-        axes = list(range(-len(shape), 0))
+    def _normalized(self, n: str, x, axes: list, eps: float, out: str):
+        """``(x - mean) * (1 / sqrt(var + eps))`` over ``axes``, its nodes named after ``n``, the result ``out``."""
         mean = self.op("ReduceMean", [x], n + "_mean", axes=axes, keepdims=1)
         d = self.op("Sub", [x, mean], n + "_centered")
         var = self.op("ReduceMean", [self.op("Mul", [d, d], n + "_sq")], n + "_var", axes=axes, keepdims=1)
-        std = self.op("Sqrt", [self.op("Add", [var, self._c(node, "eps", eps)], n + "_var_eps")], n + "_std")
-        y = self.op("Mul", [d, self.op("Reciprocal", [std], n + "_rstd")], n + "_normed" if weight is not None
-                    or bias is not None else n)
+        std = self.op("Sqrt", [self.op("Add", [var, self.const(n + "_eps", np32(eps))], n + "_var_eps")], n + "_std")
+        return self.op("Mul", [d, self.op("Reciprocal", [std], n + "_rstd")], out)
+
+    def _affine(self, n: str, y, weight, bias, shape=None):
+        """``y * weight + bias`` (either may be None), the parameters reshaped to ``shape`` if given; the result
+        is named ``n``."""
         if weight is not None:
-            y = self.op("Mul", [y, self.const(n + "_weight", np32(weight))], n + "_scaled" if bias is not None else n)
+            w = np32(weight) if shape is None else np32(weight).reshape(shape)
+            y = self.op("Mul", [y, self.const(n + "_weight", w)], n + "_scaled" if bias is not None else n)
         if bias is not None:
-            y = self.op("Add", [y, self.const(n + "_bias", np32(bias))], n)
+            b = np32(bias) if shape is None else np32(bias).reshape(shape)
+            y = self.op("Add", [y, self.const(n + "_bias", b)], n)
         return y
 
+    def _layer_norm(self, node, x, shape, weight, bias, eps):
+        """``(x - mean) * (1 / sqrt(var + eps)) * weight + bias`` over the last ``len(shape)`` axes."""
+        n = node.name
+        affine = weight is not None or bias is not None
+        y = self._normalized(n, x, list(range(-len(shape), 0)), eps, n + "_normed" if affine else n)
+        return self._affine(n, y, weight, bias)
+
     def _group_norm(self, node, x, groups, weight, bias, eps):
+        """LayerNorm over each group of channels (``x`` reshaped to N x groups x rest), then per-channel affine."""
         shape = self.shape(node)
         n = node.name
+        affine = weight is not None or bias is not None
         grouped = self.op("Reshape", [x, self.const(n + "_groups", np.array([0, groups, -1], np.int64))], n + "_g")
-        fake = type("N", (), {"name": n + "_gn"})
-        y = self._layer_norm(fake, grouped, (1,), None, None, eps)
-        y = self.op("Reshape", [y, self.const(n + "_shape", np.array([0] + list(shape[1:]), np.int64))], n + "_ug")
+        y = self._normalized(n + "_gn", grouped, [-1], eps, n + "_gn")
+        y = self.op("Reshape", [y, self.const(n + "_shape", np.array([0] + list(shape[1:]), np.int64))],
+                    n + "_ug" if affine else n)
         per_channel = (len(shape[1:]) and shape[1],) + (1,) * (len(shape) - 2)
-        if weight is not None:
-            y = self.op("Mul", [y, self.const(n + "_weight", np32(weight).reshape(per_channel))], n + "_scaled")
-        if bias is not None:
-            y = self.op("Add", [y, self.const(n + "_bias", np32(bias).reshape(per_channel))], n)
-        return y
+        return self._affine(n, y, weight, bias, per_channel)
 
     def _sdpa(self, node):
         q, k, v, mask, dropout, causal, scale = self._args(node, [
