@@ -73,6 +73,14 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What a node computes, for tables and reports: its module's class, function's or method's name."""
+    if node.op == "call_module":
+        return type(module_of(gm, node)).__name__
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
 def is_invariant(gm, node: fx.Node) -> bool:
     """True for ops that move or select values without changing them (quantization-invariant)."""
     if node.op == "call_function":

@@ -14,7 +14,7 @@ from .classify import (  # noqa: F401  (re-exported)
     ADD_FUNCTIONS, BN_TYPES, CAT_FUNCTIONS, COMPUTE_TYPES, FLOAT_COMPUTE_TYPES, INVARIANT_FUNCTIONS, INVARIANT_METHODS,
     INVARIANT_MODULES, SHAPE_METHODS, USER_FLOAT_KEY, attr_value, float_island, is_act_quant, is_add, is_cat,
     is_compute, is_invariant, is_link, is_monotonic_island, is_product, is_tensor_node, is_trunc_pool, module_of,
-    scales_by_constant, tensor_product_op,
+    op_name, scales_by_constant, tensor_product_op,
 )
 from .ir import FLOAT, GROUP_KEY, META_KEY, QMeta, fmt_scale, group_of, qmeta
 

@@ -10,7 +10,7 @@ from torch import fx
 
 from .graph import (
     META_KEY, USER_FLOAT_KEY, float_island, fmt_scale, is_act_quant, is_add, is_cat, is_compute, is_product,
-    is_trunc_pool, module_of, qmeta,
+    is_trunc_pool, module_of, op_name, qmeta,
 )
 
 
@@ -76,9 +76,7 @@ def float_islands(qmodel: fx.GraphModule) -> list[dict[str, str]]:
             why = "kept float by overrides" + (f" ({why})" if why else "")
         if why is None:
             continue
-        op = type(module_of(qmodel, node)).__name__ if node.op == "call_module" else \
-            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        rows.append(dict(node=node.name, op=op, why=why))
+        rows.append(dict(node=node.name, op=op_name(qmodel, node), why=why))
     return rows
 
 

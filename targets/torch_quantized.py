@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.errors import ExportError, QuantArgumentError, TargetError
-from quantfx.graph import float_island, input_quantizer_of, is_add, module_of, qmeta, tensor_inputs
+from quantfx.graph import float_island, input_quantizer_of, is_add, module_of, op_name, qmeta, tensor_inputs
 from quantfx.lowering import Backend, Lowering
 from quantfx.quant import functional as qf
 from quantfx.nn import (
@@ -218,13 +218,6 @@ _QUANT_LAYERS = (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, Qu
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
-def _op_name(gm, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(module_of(gm, node)).__name__
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
 def _qparams(q) -> tuple[float, int]:
     scale, zp = q.qparams(None)
     return float(scale.reshape(())), int(zp.reshape(()).round())
@@ -268,7 +261,7 @@ class TorchLowering(Lowering):
         return self.graph.call_function(fn, tuple(args))
 
     def note(self, node, runs_as: str, how: str = "quantized", why: str = "") -> None:
-        row = {"node": node.name, "op": _op_name(self.gm, node), "runs_as": runs_as, "how": how}
+        row = {"node": node.name, "op": op_name(self.gm, node), "runs_as": runs_as, "how": how}
         if why:
             row["why"] = why
         self.report.append(row)
@@ -689,7 +682,7 @@ class TorchLowering(Lowering):
         kwargs = {k: self._arg(a, False) for k, a in node.kwargs.items()}
         if v is not None and v.quantized and self._moves(node):
             out = make(fx.map_arg(node.args, lambda a: self._arg(a, True)), kwargs)
-            self.note(node, f"quantized {_op_name(self.gm, node)}")
+            self.note(node, f"quantized {op_name(self.gm, node)}")
             return self._tuple_or_q(node, out, v)
         out = make(fx.map_arg(node.args, lambda a: self._arg(a, False)), kwargs)
         island = float_island(self.gm, node)
