@@ -111,7 +111,7 @@ class Quantizer(nn.Module):
             hi = rows.kthvalue(k_hi, dim=1).values
             lo = rows.kthvalue(k_lo, dim=1).values
         else:
-            lo, hi = rows.min(1).values, rows.max(1).values
+            lo, hi = rows.amin(1), rows.amax(1)  # amin/amax: no indices, many times faster than min/max(dim)
         if self.zero_point_type == "symmetric" and self.signed:
             m = torch.maximum(lo.abs(), hi.abs())
             lo, hi = -m, m
