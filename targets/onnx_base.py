@@ -36,7 +36,8 @@ _ALIAS_METHODS = {"contiguous", "clone", "detach"}
 
 
 def np32(t) -> np.ndarray:
-    return np.asarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t, dtype=np.float32)
+    # a tensor converted by torch: its int64 -> float32 is ~3x numpy's (integer weights of a ResNet-50: 0.2 s)
+    return t.detach().to("cpu", torch.float32).numpy() if torch.is_tensor(t) else np.asarray(t, dtype=np.float32)
 
 
 def feed(graph_inputs, inputs) -> dict:
