@@ -218,19 +218,20 @@ def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, l
     before = output_mse(weight_of(nearest))
     if not before > 0:  # nearest rounding already reproduces the float output
         return RoundedLayer(name, wq.bit_width, 0, w.numel(), before, before)
-    for it in range(iterations):
-        h = soft(v)
-        wt = weight_of(torch.clamp(base + h + z, qmin, qmax))
-        x_step, target_step, forward = step()
-        # the error relative to nearest rounding's, so that the regulariser weighs the same at any magnitude
-        loss = (f(forward(x_step, wt, bias)) - target_step).pow(2).mean() / before
-        if it >= warmup:
-            # beta anneals from 20 to 2, pushing every h to 0 or 1 (paper eq. 24)
-            beta = 2 + 18 * (1 - (it - warmup) / max(1, iterations - warmup))
-            loss = loss + reg * (1 - (2 * h - 1).abs().pow(beta)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():  # quantize() may be called under the user's torch.no_grad()
+        for it in range(iterations):
+            h = soft(v)
+            wt = weight_of(torch.clamp(base + h + z, qmin, qmax))
+            x_step, target_step, forward = step()
+            # the error relative to nearest rounding's, so that the regulariser weighs the same at any magnitude
+            loss = (f(forward(x_step, wt, bias)) - target_step).pow(2).mean() / before
+            if it >= warmup:
+                # beta anneals from 20 to 2, pushing every h to 0 or 1 (paper eq. 24)
+                beta = 2 + 18 * (1 - (it - warmup) / max(1, iterations - warmup))
+                loss = loss + reg * (1 - (2 * h - 1).abs().pow(beta)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     with torch.no_grad():
         learned = torch.clamp(base + (soft(v) >= 0.5).to(w.dtype) + z, qmin, qmax)
         after_mse = output_mse(weight_of(learned))

@@ -172,6 +172,20 @@ def test_learned_rounding_is_deterministic_under_a_seed():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_learned_rounding_under_the_users_no_grad_is_the_same():
+    """quantize() called inside ``torch.no_grad()`` (as in an evaluation loop) learns the same rounding: before,
+    the first backward raised 'element 0 of tensors does not require grad'."""
+    model = small_net()
+    runs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            q = quantize(model, w=3, a=3, weight_rounding="learned")
+            assert torch.is_grad_enabled() == grad  # the user's mode, left as it was
+        assert all(m.weight_quant.rounding_learned for m in q.modules() if isinstance(m, quantfx.nn.QuantWBIOL))
+        runs.append(q.state_dict())
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_float_view_is_the_float_model_after_learned_rounding():
     model = small_net()
     q = quantize(model, w=3, a=3)
