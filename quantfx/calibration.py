@@ -8,13 +8,13 @@ from typing import Iterable, Optional
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import CalibrationError, QuantArgumentError, QuantFXError
 from .nn import QuantWBIOL
 from .pipelines import annotate
 from .quant import Quantizer, is_low_bit
 from .quant_tensor import value_of
+from .shapes import record_shapes as record_shapes_of
 
 CALIBRATION_METHODS = {"auto": None, "minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
 WEIGHT_ROUNDINGS = ("auto", "nearest", "learned")
@@ -104,10 +104,11 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
         else:
             q.calibrating = True
     try:
-        # a pipeline without propagate_shapes left no shapes: annotate needs them to size average-pool windows
-        record = isinstance(qmodel, fx.GraphModule) and \
-            any("tensor_meta" not in n.meta for n in qmodel.graph.nodes if n.op == "placeholder")
-        ran = _run_batches(qmodel, data, progress, "calibrating", max_batches, record_shapes=record)
+        # the first batch records the shapes a later lowering needs (quantfx.shapes); a pipeline without
+        # propagate_shapes left none in the graph, and annotate needs them to size average-pool windows
+        graph = isinstance(qmodel, fx.GraphModule)
+        keep = graph and any("tensor_meta" not in n.meta for n in qmodel.graph.nodes if n.op == "placeholder")
+        ran = _run_batches(qmodel, data, progress, "calibrating", max_batches, record_shapes=graph, keep_meta=keep)
     finally:
         for q in qs:
             if q.kind == "act":
@@ -141,10 +142,10 @@ def _backend(qmodel):
 
 
 def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int],
-                 record_shapes: bool = False) -> int:
+                 record_shapes: bool = False, keep_meta: bool = False) -> int:
     """Run every batch of ``data`` (up to ``max_batches``) through ``model`` without gradients; with
-    ``record_shapes`` the first batch also records each node's ``tensor_meta`` (torch.fx ShapeProp). Returns how
-    many batches ran. A batch holding NaN or inf, or one the model cannot run, is a CalibrationError naming it."""
+    ``record_shapes`` the first batch also records the model's shapes (:func:`quantfx.shapes.record_shapes`;
+    into each node's ``tensor_meta`` too with ``keep_meta``). Returns how many batches ran. A batch holding NaN or inf, or one the model cannot run, is a CalibrationError naming it."""
     n_in = _n_inputs(model)
     ran = 0
     with torch.no_grad():
@@ -155,7 +156,7 @@ def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[i
             _check_finite(args, i, desc)
             try:
                 if record_shapes and i == 0:
-                    ShapeProp(model).propagate(*args)
+                    record_shapes_of(model, args, keep_meta=keep_meta)
                 else:
                     model(*args)
             except StopForward:

@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import CalibrationError, ExportError, QuantArgumentError, QuantFXError, TargetError
 from .graph import (
@@ -30,6 +29,7 @@ from .graph import (
 )
 from .nn import exact_arithmetic
 from .quant import Quantizer
+from .shapes import record_shapes, recorded_shapes
 from . import rules
 
 
@@ -114,37 +114,25 @@ class Lowering:
 
     def propagate_shapes(self) -> None:
         """Shapes (torch.fx TensorMetadata) of every tensor-valued node for the example inputs, kept in
-        ``self.tensor_meta``; the graph's own ``tensor_meta`` (the user's shapes) is restored after."""
-        nodes = list(self.gm.graph.nodes)
-        saved = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
-        statics = self.static_values = {}
+        ``self.tensor_meta``, and the values of shape arithmetic in ``self.static_values``: the model's shape
+        record when it still holds for these inputs (calibration records one, :mod:`quantfx.shapes`), else
+        from a run of the model. The graph's own ``tensor_meta`` (the user's shapes) is left as it was."""
         target = self.target
 
-        class Recorder(ShapeProp):
-            def run_node(self, n):
-                try:
-                    out = super().run_node(n)
-                except RuntimeError as wrapped:  # ShapeProp wraps what the node raised
-                    e = wrapped.__cause__
-                    if not isinstance(e, QuantFXError):
-                        raise
-                    if n.name not in str(e) and e.args:  # the user's message, said with the node that raised it
-                        e.args = (f"{target}: node {n.name}: {e.args[0]}",) + e.args[1:]
-                    raise e from None
-                if isinstance(out, (bool, int, float)) or (isinstance(out, (tuple, list, torch.Size)) and
-                                                           all(isinstance(v, (bool, int, float)) for v in out)):
-                    statics[n] = out  # shape arithmetic: static for the example inputs
-                return out
+        def named(n, e):
+            if isinstance(e, QuantFXError) and n.name not in str(e) and e.args:  # said with the node that raised it
+                e.args = (f"{target}: node {n.name}: {e.args[0]}",) + e.args[1:]
+            return e
 
-        try:
+        record = recorded_shapes(self.gm, self.example_inputs)
+        if record is None:
             with torch.no_grad(), exact_arithmetic(False):  # shapes only: the plain path is faster
-                Recorder(self.gm).propagate(*self.example_inputs)
-            self.tensor_meta = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
-        finally:
-            for n in nodes:
-                n.meta.pop("tensor_meta", None)
-                if n in saved:
-                    n.meta["tensor_meta"] = saved[n]
+                record = record_shapes(self.gm, self.example_inputs, on_error=named)
+            if record is None:
+                raise ExportError(f"{target}: the model's forward did not reach its output for the example inputs")
+        by_name = {n.name: n for n in self.gm.graph.nodes}
+        self.tensor_meta = {by_name[k]: v for k, v in record.tensor_meta.items()}
+        self.static_values = {by_name[k]: v for k, v in record.statics.items()}
 
     def shape(self, node: fx.Node) -> tuple:
         tm = self.tensor_meta.get(node)
