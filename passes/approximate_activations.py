@@ -4,7 +4,8 @@ uses, for profiles whose ``activation_approx`` is not "exact" (the dpu profile: 
 "dpu", as AMD Quark simulates the DPU in ONNX (``quark/onnx/postprocess/simulation/simulate_dpu.py`` and
 ``quantization/quant_utils.py``, amd-quark 0.13):
 
-- LeakyReLU: the slope rounded to 1/256 (``dpu_leaky_relu_alpha``: 0.1 -> 26/256);
+- LeakyReLU (nn.LeakyReLU, or the QuantLeakyReLU swap_modules makes of it on the dpu profile): the slope
+  rounded to 1/256 (``dpu_leaky_relu_alpha``: 0.1 -> 26/256; the DPU computes 26/256 only, targets/dpu_arch.py);
 - Hardsigmoid: ``clip(x + 3, 0, 6) * 2731 / 16384`` (HARD_SIGMOID_SCALE: 1/6 as 2731 / 2^14); Hardswish: ``x``
   times that;
 - average pooling over a window whose area is not a power of two: the window's sum times ``k / 2^n``, the
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.graph import module_of
-from quantfx.nn import adaptive_window
+from quantfx.nn import QuantLeakyReLU, adaptive_window
 from quantfx.pass_infra import PassResult
 
 from .base import ProfilePass
@@ -76,7 +77,7 @@ class ApproximateActivations(ProfilePass):
         modified = False
         for node in list(gm.graph.nodes):
             m = module_of(gm, node)
-            if isinstance(m, nn.LeakyReLU) and leaky_slope(m.negative_slope) != m.negative_slope:
+            if isinstance(m, (nn.LeakyReLU, QuantLeakyReLU)) and leaky_slope(m.negative_slope) != m.negative_slope:
                 gm.get_submodule(node.target).negative_slope = leaky_slope(m.negative_slope)
                 modified = True
             elif isinstance(m, (nn.Hardsigmoid, nn.Hardswish)):

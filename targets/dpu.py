@@ -14,12 +14,29 @@ a 4-bit layer, per-channel weights or a zero point are a TargetError naming the 
 the same, DPU-legal positions.
 
 Rounding. Weights and biases are integers in the file (rounded half to even by quantfx's quantizers; XIR
-rounds constants it quantizes itself with STD_ROUND, half away from zero): the DPU takes them as written.
-Activations are rounded by the DPU, with DPU_ROUND: ties up (Vitis AI's XIR/VART, ``dpu_round_float``:
-``std::round`` for x >= 0, ``ceil`` on negative ties; the round mode XIR gives fix tensors that are not
-constants). The dpu profile's activation quantizers round half up, so the fake-quant model computes what the
-DPU does. The file keeps standard QuantizeLinear (ties to even), the form Quark and the Vitis AI ONNX flow read
-fix positions from; :func:`dpu_round_form` is the same file with DPU rounding, which verification runs.
+rounds constants it quantizes itself with STD_ROUND, half away from zero, and vai_q_pytorch's DPU defaults,
+``nndct_shared/quantization/quant_config.py`` ``_default_qconfig``, say "std_round" for weights and bias): the
+DPU takes them as written. Activations are rounded by the DPU, with DPU_ROUND: ties up (Vitis AI's XIR/VART,
+``dpu_round_float``: ``std::round`` for x >= 0, ``ceil`` on negative ties; the round mode XIR gives fix tensors
+that are not constants; ``util::fix`` of ``src/vai_library/cpu_task/ops/common/util.hpp``, the CPU reference of
+the DPU's ops, is the same; vai_q_pytorch's default for activations is "half_up"). The dpu profile's activation
+quantizers round half up, so the fake-quant model computes what the DPU does. The file keeps standard
+QuantizeLinear (ties to even), the form Quark and the Vitis AI ONNX flow read fix positions from;
+:func:`dpu_round_form` is the same file with DPU rounding, which verification runs.
+
+LeakyReLU. The DPU computes a LeakyReLU in the conv (or depthwise/transposed conv, or add) before it and rounds
+once, at its output: ``y = DPU_ROUND(leaky(acc / 2^shift_cut))``, ``acc`` the integer sum with the bias shifted
+in (``shift_bias >= 0``, see dpu_refine), slope 26/256. Sources: the CPU reference of XIR's conv2d-fix and
+eltwise-fix (Vitis AI ``src/vai_library/cpu_task/ops/conv2d-fix/conv2d-fix.cpp``, ``eltwise-fix/eltwise-fix.cpp``:
+``fix(nonlinear(sum / shift_cut_scale))``, one fix; its LEAKYRELU case multiplies by a placeholder 0.01);
+vai_q_pytorch's ``nndct_shared/quantization/commander.py`` (SoftFuseLeakyRelu puts a LeakyReLU in its producer's
+quantization group: no quantizer between them); amd-quark's ``quark/onnx/quantizers/interface.py``
+(RemoveQDQConvLeakyRelu, default True, removes the QDQ between Conv and LeakyRelu). So the dpu profile quantizes
+a LeakyReLU's output only (``quantfx.nn.QuantLeakyReLU``, whose layer or add is not requantized) and the file
+holds ``Conv -> LeakyRelu -> QuantizeLinear``; in float32 that is exact while the sum times the slope's odd
+numerator (13) stays below 2^24, which check_file checks. The DPU computes slope 26/256 only (vai_q_pytorch
+``pytorch_nndct/hardware/dpu_op_filter.py``, filter_leaky_relu): another slope is rounded to 1/256 as Quark does
+and the report places that LeakyReLU on the CPU.
 
 Running it. onnxruntime fuses ``DQ -> Conv -> Q`` into u8 x s8 integer kernels where it can, and on x86 CPUs
 without VNNI those sum products in saturating int16 pairs (``targets.int16_pairs``): an int8 activation (moved to

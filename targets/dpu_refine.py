@@ -8,7 +8,8 @@ positions of an XINT8 model to "meet the DPU compiler constraints":
 
 - conv/linear ``shift_cut = w + i - o`` in [0, 16] (adjust_shift_cut: the weight position moves);
 - conv/linear ``shift_bias = w + i - b`` in [min(0, -(24 - (8 + shift_cut))), 15], lower bound 0 when a
-  LeakyReLU reads the layer (adjust_shift_bias: the bias position moves);
+  LeakyReLU reads the layer (adjust_shift_bias: the bias position moves); in a compiled graph of the dpu profile
+  that LeakyReLU is the layer's output quantizer (QuantLeakyReLU), in a file the LeakyRelu reading the Conv;
 - elementwise add ``shift_read = max(i) - min(i)`` in [0, 7] (adjust_shift_read: the finer input coarsens);
 - elementwise add ``shift_write = min(i) - o`` in [-7, 25] (adjust_shift_write: the output position moves);
   elementwise multiply ``sum(i) - o`` in [0, 32] (no multiply reaches a compiled graph of quantfx yet);
@@ -37,6 +38,7 @@ from torch import fx, nn
 
 from quantfx.graph import (data_input, is_act_quant, is_add, is_cat, is_compute, is_invariant, module_of, qmeta,
                            tensor_inputs)
+from quantfx.nn import QuantLeakyReLU
 from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.pipelines import annotate
 
@@ -126,8 +128,8 @@ def _layer_positions(g: _Graph, node):
         w = fix_pos(layer.weight_quant.scale(layer.weight))
         b = fix_pos(layer.bias_quant.scale(layer.bias)) if layer.bias is not None and \
             layer.bias_quant.is_quant_enabled and layer.bias_quant.bias_scaling == "internal" else None
-    # a LeakyReLU reads the layer's requantized output (the DPU fuses it into the layer)
-    leaky = any(isinstance(module_of(g.gm, u), nn.LeakyReLU) for r in node.users for u in r.users)
+    # the layer's output quantizer is a LeakyReLU's: the DPU computes it in the layer (shift_bias >= 0)
+    leaky = isinstance(reader, QuantLeakyReLU)
     return layer, fix_pos(qi.scale()), w, b, fix_pos(qo.scale()), qo, leaky
 
 
@@ -281,8 +283,9 @@ class _File:
         n = self.producer.get(value)
         return fix_pos(self.inits[n.input[1]]) if n is not None and n.op_type == "DequantizeLinear" else None
 
-    def q_pos(self, value, through=("Relu", "Clip")) -> Optional[int]:
-        """The position of the QuantizeLinear that reads ``value`` (directly or after ReLU/Clip)."""
+    def q_pos(self, value, through=("Relu", "Clip", "LeakyRelu")) -> Optional[int]:
+        """The position of the QuantizeLinear that reads ``value`` (directly or after ReLU/Clip/LeakyRelu, which
+        the DPU computes in the layer or add before them)."""
         for n in self.consumers.get(value, []):
             if n.op_type == "QuantizeLinear":
                 return fix_pos(self.inits[n.input[1]])
@@ -291,6 +294,13 @@ class _File:
                 if p is not None:
                     return p
         return None
+
+    def leaky_slope(self, value) -> Optional[float]:
+        """The slope of the LeakyRelu that alone reads ``value``, or None."""
+        users = self.consumers.get(value, [])
+        if len(users) != 1 or users[0].op_type != "LeakyRelu":
+            return None
+        return next((a.f for a in users[0].attribute if a.name == "alpha"), 0.01)
 
     def dq_ints(self, value):
         n = self.producer.get(value)
@@ -357,9 +367,10 @@ def _check_layer(f: _File, n) -> list[str]:
     if sc is not None and not SHIFT_CUT[0] <= sc <= SHIFT_CUT[1]:
         out.append(f"{n.name}: shift_cut {sc} outside {SHIFT_CUT}")
     b = f.dq_ints(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+    slope = f.leaky_slope(n.output[0])
     if b is not None and sc is not None:
         sb = wp + i - fix_pos(b[1])
-        lo, hi = shift_bias_range(sc)
+        lo, hi = shift_bias_range(sc, leaky=slope is not None)
         if not lo <= sb <= hi:
             out.append(f"{n.name}: shift_bias {sb} outside [{lo}, {hi}]")
     # float exactness of the verification form: every partial sum an integer multiple of the finest step
@@ -372,6 +383,9 @@ def _check_layer(f: _File, n) -> list[str]:
     bound = 128 * wa * 2 ** (unit_pos - acc_pos)
     if b is not None:
         bound = bound + np.abs(b[0].astype(np.int64)).reshape(-1) * 2 ** (unit_pos - fix_pos(b[1]))
+    if slope is not None:  # the LeakyRelu's product: the sum times the slope's odd numerator (26/256: 13)
+        num = int(round(slope * 256))
+        bound = bound * (num // (num & -num) if num else 1)
     if int(bound.max(initial=0)) > FLOAT_EXACT:
         out.append(f"{n.name}: a float sum can reach {int(bound.max())} steps, past 2^24: the verification form "
                    "may round")
