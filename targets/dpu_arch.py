@@ -27,7 +27,7 @@ from torch import fx, nn
 from quantfx.graph import (
     float_island, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, is_product, module_of,
 )
-from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantLeakyReLU, QuantReLU, QuantSigmoid
 
 
@@ -201,7 +201,7 @@ class Legality:
         if node.target is operator.mul and const and node.args[0].target is F.avg_pool2d:
             return Placement(node.name, "avgpool2d (k / 2^n correction)", "DPU")
         if node.target is operator.mul and not const:
-            if _is_hard_swish(node):
+            if hard_swish_parts(self.gm, node) is not None:
                 return self._named(node, "hard_swish")
             return Placement(node.name, "elementwise-mul", "CPU", _PRODUCT_RULE,
                              "keep it on the CPU, or write the gate as a hard-swish")
@@ -313,18 +313,6 @@ class Legality:
 def legality(gm: fx.GraphModule, shapes: dict, arch=DEFAULT_ARCH) -> list[Placement]:
     """Every node of ``gm`` placed on the DPU or the CPU for ``arch`` (a name from :data:`ARCHS` or a DpuArch)."""
     return Legality(gm, get_arch(arch), shapes).run()
-
-
-def _is_hard_swish(node) -> bool:
-    """``x * (relu6(x + 3) * HARD_SIGMOID_SCALE)``, the hard-swish approximate_activations writes (either order),
-    not any product of two tensors."""
-    for x, y in (node.args, node.args[::-1]):
-        if isinstance(y, fx.Node) and y.target is operator.mul and list(y.args[1:]) == [HARD_SIGMOID_SCALE]:
-            r = y.args[0]
-            if isinstance(r, fx.Node) and r.target is F.relu6 and isinstance(r.args[0], fx.Node) and \
-                    r.args[0].target is operator.add and list(r.args[0].args) == [x, 3.0]:
-                return True
-    return False
 
 
 __all__ = ["DpuArch", "ARCHS", "DEFAULT_ARCH", "get_arch", "Placement", "DpuReport", "legality"]

@@ -15,6 +15,8 @@ positions of an XINT8 model to "meet the DPU compiler constraints":
   elementwise multiply ``sum(i) - o`` in [0, 32] (no multiply reaches a compiled graph of quantfx yet);
 - concat: inputs and output share one position, the smallest (align_concat);
 - hard-sigmoid: input position in [0, 15], output position >= 7 and ``14 + i - o > 0`` (adjust_hard_sigmoid);
+- hard-swish ``x * hard_sigmoid(x)``: ``shift_swish = i + h - o`` in [0, 15], ``h`` the hard-sigmoid's position
+  (7, passes/approximate_activations.py) (adjust_shift_swish: the output position moves);
 - pooling, padding, slicing, reshaping keep their input's position (align_pool, align_pad, align_slice,
   align_reshape): quantfx's compiled graph moves values through max-pool, pad, slice and reshape without
   requantizing, so only an average pool's requantizer can differ; it takes its input's position.
@@ -39,7 +41,7 @@ from torch import fx, nn
 from quantfx.graph import (data_input, is_act_quant, is_add, is_cat, is_compute, is_invariant, module_of, qmeta,
                            tensor_inputs)
 from quantfx.nn import QuantLeakyReLU
-from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.pipelines import annotate
 
 SHIFT_CUT = (0, 16)
@@ -47,6 +49,7 @@ SHIFT_BIAS_MAX = 15
 SHIFT_READ = (0, 7)
 SHIFT_WRITE_ADD = (-7, 25)
 SHIFT_WRITE_MUL = (0, 32)
+SHIFT_SWISH = (0, 15)
 HARD_SIGMOID_IN = (0, 15)  # adjust_hard_sigmoid: input position in [0, 15], output position >= 7,
 HARD_SIGMOID_OUT_MIN = 7  # shift_sigmoid = 14 + i - o in [0, 31]
 MAX_LOOPS = 5  # Quark's adjust_quantize_info loops at most 5 times too
@@ -224,6 +227,18 @@ def _one_round(gm) -> list[Change]:
                 if new != old:
                     set_pos(q, new)
                     changes.append(Change(node.name, what, old, new, rule, limit))
+        elif hard_swish_parts(gm, node) is not None:
+            x, h = hard_swish_parts(gm, node)
+            qx, qh, (qo, _) = g.act_quantizer(x), g.act_quantizer(h), g.reader_quantizer(node)
+            if qx is None or qh is None or qo is None:
+                continue
+            i, hp, o = fix_pos(qx.scale()), fix_pos(qh.scale()), fix_pos(qo.scale())
+            ss, (lo, hi) = i + hp - o, SHIFT_SWISH
+            if not lo <= ss <= hi:
+                new = i + hp - min(max(ss, lo), hi)
+                set_pos(qo, new)
+                changes.append(Change(node.name, "output", o, new, f"shift_swish = i + h - o = {ss}",
+                                      f"[{lo}, {hi}]"))
         elif _is_avgpool(gm, node):
             qi = g.act_quantizer(node.args[0])
             after = node
@@ -295,6 +310,15 @@ class _File:
                     return p
         return None
 
+    def is_hard_sigmoid_grid(self, value) -> bool:
+        """Whether ``value`` is ``DQ(Q(Mul(., HARD_SIGMOID_SCALE)))``: the int8 hard-sigmoid of a hard-swish."""
+        dq = self.producer.get(value)
+        q = self.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        mul = self.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        return mul is not None and mul.op_type == "Mul" and any(
+            i in self.inits and self.inits[i].size == 1 and float(self.inits[i]) == np.float32(HARD_SIGMOID_SCALE)
+            for i in mul.input)
+
     def leaky_slope(self, value) -> Optional[float]:
         """The slope of the LeakyRelu that alone reads ``value``, or None."""
         users = self.consumers.get(value, [])
@@ -315,9 +339,9 @@ _KEEP_POSITION = ("MaxPool", "AveragePool", "GlobalAveragePool", "Pad", "Slice",
 
 def check_file(model: onnx.ModelProto) -> list[str]:
     """Every rule a dpu file breaks (empty: it meets them all): each Q/DQ scale an exact power of two with an int8
-    zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write in the DPU compiler's
-    ranges; concat inputs and output at one position; pooling/layout ops keeping their input's position; and each
-    layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, <= 2^24), under which the
+    zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write, hard-swish shift_swish in
+    the DPU compiler's ranges; concat inputs and output at one position; pooling/layout ops keeping their input's
+    position; and each layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, <= 2^24), under which the
     verification form (float kernels) is exact on every CPU."""
     f = _File(model)
     problems = []
@@ -340,6 +364,10 @@ def check_file(model: onnx.ModelProto) -> list[str]:
                 problems.append(f"{n.name}: shift_read {max(ins) - min(ins)} outside {SHIFT_READ}")
             if not SHIFT_WRITE_ADD[0] <= min(ins) - o <= SHIFT_WRITE_ADD[1]:
                 problems.append(f"{n.name}: shift_write {min(ins) - o} outside {SHIFT_WRITE_ADD}")
+        elif n.op_type == "Mul" and len(n.input) == 2 and any(f.is_hard_sigmoid_grid(v) for v in n.input):
+            ins, o = [f.dq_pos(v) for v in n.input], f.q_pos(n.output[0], ())
+            if None not in ins and o is not None and not SHIFT_SWISH[0] <= sum(ins) - o <= SHIFT_SWISH[1]:
+                problems.append(f"{n.name}: shift_swish {sum(ins) - o} outside {SHIFT_SWISH}")
         elif n.op_type == "Concat":
             ins = [f.dq_pos(v) for v in n.input]
             o = f.q_pos(n.output[0], ())
@@ -393,4 +421,5 @@ def _check_layer(f: _File, n) -> list[str]:
 
 
 __all__ = ["refine", "Change", "check_file", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
-           "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "asdict"]
+           "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "SHIFT_SWISH",
+           "asdict"]

@@ -4,6 +4,7 @@ refine rule is fixed and reported; one model per legality rule shows the CPU fal
 DPU cannot take is a TargetError before export."""
 import copy
 import math
+import operator
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch import nn
 import quantfx
 from quantfx.export import _intermediates
 from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, module_of
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.targets import dpu
 from quantfx.targets.dpu_arch import ARCHS, DEFAULT_ARCH
 from quantfx.targets.dpu_refine import (SHIFT_CUT, SHIFT_READ, SHIFT_WRITE_ADD, check_file, fix_pos,
@@ -465,6 +467,69 @@ def test_only_hard_swish_products_are_placed_on_the_dpu(hard_swish):
     else:
         assert placed["elementwise-mul"].device == "CPU" and "hard-swish" in placed["elementwise-mul"].rule
         assert "hard_swish" not in placed
+
+
+def dpu_hard_sigmoid_ints(x_int, i, o):
+    """The DPU's hard-sigmoid on int8 codes at position i, output at o >= 7 (Vitis AI
+    ``src/vai_library/cpu_task/ops/hard-sigmoid-fix/hard-sigmoid-fix.cpp``: fix(max(0, x 2731 + 3 2731 2^i) /
+    2^(14 + i - o)); its upper end saturates at 127 before 6 does, once o >= 7)."""
+    assert o >= 7
+    v = (x_int + 3 * 2 ** i).clamp(min=0) * 2731
+    return _dpu_round_shift(v, torch.full_like(v, 14 + i - o))
+
+
+def test_hard_sigmoid_and_hard_swish_integers_as_the_dpu():
+    """Hardsigmoid: one DPU_ROUND of (x + 3) 2731 / 2^14; Hardswish: x times that hard-sigmoid on its int8 grid of
+    position 7 (vai_q_pytorch ``pytorch_nndct/nn/modules/hardswish.py``), one DPU_ROUND of the int8 product at
+    shift_swish = i + 7 - o. The model's integers equal these references; the file verifies at 0 LSB."""
+    from quantfx.passes.approximate_activations import HARD_SWISH_SIGMOID_POS, hard_swish_parts
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.Hardsigmoid(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    q = quantfx.quantize(model, "dpu", calibration_data=LEAKY_DATA, progress=False)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    values = _intermediates(q, (x,))
+
+    def ints(node):
+        p = _pos(producing_quantizer(q, node))
+        return torch.from_numpy(values[node.name]).double().mul(2.0 ** p).long(), p
+
+    swish = next(n for n in q.graph.nodes if hard_swish_parts(q, n) is not None)
+    xs, hs = hard_swish_parts(q, swish)
+    (x_int, i), (h_int, h), (y_int, o) = ints(xs), ints(hs), ints(next(iter(swish.users)))
+    assert h == HARD_SWISH_SIGMOID_POS and 0 <= i + h - o <= 15
+    assert torch.equal(h_int, dpu_hard_sigmoid_ints(x_int, i, h))
+    prod = x_int * h_int
+    assert torch.equal(y_int, _dpu_round_shift(prod, torch.full_like(prod, i + h - o)))
+    sig = next(n for n in q.graph.nodes if n.target is operator.mul and HARD_SIGMOID_SCALE in n.args and
+               n.args[0].args[0].args[0] is not xs)  # the Hardsigmoid's, not the Hardswish's
+    (a_int, i), (s_int, o) = ints(sig.args[0].args[0].args[0]), ints(next(iter(sig.users)))
+    assert torch.equal(s_int, dpu_hard_sigmoid_ints(a_int, i, o))
+    art = quantfx.lower(q, (x[:1],), target="dpu")
+    assert check_file(art) == []
+    assert max(lsb_errors(q, art, x).values()) == 0.0
+
+
+def test_refine_hard_swish_shift():
+    """Quark's adjust_shift_swish: shift_swish = i + h - o in [0, 15]; an output position one finer than i + h
+    moves to i + h and is reported, the file checks and verifies at 0 LSB; check_file sees a file that breaks it."""
+    from quantfx.passes.approximate_activations import hard_swish_parts
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    q = quantfx.quantize(_Gate(True).eval(), "dpu", calibration_data=data, progress=False)
+    swish = next(n for n in q.graph.nodes if hard_swish_parts(q, n) is not None)
+    i, h = (_pos(producing_quantizer(q, n)) for n in hard_swish_parts(q, swish))
+    _force(module_of(q, next(iter(swish.users))).act_quant, i + h + 1)
+    c = next(c for c in refine(q) if "shift_swish" in c.rule)
+    assert (c.node, c.old, c.new, c.limit) == (swish.name, i + h + 1, i + h, "[0, 15]")
+    art = quantfx.lower(q, (data[0][:1],), target="dpu")
+    assert check_file(art) == []
+    assert quantfx.verify(q, art, (data[1],), target="dpu").max_error_lsb == 0.0
+    mul = next(n for n in art.graph.node if n.op_type == "Mul" and n.name.startswith(swish.name))
+    q_out = next(n for n in art.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == mul.output[0])
+    scale = next(t for t in art.graph.initializer if t.name == q_out.input[1])
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.array(2.0 ** -(i + h + 1), np.float32), scale.name))
+    assert check_file(art) == [f"{mul.name}: shift_swish -1 outside (0, 15)"]
 
 
 def test_arch_variant_changes_placement():
