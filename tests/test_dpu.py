@@ -425,6 +425,8 @@ LEGALITY = {
     "activation": (nn.Sigmoid(), "sigmoid"),
     "leaky_slope": (nn.LeakyReLU(0.2), "26/256"),  # 51/256 after rounding: only 26/256 runs on the DPU
     "transposed_kernel": (nn.ConvTranspose2d(4, 4, 17, stride=1, padding=8), "kernel"),
+    "output_channel": (nn.Conv2d(4, 4097, 1), "output_channel"),
+    "dilation": (nn.Conv2d(2049, 4, 1, dilation=2), "dilation"),
 }
 
 
