@@ -12,7 +12,8 @@ positions of an XINT8 model to "meet the DPU compiler constraints":
   that LeakyReLU is the layer's output quantizer (QuantLeakyReLU), in a file the LeakyRelu reading the Conv;
 - elementwise add ``shift_read = max(i) - min(i)`` in [0, 7] (adjust_shift_read: the finer input coarsens);
 - elementwise add ``shift_write = min(i) - o`` in [-7, 25] (adjust_shift_write: the output position moves);
-  elementwise multiply ``sum(i) - o`` in [0, 32] (no multiply reaches a compiled graph of quantfx yet);
+  elementwise multiply ``sum(i) - o`` in [0, 32] (quantfx maps no product but the hard-swish's to the DPU, and
+  that one has the narrower shift_swish below);
 - concat: inputs and output share one position, the smallest (align_concat);
 - hard-sigmoid: input position in [0, 15], output position >= 7 and ``14 + i - o > 0`` (adjust_hard_sigmoid);
 - hard-swish ``x * hard_sigmoid(x)``: ``shift_swish = i + h - o`` in [0, 15], ``h`` the hard-sigmoid's position
@@ -341,8 +342,9 @@ def check_file(model: onnx.ModelProto) -> list[str]:
     """Every rule a dpu file breaks (empty: it meets them all): each Q/DQ scale an exact power of two with an int8
     zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write, hard-swish shift_swish in
     the DPU compiler's ranges; concat inputs and output at one position; pooling/layout ops keeping their input's
-    position; and each layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, <= 2^24), under which the
-    verification form (float kernels) is exact on every CPU."""
+    position; and each layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, times
+    the slope's odd numerator before a LeakyRelu, <= 2^24), under which the verification form (float kernels) is
+    exact on every CPU."""
     f = _File(model)
     problems = []
     for n in f.nodes:

@@ -305,7 +305,8 @@ def test_checker_leaky_relu_rules(monkeypatch):
     monkeypatch.setattr(refine_mod, "FLOAT_EXACT", 0)
 
     def conv1_bound():
-        return next(int(p.split("reach ")[1].split()[0]) for p in check_file(art) if p.startswith("conv1_Conv: a float"))
+        return next(int(p.split("reach ")[1].split()[0]) for p in check_file(art)
+                    if p.startswith("conv1_Conv: a float"))
 
     leaky = conv1_bound()
     node = next(n for n in art.graph.node if n.op_type == "LeakyRelu")
