@@ -311,14 +311,18 @@ class _File:
                     return p
         return None
 
+    def is_hard_sigmoid_mul(self, n) -> bool:
+        """Whether ``n`` is the hard-sigmoid's ``Mul(Clip(Add(x, 3), 0, 6), HARD_SIGMOID_SCALE)``."""
+        return n is not None and n.op_type == "Mul" and any(
+            i in self.inits and self.inits[i].size == 1 and float(self.inits[i]) == np.float32(HARD_SIGMOID_SCALE)
+            for i in n.input)
+
     def is_hard_sigmoid_grid(self, value) -> bool:
-        """Whether ``value`` is ``DQ(Q(Mul(., HARD_SIGMOID_SCALE)))``: the int8 hard-sigmoid of a hard-swish."""
+        """Whether ``value`` is ``DQ(Q(hard-sigmoid Mul))``: the int8 hard-sigmoid of a hard-swish."""
         dq = self.producer.get(value)
         q = self.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        mul = self.producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-        return mul is not None and mul.op_type == "Mul" and any(
-            i in self.inits and self.inits[i].size == 1 and float(self.inits[i]) == np.float32(HARD_SIGMOID_SCALE)
-            for i in mul.input)
+        return q is not None and q.op_type == "QuantizeLinear" and \
+            self.is_hard_sigmoid_mul(self.producer.get(q.input[0]))
 
     def leaky_slope(self, value) -> Optional[float]:
         """The slope of the LeakyRelu that alone reads ``value``, or None."""
@@ -343,8 +347,8 @@ def check_file(model: onnx.ModelProto) -> list[str]:
     zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write, hard-swish shift_swish in
     the DPU compiler's ranges; concat inputs and output at one position; pooling/layout ops keeping their input's
     position; and each layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, times
-    the slope's odd numerator before a LeakyRelu, <= 2^24), under which the verification form (float kernels) is
-    exact on every CPU."""
+    the slope's odd numerator before a LeakyRelu, <= 2^24) and each hard-sigmoid's (input position <= 9), under
+    which the verification form (float kernels) is exact on every CPU."""
     f = _File(model)
     problems = []
     for n in f.nodes:
@@ -370,6 +374,16 @@ def check_file(model: onnx.ModelProto) -> list[str]:
             ins, o = [f.dq_pos(v) for v in n.input], f.q_pos(n.output[0], ())
             if None not in ins and o is not None and not SHIFT_SWISH[0] <= sum(ins) - o <= SHIFT_SWISH[1]:
                 problems.append(f"{n.name}: shift_swish {sum(ins) - o} outside {SHIFT_SWISH}")
+        elif f.is_hard_sigmoid_mul(n):
+            # clip(x + 3, 0, 6) x 2731 / 2^14 is exact in float32 while 6 x 2^i x 2731 <= 2^24 (i <= 9); the DPU
+            # computes it in integers whatever i (refine allows 0..15)
+            clip = f.producer.get(n.input[0])
+            add = f.producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else None
+            i = f.dq_pos(add.input[0]) if add is not None and add.op_type == "Add" else None
+            steps = 6 * 2 ** i * round(HARD_SIGMOID_SCALE * 2 ** 14) if i is not None else 0
+            if steps > FLOAT_EXACT:
+                problems.append(f"{n.name}: the hard-sigmoid product can reach {steps} steps (input position {i}), "
+                                "past 2^24: the verification form may round")
         elif n.op_type == "Concat":
             ins = [f.dq_pos(v) for v in n.input]
             o = f.q_pos(n.output[0], ())

@@ -513,6 +513,20 @@ def test_hard_sigmoid_and_hard_swish_integers_as_the_dpu():
     assert max(lsb_errors(q, art, x).values()) == 0.0
 
 
+def test_checker_hard_sigmoid_float_bound():
+    """A hard-sigmoid input at a fine position i (refine allows [0, 15]): clip(x + 3, 0, 6) x 2731 reaches
+    6 x 2^i x 2731 steps, past 2^24 once i >= 10, so float32 may round where the DPU's integers do not; check_file
+    says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Hardsigmoid(), nn.Conv2d(3, 4, 1)).eval()
+    data = [torch.randn(4, 3, 8, 8) * 1e-3]
+    q = quantfx.quantize(model, "dpu", calibration_data=data, progress=False)
+    i = _pos(next(module_of(q, n) for n in q.graph.nodes if is_act_quant(q, n)).act_quant)
+    assert i >= 10 and 6 * 2 ** 9 * 2731 <= 2 ** 24 < 6 * 2 ** 10 * 2731
+    problems = check_file(quantfx.lower(q, (data[0][:1],), target="dpu"))
+    assert len(problems) == 1 and f"{6 * 2 ** i * 2731} steps (input position {i})" in problems[0], problems
+
+
 def test_refine_hard_swish_shift():
     """Quark's adjust_shift_swish: shift_swish = i + h - o in [0, 15]; an output position one finer than i + h
     moves to i + h and is reported, the file checks and verifies at 0 LSB; check_file sees a file that breaks it."""
