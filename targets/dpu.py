@@ -45,8 +45,9 @@ u8 by +128) times two 8-bit weights passes 32767. The verification form therefor
 dequantized values, which is exact while every partial sum is an integer number of the layer's finest step below
 2^24 (power-of-two scales make every product exact); :func:`targets.dpu_refine.check_file` checks that bound
 per output channel, so the verified numbers do not depend on the CPU. :func:`fast_form` writes the onnxruntime-fast variant (int32 bias on the accumulator's
-scale, so onnxruntime runs integer kernels): it rounds activation ties to even, so it approximates the DPU to
-1 LSB at ties (more where an int16 pair sum saturates, on x86 without VNNI).
+scale, so onnxruntime runs integer kernels): it rounds activation ties to even, and a LeakyReLU's layer output
+once more before it (QLinearConv, QLinearLeakyRelu), so it approximates the DPU to an LSB or two (more where an
+int16 pair sum saturates, on x86 without VNNI).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ from torch import nn
 from quantfx.errors import ExportError
 from quantfx.graph import is_cat, is_invariant, module_of, tensor_inputs
 from quantfx.lowering import Backend
-from quantfx.nn import QuantReLU
+from quantfx.nn import QuantLeakyReLU, QuantReLU
 
 from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
 from .dpu_calibrate import calibrate_positions
@@ -117,6 +118,12 @@ class DpuLowering(QDQLowering):
     def emit_act(self, node):
         m = module_of(self.gm, node)
         q = m.act_quant
+        if self.form == "fast" and isinstance(m, QuantLeakyReLU) and q.is_quant_enabled:
+            # onnxruntime runs DQ -> Conv -> LeakyRelu -> Q in float: the fast form requantizes the layer's output
+            # on the LeakyReLU's grid first (QLinearConv, then QLinearLeakyRelu), a second rounding (<= 1 LSB)
+            x = self.emit_act_quant(self.env[node.args[0]], q, node.name + "_pre")
+            x = self.op("LeakyRelu", [x], node.name + "_leaky", alpha=float(m.negative_slope))
+            return self.emit_act_quant(x, q, node.name)
         if self.form != "fast" or not isinstance(m, QuantReLU) or not q.is_quant_enabled or not q.signed or \
                 q.zero_point_type != "symmetric" or q.scaling_per_output_channel:
             return super().emit_act(node)
@@ -216,8 +223,9 @@ def fix_positions(model: onnx.ModelProto) -> dict:
 def fast_form(qmodel, example_inputs) -> onnx.ModelProto:
     """The onnxruntime-fast form of the dpu file: int32 biases on the accumulator's scale and ReLU outputs as
     uint8, so onnxruntime fuses QLinearConv/QGemm integer kernels. Not exact: those kernels round activation ties
-    to even (the DPU up), and on x86 CPUs without VNNI a layer whose int16 pair sums can pass 32767
-    (``targets.int16_pairs.pair_risks``) may saturate. For speed measurements, not for verification."""
+    to even (the DPU up), a layer before a LeakyReLU is requantized on its grid (the DPU rounds once), and on x86
+    CPUs without VNNI a layer whose int16 pair sums can pass 32767 (``targets.int16_pairs.pair_risks``) may
+    saturate. For speed measurements, not for verification."""
     from quantfx.export import lower_with
     return lower_with(lambda q, inputs: DpuLowering(q, inputs, profile=DPU, form="fast").lower(), qmodel,
                       example_inputs)

@@ -315,6 +315,19 @@ def test_checker_leaky_relu_rules(monkeypatch):
     assert leaky == 13 * conv1_bound()
 
 
+def test_fast_form_requantizes_before_leaky_relu():
+    """The fast form puts a QuantizeLinear on the LeakyReLU's grid between the Conv and the LeakyRelu (so
+    onnxruntime runs QLinearConv and QLinearLeakyRelu), an approximation of the DPU's one rounding."""
+    _, q = _leaky_net(ConvLeaky)
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    fast = dpu.fast_form(q, (x[:1],))
+    producer = {o: n for n in fast.graph.node for o in n.output}
+    leaky = next(n for n in fast.graph.node if n.op_type == "LeakyRelu")
+    q_pre = producer[producer[leaky.input[0]].input[0]]
+    assert q_pre.op_type == "QuantizeLinear" and producer[q_pre.input[0]].op_type == "Conv"
+    assert quantfx.verify(q, fast, (x,), target="dpu").max_error_lsb <= 2.0
+
+
 def test_leaky_relu_fused_no_worse_than_rounding_twice():
     """SQNR against float on held-out inputs: one rounding at the LeakyReLU output is no worse than the
     requantizer before it that a QuantIdentity in the float model puts back (the double rounding)."""
