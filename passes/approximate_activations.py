@@ -4,9 +4,13 @@ uses, for profiles whose ``activation_approx`` is not "exact" (the dpu profile: 
 "dpu", as AMD Quark simulates the DPU in ONNX (``quark/onnx/postprocess/simulation/simulate_dpu.py`` and
 ``quantization/quant_utils.py``, amd-quark 0.13):
 
-- LeakyReLU: the slope rounded to 1/256 (``dpu_leaky_relu_alpha``: 0.1 -> 26/256);
+- LeakyReLU (nn.LeakyReLU, or the QuantLeakyReLU swap_modules makes of it on the dpu profile): the slope
+  rounded to 1/256 (``dpu_leaky_relu_alpha``: 0.1 -> 26/256; the DPU computes 26/256 only, targets/dpu_arch.py);
 - Hardsigmoid: ``clip(x + 3, 0, 6) * 2731 / 16384`` (HARD_SIGMOID_SCALE: 1/6 as 2731 / 2^14); Hardswish: ``x``
-  times that;
+  times that hard-sigmoid on its own int8 grid of position 7 (HARD_SWISH_SIGMOID_POS), rounded half up: the DPU's
+  hard-swish multiplies two int8 tensors, ``shift_swish = i + 7 - o`` (vai_q_pytorch
+  ``pytorch_nndct/nn/modules/hardswish.py``: ``fake_quantize_per_tensor(.., scale_inv=128, .., method=2)`` between
+  the hard-sigmoid and the product, method 2 half up; Quark's refine ``adjust_shift_swish`` reads that position);
 - average pooling over a window whose area is not a power of two: the window's sum times ``k / 2^n``, the
   fraction nearest 1/area with ``n < 7 + ceil(log2(area))`` (``convert_avg_pool_to_dpu_version``, whose fixed
   table 3x3: 7/64, 5x5: 10/256, 6x6: 7/256, 7x7: 21/1024, 14x14: 21/4096 this rule reproduces except where the
@@ -21,23 +25,42 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch.nn.functional as F
 from torch import fx, nn
 
-from quantfx.graph import module_of
-from quantfx.nn import adaptive_window
+from quantfx.graph import insert_module_after, module_of, unique_name
+from quantfx.nn import QuantIdentity, QuantLeakyReLU, adaptive_window
 from quantfx.pass_infra import PassResult
 
 from .base import ProfilePass
 
 HARD_SIGMOID_SCALE = 2731 / 16384
+HARD_SWISH_SIGMOID_POS = 7  # the fix position of the hard-sigmoid inside a hard-swish
 APPROX_KEY = "quantfx.approx"  # node.meta: a node this pass wrote in the accelerator's arithmetic
 _AVGPOOL_TABLE = {(3, 3): (7, 6), (5, 5): (10, 8), (6, 6): (7, 8), (7, 7): (21, 10), (14, 14): (21, 12)}
 
 
 def leaky_slope(alpha: float) -> float:
     return round(alpha * 256) / 256
+
+
+def hard_swish_parts(gm, node) -> Optional[tuple]:
+    """``(x, q)`` when ``node`` is the product this pass writes for a hard-swish, ``x * q(relu6(x + 3) *
+    HARD_SIGMOID_SCALE)`` in either order with ``q`` the hard-sigmoid's int8 grid (its quantizer node), not any
+    product of two tensors; else None."""
+    if node.target is not operator.mul or len(node.args) != 2:
+        return None
+    for x, q in (node.args, node.args[::-1]):
+        m = module_of(gm, q) if isinstance(q, fx.Node) else None
+        y = q.args[0] if isinstance(m, QuantIdentity) else None
+        if isinstance(y, fx.Node) and y.target is operator.mul and list(y.args[1:]) == [HARD_SIGMOID_SCALE]:
+            r = y.args[0]
+            if isinstance(r, fx.Node) and r.target is F.relu6 and isinstance(r.args[0], fx.Node) and \
+                    r.args[0].target is operator.add and list(r.args[0].args) == [x, 3.0]:
+                return x, q
+    return None
 
 
 def avgpool_factor(kh: int, kw: int) -> tuple[int, int]:
@@ -76,7 +99,7 @@ class ApproximateActivations(ProfilePass):
         modified = False
         for node in list(gm.graph.nodes):
             m = module_of(gm, node)
-            if isinstance(m, nn.LeakyReLU) and leaky_slope(m.negative_slope) != m.negative_slope:
+            if isinstance(m, (nn.LeakyReLU, QuantLeakyReLU)) and leaky_slope(m.negative_slope) != m.negative_slope:
                 gm.get_submodule(node.target).negative_slope = leaky_slope(m.negative_slope)
                 modified = True
             elif isinstance(m, (nn.Hardsigmoid, nn.Hardswish)):
@@ -85,9 +108,13 @@ class ApproximateActivations(ProfilePass):
                     y = gm.graph.call_function(operator.add, (x, 3.0))
                     y = gm.graph.call_function(F.relu6, (y,))
                     y = gm.graph.call_function(operator.mul, (y, HARD_SIGMOID_SCALE))
-                    if isinstance(m, nn.Hardswish):
+                if isinstance(m, nn.Hardswish):
+                    grid = QuantIdentity(act_quant=self.profile.act_quant, bit_width=self.profile.act_bit_width,
+                                         fixed_scale=2.0 ** -HARD_SWISH_SIGMOID_POS)
+                    y = insert_module_after(gm, y, grid, unique_name(gm, node.name + "_sigmoid_quant"))
+                    with gm.graph.inserting_after(y):
                         y = gm.graph.call_function(operator.mul, (x, y))
-                        y.meta[APPROX_KEY] = "hard_swish"  # the DPU's own product: quantize_products leaves it
+                    y.meta[APPROX_KEY] = "hard_swish"  # the DPU's own product: quantize_products leaves it
                 node.replace_all_uses_with(y)
                 gm.graph.erase_node(node)
                 modified = True

@@ -4,7 +4,10 @@
   a weight of 4 bits or fewer gets its scale by MSE search (``weight_scale_stat='mse'``) unless an override says
   otherwise: at such widths clipping the largest weights costs less than a coarse grid for all the others;
 - ReLU / ReLU6 / Hardtanh / Sigmoid -> QuantReLU / QuantReLU(max_val=6) / QuantHardTanh / QuantSigmoid
-  (unsigned quantizers where the value is non-negative, as the profile says);
+  (unsigned quantizers where the value is non-negative, as the profile says); LeakyReLU -> QuantLeakyReLU on
+  profiles that compute it as the DPU does (``activation_approx='dpu'``), so the layer or add before it is not
+  requantized: the DPU rounds once, at the LeakyReLU's output (``targets/dpu.py``, "LeakyReLU"); elsewhere a
+  LeakyReLU stays a float op between two quantizers;
 - average pooling -> truncating QuantAvgPool2d / QuantAdaptiveAvgPool2d when the profile pools in integers;
 - a QuantIdentity after each graph input, and after every node that produces a float tensor (conv/linear
   accumulators, adds, float ops) which a quantized consumer reads, unless its only reader already quantizes.
@@ -25,8 +28,8 @@ from quantfx.graph import (
     USER_FLOAT_KEY, is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of, tensor_product_op,
 )
 from quantfx.nn import (
-    QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantReLU, QuantSigmoid, build_from_state,
-    adaptive_window, float_layer_kwargs,
+    QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantLeakyReLU, QuantReLU, QuantSigmoid,
+    adaptive_window, build_from_state, float_layer_kwargs,
 )
 from quantfx.pass_infra import PassResult
 from quantfx.quant.specs import FIELDS, is_low_bit
@@ -144,6 +147,8 @@ class SwapModules(ProfilePass):
             return QuantHardTanh(min_val=m.min_val, max_val=m.max_val, **self._act(m.min_val >= 0, over))
         if isinstance(m, nn.Sigmoid):
             return QuantSigmoid(**self._act(True, over))
+        if isinstance(m, nn.LeakyReLU) and p.activation_approx == "dpu":
+            return QuantLeakyReLU(negative_slope=m.negative_slope, **self._act(False, over))
         if p.avgpool == "trunc":
             bits = over["act"].get("bit_width", p.act_bit_width)
             # the integer sum counts padded zeros: pools that leave them out of the average stay float

@@ -14,12 +14,29 @@ a 4-bit layer, per-channel weights or a zero point are a TargetError naming the 
 the same, DPU-legal positions.
 
 Rounding. Weights and biases are integers in the file (rounded half to even by quantfx's quantizers; XIR
-rounds constants it quantizes itself with STD_ROUND, half away from zero): the DPU takes them as written.
-Activations are rounded by the DPU, with DPU_ROUND: ties up (Vitis AI's XIR/VART, ``dpu_round_float``:
-``std::round`` for x >= 0, ``ceil`` on negative ties; the round mode XIR gives fix tensors that are not
-constants). The dpu profile's activation quantizers round half up, so the fake-quant model computes what the
-DPU does. The file keeps standard QuantizeLinear (ties to even), the form Quark and the Vitis AI ONNX flow read
-fix positions from; :func:`dpu_round_form` is the same file with DPU rounding, which verification runs.
+rounds constants it quantizes itself with STD_ROUND, half away from zero, and vai_q_pytorch's DPU defaults,
+``nndct_shared/quantization/quant_config.py`` ``_default_qconfig``, say "std_round" for weights and bias): the
+DPU takes them as written. Activations are rounded by the DPU, with DPU_ROUND: ties up (Vitis AI's XIR/VART,
+``dpu_round_float``: ``std::round`` for x >= 0, ``ceil`` on negative ties; the round mode XIR gives fix tensors
+that are not constants; ``util::fix`` of ``src/vai_library/cpu_task/ops/common/util.hpp``, the CPU reference of
+the DPU's ops, is the same; vai_q_pytorch's default for activations is "half_up"). The dpu profile's activation
+quantizers round half up, so the fake-quant model computes what the DPU does. The file keeps standard
+QuantizeLinear (ties to even), the form Quark and the Vitis AI ONNX flow read fix positions from;
+:func:`dpu_round_form` is the same file with DPU rounding, which verification runs.
+
+LeakyReLU. The DPU computes a LeakyReLU in the conv (or depthwise/transposed conv, or add) before it and rounds
+once, at its output: ``y = DPU_ROUND(leaky(acc / 2^shift_cut))``, ``acc`` the integer sum with the bias shifted
+in (``shift_bias >= 0``, see dpu_refine), slope 26/256. Sources: the CPU reference of XIR's conv2d-fix and
+eltwise-fix (Vitis AI ``src/vai_library/cpu_task/ops/conv2d-fix/conv2d-fix.cpp``, ``eltwise-fix/eltwise-fix.cpp``:
+``fix(nonlinear(sum / shift_cut_scale))``, one fix; its LEAKYRELU case multiplies by a placeholder 0.01);
+vai_q_pytorch's ``nndct_shared/quantization/commander.py`` (SoftFuseLeakyRelu puts a LeakyReLU in its producer's
+quantization group: no quantizer between them); amd-quark's ``quark/onnx/quantizers/interface.py``
+(RemoveQDQConvLeakyRelu, default True, removes the QDQ between Conv and LeakyRelu). So the dpu profile quantizes
+a LeakyReLU's output only (``quantfx.nn.QuantLeakyReLU``, whose layer or add is not requantized) and the file
+holds ``Conv -> LeakyRelu -> QuantizeLinear``; in float32 that is exact while the sum times the slope's odd
+numerator (13) stays below 2^24, which check_file checks. The DPU computes slope 26/256 only (vai_q_pytorch
+``pytorch_nndct/hardware/dpu_op_filter.py``, filter_leaky_relu): another slope is rounded to 1/256 as Quark does
+and the report places that LeakyReLU on the CPU.
 
 Running it. onnxruntime fuses ``DQ -> Conv -> Q`` into u8 x s8 integer kernels where it can, and on x86 CPUs
 without VNNI those sum products in saturating int16 pairs (``targets.int16_pairs``): an int8 activation (moved to
@@ -28,8 +45,9 @@ u8 by +128) times two 8-bit weights passes 32767. The verification form therefor
 dequantized values, which is exact while every partial sum is an integer number of the layer's finest step below
 2^24 (power-of-two scales make every product exact); :func:`targets.dpu_refine.check_file` checks that bound
 per output channel, so the verified numbers do not depend on the CPU. :func:`fast_form` writes the onnxruntime-fast variant (int32 bias on the accumulator's
-scale, so onnxruntime runs integer kernels): it rounds activation ties to even, so it approximates the DPU to
-1 LSB at ties (more where an int16 pair sum saturates, on x86 without VNNI).
+scale, so onnxruntime runs integer kernels): it rounds activation ties to even, and a LeakyReLU's layer output
+once more before it (QLinearConv, QLinearLeakyRelu), so it approximates the DPU to an LSB or two (more where an
+int16 pair sum saturates, on x86 without VNNI).
 """
 from __future__ import annotations
 
@@ -47,7 +65,7 @@ from torch import nn
 from quantfx.errors import ExportError
 from quantfx.graph import is_cat, is_invariant, module_of, tensor_inputs
 from quantfx.lowering import Backend
-from quantfx.nn import QuantReLU
+from quantfx.nn import QuantLeakyReLU, QuantReLU
 
 from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
 from .dpu_calibrate import calibrate_positions
@@ -100,6 +118,12 @@ class DpuLowering(QDQLowering):
     def emit_act(self, node):
         m = module_of(self.gm, node)
         q = m.act_quant
+        if self.form == "fast" and isinstance(m, QuantLeakyReLU) and q.is_quant_enabled:
+            # onnxruntime runs DQ -> Conv -> LeakyRelu -> Q in float: the fast form requantizes the layer's output
+            # on the LeakyReLU's grid first (QLinearConv, then QLinearLeakyRelu), a second rounding (<= 1 LSB)
+            x = self.emit_act_quant(self.env[node.args[0]], q, node.name + "_pre")
+            x = self.op("LeakyRelu", [x], node.name + "_leaky", alpha=float(m.negative_slope))
+            return self.emit_act_quant(x, q, node.name)
         if self.form != "fast" or not isinstance(m, QuantReLU) or not q.is_quant_enabled or not q.signed or \
                 q.zero_point_type != "symmetric" or q.scaling_per_output_channel:
             return super().emit_act(node)
@@ -199,8 +223,9 @@ def fix_positions(model: onnx.ModelProto) -> dict:
 def fast_form(qmodel, example_inputs) -> onnx.ModelProto:
     """The onnxruntime-fast form of the dpu file: int32 biases on the accumulator's scale and ReLU outputs as
     uint8, so onnxruntime fuses QLinearConv/QGemm integer kernels. Not exact: those kernels round activation ties
-    to even (the DPU up), and on x86 CPUs without VNNI a layer whose int16 pair sums can pass 32767
-    (``targets.int16_pairs.pair_risks``) may saturate. For speed measurements, not for verification."""
+    to even (the DPU up), a layer before a LeakyReLU is requantized on its grid (the DPU rounds once), and on x86
+    CPUs without VNNI a layer whose int16 pair sums can pass 32767 (``targets.int16_pairs.pair_risks``) may
+    saturate. For speed measurements, not for verification."""
     from quantfx.export import lower_with
     return lower_with(lambda q, inputs: DpuLowering(q, inputs, profile=DPU, form="fast").lower(), qmodel,
                       example_inputs)

@@ -27,8 +27,8 @@ from torch import fx, nn
 from quantfx.graph import (
     float_island, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, is_product, module_of,
 )
-from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
-from quantfx.nn import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
+from quantfx.nn import QuantHardTanh, QuantIdentity, QuantLeakyReLU, QuantReLU, QuantSigmoid
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ def _within(name, values, rng) -> Optional[tuple[str, str]]:
     return (f"{name} {tuple(values)}", f"[{rng[0]}, {rng[1]}]") if bad else None
 
 
+DPU_LEAKY_SLOPE = 26 / 256
 _PRODUCT_RULE = "a product of two tensors other than hard-swish's x * hard_sigmoid(x) is not mapped to the DPU here"
 
 
@@ -180,7 +181,7 @@ class Legality:
                                  "the compiler fuses only a channel shuffle")
             return Placement(node.name, f"layout ({what})", "DPU")
         if isinstance(m, nn.LeakyReLU):
-            return self._named(node, "leaky_relu")
+            return self._leaky(node, m.negative_slope)
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
         island = float_island(gm, node)
         if island is not None:
@@ -200,7 +201,7 @@ class Legality:
         if node.target is operator.mul and const and node.args[0].target is F.avg_pool2d:
             return Placement(node.name, "avgpool2d (k / 2^n correction)", "DPU")
         if node.target is operator.mul and not const:
-            if _is_hard_swish(node):
+            if hard_swish_parts(self.gm, node) is not None:
                 return self._named(node, "hard_swish")
             return Placement(node.name, "elementwise-mul", "CPU", _PRODUCT_RULE,
                              "keep it on the CPU, or write the gate as a hard-swish")
@@ -214,7 +215,18 @@ class Legality:
         return Placement(node.name, op, "CPU", f"activation {op} is not one the DPU computes",
                          "/".join(self.arch.activations))
 
+    def _leaky(self, node, slope) -> Placement:
+        """A LeakyReLU runs on the DPU with slope 26/256 only (Vitis AI vai_q_pytorch,
+        ``pytorch_nndct/hardware/dpu_op_filter.py``: filter_leaky_relu and check_nonlinear place any other slope
+        on the CPU; the vai_q_tensorflow2 README says the same of alpha != 0.1)."""
+        if slope != DPU_LEAKY_SLOPE:
+            return Placement(node.name, "leaky_relu", "CPU", f"LeakyReLU slope {slope} ({slope * 256:g}/256)",
+                             "the DPU computes only slope 26/256 (0.1 in the float model)")
+        return self._named(node, "leaky_relu")
+
     def _act(self, node, m) -> Placement:
+        if isinstance(m, QuantLeakyReLU):
+            return self._leaky(node, m.negative_slope)
         if isinstance(m, QuantReLU):
             op = "relu" if m.max_val is None else ("relu6" if float(m.max_val) == 6.0 else "clip")
         elif isinstance(m, QuantHardTanh):
@@ -301,18 +313,6 @@ class Legality:
 def legality(gm: fx.GraphModule, shapes: dict, arch=DEFAULT_ARCH) -> list[Placement]:
     """Every node of ``gm`` placed on the DPU or the CPU for ``arch`` (a name from :data:`ARCHS` or a DpuArch)."""
     return Legality(gm, get_arch(arch), shapes).run()
-
-
-def _is_hard_swish(node) -> bool:
-    """``x * (relu6(x + 3) * HARD_SIGMOID_SCALE)``, the hard-swish approximate_activations writes (either order),
-    not any product of two tensors."""
-    for x, y in (node.args, node.args[::-1]):
-        if isinstance(y, fx.Node) and y.target is operator.mul and list(y.args[1:]) == [HARD_SIGMOID_SCALE]:
-            r = y.args[0]
-            if isinstance(r, fx.Node) and r.target is F.relu6 and isinstance(r.args[0], fx.Node) and \
-                    r.args[0].target is operator.add and list(r.args[0].args) == [x, 3.0]:
-                return True
-    return False
 
 
 __all__ = ["DpuArch", "ARCHS", "DEFAULT_ARCH", "get_arch", "Placement", "DpuReport", "legality"]

@@ -8,12 +8,16 @@ positions of an XINT8 model to "meet the DPU compiler constraints":
 
 - conv/linear ``shift_cut = w + i - o`` in [0, 16] (adjust_shift_cut: the weight position moves);
 - conv/linear ``shift_bias = w + i - b`` in [min(0, -(24 - (8 + shift_cut))), 15], lower bound 0 when a
-  LeakyReLU reads the layer (adjust_shift_bias: the bias position moves);
+  LeakyReLU reads the layer (adjust_shift_bias: the bias position moves); in a compiled graph of the dpu profile
+  that LeakyReLU is the layer's output quantizer (QuantLeakyReLU), in a file the LeakyRelu reading the Conv;
 - elementwise add ``shift_read = max(i) - min(i)`` in [0, 7] (adjust_shift_read: the finer input coarsens);
 - elementwise add ``shift_write = min(i) - o`` in [-7, 25] (adjust_shift_write: the output position moves);
-  elementwise multiply ``sum(i) - o`` in [0, 32] (no multiply reaches a compiled graph of quantfx yet);
+  elementwise multiply ``sum(i) - o`` in [0, 32] (quantfx maps no product but the hard-swish's to the DPU, and
+  that one has the narrower shift_swish below);
 - concat: inputs and output share one position, the smallest (align_concat);
 - hard-sigmoid: input position in [0, 15], output position >= 7 and ``14 + i - o > 0`` (adjust_hard_sigmoid);
+- hard-swish ``x * hard_sigmoid(x)``: ``shift_swish = i + h - o`` in [0, 15], ``h`` the hard-sigmoid's position
+  (7, passes/approximate_activations.py) (adjust_shift_swish: the output position moves);
 - pooling, padding, slicing, reshaping keep their input's position (align_pool, align_pad, align_slice,
   align_reshape): quantfx's compiled graph moves values through max-pool, pad, slice and reshape without
   requantizing, so only an average pool's requantizer can differ; it takes its input's position.
@@ -37,7 +41,8 @@ from torch import fx, nn
 
 from quantfx.graph import (data_input, is_act_quant, is_add, is_cat, is_compute, is_invariant, module_of, qmeta,
                            tensor_inputs)
-from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
+from quantfx.nn import QuantLeakyReLU
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.pipelines import annotate
 
 SHIFT_CUT = (0, 16)
@@ -45,6 +50,7 @@ SHIFT_BIAS_MAX = 15
 SHIFT_READ = (0, 7)
 SHIFT_WRITE_ADD = (-7, 25)
 SHIFT_WRITE_MUL = (0, 32)
+SHIFT_SWISH = (0, 15)
 HARD_SIGMOID_IN = (0, 15)  # adjust_hard_sigmoid: input position in [0, 15], output position >= 7,
 HARD_SIGMOID_OUT_MIN = 7  # shift_sigmoid = 14 + i - o in [0, 31]
 MAX_LOOPS = 5  # Quark's adjust_quantize_info loops at most 5 times too
@@ -126,8 +132,8 @@ def _layer_positions(g: _Graph, node):
         w = fix_pos(layer.weight_quant.scale(layer.weight))
         b = fix_pos(layer.bias_quant.scale(layer.bias)) if layer.bias is not None and \
             layer.bias_quant.is_quant_enabled and layer.bias_quant.bias_scaling == "internal" else None
-    # a LeakyReLU reads the layer's requantized output (the DPU fuses it into the layer)
-    leaky = any(isinstance(module_of(g.gm, u), nn.LeakyReLU) for r in node.users for u in r.users)
+    # the layer's output quantizer is a LeakyReLU's: the DPU computes it in the layer (shift_bias >= 0)
+    leaky = isinstance(reader, QuantLeakyReLU)
     return layer, fix_pos(qi.scale()), w, b, fix_pos(qo.scale()), qo, leaky
 
 
@@ -222,6 +228,18 @@ def _one_round(gm) -> list[Change]:
                 if new != old:
                     set_pos(q, new)
                     changes.append(Change(node.name, what, old, new, rule, limit))
+        elif hard_swish_parts(gm, node) is not None:
+            x, h = hard_swish_parts(gm, node)
+            qx, qh, (qo, _) = g.act_quantizer(x), g.act_quantizer(h), g.reader_quantizer(node)
+            if qx is None or qh is None or qo is None:
+                continue
+            i, hp, o = fix_pos(qx.scale()), fix_pos(qh.scale()), fix_pos(qo.scale())
+            ss, (lo, hi) = i + hp - o, SHIFT_SWISH
+            if not lo <= ss <= hi:
+                new = i + hp - min(max(ss, lo), hi)
+                set_pos(qo, new)
+                changes.append(Change(node.name, "output", o, new, f"shift_swish = i + h - o = {ss}",
+                                      f"[{lo}, {hi}]"))
         elif _is_avgpool(gm, node):
             qi = g.act_quantizer(node.args[0])
             after = node
@@ -281,8 +299,9 @@ class _File:
         n = self.producer.get(value)
         return fix_pos(self.inits[n.input[1]]) if n is not None and n.op_type == "DequantizeLinear" else None
 
-    def q_pos(self, value, through=("Relu", "Clip")) -> Optional[int]:
-        """The position of the QuantizeLinear that reads ``value`` (directly or after ReLU/Clip)."""
+    def q_pos(self, value, through=("Relu", "Clip", "LeakyRelu")) -> Optional[int]:
+        """The position of the QuantizeLinear that reads ``value`` (directly or after ReLU/Clip/LeakyRelu, which
+        the DPU computes in the layer or add before them)."""
         for n in self.consumers.get(value, []):
             if n.op_type == "QuantizeLinear":
                 return fix_pos(self.inits[n.input[1]])
@@ -291,6 +310,26 @@ class _File:
                 if p is not None:
                     return p
         return None
+
+    def is_hard_sigmoid_mul(self, n) -> bool:
+        """Whether ``n`` is the hard-sigmoid's ``Mul(Clip(Add(x, 3), 0, 6), HARD_SIGMOID_SCALE)``."""
+        return n is not None and n.op_type == "Mul" and any(
+            i in self.inits and self.inits[i].size == 1 and float(self.inits[i]) == np.float32(HARD_SIGMOID_SCALE)
+            for i in n.input)
+
+    def is_hard_sigmoid_grid(self, value) -> bool:
+        """Whether ``value`` is ``DQ(Q(hard-sigmoid Mul))``: the int8 hard-sigmoid of a hard-swish."""
+        dq = self.producer.get(value)
+        q = self.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q is not None and q.op_type == "QuantizeLinear" and \
+            self.is_hard_sigmoid_mul(self.producer.get(q.input[0]))
+
+    def leaky_slope(self, value) -> Optional[float]:
+        """The slope of the LeakyRelu that alone reads ``value``, or None."""
+        users = self.consumers.get(value, [])
+        if len(users) != 1 or users[0].op_type != "LeakyRelu":
+            return None
+        return next((a.f for a in users[0].attribute if a.name == "alpha"), 0.01)
 
     def dq_ints(self, value):
         n = self.producer.get(value)
@@ -305,10 +344,11 @@ _KEEP_POSITION = ("MaxPool", "AveragePool", "GlobalAveragePool", "Pad", "Slice",
 
 def check_file(model: onnx.ModelProto) -> list[str]:
     """Every rule a dpu file breaks (empty: it meets them all): each Q/DQ scale an exact power of two with an int8
-    zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write in the DPU compiler's
-    ranges; concat inputs and output at one position; pooling/layout ops keeping their input's position; and each
-    layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, <= 2^24), under which the
-    verification form (float kernels) is exact on every CPU."""
+    zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write, hard-swish shift_swish in
+    the DPU compiler's ranges; concat inputs and output at one position; pooling/layout ops keeping their input's
+    position; and each layer's float sum bound (|input code| x sum|w| + |bias|, in units of the finest step, times
+    the slope's odd numerator before a LeakyRelu, <= 2^24) and each hard-sigmoid's (input position <= 9), under
+    which the verification form (float kernels) is exact on every CPU."""
     f = _File(model)
     problems = []
     for n in f.nodes:
@@ -330,6 +370,20 @@ def check_file(model: onnx.ModelProto) -> list[str]:
                 problems.append(f"{n.name}: shift_read {max(ins) - min(ins)} outside {SHIFT_READ}")
             if not SHIFT_WRITE_ADD[0] <= min(ins) - o <= SHIFT_WRITE_ADD[1]:
                 problems.append(f"{n.name}: shift_write {min(ins) - o} outside {SHIFT_WRITE_ADD}")
+        elif n.op_type == "Mul" and len(n.input) == 2 and any(f.is_hard_sigmoid_grid(v) for v in n.input):
+            ins, o = [f.dq_pos(v) for v in n.input], f.q_pos(n.output[0], ())
+            if None not in ins and o is not None and not SHIFT_SWISH[0] <= sum(ins) - o <= SHIFT_SWISH[1]:
+                problems.append(f"{n.name}: shift_swish {sum(ins) - o} outside {SHIFT_SWISH}")
+        elif f.is_hard_sigmoid_mul(n):
+            # clip(x + 3, 0, 6) x 2731 / 2^14 is exact in float32 while 6 x 2^i x 2731 <= 2^24 (i <= 9); the DPU
+            # computes it in integers whatever i (refine allows 0..15)
+            clip = f.producer.get(n.input[0])
+            add = f.producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else None
+            i = f.dq_pos(add.input[0]) if add is not None and add.op_type == "Add" else None
+            steps = 6 * 2 ** i * round(HARD_SIGMOID_SCALE * 2 ** 14) if i is not None else 0
+            if steps > FLOAT_EXACT:
+                problems.append(f"{n.name}: the hard-sigmoid product can reach {steps} steps (input position {i}), "
+                                "past 2^24: the verification form may round")
         elif n.op_type == "Concat":
             ins = [f.dq_pos(v) for v in n.input]
             o = f.q_pos(n.output[0], ())
@@ -357,9 +411,10 @@ def _check_layer(f: _File, n) -> list[str]:
     if sc is not None and not SHIFT_CUT[0] <= sc <= SHIFT_CUT[1]:
         out.append(f"{n.name}: shift_cut {sc} outside {SHIFT_CUT}")
     b = f.dq_ints(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+    slope = f.leaky_slope(n.output[0])
     if b is not None and sc is not None:
         sb = wp + i - fix_pos(b[1])
-        lo, hi = shift_bias_range(sc)
+        lo, hi = shift_bias_range(sc, leaky=slope is not None)
         if not lo <= sb <= hi:
             out.append(f"{n.name}: shift_bias {sb} outside [{lo}, {hi}]")
     # float exactness of the verification form: every partial sum an integer multiple of the finest step
@@ -372,6 +427,9 @@ def _check_layer(f: _File, n) -> list[str]:
     bound = 128 * wa * 2 ** (unit_pos - acc_pos)
     if b is not None:
         bound = bound + np.abs(b[0].astype(np.int64)).reshape(-1) * 2 ** (unit_pos - fix_pos(b[1]))
+    if slope is not None:  # the LeakyRelu's product: the sum times the slope's odd numerator (26/256: 13)
+        num = int(round(slope * 256))
+        bound = bound * (num // (num & -num) if num else 1)
     if int(bound.max(initial=0)) > FLOAT_EXACT:
         out.append(f"{n.name}: a float sum can reach {int(bound.max())} steps, past 2^24: the verification form "
                    "may round")
@@ -379,4 +437,5 @@ def _check_layer(f: _File, n) -> list[str]:
 
 
 __all__ = ["refine", "Change", "check_file", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
-           "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "asdict"]
+           "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "SHIFT_SWISH",
+           "asdict"]

@@ -27,7 +27,7 @@ from quantfx.errors import ExportError
 from quantfx.graph import data_input, module_of, tensor_inputs
 from quantfx.lowering import Lowering
 from quantfx.tables import FLOAT_ISLANDS_KEY, float_islands
-from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid, adaptive_window
+from quantfx.nn import QuantHardTanh, QuantLeakyReLU, QuantReLU, QuantSigmoid, adaptive_window
 from quantfx.quant import Quantizer
 
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -228,6 +228,8 @@ class OnnxLowering(Lowering):
                                  self.const(node.name + "_max", np.float32(m.max_val))], node.name + "_hardtanh")
         elif isinstance(m, QuantSigmoid):
             x = self.op("Sigmoid", [x], node.name + "_sigmoid")
+        elif isinstance(m, QuantLeakyReLU):
+            x = self.op("LeakyRelu", [x], node.name + "_leaky", alpha=float(m.negative_slope))
         if m.input_quant.is_quant_enabled:
             raise ExportError(f"{self.target}: {node.target} has an input quantizer; compiled graphs put "
                               "quantizers on their own nodes")

@@ -82,8 +82,9 @@ class TargetProfile:
     # between a dequantization and a requantization; False: only monotonic ones (a quantizer after them is a
     # threshold), the others are refused
     float_islands_allowed: bool = True
-    # "dpu": LeakyReLU slopes in 1/256, hard-sigmoid/swish with 2731/2^14, average pools of non-power-of-two
-    # areas as sum x k/2^n, as the DPU computes them (passes/approximate_activations.py); "exact": as written
+    # "dpu": LeakyReLU fused into the layer or add before it (one quantizer, at its output: swap_modules) with
+    # its slope in 1/256, hard-sigmoid/swish with 2731/2^14, average pools of non-power-of-two areas as
+    # sum x k/2^n, as the DPU computes them (passes/approximate_activations.py); "exact": as written
     activation_approx: str = "exact"
     description: str = ""
     options: dict = field(default_factory=dict, hash=False, compare=False)

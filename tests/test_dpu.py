@@ -2,7 +2,9 @@
 every scale in the file is a power of two and every DPU compiler rule holds (check_file); one violation per
 refine rule is fixed and reported; one model per legality rule shows the CPU fallback; the quantization the
 DPU cannot take is a TargetError before export."""
+import copy
 import math
+import operator
 from collections import Counter
 
 import numpy as np
@@ -14,6 +16,7 @@ from torch import nn
 import quantfx
 from quantfx.export import _intermediates
 from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, module_of
+from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.targets import dpu
 from quantfx.targets.dpu_arch import ARCHS, DEFAULT_ARCH
 from quantfx.targets.dpu_refine import (SHIFT_CUT, SHIFT_READ, SHIFT_WRITE_ADD, check_file, fix_pos,
@@ -185,22 +188,174 @@ def test_refine_shift_bias():
     assert c.old == w + i - 20 and c.new == w + i - hi and "shift_bias" in c.rule
 
 
+class ConvLeaky(nn.Module):
+    """conv -> LeakyReLU(0.1) -> conv: the DPU computes the LeakyReLU in the first conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.conv2 = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(self.leaky(self.conv1(x)))
+
+
+class ResLeaky(nn.Module):
+    """A conv+bn+LeakyReLU stem, a residual block (conv+bn+LeakyReLU, conv+bn), the add, a LeakyReLU after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1))
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.act = nn.LeakyReLU(0.1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(self.act(y + self.body(y)))
+
+
+def _leaky_net(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # statistics that fold into visible weight and bias changes
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    return model, quantfx.quantize(model, "dpu", calibration_data=LEAKY_DATA, progress=False)
+
+
+LEAKY_DATA = [torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3)]
+
+
+def _dpu_round_shift(v, s):
+    """DPU_ROUND(v / 2^s) on integers (ties up, Vitis AI cpu_task ``util::fix``), clamped to int8."""
+    return torch.div(2 * v + 2 ** s, 2 ** (s + 1), rounding_mode="floor").clamp(-128, 127)
+
+
+def dpu_conv_leaky_ints(layer, x_int, i, o, slope):
+    """The DPU's integers of a conv with a LeakyReLU fused in, from the file's integers and positions (Vitis AI
+    ``src/vai_library/cpu_task/ops/conv2d-fix/conv2d-fix.cpp``: fix(nonlinear((sum x w + bias 2^shift_bias) /
+    2^shift_cut)), one DPU_ROUND): acc = sum x_int w_int + b_int 2^(w + i - b); y = DPU_ROUND(acc / 2^shift_cut)
+    where acc >= 0, DPU_ROUND(acc k / 2^(shift_cut + 8)) where acc < 0, slope k / 256. Returns (y, acc, shift_cut)."""
+    w_int, w_scale = dpu.DpuLowering.weight_ints(layer)
+    b_int, b_scale = dpu.DpuLowering.bias_ints(layer, torch.tensor(2.0 ** -i))
+    w, b = fix_pos(w_scale), fix_pos(b_scale)
+    assert w + i - b >= 0  # shift_bias before a LeakyReLU (refine)
+    acc = torch.nn.functional.conv2d(x_int.double(), w_int.double(), None, layer.stride, layer.padding,
+                                     layer.dilation, layer.groups).round().long()
+    acc = acc + (b_int.long() * 2 ** (w + i - b)).reshape(1, -1, 1, 1)
+    k, sc = round(slope * 256), w + i - o
+    neg = acc < 0
+    y = torch.where(neg, _dpu_round_shift(acc * k, torch.full_like(acc, sc + 8)),
+                    _dpu_round_shift(acc, torch.full_like(acc, sc)))
+    return y, acc, sc
+
+
+@pytest.mark.parametrize("cls", [ConvLeaky, ResLeaky])
+def test_leaky_relu_rounds_once_as_the_dpu(cls):
+    """The DPU computes a LeakyReLU in the conv (or add) before it and rounds once, at its output (NNDCT groups
+    a LeakyReLU with its producer; Quark's XINT8 flow removes the QDQ between Conv and LeakyRelu): the model's
+    integers after each conv+LeakyReLU equal dpu_conv_leaky_ints to the bit, and the file verifies at 0 LSB."""
+    from quantfx.nn import QuantLeakyReLU
+    _, q = _leaky_net(cls)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    values = _intermediates(q, (x,))
+    fused = [n for n in q.graph.nodes if is_compute(q, n) and isinstance(module_of(q, next(iter(n.users))),
+                                                                          QuantLeakyReLU)]
+    assert len(fused) == {ConvLeaky: 1, ResLeaky: 2}[cls]  # no requantizer between the conv and its LeakyReLU
+    for node in fused:
+        act = module_of(q, next(iter(node.users)))
+        assert act.negative_slope == 26 / 256
+        i, o = _pos(producing_quantizer(q, node.args[0])), _pos(act.act_quant)
+        x_int = torch.from_numpy(values[node.args[0].name]) * 2.0 ** i
+        ref, acc, sc = dpu_conv_leaky_ints(module_of(q, node), x_int, i, o, act.negative_slope)
+        got = torch.from_numpy(values[next(iter(node.users)).name]) * 2.0 ** o
+        assert torch.equal(got.long(), ref), float((got - ref).abs().max())
+        # the comparison can fail: the conv output rounded first, then the slope product, differs here
+        first = _dpu_round_shift(acc, torch.full_like(acc, sc))
+        twice = torch.where(first < 0, _dpu_round_shift(first * 26, torch.full_like(acc, 8)), first)
+        assert not torch.equal(twice, ref)
+    art = quantfx.lower(q, (x[:1],), target="dpu")
+    assert check_file(art) == []
+    assert quantfx.verify(q, art, (x,), target="dpu").max_error_lsb == 0.0
+    assert max(lsb_errors(q, art, x).values()) == 0.0
+    producer = {o: n for n in art.graph.node for o in n.output}
+    leaky_inputs = Counter(producer[n.input[0]].op_type for n in art.graph.node if n.op_type == "LeakyRelu")
+    assert leaky_inputs == ({"Conv": 1} if cls is ConvLeaky else {"Conv": 2, "Add": 1})
+
+
+def test_checker_leaky_relu_rules(monkeypatch):
+    """check_file: before a LeakyRelu shift_bias >= 0, and the float sum bound times the slope's odd numerator
+    (26/256: 13), so that the verification form's LeakyRelu product is exact too."""
+    import quantfx.targets.dpu_refine as refine_mod
+    _, q = _leaky_net(ConvLeaky)
+    art = quantfx.lower(q, (LEAKY_DATA[0][:1],), target="dpu")
+    assert check_file(art) == []
+    inits = {i.name: i for i in art.graph.initializer}
+    w, i = (fix_pos(onnx.numpy_helper.to_array(inits[k])) for k in ("conv1_weight_scale", "x_quant_scale"))
+    bias_scale = onnx.numpy_helper.to_array(inits["conv1_bias_scale"])
+    inits["conv1_bias_scale"].CopyFrom(onnx.numpy_helper.from_array(np.array(2.0 ** -(w + i + 1), np.float32),
+                                                                    "conv1_bias_scale"))
+    assert check_file(art) == ["conv1_Conv: shift_bias -1 outside [0, 15]"]  # legal before a ReLU, not a LeakyRelu
+    inits["conv1_bias_scale"].CopyFrom(onnx.numpy_helper.from_array(bias_scale, "conv1_bias_scale"))
+
+    monkeypatch.setattr(refine_mod, "FLOAT_EXACT", 0)
+
+    def conv1_bound():
+        return next(int(p.split("reach ")[1].split()[0]) for p in check_file(art)
+                    if p.startswith("conv1_Conv: a float"))
+
+    leaky = conv1_bound()
+    node = next(n for n in art.graph.node if n.op_type == "LeakyRelu")
+    node.op_type = "Relu"
+    del node.attribute[:]
+    assert leaky == 13 * conv1_bound()
+
+
+def test_fast_form_requantizes_before_leaky_relu():
+    """The fast form puts a QuantizeLinear on the LeakyReLU's grid between the Conv and the LeakyRelu (so
+    onnxruntime runs QLinearConv and QLinearLeakyRelu), an approximation of the DPU's one rounding."""
+    _, q = _leaky_net(ConvLeaky)
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    fast = dpu.fast_form(q, (x[:1],))
+    producer = {o: n for n in fast.graph.node for o in n.output}
+    leaky = next(n for n in fast.graph.node if n.op_type == "LeakyRelu")
+    q_pre = producer[producer[leaky.input[0]].input[0]]
+    assert q_pre.op_type == "QuantizeLinear" and producer[q_pre.input[0]].op_type == "Conv"
+    assert quantfx.verify(q, fast, (x,), target="dpu").max_error_lsb <= 2.0
+
+
+def test_leaky_relu_fused_no_worse_than_rounding_twice():
+    """SQNR against float on held-out inputs: one rounding at the LeakyReLU output is no worse than the
+    requantizer before it that a QuantIdentity in the float model puts back (the double rounding)."""
+    from quantfx.nn import QuantIdentity
+    from quantfx.targets.profile import DPU
+    x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+    for cls in (ConvLeaky, ResLeaky):
+        model, once = _leaky_net(cls)
+        twice = copy.deepcopy(model)
+        for m in list(twice.modules()):
+            for name, child in list(m.named_children()):
+                if isinstance(child, nn.LeakyReLU):
+                    setattr(m, name, nn.Sequential(QuantIdentity(act_quant=DPU.act_quant), child))
+        twice = quantfx.quantize(twice, "dpu", calibration_data=LEAKY_DATA, progress=False)
+        assert sum(isinstance(m, QuantIdentity) for m in twice.modules()) > \
+            sum(isinstance(m, QuantIdentity) for m in once.modules())
+        with torch.no_grad():
+            ref = model(x)
+            assert quantfx.sqnr(ref, once(x)) >= quantfx.sqnr(ref, twice(x)), cls.__name__
+
+
 def test_refine_shift_bias_before_leaky_relu_is_not_negative():
     """Before a LeakyReLU the DPU needs shift_bias >= 0 (Quark's adjust_shift_bias): a bias one position finer
     than the accumulator, legal elsewhere, moves."""
-    class ConvLeaky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.leaky = nn.LeakyReLU(0.1)
-
-        def forward(self, x):
-            return self.leaky(self.conv(x))
-
     torch.manual_seed(0)
     data = [torch.randn(4, 3, 12, 12)]
     q = quantfx.quantize(ConvLeaky().eval(), "dpu", calibration_data=data, progress=False)
-    node, layer = _layer(q, "conv")
+    node, layer = _layer(q, "conv1")
     layer, i, o = _io(q, node)
     w = _pos(layer.weight_quant, layer.weight)
     _force(layer.bias_quant, w + i + 1)  # shift_bias -1: within [min(0, 8 + shift_cut - 24), 15], not >= 0
@@ -282,7 +437,10 @@ LEGALITY = {
     "maxpool": (nn.MaxPool2d(9, stride=1, padding=4), "kernel"),
     "avgpool_square": (nn.AvgPool2d((2, 4)), "square"),
     "activation": (nn.Sigmoid(), "sigmoid"),
+    "leaky_slope": (nn.LeakyReLU(0.2), "26/256"),  # 51/256 after rounding: only 26/256 runs on the DPU
     "transposed_kernel": (nn.ConvTranspose2d(4, 4, 17, stride=1, padding=8), "kernel"),
+    "output_channel": (nn.Conv2d(4, 4097, 1), "output_channel"),
+    "dilation": (nn.Conv2d(2049, 4, 1, dilation=2), "dilation"),
 }
 
 
@@ -325,6 +483,83 @@ def test_only_hard_swish_products_are_placed_on_the_dpu(hard_swish):
     else:
         assert placed["elementwise-mul"].device == "CPU" and "hard-swish" in placed["elementwise-mul"].rule
         assert "hard_swish" not in placed
+
+
+def dpu_hard_sigmoid_ints(x_int, i, o):
+    """The DPU's hard-sigmoid on int8 codes at position i, output at o >= 7 (Vitis AI
+    ``src/vai_library/cpu_task/ops/hard-sigmoid-fix/hard-sigmoid-fix.cpp``: fix(max(0, x 2731 + 3 2731 2^i) /
+    2^(14 + i - o)); its upper end saturates at 127 before 6 does, once o >= 7)."""
+    assert o >= 7
+    v = (x_int + 3 * 2 ** i).clamp(min=0) * 2731
+    return _dpu_round_shift(v, torch.full_like(v, 14 + i - o))
+
+
+def test_hard_sigmoid_and_hard_swish_integers_as_the_dpu():
+    """Hardsigmoid: one DPU_ROUND of (x + 3) 2731 / 2^14; Hardswish: x times that hard-sigmoid on its int8 grid of
+    position 7 (vai_q_pytorch ``pytorch_nndct/nn/modules/hardswish.py``), one DPU_ROUND of the int8 product at
+    shift_swish = i + 7 - o. The model's integers equal these references; the file verifies at 0 LSB."""
+    from quantfx.passes.approximate_activations import HARD_SWISH_SIGMOID_POS, hard_swish_parts
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.Hardsigmoid(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    q = quantfx.quantize(model, "dpu", calibration_data=LEAKY_DATA, progress=False)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    values = _intermediates(q, (x,))
+
+    def ints(node):
+        p = _pos(producing_quantizer(q, node))
+        return torch.from_numpy(values[node.name]).double().mul(2.0 ** p).long(), p
+
+    swish = next(n for n in q.graph.nodes if hard_swish_parts(q, n) is not None)
+    xs, hs = hard_swish_parts(q, swish)
+    (x_int, i), (h_int, h), (y_int, o) = ints(xs), ints(hs), ints(next(iter(swish.users)))
+    assert h == HARD_SWISH_SIGMOID_POS and 0 <= i + h - o <= 15
+    assert torch.equal(h_int, dpu_hard_sigmoid_ints(x_int, i, h))
+    prod = x_int * h_int
+    assert torch.equal(y_int, _dpu_round_shift(prod, torch.full_like(prod, i + h - o)))
+    sig = next(n for n in q.graph.nodes if n.target is operator.mul and HARD_SIGMOID_SCALE in n.args and
+               n.args[0].args[0].args[0] is not xs)  # the Hardsigmoid's, not the Hardswish's
+    (a_int, i), (s_int, o) = ints(sig.args[0].args[0].args[0]), ints(next(iter(sig.users)))
+    assert torch.equal(s_int, dpu_hard_sigmoid_ints(a_int, i, o))
+    art = quantfx.lower(q, (x[:1],), target="dpu")
+    assert check_file(art) == []
+    assert max(lsb_errors(q, art, x).values()) == 0.0
+
+
+def test_checker_hard_sigmoid_float_bound():
+    """A hard-sigmoid input at a fine position i (refine allows [0, 15]): clip(x + 3, 0, 6) x 2731 reaches
+    6 x 2^i x 2731 steps, past 2^24 once i >= 10, so float32 may round where the DPU's integers do not; check_file
+    says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Hardsigmoid(), nn.Conv2d(3, 4, 1)).eval()
+    data = [torch.randn(4, 3, 8, 8) * 1e-3]
+    q = quantfx.quantize(model, "dpu", calibration_data=data, progress=False)
+    i = _pos(next(module_of(q, n) for n in q.graph.nodes if is_act_quant(q, n)).act_quant)
+    assert i >= 10 and 6 * 2 ** 9 * 2731 <= 2 ** 24 < 6 * 2 ** 10 * 2731
+    problems = check_file(quantfx.lower(q, (data[0][:1],), target="dpu"))
+    assert len(problems) == 1 and f"{6 * 2 ** i * 2731} steps (input position {i})" in problems[0], problems
+
+
+def test_refine_hard_swish_shift():
+    """Quark's adjust_shift_swish: shift_swish = i + h - o in [0, 15]; an output position one finer than i + h
+    moves to i + h and is reported, the file checks and verifies at 0 LSB; check_file sees a file that breaks it."""
+    from quantfx.passes.approximate_activations import hard_swish_parts
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    q = quantfx.quantize(_Gate(True).eval(), "dpu", calibration_data=data, progress=False)
+    swish = next(n for n in q.graph.nodes if hard_swish_parts(q, n) is not None)
+    i, h = (_pos(producing_quantizer(q, n)) for n in hard_swish_parts(q, swish))
+    _force(module_of(q, next(iter(swish.users))).act_quant, i + h + 1)
+    c = next(c for c in refine(q) if "shift_swish" in c.rule)
+    assert (c.node, c.old, c.new, c.limit) == (swish.name, i + h + 1, i + h, "[0, 15]")
+    art = quantfx.lower(q, (data[0][:1],), target="dpu")
+    assert check_file(art) == []
+    assert quantfx.verify(q, art, (data[1],), target="dpu").max_error_lsb == 0.0
+    mul = next(n for n in art.graph.node if n.op_type == "Mul" and n.name.startswith(swish.name))
+    q_out = next(n for n in art.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == mul.output[0])
+    scale = next(t for t in art.graph.initializer if t.name == q_out.input[1])
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.array(2.0 ** -(i + h + 1), np.float32), scale.name))
+    assert check_file(art) == [f"{mul.name}: shift_swish -1 outside (0, 15)"]
 
 
 def test_arch_variant_changes_placement():

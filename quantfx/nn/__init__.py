@@ -1,6 +1,6 @@
 """Quantized layers: ``quantfx.nn.QuantConv2d`` and friends."""
 from .base import exact_arithmetic
-from .act import QuantAct, QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid
+from .act import QuantAct, QuantHardTanh, QuantIdentity, QuantLeakyReLU, QuantReLU, QuantSigmoid
 from .product import PRODUCT_OPS, QuantProduct
 from .pool import QuantAdaptiveAvgPool2d, QuantAvgPool2d, adaptive_window
 from .wbiol import (

@@ -118,6 +118,22 @@ class QuantReLU(QuantAct):
         return "" if self.max_val is None else f"max_val={self.max_val}"
 
 
+class QuantLeakyReLU(QuantAct):
+    """LeakyReLU followed by a signed 8-bit quantizer by default. The dpu profile swaps nn.LeakyReLU for it, so
+    the conv or add before it is not requantized: one rounding, at the LeakyReLU's output, as the DPU computes a
+    LeakyReLU fused into the layer (targets/dpu.py, "LeakyReLU")."""
+
+    def __init__(self, act_quant=_DEFAULT, negative_slope: float = 0.01, **kwargs):
+        super().__init__(act_quant, **kwargs)
+        self.negative_slope = negative_slope
+
+    def act_fn(self, x):
+        return F.leaky_relu(x, self.negative_slope)
+
+    def extra_repr(self):
+        return f"negative_slope={self.negative_slope}"
+
+
 class QuantHardTanh(QuantAct):
     """HardTanh (clamp to [min_val, max_val]) followed by a signed 8-bit quantizer by default."""
 
