@@ -145,7 +145,8 @@ def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[i
                  record_shapes: bool = False, keep_meta: bool = False) -> int:
     """Run every batch of ``data`` (up to ``max_batches``) through ``model`` without gradients; with
     ``record_shapes`` the first batch also records the model's shapes (:func:`quantfx.shapes.record_shapes`;
-    into each node's ``tensor_meta`` too with ``keep_meta``). Returns how many batches ran. A batch holding NaN or inf, or one the model cannot run, is a CalibrationError naming it."""
+    into each node's ``tensor_meta`` too with ``keep_meta``). Returns how many batches ran. A batch holding NaN
+    or inf, or one the model cannot run, is a CalibrationError naming it."""
     n_in = _n_inputs(model)
     ran = 0
     with torch.no_grad():

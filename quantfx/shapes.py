@@ -4,10 +4,11 @@ kept with the model and reused while nothing they depend on has changed.
 A lowering needs the shape of every tensor and the value of every piece of shape arithmetic (``x.size(0)``) for
 its example inputs. Running the model for them costs a forward pass (a tenth of a ResNet's export), and
 calibration has just run the model on batches of that shape, so the first calibration batch records them.
-A record is reused only when its key still holds: the inputs' shapes and dtypes, the generated code of the
-graph, and for every module the graph calls or attribute it reads, its identity, type, configuration
+A record is reused only when its key still holds: the inputs' shapes and dtypes, every node of the graph (name, op,
+target, arguments), and for every module the graph calls or attribute it reads, its identity, type, configuration
 (``extra_repr``: channels, kernel, stride, ...) and the shapes of its own parameters and buffers (a quantizer's
-statistics excepted). Values (scales, weights) do not enter the key: no shape depends on them. Anything else runs the model again.
+statistics excepted). Values (scales, weights) do not enter the key: no shape depends on them. Anything else runs
+the model again.
 """
 from __future__ import annotations
 
@@ -44,14 +45,15 @@ def shape_key(gm: fx.GraphModule, inputs: tuple) -> tuple:
     """What the shapes of ``gm``'s nodes for ``inputs`` depend on (module docstring)."""
     sig = tuple((tuple(x.shape), x.dtype) if torch.is_tensor(x) else (type(x).__name__, repr(x)) for x in inputs)
     parts = []
-    for n in gm.graph.nodes:
+    for n in gm.graph.nodes:  # the graph itself, not gm.code: an edited graph that was not recompiled counts
+        parts.append((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs)))
         if n.op == "call_module":
             parts.append((n.target, _module_key(gm.get_submodule(n.target))))
         elif n.op == "get_attr":
             v = attr_value(gm, n.target)
             parts.append((n.target, tuple(v.shape) if torch.is_tensor(v) else
                           _module_key(v) if isinstance(v, torch.nn.Module) else (id(v), repr(v))))
-    return sig, gm.code, tuple(parts)
+    return sig, tuple(parts)
 
 
 def _is_static(out) -> bool:
@@ -61,7 +63,8 @@ def _is_static(out) -> bool:
 
 
 def record_shapes(gm: fx.GraphModule, inputs: tuple, keep_meta: bool = False,
-                  on_error: Optional[Callable[[fx.Node, BaseException], BaseException]] = None) -> Optional[ShapeRecord]:
+                  on_error: Optional[Callable[[fx.Node, BaseException], BaseException]] = None,
+                  ) -> Optional[ShapeRecord]:
     """Run ``gm`` on ``inputs`` once, as its forward would, recording every node's shape (and the value of
     shape arithmetic); the record is kept with the model and returned. ``node.meta['tensor_meta']`` is left as
     it was unless ``keep_meta``. ``on_error(node, exc)`` may give the exception to raise for an error a node
