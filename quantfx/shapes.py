@@ -18,10 +18,12 @@ from typing import Callable, Optional
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .graph import attr_value
 from .quant import Quantizer
+from .quant_tensor import value_of
 
 # model -> its record, beside the model rather than in it: never pickled, deep-copied or saved with it
 _RECORDS: "weakref.WeakKeyDictionary[fx.GraphModule, ShapeRecord]" = weakref.WeakKeyDictionary()
@@ -65,23 +67,36 @@ def _is_static(out) -> bool:
 def record_shapes(gm: fx.GraphModule, inputs: tuple, keep_meta: bool = False,
                   on_error: Optional[Callable[[fx.Node, BaseException], BaseException]] = None,
                   ) -> Optional[ShapeRecord]:
-    """Run ``gm`` on ``inputs`` once, as its forward would, recording every node's shape (and the value of
-    shape arithmetic); the record is kept with the model and returned. ``node.meta['tensor_meta']`` is left as
-    it was unless ``keep_meta``. ``on_error(node, exc)`` may give the exception to raise for an error a node
-    raised. Returns None, keeping nothing, when the run did not reach the output (a forward stopped early)."""
-    nodes = list(gm.graph.nodes)
-    saved = {n: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta}
-    statics, done = {}, []
+    """Run ``gm`` on ``inputs`` once, node by node as its forward would, recording every node's shape (torch.fx
+    TensorMetadata, as ShapeProp gives it) and the value of shape arithmetic; the record is kept with the model
+    and returned. With ``keep_meta`` the shapes also go into each node's ``meta['tensor_meta']`` (else the graph
+    is left as it was). An error a node raises comes out as it is (no torch.fx traceback printed or appended),
+    or as ``on_error(node, exc)`` gives it. Returns None, keeping nothing, when the run did not reach the output
+    (a forward stopped early)."""
+    tensor_meta, statics, done = {}, {}, []
 
-    class Recorder(ShapeProp):
+    class Recorder(fx.Interpreter):
         def run_node(self, n):
             try:
                 out = super().run_node(n)
-            except RuntimeError as wrapped:  # ShapeProp wraps what the node raised
-                e = wrapped.__cause__ if wrapped.__cause__ is not None else wrapped
+            except Exception as e:
                 if on_error is None:
-                    raise e from None
+                    raise
                 raise on_error(n, e) from None
+            found = []
+
+            def meta_of(v):
+                v = value_of(v)  # a layer's exact accumulator (QuantTensor) has the shape of its value
+                if isinstance(v, torch.Tensor):
+                    found.append(True)
+                    return _extract_tensor_metadata(v)
+                return v
+
+            meta = map_aggregate(out, meta_of)
+            if found:
+                tensor_meta[n.name] = meta
+                if keep_meta:
+                    n.meta["tensor_meta"] = meta
             if _is_static(out):
                 statics[n.name] = out
             if n.op == "output":
@@ -89,16 +104,10 @@ def record_shapes(gm: fx.GraphModule, inputs: tuple, keep_meta: bool = False,
             return out
 
     key = shape_key(gm, inputs)
-    try:
-        Recorder(gm).propagate(*inputs)
-        record = ShapeRecord(key, {n.name: n.meta["tensor_meta"] for n in nodes if "tensor_meta" in n.meta},
-                             statics) if done else None
-    finally:
-        if not keep_meta:
-            for n in nodes:
-                n.meta.pop("tensor_meta", None)
-                if n in saved:
-                    n.meta["tensor_meta"] = saved[n]
+    recorder = Recorder(gm)
+    recorder.extra_traceback = False  # the user's error as raised, not with torch.fx's node dump appended
+    recorder.run(*inputs)
+    record = ShapeRecord(key, tensor_meta, statics) if done else None
     if record is None:
         _RECORDS.pop(gm, None)
     else:

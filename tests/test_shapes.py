@@ -57,7 +57,20 @@ def test_other_input_shapes_run_the_model_and_lower_for_them():
     artefact = quantfx.lower(q, (x,))
     dims = [d.dim_value for d in artefact.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 16, 16]
-    assert shapes.recorded_shapes(q, (x,)) is not None  # kept for the next lowering with these inputs
+    record = shapes.recorded_shapes(q, (x,))
+    assert record is not None  # kept for the next lowering with these inputs
+    conv = next(n.name for n in q.graph.nodes if isinstance(q.get_submodule(n.target) if n.op == "call_module"
+                                                            else None, quantfx.nn.QuantConv2d))
+    assert tuple(record.tensor_meta[conv].shape) == (1, 16, 16, 16)  # a layer's QuantTensor output, these inputs
+
+
+def test_a_bad_calibration_batch_prints_no_fx_traceback(capfd):
+    torch.manual_seed(0)
+    with pytest.raises(quantfx.CalibrationError, match="batch 0"):
+        quantfx.quantize(zoo.ResNetSmall().eval(), "finn", example_inputs=X,
+                         calibration_data=[torch.randn(2, 5, 32, 32)], progress=False)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ShapeProp" not in err, err
 
 
 def test_a_changed_layer_or_graph_invalidates_the_record():
