@@ -89,11 +89,12 @@ def quantized_engine(name: str):
 def quantize_as_fake_quant(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
                            signed: bool) -> torch.Tensor:
     """``clamp(round(x / scale) + zp)`` as a quantized tensor: the fake-quant model's rounding (half to even
-    of the float32 quotient), where ``quantize_per_tensor`` rounds ``x * (1 / scale)``."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    if signed:
-        return torch._make_per_tensor_quantized_tensor(q.to(torch.int8), scale, zero_point)
-    return torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), scale, zero_point)
+    of the float32 quotient), where ``quantize_per_tensor`` rounds ``x * (1 / scale)``. The integers ``k`` are
+    handed to ``quantize_per_tensor`` as ``fl(k x scale)``, which any of its code paths (``x x fl(1 / scale)``,
+    with or without a fused ``+ zp``, or ``x / scale``) rounds back to ``k``: off by at most ``|k| x 2^-22``, and
+    ``|k| <= 255``. Two float passes fewer than rounding, shifting and converting the codes here."""
+    k = torch.round(x / scale).clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
+    return torch.quantize_per_tensor(k, scale, zero_point, torch.qint8 if signed else torch.quint8)
 
 
 @torch.fx.wrap

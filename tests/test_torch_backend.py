@@ -1,5 +1,6 @@
 """torch target: lowering to PyTorch's quantized modules and ops, fidelity in LSBs against the fake-quant model
 (outputs and every activation quantizer), the TorchScript file loaded without quantfx, engines, fallbacks, errors."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,25 @@ def test_an_add_quantized_add_would_round_otherwise_runs_in_float():
     for seed in range(3):
         x = torch.randn(256, 3, generator=torch.Generator().manual_seed(seed))
         assert quantfx.verify(q, program, x).max_error_lsb == 0.0
+
+
+@pytest.mark.parametrize("signed, zero_point", [(False, 0), (False, 77), (False, 255), (True, 0), (True, -20)])
+def test_input_quantization_rounds_as_the_fake_quant_model(signed, zero_point):
+    """The lowered quantize (quantize_per_tensor of fl(k x s)) gives round-half-even(x / s) + zp, clamped, on
+    rounding ties, their float32 neighbours, values far past the range and infinities, for scales that are and
+    are not powers of two; quantize_per_tensor(x, s) itself rounds x * (1 / s) and parts from it at ties."""
+    from quantfx.targets.torch_quantized import quantize_as_fake_quant
+    lo, hi = (-128, 127) if signed else (0, 255)
+    parted = 0
+    for scale in (0.0173, 2.0 ** -5, 0.1, 3.7e-4):
+        s = float(torch.tensor(scale, dtype=torch.float32))
+        ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * s
+        x = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1),
+                       torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 200 * s,
+                       torch.tensor([1e30, -1e30, math.inf, -math.inf])])
+        want = torch.clamp(torch.round(x / s) + zero_point, lo, hi)
+        got = quantize_as_fake_quant(x, s, zero_point, lo, hi, signed).int_repr().float()
+        assert torch.equal(got, want), (scale, int((got != want).sum()))
+        plain = torch.quantize_per_tensor(x[:-2], s, zero_point, torch.qint8 if signed else torch.quint8)
+        parted += int((plain.int_repr().float() != want[:-2]).sum())
+    assert parted > 0  # the plain kernel would not do
