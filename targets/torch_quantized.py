@@ -10,7 +10,10 @@ How each part of the compiled graph runs (``TorchProgram.report`` lists every no
   ``b_int x (input scale x weight scale)`` chosen so that the engine's ``bias / (input scale x weight scale)``
   gives back ``b_int`` exactly. fbgemm then computes ``rne(float(acc + b_int) x m) + zp`` with the float32
   multiplier ``m = s_in x s_w / s_out``: the integers of the profile's ``requant='multiplier'`` fake-quant model.
-  An activation range narrower than the dtype's (7 bits in a quint8) adds a quantized ``clamp``.
+  Where no float32 bias gives its integer back, fbgemm adds the nearest quotient ``fl(b / (s_in x s_w))``, and
+  so does the fake-quant model of ``requant='multiplier_float_bias'`` (the fbgemm and x86 profiles).
+  An activation range narrower than the dtype's (7 bits in a quint8: the W8A7 scheme) adds a quantized
+  ``clamp``; the default W7A8 scheme uses the whole quint8 range and needs none.
 - residual add read by an identity / ReLU quantizer: ``quantized::add`` / ``add_relu``;
 - ``cat`` of tensors on one grid (shared quantizer): quantized ``torch.cat``; max pooling, flatten / view /
   reshape / permute / transpose / squeeze / chunk / split / slicing: on the quantized tensors;
@@ -86,21 +89,26 @@ def quantized_engine(name: str):
 def quantize_as_fake_quant(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
                            signed: bool) -> torch.Tensor:
     """``clamp(round(x / scale) + zp)`` as a quantized tensor: the fake-quant model's rounding (half to even
-    of the float32 quotient), where ``quantize_per_tensor`` rounds ``x * (1 / scale)``."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    if signed:
-        return torch._make_per_tensor_quantized_tensor(q.to(torch.int8), scale, zero_point)
-    return torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), scale, zero_point)
+    of the float32 quotient), where ``quantize_per_tensor`` rounds ``x * (1 / scale)``. The integers ``k`` are
+    handed to ``quantize_per_tensor`` as ``fl(k x scale)``, which any of its code paths (``x x fl(1 / scale)``,
+    with or without a fused ``+ zp``, or ``x / scale``) rounds back to ``k``: off by at most ``|k| x 2^-22``, and
+    ``|k| <= 255``. Two float passes fewer than rounding, shifting and converting the codes here."""
+    k = torch.round(x / scale).clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
+    return torch.quantize_per_tensor(k, scale, zero_point, torch.qint8 if signed else torch.quint8)
 
 
 @torch.fx.wrap
-def requantize_accumulator(acc: torch.Tensor, multiplier: torch.Tensor, scale: float, zero_point: int, qmin: int,
-                           qmax: int, relu: bool) -> torch.Tensor:
-    """An exact integer accumulator requantized as the fake-quant model's ``requant='multiplier'`` does (and
-    the engine's quantized layers): ``rne(float32(acc) x m) + zp``, clamped, as a quint8 tensor."""
+def requantize_accumulator(acc: torch.Tensor, acc_bias: torch.Tensor, bias_quotient: torch.Tensor,
+                           multiplier: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                           relu: bool) -> torch.Tensor:
+    """An exact integer accumulator (bias integers ``acc_bias`` included) requantized as the fake-quant model's
+    ``requant='multiplier'`` / ``'multiplier_float_bias'`` do (and the engine's quantized layers):
+    ``rne(fl(fl(acc - b_int) + q) x m) + zp``, clamped, as a quint8 tensor; ``q`` is the bias integer itself, or
+    under fbgemm the float32 quotient its float bias gives."""
+    t = (acc - acc_bias).float() + bias_quotient
     if relu:
-        acc = torch.clamp(acc, min=0.0)
-    v = torch.clamp(acc.float() * multiplier, qmin - zero_point, qmax - zero_point)
+        t = torch.clamp(t, min=0.0)
+    v = torch.clamp(t * multiplier, qmin - zero_point, qmax - zero_point)
     q = torch.round(v) + zero_point
     return torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), scale, zero_point)
 
@@ -399,8 +407,11 @@ class TorchLowering(Lowering):
         name = self.add_module(node.target, qlayer)
         why = [self._accumulator_note(node, layer, x)]
         if inexact:
+            modelled = (self.profile or TORCH).requant == "multiplier_float_bias"
             why.append(f"{inexact} bias integer(s) have no exact float32 form: the engine adds them off by up to "
-                       f"{residual:.2g} of an accumulator step, which moves an output by 1 only next to a rounding tie")
+                       f"{residual:.2g} of an accumulator step, " + (
+                           "as the fake-quant model does (requant='multiplier_float_bias')" if modelled else
+                           "which moves an output by 1 only next to a rounding tie"))
         self.note(node, type(qlayer).__name__, why="; ".join(w for w in why if w))
         self.note(act_node, f"requantized by {name}")
         return self.clamp_to(_Q(self.graph.call_module(name, (x.node,)), scale, zp, False), m.act_quant)
@@ -440,9 +451,16 @@ class TorchLowering(Lowering):
                       scale, zp, False)
         mult = acc_scale.float() * (1.0 / s_out) if m.requant == "inverse_multiplier" else acc_scale.float() / s_out
         mult = self.buffer(act_node.name + "_multiplier", mult)
+        if b_node is None:
+            b_node = quotient = self.buffer(act_node.name + "_no_bias", torch.zeros((), dtype=torch.float64))
+        else:
+            b_int = self.root.get_buffer(b_node.target)
+            q = qf.float32_bias(b_int, acc_scale)[1] if m.requant == "multiplier_float_bias" else b_int.float()
+            quotient = self.buffer(act_node.name + "_bias_quotient", q)
         self.note(act_node, "requantize in float", "float",
                   "its layer has no quantized module: the exact accumulator x one float32 multiplier")
-        return _Q(self.call(requantize_accumulator, acc, mult, scale, zp, lo, hi, relu), scale, zp, False)
+        return _Q(self.call(requantize_accumulator, acc, b_node, quotient, mult, scale, zp, lo, hi, relu),
+                  scale, zp, False)
 
     def _quantized_module(self, layer, relu: bool) -> nn.Module:
         if isinstance(layer, nn.Linear):
@@ -489,19 +507,10 @@ class TorchLowering(Lowering):
             raise TargetError(f"torch: {node.target}: bias integers reach {int(ints.abs().max())}, past float32's "
                               "exact integers (2^24), which the engine's float32 bias cannot carry; give the layer "
                               "fewer weight bits or keep it float (overrides={name: None})")
-        want = ints.float()
-        b = want * s
         if (self.profile or TORCH).requant == "float_bias":  # oneDNN adds b itself after scaling: the fake-quant model's b
-            return b, 0, 0.0
-        best, err = b.clone(), (b / s - want).abs()
-        up, down = b, b
-        for _ in range(4):
-            up = torch.nextafter(up, torch.full_like(up, math.inf))
-            down = torch.nextafter(down, torch.full_like(down, -math.inf))
-            for cand in (up, down):
-                e = (cand / s - want).abs()
-                better = e < err
-                best, err = torch.where(better, cand, best), torch.where(better, e, err)
+            return ints.float() * s, 0, 0.0
+        best, quotient = qf.float32_bias(ints, s)
+        err = (quotient - ints.float()).abs()
         return best, int((err > 0).sum()), float(err.max())
 
     def _accumulator_note(self, node, layer, x: _Q) -> str:

@@ -297,7 +297,7 @@ def lsb_errors(q, artefact, x) -> dict:
 
 
 @pytest.mark.parametrize("target,bits", [("finn", (4, 4)), ("finn", (2, 4)), ("onnx", (3, 3)),
-                                         ("torch", (8, 7)), ("dpu", (8, 8))])
+                                         ("torch", (7, 8)), ("dpu", (8, 8))])
 def test_every_method_exports_and_verifies_at_zero_lsb(target, bits, tmp_path):
     model = small_net()
     q = quantize(model, target, w=bits[0], a=bits[1], bias_correction=True, weight_rounding="nearest")

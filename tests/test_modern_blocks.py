@@ -17,7 +17,7 @@ machine (dB, 8 bits, batch of 4 random images, seed 0):
 | ViT-like, matmul + softmax | 32.9 | 28.3 | 32.6 | TargetError (LayerNorm float island) |
 | ViT-like, SDPA | 32.6 | 28.0 | 31.0 | TargetError (LayerNorm float island) |
 
-The bounds below are those figures less 3 dB (torch runs 7-bit activations on fbgemm, dpu power-of-two scales).
+The bounds below are those figures less 3 dB (torch measured at W8A7 on fbgemm, before its W7A8 default; dpu power-of-two scales).
 """
 import copy
 import operator

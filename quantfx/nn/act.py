@@ -31,7 +31,9 @@ class QuantAct(nn.Module):
         # with one float32 multiplier, as onnxruntime does (set by the compiler on requant='multiplier' targets);
         # "inverse_multiplier" computes the multiplier with the reciprocal of the output scale, as qnnpack does;
         # "float_bias" scales the accumulator without its bias, adds the bias in float32, then multiplies by the
-        # reciprocal of the output scale, as oneDNN does (quantfx.quant.functional.requantize_bias_after)
+        # reciprocal of the output scale, as oneDNN does (quantfx.quant.functional.requantize_bias_after);
+        # "multiplier_float_bias": one multiplier, the bias added as the float32 quotient fbgemm adds
+        # (quantfx.quant.functional.requantize_multiplier with acc_bias)
         self.requant = "float"
 
     def act_fn(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,10 +82,10 @@ class QuantAct(nn.Module):
                 ints = qf.requantize_bias_after(acc, acc_scale, acc_bias, scale.detach(), zp.detach(), qmin, qmax,
                                                 relu=isinstance(self, QuantReLU))
             else:
-                if isinstance(self, QuantReLU):
-                    acc = torch.clamp(acc, min=0.0)
                 ints = qf.requantize_multiplier(acc, acc_scale, scale.detach(), zp.detach(), qmin, qmax,
-                                                inverse=self.requant == "inverse_multiplier")
+                                                inverse=self.requant == "inverse_multiplier",
+                                                acc_bias=acc_bias if self.requant == "multiplier_float_bias" else None,
+                                                relu=isinstance(self, QuantReLU))
             value = (ints - zp.detach()) * scale.detach()
         if plain is not None:
             value = plain.value + (value - plain.value).detach()

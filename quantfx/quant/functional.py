@@ -71,15 +71,47 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int, rounding: str) -> tor
     return (q - zero_point) * scale
 
 
+def float32_bias(ints, acc_scale, ulps: int = 4):
+    """(b, q): for bias integers ``ints`` on the float32 accumulator scale ``acc_scale`` (broadcastable), the float32
+    bias ``b`` (``ints x acc_scale`` or up to ``ulps`` float32 steps from it) whose float32 quotient
+    ``q = fl(b / acc_scale)`` is nearest the integer, and that quotient. fbgemm takes a float bias and adds
+    ``fl(b / acc_scale)`` to the float32 accumulator: for most scales ``q`` is the integer itself, for some no
+    float32 ``b`` gives it back and ``q`` is about an ulp of the integer off (PyTorch's fbgemm engine)."""
+    want = ints.float()
+    s = acc_scale.float().expand_as(want) if acc_scale.numel() > 1 else acc_scale.float()
+    best = want * s
+    quotient = best / s
+    err = (quotient - want).abs()
+    up, down = best, best
+    for _ in range(ulps):
+        up = torch.nextafter(up, torch.full_like(up, math.inf))
+        down = torch.nextafter(down, torch.full_like(down, -math.inf))
+        for cand in (up, down):
+            q = cand / s
+            e = (q - want).abs()
+            better = e < err
+            best, quotient, err = torch.where(better, cand, best), torch.where(better, q, quotient), \
+                torch.where(better, e, err)
+    return best, quotient
+
+
 def requantize_multiplier(acc, acc_scale, scale, zero_point, qmin: int, qmax: int,
-                          inverse: bool = False) -> torch.Tensor:
+                          inverse: bool = False, acc_bias=None, relu: bool = False) -> torch.Tensor:
     """Integers of an integer accumulator ``acc`` (exact, any float dtype) requantized the way onnxruntime's
     QLinearConv/QGemm do it: one float32 multiplier ``m = (acc_scale / scale)`` in float32
     (``acc_scale`` = input scale x weight scale, itself a float32 product), ``rne(float32(acc) * m)`` clamped
     to the range, plus the zero point. ``inverse``: ``m = acc_scale x float32(1 / scale)`` (PyTorch's qnnpack).
-    No gradient (an exact model of the runtime, used in eval mode)."""
+    ``acc_bias`` (the bias integers ``acc`` includes): the bias added as fbgemm adds its float bias,
+    ``rne(fl(fl(acc - b_int) + q) x m)`` with ``q`` of :func:`float32_bias` (PyTorch's fbgemm engine).
+    ``relu``: the sum clamped at 0 first. No gradient (an exact model of the runtime, used in eval mode)."""
     m = acc_scale.float() * (1.0 / scale.float()) if inverse else acc_scale.float() / scale.float()
-    v = acc.float() * m
+    if acc_bias is None:
+        t = acc.float()
+    else:
+        t = (acc - acc_bias).float() + float32_bias(acc_bias, acc_scale)[1]
+    if relu:
+        t = torch.clamp(t, min=0.0)
+    v = t * m
     v = torch.minimum(torch.maximum(v, qmin - zero_point.float()), qmax - zero_point.float())
     return torch.round(v) + zero_point.float()
 
