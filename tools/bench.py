@@ -334,7 +334,7 @@ def accuracy_section(args, avail) -> None:
           f"the first 512 training images in 8 batches of 64, the same for every tool. float {qs.accuracy(ref, y_te):.2f}%")
     print("quantfx: each target's file run in its own runtime (qonnx, onnxruntime, PyTorch), its defaults but the "
           "widths (weights, activations and the input at W/A bits; at 8 bits the target's own defaults, e.g. onnx "
-          "7-bit weight magnitudes, torch 7-bit activations); torch.ao: int8 kernels at W8A8, fake-quant below; "
+          "7-bit weight magnitudes, torch W7A8); torch.ao: int8 kernels at W8A8, fake-quant below; "
           "Brevitas: its fake-quant model (tools/baselines.py)")
     print("| tool | " + " | ".join(f"W{b}A{b} acc % | W{b}A{b} SQNR dB" for b in args.bits) + " |")
     print("|---|" + "---|---|" * len(args.bits))
