@@ -228,8 +228,8 @@ def _one_round(gm) -> list[Change]:
                 if new != old:
                     set_pos(q, new)
                     changes.append(Change(node.name, what, old, new, rule, limit))
-        elif hard_swish_parts(gm, node) is not None:
-            x, h = hard_swish_parts(gm, node)
+        elif (parts := hard_swish_parts(gm, node)) is not None:
+            x, h = parts
             qx, qh, (qo, _) = g.act_quantizer(x), g.act_quantizer(h), g.reader_quantizer(node)
             if qx is None or qh is None or qo is None:
                 continue
