@@ -201,7 +201,6 @@ def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, l
     v = -torch.log((ZETA - GAMMA) / (rest.clamp(1e-4, 1 - 1e-4) - GAMMA) - 1)
     v = nn.Parameter(v)
     opt = torch.optim.Adam([v], lr=lr)
-    n = x_quant.shape[0]
     warmup = iterations // 5
     step = _Steps(layer, x_quant, target, batch_size, gen)
 

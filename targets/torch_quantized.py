@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import operator
 import zipfile
 from dataclasses import dataclass, field

@@ -16,7 +16,7 @@ from quantfx.graph import is_act_quant
 from quantfx.passes.equalize_cross_layer import in_ranges, out_ranges
 from quantfx.targets import int16_pairs
 from quantfx.weight_rounding import adaround, float_view
-from quantfx.zoo import _randomize_bn, example_input
+from quantfx.zoo import _randomize_bn
 
 ITERATIONS = 100  # learned-rounding steps per layer in these tests (the default is 1000)
 

@@ -25,7 +25,6 @@ import copy
 import gc
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
