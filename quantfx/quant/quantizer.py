@@ -1,6 +1,8 @@
 """The ``Quantizer`` module: a spec made runnable, with its statistics and learned scale as state."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -73,7 +75,9 @@ class Quantizer(nn.Module):
         if self.scaling_per_output_channel:
             parts.append(f"per_channel(axis={self.channel_axis})")
         if self.zero_point_type == "asymmetric":
-            parts.append("asym")
+            parts.append("asym, even zero point" if getattr(self, "even_zero_point", False) else "asym")
+        if getattr(self, "scale_step", None) is not None:
+            parts.append(f"scale_step=2^{round(math.log2(self.scale_step))}")
         if self.kind == "bias":
             parts.append(self.bias_scaling)
         return ", ".join(parts)
@@ -141,20 +145,35 @@ class Quantizer(nn.Module):
         qmin, qmax = self.int_range()
         if scale is not None:
             if self.zero_point_type == "asymmetric":
-                return scale, torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+                return scale, self._zero_point(lo, scale)
             return scale, torch.zeros_like(scale)
         if self.bit_width == 1:
             scale, zp = hi, torch.zeros_like(hi)
         elif self.zero_point_type == "asymmetric":
-            scale = qf.scale_of_range((hi - lo) / (qmax - qmin))
-            zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+            # the zero point of the scale in use (a power of two's, where it is one)
+            scale = self._restrict(qf.scale_of_range((hi - lo) / (qmax - qmin)))
+            zp = self._zero_point(lo, scale)
         else:
             top = torch.maximum(hi, -lo) if self.signed else hi
             scale, zp = top / qmax, torch.zeros_like(top)
-        scale = qf.scale_of_range(scale)
+        return self._restrict(qf.scale_of_range(scale)), zp
+
+    def _zero_point(self, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The asymmetric zero point that puts the low end ``lo`` on the grid (an even one if asked)."""
+        qmin, qmax = self.int_range()
+        if getattr(self, "even_zero_point", False):
+            return torch.clamp(2 * torch.round((qmin - lo / scale) / 2), qmin + qmin % 2, qmax - qmax % 2)
+        return torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+
+    def _restrict(self, scale: torch.Tensor) -> torch.Tensor:
+        """The scale as ``scale_type`` and ``scale_step`` allow it: rounded up to a power of two or to a multiple
+        of the step (a no-op on a scale that already is one)."""
         if self.scale_type == "po2":
-            scale = qf.po2_ste(scale)
-        return scale, zp
+            return qf.po2_ste(scale)
+        step = getattr(self, "scale_step", None)
+        if step is not None:
+            scale = scale + (torch.ceil(scale.detach() / step) * step - scale).detach()
+        return scale
 
     # -- scale -----------------------------------------------------------------------------------------
 
@@ -168,22 +187,16 @@ class Quantizer(nn.Module):
             if self.zero_point_type == "asymmetric":
                 self.stat = stat  # the observed low end places the zero point
             self.calibrated.fill_(True)
-        scale = self.scale_param.abs().clamp(min=qf.TINY)
-        if self.scale_type == "po2":
-            scale = qf.po2_ste(scale)
+        scale = self._restrict(self.scale_param.abs().clamp(min=qf.TINY))
         if self.zero_point_type == "asymmetric" and self.stat.numel():
             # the zero point follows the learned scale: the observed low end stays representable
-            qmin, qmax = self.int_range()
-            zp = torch.clamp(qmin - torch.round(self.stat[0] / scale.detach()), qmin, qmax)
-            return scale, zp
+            return scale, self._zero_point(self.stat[0], scale.detach())
         return scale, torch.zeros_like(scale)
 
     def qparams(self, x: torch.Tensor | None = None):
         """(scale, zero_point) for tensor x; shapes 0-d or [C]. x may be None where state suffices."""
         if self.fixed_scale is not None:
-            s = torch.tensor(float(self.fixed_scale))
-            if self.scale_type == "po2":  # a po2 quantizer's scale is a power of two, a fixed one too
-                s = qf.po2_ste(s)
+            s = self._restrict(torch.tensor(float(self.fixed_scale)))  # a po2 quantizer's fixed scale is one too
             return s, torch.zeros_like(s)
         if self.learned_scale:
             return self._learned(x)

@@ -10,6 +10,8 @@ slot's prefix (``weight_bit_width=4``) override the spec; a keyword always wins.
 """
 from __future__ import annotations
 
+import math
+
 from ..errors import QuantArgumentError
 
 KINDS = ("weight", "act", "bias")
@@ -37,9 +39,15 @@ class QuantSpec:
     signed = True
     narrow_range = False
     scale_type = "float"
+    # the scale rounded up to a multiple of this power of two (a weight scale on the grid that makes its layer's
+    # requantization multiplier exact: set per layer by the torch target's 'x86' profile); None: no grid
+    scale_step = None
     scaling_per_output_channel = False
     channel_axis = None  # None: 0 for weights, 1 for activations
     zero_point_type = "symmetric"
+    # an asymmetric zero point rounded to an even integer: then rounding half to even before adding it or after
+    # gives the same integer (PyTorch's fbgemm adds it after, oneDNN before)
+    even_zero_point = False
     rounding = "half_even"
     scale_stat = "max"
     percentile = 99.99
@@ -82,7 +90,11 @@ def validate(f: dict, where: str = "quantizer") -> None:
     _choice(f, "rounding", ROUNDINGS, where)
     _choice(f, "scale_stat", SCALE_STATS, where)
     _choice(f, "bias_scaling", BIAS_SCALINGS, where)
-    for name in ("signed", "narrow_range", "scaling_per_output_channel", "learned_scale"):
+    step = f["scale_step"]
+    if step is not None and (isinstance(step, bool) or not isinstance(step, float) or not step > 0
+                             or step != 2.0 ** round(math.log2(step))):
+        raise QuantArgumentError(f"{where}: scale_step={step!r} is not allowed; use None or a power of two")
+    for name in ("signed", "narrow_range", "scaling_per_output_channel", "learned_scale", "even_zero_point"):
         if not isinstance(f[name], bool):
             raise QuantArgumentError(f"{where}: {name}={f[name]!r} is not allowed; use True or False")
     ax = f["channel_axis"]
