@@ -219,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bit-width", type=int)
     q.add_argument("--act-bit-width", type=int)
     q.add_argument("--bias-bit-width", type=int)
-    q.add_argument("--engine", choices=["fbgemm", "x86", "qnnpack", "onednn"], default=None,
-                   help="torch target: PyTorch's quantized engine (default fbgemm: the same integers on every x86 CPU)")
+    q.add_argument("--engine", choices=["x86", "fbgemm", "qnnpack", "onednn"], default=None,
+                   help="torch target: PyTorch's quantized engine (default x86: oneDNN on VNNI CPUs, fbgemm "
+                        "elsewhere, the same integers on every x86 CPU)")
     q.add_argument("--cpu", choices=["any", "vnni"],
                    help="onnx/torch: 'any' (default) is exact on every CPU; 'vnni' allows 8-bit weights, for "
                         "deployments on AVX512-VNNI/AVX-VNNI x86 or ARM only")

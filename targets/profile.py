@@ -85,6 +85,12 @@ class TargetProfile:
     # between a dequantization and a requantization; False: only monotonic ones (a quantizer after them is a
     # threshold), the others are refused
     float_islands_allowed: bool = True
+    # every conv/linear requantization exact in float32, so that kernels computing it in other float orders
+    # (fbgemm: rne((acc + b) x m) + zp; oneDNN: rne((acc x s + b) x 1/s_out + zp)) give the same integers:
+    # power-of-two activation scales, even zero points, each weight scale on the grid that puts the multiplier
+    # on multiples of 2^-15 (set after calibration; targets/torch_quantized.exact_requant_grid). PyTorch's 'x86'
+    # engine runs oneDNN convolutions on CPUs with AVX512-VNNI and fbgemm elsewhere
+    exact_requant: bool = False
     # "dpu": LeakyReLU fused into the layer or add before it (one quantizer, at its output: swap_modules) with
     # its slope in 1/256, hard-sigmoid/swish with 2731/2^14, average pools of non-power-of-two areas as
     # sum x k/2^n, as the DPU computes them (passes/approximate_activations.py); "exact": as written
@@ -204,20 +210,30 @@ class Int8WeightPerChannelFullRange(Q.Int8WeightPerChannelFloat):
     narrow_range = False
 
 
+class Uint8ActPerTensorPo2AsymEven(Q.Uint8ActPerTensorFloatAsym):
+    """8-bit unsigned activations with a power-of-two scale and an even zero point (the torch target's 'x86'
+    profile: its requantizations are exact in float32, whichever kernel computes them)."""
+    scale_type = "po2"
+    even_zero_point = True
+
+
 TORCH = register_profile(TargetProfile(
     name="torch", weight_quant=Int8WeightPerChannelFullRange,
-    act_quant=Q.Uint8ActPerTensorFloatAsym, act_quant_unsigned=Q.Uint8ActPerTensorFloatAsym, bias_scaling="external",
-    bias_bit_width=32,
+    act_quant=Uint8ActPerTensorPo2AsymEven, act_quant_unsigned=Uint8ActPerTensorPo2AsymEven,
+    bias_scaling="external", bias_bit_width=32,
     avgpool="requant", weight_bit_width=7, weight_bit_range=(7, 8), act_bit_range=(7, 8),
-    zero_point_allowed=True, pair_kernels=True, requant="multiplier_float_bias", options={"engine": "fbgemm"},
+    zero_point_allowed=True, pair_kernels=True, requant="multiplier_float_bias", exact_requant=True,
+    options={"engine": "x86"},
     runtime="PyTorch's quantized engine", weight_signed=True, act_rounding=("half_even",),
     bias_modes_allowed=("external",),
-    description="PyTorch quantized ops: int8 per-channel weights with 7-bit magnitudes (|w| <= 64) and full 8-bit "
-                "quint8 activations with zero point on x86/fbgemm, so that no int16 pair sum of their AVX2 "
-                "kernels saturates (255 x 128 <= 32767); 8-bit weights on qnnpack"))
+    description="PyTorch quantized ops on the x86 engine: int8 per-channel weights with 7-bit magnitudes "
+                "(|w| <= 64) and full 8-bit quint8 activations with power-of-two scales and even zero points, "
+                "so that no int16 pair sum of the AVX2 kernels saturates (255 x 128 <= 32767) and fbgemm and "
+                "oneDNN, which the engine picks by CPU, compute every requantization exactly; 8-bit weights on "
+                "qnnpack"))
 
 
-def torch_profile(engine: str = "fbgemm") -> TargetProfile:
+def torch_profile(engine: str = "x86") -> TargetProfile:
     """The torch profile for a quantized engine: 7-bit weights (|w| <= 64) and 8-bit activations on
     x86/fbgemm, whose AVX2 kernels sum u8 x s8 products in saturating int16 pairs (255 x (64 + 64) =
     32640 fits, so the kernel's own quint8 output range is the model's and no clamp is needed); 8-bit weights
@@ -225,17 +241,23 @@ def torch_profile(engine: str = "fbgemm") -> TargetProfile:
     former default, ``weight_bit_width=8, act_bit_width=7, input_bit_width=7``, and onednn's) fit too, at the
     price of a quantized clamp after every layer (BENCHMARKS.md: the torch target).
 
-    fbgemm (the default) runs the same kernels and float32 requantization on every x86 CPU with AVX2, so its
-    files give the same integers on all of them. PyTorch's 'x86' engine runs fbgemm on CPUs without AVX512-VNNI
-    but oneDNN convolutions on CPUs with it, whose requantization ``(acc x s + b) x (1 / s_out)`` parts from
-    fbgemm's at rounding ties: an 'x86' file is exact where fbgemm runs (README: the torch target). The 'onednn'
-    profile models oneDNN's arithmetic itself (``requant='float_bias'``)."""
+    'x86' (the default) is PyTorch's x86 engine: fbgemm kernels on CPUs without AVX512-VNNI (and off Linux),
+    oneDNN convolutions on Linux CPUs with it. Their requantizations round in other float orders (fbgemm
+    ``rne(fl(acc + b) x m) + zp``, oneDNN ``rne(fl(fl(acc x s) + b) x (1 / s_out) + zp)``), so the profile makes
+    every step exact (``exact_requant``): power-of-two activation scales, even zero points, and after calibration
+    each weight scale on the grid that puts the layer's multiplier on multiples of 2^-15; then both compute the
+    exact rational and its rounding, on every x86 CPU. 'fbgemm' keeps float activation scales (0.8 dB more SQNR
+    on the ResNet-18 benchmark model) and runs fbgemm everywhere, slower on VNNI CPUs. The 'onednn' profile
+    models oneDNN's float order itself (``requant='float_bias'``)."""
     if engine not in ENGINES:
         raise QuantArgumentError(f"torch target: engine={engine!r}; use one of {', '.join(ENGINES)}")
-    # onednn keeps 8-bit weights on 7-bit activations: at W7A8 its 1x1 convolutions part from the modelled
-    # arithmetic at rare ties (1 value of 24,576-65,536 in MobileNetV2's expand layers), at W8A7 they do not
-    w_bits, a_bits = {"qnnpack": (8, 8), "onednn": (8, 7)}.get(engine, (7, 8))
+    # onednn computes exact requantizations too: modelling its float order alone (float activation scales) left
+    # its 1x1 convolutions parting at rare ties at W7A8 and its AVX2 kernels parting from its AVX512 ones
+    w_bits, a_bits = {"qnnpack": (8, 8)}.get(engine, (7, 8))
+    exact = engine in ("x86", "onednn")
+    act = TORCH.act_quant if exact else Q.Uint8ActPerTensorFloatAsym
     return dataclasses.replace(TORCH, weight_bit_width=w_bits, act_bit_width=a_bits, input_bit_width=a_bits,
+                               act_quant=act, act_quant_unsigned=act, exact_requant=exact,
                                pair_kernels=engine != "qnnpack",
                                requant={"qnnpack": "inverse_multiplier", "onednn": "float_bias"}.get(
                                    engine, "multiplier_float_bias"),

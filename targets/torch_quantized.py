@@ -31,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import operator
 import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
@@ -244,6 +246,7 @@ class TorchLowering(Lowering):
         self._weights: dict = {}  # id(layer) -> weight_ints(layer)
         self._deferred_why: dict = {}  # add node -> why it was not fused
         self._acc: dict = {}  # layer node -> (exact accumulator node, float32 accumulator scale)
+        self._inexact: dict = {}  # layer node -> why its requantization would not be exact in every kernel
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -391,9 +394,20 @@ class TorchLowering(Lowering):
         if not x.quantized:
             return None
         relu = isinstance(m, QuantReLU)
-        if isinstance(layer, _TRANSPOSED) and (relu or layer.weight_quant.scaling_per_output_channel):
-            return None  # no ConvTransposeReLU; per-channel transposed weights are not packed by fbgemm
+        if isinstance(layer, _TRANSPOSED) and (relu or layer.weight_quant.scaling_per_output_channel or
+                                               (self.profile or TORCH).exact_requant):
+            # no ConvTransposeReLU; per-channel transposed weights are not packed by fbgemm; the x86 engine packs
+            # per-tensor ones with oneDNN on VNNI CPUs, whose quantized deconvolutions and fbgemm's give other
+            # integers on some shapes (a grouped 1x1 one: up to 193 LSB): the exact accumulator instead
+            if (self.profile or TORCH).exact_requant:
+                self._inexact[node] = "a transposed convolution, packed by oneDNN or fbgemm by CPU"
+            return None
         scale, zp = _qparams(m.act_quant)
+        if (self.profile or TORCH).exact_requant:
+            problems = self._exact_requant_problems(node, layer, x, scale, zp)
+            if problems:
+                self._inexact[node] = "; ".join(problems)
+                return None
         # constructing a quantized module packs an empty weight; qnnpack's packing is deferred to the first run,
         # so construct under it and pack the real weight once, with the target's engine
         cheap = "qnnpack" if "qnnpack" in torch.backends.quantized.supported_engines else self.engine
@@ -413,7 +427,35 @@ class TorchLowering(Lowering):
                            "which moves an output by 1 only next to a rounding tie"))
         self.note(node, type(qlayer).__name__, why="; ".join(w for w in why if w))
         self.note(act_node, f"requantized by {name}")
-        return self.clamp_to(_Q(self.graph.call_module(name, (x.node,)), scale, zp, False), m.act_quant)
+        return self.relu6_cap(self.clamp_to(_Q(self.graph.call_module(name, (x.node,)), scale, zp, False),
+                                            m.act_quant), m)
+
+    def _exact_requant_problems(self, node, layer, x: _Q, scale: float, zp: int) -> list[str]:
+        _, w_scale = self.weight_ints(layer)
+        pos, neg = self._channel_sums(layer)
+        worst = torch.maximum(pos, neg) * self._x_bound(node, x)  # the largest |acc| any input codes give
+        b_int = torch.zeros_like(worst) if layer.bias is None else \
+            self.bias_ints(layer, self.input_scale(node))[0].reshape(-1).double()
+        s_w = w_scale.reshape(-1).float().expand(worst.shape)
+        return exact_requant_problems(float(self.input_scale(node)), s_w.numpy(), scale, zp, b_int.numpy(),
+                                      worst.numpy())
+
+    def _channel_sums(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of positive, sum of |negative|) weight integers per output channel, float64, computed once."""
+        key = ("sums", id(layer))
+        if key not in self._weights:
+            ints, _ = self.weight_ints(layer)
+            axis = 1 if isinstance(layer, _TRANSPOSED) else 0
+            rows = ints.transpose(0, axis).reshape(ints.shape[axis], -1).float()  # exact: |sums| < 2^24
+            total, size = rows.sum(1).double(), rows.abs().sum(1).double()
+            self._weights[key] = ((size + total) / 2, (size - total) / 2)
+        return self._weights[key]
+
+    def _x_bound(self, node, x: _Q) -> int:
+        """The largest |input code - zero point| of a layer's input."""
+        meta = qmeta(node.args[0])
+        lo, hi = (0, 255) if meta.bit_width is None else qf.int_range(meta.bit_width, meta.signed, meta.narrow)
+        return max(abs(lo - x.zero_point), abs(hi - x.zero_point))
 
     def _multiplier_requant(self, node, m) -> bool:
         """Whether the fake-quant model requantizes this layer's exact accumulator into ``m`` with one
@@ -424,9 +466,14 @@ class TorchLowering(Lowering):
                 not layer.exact_integer_form() or meta.scale is None or meta.scale.numel() != 1:
             return False
         if isinstance(m, QuantReLU) and m.max_val is not None:
-            scale, zp = m.act_quant.qparams(None)
-            return bool(torch.all((m.act_quant.int_range()[1] - zp) * scale <= m.max_val))
+            return m.code_cap(*m.act_quant.qparams(None)) is not False
         return True
+
+    def relu6_cap(self, y: _Q, m) -> _Q:
+        """A quantized ``clamp`` at the ReLU6's 6 where its grid passes 6 on a code (``QuantReLU.code_cap``)."""
+        if not isinstance(m, QuantReLU) or m.code_cap(*m.act_quant.qparams(None)) is None:
+            return y
+        return _Q(self.call(torch.clamp, y.node, 0.0, float(m.max_val)), y.scale, y.zero_point, y.signed)
 
     def _requantize_in_float(self, node, act_node, m) -> Optional[_Q]:
         """A layer with no quantized module (a transposed conv with per-channel weights), its exact accumulator
@@ -456,10 +503,12 @@ class TorchLowering(Lowering):
             b_int = self.root.get_buffer(b_node.target)
             q = qf.float32_bias(b_int, acc_scale)[1] if m.requant == "multiplier_float_bias" else b_int.float()
             quotient = self.buffer(act_node.name + "_bias_quotient", q)
+        why = self._inexact.get(node)
         self.note(act_node, "requantize in float", "float",
-                  "its layer has no quantized module: the exact accumulator x one float32 multiplier")
-        return _Q(self.call(requantize_accumulator, acc, b_node, quotient, mult, scale, zp, lo, hi, relu),
-                  scale, zp, False)
+                  (f"fbgemm and oneDNN could round its requantization differently ({why})" if why else
+                   "its layer has no quantized module") + ": the exact accumulator x one float32 multiplier")
+        return self.relu6_cap(_Q(self.call(requantize_accumulator, acc, b_node, quotient, mult, scale, zp, lo, hi,
+                                           relu), scale, zp, False), m)
 
     def _quantized_module(self, layer, relu: bool) -> nn.Module:
         if isinstance(layer, nn.Linear):
@@ -515,12 +564,8 @@ class TorchLowering(Lowering):
     def _accumulator_note(self, node, layer, x: _Q) -> str:
         """fbgemm adds the bias to float32(accumulator): exact while |acc + bias| < 2^24 (the fake-quant model
         needs |acc| < 2^22). Said in the report where this layer's worst case passes that."""
-        ints, _ = self.weight_ints(layer)
-        meta = qmeta(node.args[0])
-        lo, hi = (0, 255) if meta.bit_width is None else qf.int_range(meta.bit_width, meta.signed, meta.narrow)
-        x_bound = max(abs(lo - x.zero_point), abs(hi - x.zero_point))
-        axis = 1 if isinstance(layer, _TRANSPOSED) else 0
-        worst = float(ints.abs().transpose(0, axis).reshape(ints.shape[axis], -1).sum(1).max()) * x_bound
+        pos, neg = self._channel_sums(layer)
+        worst = float((pos + neg).max()) * self._x_bound(node, x)
         if worst >= 2 ** 22:
             return (f"worst-case accumulator {int(worst)} passes 2^22: inputs that come near it may round "
                     "differently from the fake-quant model")
@@ -724,6 +769,94 @@ class TorchLowering(Lowering):
         return TorchProgram(gm, self.engine, self.report, dict(self.node_values))
 
 
+# -- exact requantization (the 'x86' profile) -----------------------------------------------------------
+
+# a requantization multiplier on multiples of 2^GRID_EXP keeps every float32 step of an in-range output exact
+GRID_EXP = -15
+
+
+def _is_po2(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+def _odd_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, E) with ``x = M x 2^E`` exactly and M odd, for positive float64 ``x``."""
+    frac, exp = np.frexp(x)
+    mant = (frac * 2.0 ** 53).astype(np.int64)
+    tz = np.log2((mant & -mant).astype(np.float64)).astype(np.int64)
+    return mant >> tz, exp.astype(np.int64) - 53 + tz
+
+
+def exact_requant_problems(s_in: float, s_w, s_out: float, zp_out: int, b_int, worst) -> list[str]:
+    """Why a conv/linear's requantization may round differently in fbgemm and oneDNN, or [] when every float32
+    step is exact for it. fbgemm computes ``rne(fl(fl(acc + b) x m)) + zp``, oneDNN ``rne(fl(fl(fl(acc x s) + b
+    x s) x (1 / s_out)) + zp)``, with ``s = s_in x s_w``, ``m = s / s_out``. With s_in and s_out powers of two and
+    ``m = M x 2^E`` (M odd), an output in range has ``|V| = |(acc + b) x m| < 2^8``: then ``(acc + b) x M < 2^(8-E)``
+    and ``|acc| x M < 2^(8-E) + |b| x M``, so both orders are exact while ``2^(8-E) + |b| x M <= 2^24``, and both
+    round the same value; an even zero point makes adding it before rounding (oneDNN) or after (fbgemm) alike. An
+    output out of range stays out of range in both while the rounding errors, below ``(worst + |b|) x m x 2^-22``,
+    stay under half a step. ``s_w``, ``b_int``, ``worst`` (the largest ``|acc|`` any input gives): per channel."""
+    problems = []
+    if not _is_po2(s_in):
+        problems.append(f"input scale {s_in!r} is not a power of two")
+    if not _is_po2(s_out):
+        problems.append(f"output scale {s_out!r} is not a power of two")
+    if zp_out % 2:
+        problems.append(f"output zero point {zp_out} is odd")
+    if problems:
+        return problems
+    m = np.asarray(s_w, dtype=np.float32).astype(np.float64) * s_in / s_out  # float32(s_in x s_w) / s_out: exact
+    mant, exp = _odd_parts(m)
+    b, worst = np.abs(np.asarray(b_int, dtype=np.float64)), np.asarray(worst, dtype=np.float64)
+    bad = np.flatnonzero(2.0 ** (8 - exp) + b * mant > F32_EXACT)
+    if bad.size:
+        c = int(bad[0])
+        return [f"channel {c}: multiplier {m[c]!r} = {mant[c]} x 2^{exp[c]} with bias integer {int(b[c])} leaves "
+                "float32's exact range (its weight scale is off the 2^-15 multiplier grid: calibrate again)"]
+    bad = np.flatnonzero((worst + b) * m > 2.0 ** 21)
+    if bad.size:
+        c = int(bad[0])
+        return [f"channel {c}: worst-case accumulator {int(worst[c])} x multiplier {m[c]:.3g} passes 2^21 output steps"]
+    return []
+
+
+def exact_requant_grid(qmodel) -> None:
+    """After calibration, on a profile with ``exact_requant`` (the torch target's 'x86'): put each conv/linear's
+    weight scale on the grid (``scale_step``) that makes its requantization multiplier ``s_in x s_w / s_out`` a
+    multiple of ``2^E``, E = -15 or coarser where the bias is large (:func:`exact_requant_problems`). A weight
+    scale moves up by at most one step (under 2^-15 / m of itself: about 3 % at m = 2^-10)."""
+    profile = getattr(qmodel, "profile", None)
+    if profile is None or not profile.exact_requant:
+        return
+    steps: dict = {}
+    for node in qmodel.graph.nodes:
+        layer = module_of(qmodel, node) if node.op == "call_module" else None
+        if not isinstance(layer, _QUANT_LAYERS) or len(node.users) != 1 or not layer.weight_quant.is_quant_enabled:
+            continue
+        user = next(iter(node.users))
+        act = module_of(qmodel, user) if user.op == "call_module" else None
+        meta = qmeta(node.args[0])
+        if getattr(act, "act_quant", None) is None or not act.act_quant.is_quant_enabled or meta.scale is None or \
+                meta.scale.numel() != 1:
+            continue
+        s_in = float(meta.scale)
+        s_out = float(act.act_quant.scale(None).reshape(-1)[0])
+        if not (_is_po2(s_in) and _is_po2(s_out)):
+            continue
+        bias = 0.0 if layer.bias is None else float(layer.bias.detach().abs().max()) / s_out
+        exp = max(GRID_EXP, math.ceil(math.log2(256.0 + bias + 2.0)) - 24)
+        q = layer.weight_quant
+        steps[q] = max(steps.get(q, 0.0), 2.0 ** exp * s_out / s_in)
+    for q, step in steps.items():
+        q.scale_step = step
+        q.spec_fields["scale_step"] = step
+        q.__dict__.pop("_wcache", None)
+        q.__dict__.pop("_icache", None)
+    if steps:
+        from quantfx.api import annotate
+        annotate(qmodel)
+
+
 # -- runtime ---------------------------------------------------------------------------------------------
 
 
@@ -788,4 +921,5 @@ def run_program_intermediates(program: TorchProgram, inputs, fx_names) -> dict:
 
 BACKEND = Backend(
     name="torch", lower=_lower, save=save_program, load=load_program, run=run_program,
-    run_with_intermediates=run_program_intermediates, suffix=".pt", check=not_quantfx)
+    run_with_intermediates=run_program_intermediates, suffix=".pt", check=not_quantfx,
+    after_calibration=exact_requant_grid)

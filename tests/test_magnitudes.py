@@ -56,8 +56,10 @@ def unit():
 def test_any_magnitude_keeps_the_unit_scale_sqnr(unit, target, kind, m):
     snr, lsb = quality(target, kind, m)
     ref = unit[target]
-    if quantfx.targets.get_profile(target).power_of_two:
-        # power-of-two grids are invariant under powers of two only: the same mantissa at unit magnitude
+    profile = quantfx.targets.get_profile(target)
+    if profile.power_of_two or profile.act_quant.scale_type == "po2":
+        # power-of-two grids (the dpu's; the torch target's activations) are invariant under powers of two only:
+        # the same mantissa at unit magnitude
         ref = quality(target, kind, m / 2.0 ** math.floor(math.log2(m)))[0]
     assert abs(snr - ref) < 0.5 and unit[target] > 25, (snr, ref, unit[target])
     assert lsb == 0.0

@@ -86,7 +86,7 @@ try:
 except ImportError:
     pass
 import torch
-torch.backends.quantized.engine = 'fbgemm'  # the engine the file records (weights pack at load)
+torch.backends.quantized.engine = 'x86'  # the engine the file records (weights pack at load)
 m = torch.jit.load({str(path)!r})
 torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
 """
@@ -98,7 +98,7 @@ torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r}
     with torch.no_grad():
         assert torch.equal(y, q(x))  # and the fake-quant model's, to the bit
     loaded = load_program(path)
-    assert loaded.engine == "fbgemm" and loaded.report == program.report
+    assert loaded.engine == "x86" and loaded.report == program.report
     assert quantfx.verify(q, path, x).max_error_lsb == 0.0
 
 
@@ -307,7 +307,8 @@ class TiedAdds(nn.Module):
 def test_an_add_quantized_add_would_round_otherwise_runs_in_float():
     torch.manual_seed(3)
     data = [torch.randn(64, 3) for _ in range(3)]
-    q = quantfx.quantize(TiedAdds(), "torch", calibration_data=data, progress=False)
+    # float activation scales (the fbgemm profile): the 'x86' profile's power-of-two grids make no tie here
+    q = quantfx.quantize(TiedAdds(), torch_profile("fbgemm"), calibration_data=data, progress=False)
     program = quantfx.lower(q, (data[0][:1],))
     rows = {r["node"]: r for r in program.report}
     assert rows["add"]["how"] == "float" and "rounding ties" in rows["add"]["why"], program.table()
@@ -337,3 +338,79 @@ def test_input_quantization_rounds_as_the_fake_quant_model(signed, zero_point):
         plain = torch.quantize_per_tensor(x[:-2], s, zero_point, torch.qint8 if signed else torch.quint8)
         parted += int((plain.int_repr().float() != want[:-2]).sum())
     assert parted > 0  # the plain kernel would not do
+
+
+# -- the x86 profile: requantizations exact in float32 -----------------------------------------------------
+
+
+def test_exact_requant_conditions():
+    """exact_requant_problems passes a layer on the grid and names each way off it."""
+    from quantfx.targets.torch_quantized import exact_requant_problems
+    s_w = np.array([3 * 2.0 ** -9, 5 * 2.0 ** -10], dtype=np.float32)   # m = s_in s_w / s_out on 2^-15 multiples
+    b, worst = np.array([100.0, -2000.0]), np.array([1e6, 2e6])
+    assert exact_requant_problems(2.0 ** -6, s_w, 2.0 ** -3, 128, b, worst) == []
+    assert "not a power of two" in exact_requant_problems(0.015, s_w, 2.0 ** -3, 128, b, worst)[0]
+    assert "not a power of two" in exact_requant_problems(2.0 ** -6, s_w, 0.1, 128, b, worst)[0]
+    assert "odd" in exact_requant_problems(2.0 ** -6, s_w, 2.0 ** -3, 127, b, worst)[0]
+    off = np.array([3 * 2.0 ** -9, 0.0012345], dtype=np.float32)  # a float32 scale with 24 significant bits
+    assert exact_requant_problems(2.0 ** -6, off, 2.0 ** -3, 128, b, worst)[0].startswith("channel 1: multiplier")
+    big = np.array([100.0, 2.0 ** 23])
+    assert "bias integer" in exact_requant_problems(2.0 ** -6, s_w, 2.0 ** -3, 128, big, worst)[0]
+    assert "worst-case" in exact_requant_problems(2.0 ** -6, s_w, 2.0 ** -3, 128, b, np.array([1e6, 1e12]))[0]
+
+
+def test_x86_profile_grids_after_calibration():
+    """After calibration every fused layer of an x86 model has power-of-two input and output scales, an even
+    output zero point and its weight scale on the step that puts the multiplier on the 2^-15 grid: the lowering
+    finds no problem on any layer and fuses all of them (no 'requantize in float' in the report)."""
+    from quantfx.graph import module_of
+    from quantfx.targets.torch_quantized import GRID_EXP
+    q = quantized("resnet")
+    program = quantfx.lower(q, (example_input("resnet", batch=1),))
+    assert not [r for r in program.report if r["runs_as"] == "requantize in float"], program.table()
+    steps = 0
+    for node in q.graph.nodes:
+        layer = module_of(q, node) if node.op == "call_module" else None
+        step = getattr(getattr(layer, "weight_quant", None), "scale_step", None)
+        if step is None:
+            continue
+        steps += 1
+        s_w = layer.weight_quant.scale(layer.weight).reshape(-1).double()
+        act = module_of(q, next(iter(node.users))).act_quant
+        s_in, s_out = float(qmeta_scale(node.args[0])), float(act.scale(None))
+        assert math.frexp(s_in)[0] == 0.5 and math.frexp(s_out)[0] == 0.5 and int(act.zero_point(None)) % 2 == 0
+        m = s_w * s_in / s_out
+        assert torch.equal(m / 2.0 ** GRID_EXP, torch.round(m / 2.0 ** GRID_EXP)), node.name
+    assert steps >= 5
+
+
+def qmeta_scale(node):
+    from quantfx.graph import qmeta
+    return qmeta(node).scale
+
+
+def test_relu6_on_a_power_of_two_grid_is_a_quantized_clamp():
+    """A ReLU6 whose power-of-two grid passes 6 (6 / scale a code): the layer runs as ConvReLU2d plus a
+    quantized clamp at 6, at 0 LSB, instead of an exact float64 convolution."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.act = nn.ReLU6()
+
+        def forward(self, x):
+            return self.act(self.conv(x))
+
+    torch.manual_seed(0)
+    data = [4 * torch.randn(2, 3, 8, 8) for _ in range(3)]
+    q = quantfx.quantize(Net().eval(), "torch", calibration_data=data, progress=False)
+    program = quantfx.lower(q, (data[0][:1],))
+    rows = {r["node"]: r for r in program.report}
+    assert rows["conv"]["runs_as"] == "ConvReLU2d", program.table()
+    scale = float(next(m for n, m in q.named_modules() if hasattr(m, "max_val")).act_quant.scale(None))
+    assert 255 * scale > 6.0, "the grid must pass 6 for this test"
+    for seed in range(3):
+        x = 4 * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        assert quantfx.verify(q, program, x).max_error_lsb == 0.0
+        with torch.no_grad():
+            assert float(q(x).max()) == 6.0

@@ -12,8 +12,9 @@ This test runs the files written here in subprocesses at each level this CPU can
 - a control: a plain 8-bit oneDNN convolution (codes up to 255, weights +-127) does give other integers under
   the AVX2 cap where this CPU has VNNI, so the caps do change the arithmetic and the checks above can fail.
 
-fbgemm files (the default) pass at every level; the onednn profile's files part at rare ties under oneDNN's
-AVX2 kernels when written on an AVX512 CPU (an xfail with its figures).
+x86 files (the default) and onednn files pass at every level, x86 files also packed by either library (what an
+x86 CPU without VNNI runs under the x86 engine: fbgemm): their requantizations are exact by construction.
+fbgemm files pass at every level.
 
 fbgemm picks its kernels from cpuinfo with no cap; its files are covered by the int16 pair rule (W7A8:
 255 x (64 + 64) <= 32767, no pair can saturate) and by running the suite on AVX2 and AVX512-VNNI machines (README: the torch target)."""
@@ -33,7 +34,7 @@ from quantfx.targets import torch_profile
 from quantfx.zoo import TEST_MODELS, example_input
 
 MODELS = ("resnet", "unet", "mobilenetv2")   # residual adds, decoder ties, depthwise convs
-ENGINES = ("fbgemm", "onednn")
+ENGINES = ("x86", "fbgemm", "onednn")
 
 # one child process per level: (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY); None leaves the variable unset
 LEVELS = {"native": (None, None), "avx512_core": ("AVX512_CORE", "avx512"), "avx2": ("AVX2", "avx2"),
@@ -56,6 +57,26 @@ CHILD = textwrap.dedent(r"""
         relowered = quantfx.lower(case["qmodel"], (case["x"][:1],))
         inter = run_program_intermediates(relowered, (case["x"],), case["names"])
         results[key] = {"file": file_out, "inter": inter, "report": relowered.report}
+        if key.endswith("/x86"):
+            # the x86 engine runs oneDNN convolutions on Linux CPUs with AVX512-VNNI and fbgemm on every other
+            # x86 CPU: the same file packed by each library, whichever this CPU would pick
+            for lib in ("fbgemm", "onednn"):
+                with quantized_engine(lib):
+                    packed = torch.jit.load(case["path"])
+                    with torch.no_grad():
+                        results[key]["file_" + lib] = packed(case["x"]).numpy()
+    # a control for the library switch: an odd output zero point on exact ties (multiplier 1/2) rounds once in
+    # fbgemm (rne(v) + zp) and once more in oneDNN (rne(v + zp)), which the x86 profile's even zero points avoid
+    ties = {}
+    for lib in ("fbgemm", "onednn"):
+        with quantized_engine(lib):
+            conv = nnq.Conv2d(4, 4, 1)
+            w = torch.eye(4).reshape(4, 4, 1, 1).to(torch.int8)
+            conv.set_weight_bias(torch._make_per_tensor_quantized_tensor(w, 0.5, 0), None)
+            conv.scale, conv.zero_point = 1.0, 1
+            codes = torch.arange(64, dtype=torch.uint8).reshape(1, 4, 4, 4)
+            ties[lib] = conv(torch._make_per_tensor_quantized_tensor(codes, 1.0, 0)).int_repr().numpy()
+    results["ties"] = ties
     # the control: a full 8-bit oneDNN conv, whose int16 pair sums saturate on AVX2 but not with VNNI
     g = torch.Generator().manual_seed(0)
     with quantized_engine("onednn"):
@@ -142,19 +163,38 @@ def test_fbgemm_files_give_the_same_integers_at_every_instruction_set(cases, run
 
 
 @pytest.mark.parametrize("level", sorted(LEVELS))
-def test_onednn_files_at_every_instruction_set(cases, runs, level):
-    """The onednn profile models oneDNN's requantization as its AVX512 kernels compute it (0 LSB here at the
-    native and AVX512BW levels). Under oneDNN's AVX2 kernels, a file calibrated and written on an AVX512-VNNI CPU
-    parts at rare rounding ties (UNet: one value of 32,768 at enc2_0_2, 201 of 8,192 outputs by the end): a known
-    gap, stated in the README; fbgemm, the default, has none."""
+def test_x86_files_give_the_same_integers_from_either_library_at_every_instruction_set(cases, runs, level):
+    """The default profile ('x86'): its requantizations are exact in float32 (power-of-two activation scales, even
+    zero points, multipliers on the 2^-15 grid), so the file gives the fake-quant model's integers whether its
+    convolutions are packed by oneDNN (a Linux CPU with AVX512-VNNI under the x86 engine; under a cap, oneDNN's
+    AVX512BW and AVX2 kernels) or by fbgemm (every other x86 CPU), and ATen's loops at every level."""
     _, expected = cases
     got = runs[level]
-    native = runs["native"]["meta"]["onednn"]
+    for key, want in expected.items():
+        if key.endswith("/x86"):
+            res = got["results"][key]
+            assert np.array_equal(want["file"][0], want["out"]), key
+            assert _mismatches(want, res) == [], (level, key, got["meta"])
+            for lib in ("fbgemm", "onednn"):
+                assert np.array_equal(res["file_" + lib], want["out"]), (level, key, lib, got["meta"])
+
+
+def test_the_two_libraries_round_ties_otherwise_with_an_odd_zero_point(runs):
+    """The control for the test above: the library switch is real. At exact ties with an odd zero point fbgemm
+    and oneDNN give other integers (so an x86 file whose zero points were odd would fail that test)."""
+    ties = runs["native"]["results"]["ties"]
+    assert (ties["fbgemm"] != ties["onednn"]).sum() >= 16, ties
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_onednn_files_at_every_instruction_set(cases, runs, level):
+    """The onednn profile, exact like x86's: oneDNN's AVX512-VNNI, AVX512BW and AVX2 kernels give the same
+    integers (before its requantizations were made exact, the AVX2 kernels parted from a file written on an
+    AVX512-VNNI CPU at rare ties: UNet, 201 of 8,192 outputs)."""
+    _, expected = cases
+    got = runs[level]
     bad = {key: _mismatches(want, got["results"][key]) for key, want in expected.items() if key.endswith("/onednn")}
-    bad = {k: v for k, v in bad.items() if v}
-    if bad and got["meta"]["onednn"] != native and "AVX2" in got["meta"]["onednn"]:
-        pytest.xfail(f"oneDNN {got['meta']['onednn']} (native: {native}): {bad}")
-    assert not bad, (level, got["meta"], bad)
+    assert not {k: v for k, v in bad.items() if v}, (level, got["meta"], bad)
 
 
 def test_the_instruction_set_caps_change_the_arithmetic(runs):

@@ -4,9 +4,9 @@ for 1 and 2 threads; and the time to lower a ResNet-50-sized model.
 
     python tools/bench_torch.py [--models resnet18_like mobilenetv2_like] [--runs 30] [--size 224] [--profile]
 
-The quantfx programs: the default (fbgemm, W7A8: 7-bit weights, 8-bit activations), fbgemm at W8A7 (8-bit
-weights, 7-bit activations: a quantized clamp after every layer; the default before 2026-12-03) and the onednn
-profile (W8A7). Each latency is the median of ``--runs`` timed calls after warm-up, the variants interleaved
+The quantfx programs: the default (engine x86, W7A8: 7-bit weights, 8-bit activations on power-of-two scales,
+every requantization exact, so oneDNN convolutions on VNNI CPUs and fbgemm elsewhere give the same integers),
+fbgemm (W7A8, float activation scales, fbgemm on every CPU) and the onednn profile (W8A7). Each latency is the median of ``--runs`` timed calls after warm-up, the variants interleaved
 round by round so that machine noise hits them alike; each row ends with the load average. Prints a Markdown
 table (BENCHMARKS.md records it) and the CPU. ``--profile``: per model and thread count, torch.profiler's self
 CPU time per op kind of the default program and of torch.ao's (ms per call), then the table.
@@ -28,8 +28,8 @@ from quantfx.targets import torch_profile
 from quantfx.targets.torch_quantized import quantized_engine
 
 # quantfx's programs: label -> (profile, quantize() widths); the default first
-VARIANTS = {"fbgemm": ("fbgemm", {}),
-            "fbgemm W8A7": ("fbgemm", dict(weight_bit_width=8, act_bit_width=7, input_bit_width=7)),
+VARIANTS = {"x86": ("x86", {}),
+            "fbgemm": ("fbgemm", {}),
             "onednn": ("onednn", {})}
 
 
@@ -151,7 +151,7 @@ def main(argv=None):
             fns = {"float": (model, "x86"), "torch.ao": (ao, "x86"),
                    **{label: (p.module, p.engine) for label, p in programs.items()}}
             if args.profile:
-                print_profile(name, threads, {k: fns[k] for k in ("fbgemm", "torch.ao")}, x)
+                print_profile(name, threads, {k: fns[k] for k in (next(iter(VARIANTS)), "torch.ao")}, x)
             ms = measure(fns, x, args.runs)
             rows.append(f"| {name} | {threads} | " + " | ".join(f"{ms[k]:.2f}" for k in fns) + " | "
                         + " | ".join(f"{ms['float'] / ms[k]:.2f}x / {ms['torch.ao'] / ms[k]:.2f}x" for k in VARIANTS)

@@ -74,9 +74,8 @@ class QuantAct(nn.Module):
             # the layer output is float32(acc x acc_scale), |acc| < 2^22 (else the layer leaves no acc_scale):
             # its float32 quotient rounds back to acc
             acc = torch.round(xv.detach().float() / acc_scale)
-            relu6_ok = not (isinstance(self, QuantReLU) and self.max_val is not None) or \
-                bool(torch.all((qmax - zp) * scale <= self.max_val))
-            if not relu6_ok:
+            cap = self.code_cap(scale, zp) if isinstance(self, QuantReLU) else None
+            if cap is False:
                 return plain if plain is not None else q.quant_tensor(y, training=False)
             if self.requant == "float_bias":
                 ints = qf.requantize_bias_after(acc, acc_scale, acc_bias, scale.detach(), zp.detach(), qmin, qmax,
@@ -86,6 +85,8 @@ class QuantAct(nn.Module):
                                                 inverse=self.requant == "inverse_multiplier",
                                                 acc_bias=acc_bias if self.requant == "multiplier_float_bias" else None,
                                                 relu=isinstance(self, QuantReLU))
+            if cap is not None:
+                ints = torch.minimum(ints, cap)
             value = (ints - zp.detach()) * scale.detach()
         if plain is not None:
             value = plain.value + (value - plain.value).detach()
@@ -115,6 +116,21 @@ class QuantReLU(QuantAct):
 
     def act_fn(self, x):
         return F.relu(x) if self.max_val is None else torch.clamp(x, 0.0, self.max_val)
+
+    def code_cap(self, scale, zp):
+        """How a ReLU6 requantized from an exact accumulator (``_requantize_like_runtime``) meets its 6: None when
+        the grid ends inside it (the requantization's saturation is the cap), the code ``zp + 6 / scale`` when
+        the grid passes 6 on a code (a power-of-two grid: the torch target's quantized ``clamp`` after the layer,
+        on the fbgemm family's ``requant='multiplier_float_bias'``), else False (requantized as plain values)."""
+        if self.max_val is None:
+            return None
+        qmax = self.act_quant.int_range()[1]
+        if bool(torch.all((qmax - zp) * scale <= self.max_val)):
+            return None
+        k = self.max_val / scale
+        if self.requant != "multiplier_float_bias" or not bool(torch.all(k == torch.round(k))):
+            return False
+        return zp + k
 
     def extra_repr(self):
         return "" if self.max_val is None else f"max_val={self.max_val}"
