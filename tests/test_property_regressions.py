@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import quantfx
+from quantfx.targets import torch_profile
 from quantfx.lowering import BACKENDS
 
 from property_harness import BATCH, CALIB_BATCHES, compile_export_verify
@@ -44,12 +45,14 @@ def test_float_conv_on_signed_integers_subtracts_the_zero_point_without_wrapping
         warnings.simplefilter("ignore")
         outcome, report = compile_export_verify(SIGNED_INPUT_TO_FLOAT_CONV, target)
     assert outcome == "ok" and report.max_error_lsb == 0.0, str(report)
-    if target == "torch":  # the path under test: the conv in float on the input's integers
+    if target == "torch":  # the path under test: the conv in float on the input's integers (the fbgemm
+        # profile's float grid, where the ReLU6's 6 is no code; the x86 profile's power-of-two grid fuses it)
         spec = SIGNED_INPUT_TO_FLOAT_CONV
-        q = quantfx.quantize(build(spec), "torch", calibration_data=[inputs(spec, 2, seed=10 + i) for i in range(2)],
-                             progress=False)
+        q = quantfx.quantize(build(spec), torch_profile("fbgemm"), progress=False,
+                             calibration_data=[inputs(spec, 2, seed=10 + i) for i in range(2)])
         program = quantfx.lower(q, (inputs(spec, 1, seed=10),))
         assert [r["runs_as"] for r in program.report if r["node"] == "residual_2_0"] == ["float Conv1d on integers"]
+        assert quantfx.verify(q, program, inputs(spec, 4, seed=99)).max_error_lsb == 0.0
 
 
 class AddToItself(nn.Module):

@@ -67,6 +67,18 @@ def build(name: str, size: int):
     return model, programs, ao
 
 
+def sqnr_row(model, programs, ao, size: int) -> dict:
+    """SQNR against the float model of torch.ao's int8 model and of each quantfx program, on 8 inputs."""
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        row = {"torch.ao": quantfx.sqnr(ref, ao(x))}
+        for label, p in programs.items():
+            with quantized_engine(p.engine):
+                row[label] = quantfx.sqnr(ref, p(x))
+    return row
+
+
 def zoo_copy(ctor):
     torch.manual_seed(0)
     return ctor().eval()
@@ -144,8 +156,10 @@ def main(argv=None):
     if not args.profile:
         print(header)
     x = torch.randn(1, 3, args.size, args.size)
+    quality = {}
     for name in args.models:
         model, programs, ao = build(name, args.size)
+        quality[name] = sqnr_row(model, programs, ao, args.size)
         for threads in (1, 2):
             torch.set_num_threads(threads)
             fns = {"float": (model, "x86"), "torch.ao": (ao, "x86"),
@@ -160,6 +174,10 @@ def main(argv=None):
                 print(rows[-1], flush=True)
     if args.profile:
         print(header + "\n" + "\n".join(rows))
+    print("\nSQNR against the float model, dB (8 inputs N(0, 1), the programs as timed):\n")
+    print("| model | torch.ao | " + " | ".join(f"quantfx {k}" for k in VARIANTS) + " |\n|" + "---|" * (2 + len(VARIANTS)))
+    for name, row in quality.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |")
     torch.set_num_threads(1)
     m50 = zoo.resnet50_like().eval()
     x50 = torch.randn(1, 3, args.size, args.size)
