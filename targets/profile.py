@@ -235,10 +235,10 @@ TORCH = register_profile(TargetProfile(
 
 def torch_profile(engine: str = "x86") -> TargetProfile:
     """The torch profile for a quantized engine: 7-bit weights (|w| <= 64) and 8-bit activations on
-    x86/fbgemm, whose AVX2 kernels sum u8 x s8 products in saturating int16 pairs (255 x (64 + 64) =
+    x86/fbgemm/onednn, whose AVX2 kernels sum u8 x s8 products in saturating int16 pairs (255 x (64 + 64) =
     32640 fits, so the kernel's own quint8 output range is the model's and no clamp is needed); 8-bit weights
     on qnnpack, whose kernels take u8 x u8 products into int32. 8-bit weights on 7-bit activations (the
-    former default, ``weight_bit_width=8, act_bit_width=7, input_bit_width=7``, and onednn's) fit too, at the
+    default before W7A8, ``weight_bit_width=8, act_bit_width=7, input_bit_width=7``) fit too, at the
     price of a quantized clamp after every layer (BENCHMARKS.md: the torch target).
 
     'x86' (the default) is PyTorch's x86 engine: fbgemm kernels on CPUs without AVX512-VNNI (and off Linux),
@@ -246,9 +246,10 @@ def torch_profile(engine: str = "x86") -> TargetProfile:
     ``rne(fl(acc + b) x m) + zp``, oneDNN ``rne(fl(fl(acc x s) + b) x (1 / s_out) + zp)``), so the profile makes
     every step exact (``exact_requant``): power-of-two activation scales, even zero points, and after calibration
     each weight scale on the grid that puts the layer's multiplier on multiples of 2^-15; then both compute the
-    exact rational and its rounding, on every x86 CPU. 'fbgemm' keeps float activation scales (0.8 dB more SQNR
-    on the ResNet-18 benchmark model) and runs fbgemm everywhere, slower on VNNI CPUs. The 'onednn' profile
-    models oneDNN's float order itself (``requant='float_bias'``)."""
+    exact rational and its rounding, on every x86 CPU. 'fbgemm' keeps float activation scales (1.4 dB more SQNR
+    on the ResNet-18 benchmark model, 3.4 dB on MobileNetV2) and runs fbgemm everywhere, slower than oneDNN on
+    VNNI CPUs. 'onednn' takes x86's exact scheme on oneDNN everywhere, its fake-quant model in oneDNN's float
+    order (``requant='float_bias'``; on the exact grid every order gives the same integers)."""
     if engine not in ENGINES:
         raise QuantArgumentError(f"torch target: engine={engine!r}; use one of {', '.join(ENGINES)}")
     # onednn computes exact requantizations too: modelling its float order alone (float activation scales) left

@@ -13,7 +13,11 @@ How each part of the compiled graph runs (``TorchProgram.report`` lists every no
   Where no float32 bias gives its integer back, fbgemm adds the nearest quotient ``fl(b / (s_in x s_w))``, and
   so does the fake-quant model of ``requant='multiplier_float_bias'`` (the fbgemm and x86 profiles).
   An activation range narrower than the dtype's (7 bits in a quint8: the W8A7 scheme) adds a quantized
-  ``clamp``; the default W7A8 scheme uses the whole quint8 range and needs none.
+  ``clamp``; the default W7A8 scheme uses the whole quint8 range and needs none. On the 'x86' and 'onednn'
+  profiles (``exact_requant``) every float32 step of that requantization is exact (power-of-two activation
+  scales, even zero points, multipliers on multiples of 2^-15: :func:`exact_requant_problems` checks each
+  layer), so oneDNN, which the x86 engine picks on AVX512-VNNI CPUs, and fbgemm, which it picks elsewhere, give
+  the same integers; a layer off that grid, and every transposed conv, runs on its exact accumulator instead.
 - residual add read by an identity / ReLU quantizer: ``quantized::add`` / ``add_relu``;
 - ``cat`` of tensors on one grid (shared quantizer): quantized ``torch.cat``; max pooling, flatten / view /
   reshape / permute / transpose / squeeze / chunk / split / slicing: on the quantized tensors;
