@@ -69,7 +69,7 @@ from quantfx.nn import QuantLeakyReLU, QuantReLU
 
 from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
 from .dpu_calibrate import calibrate_positions
-from .dpu_refine import check_file, fix_pos, refine
+from .dpu_refine import check_file, fix_pos, refine, slope_odd_numerator
 from .int16_pairs import pair_risks
 from .onnx_base import OnnxLowering, feed, load_onnx, not_quantfx, save_onnx
 from .onnx_qdq import QDQLowering, ort_session, run_onnx_intermediates
@@ -288,7 +288,8 @@ def run_dpu_intermediates(model: onnx.ModelProto, inputs, fx_names) -> dict:
 
 def float_sum_risks(qmodel, inputs) -> list[tuple[str, int]]:
     """The layers whose float32 sums in the verification form could round on ``inputs``: for each conv/linear,
-    the largest ``sum |x_code| |w_int| + |b_int|`` (in units of the layer's finest step) over its outputs, where
+    the largest ``sum |x_code| |w_int| + |b_int|`` (in units of the layer's finest step) over its outputs, times
+    the slope's odd numerator where a LeakyReLU reads the layer (13 for 26/256, as check_file counts), where
     it passes 2^24. An empty list means every partial sum, in any order, is an exact float32 integer of steps:
     the verified numbers are the same on every CPU for these inputs, whatever check_file's static bound says.
     Returns [(layer, worst)]."""
@@ -315,7 +316,11 @@ def float_sum_risks(qmodel, inputs) -> list[tuple[str, int]]:
                     b = b_int.double().abs() * 2.0 ** (unit_pos - fix_pos(b_scale))
                 sums = layer.inner_forward(x, w_int.double().abs(), b) if b is None else \
                     layer.inner_forward(x * 2.0 ** (unit_pos - acc_pos), w_int.double().abs(), b)
-            worst[name] = max(worst.get(name, 0), int(sums.max()))
+            # a LeakyReLU fused after the layer multiplies the sum by its slope in float32 (check_file's factor)
+            (user,) = node.users if len(node.users) == 1 else (None,)
+            leaky = module_of(qmodel, user) if user is not None and user.op == "call_module" else None
+            factor = slope_odd_numerator(leaky.negative_slope) if isinstance(leaky, QuantLeakyReLU) else 1
+            worst[name] = max(worst.get(name, 0), int(sums.max()) * factor)
         return record
 
     handles = [qmodel.get_submodule(t).register_forward_pre_hook(hook(t)) for t in nodes]

@@ -342,6 +342,13 @@ _KEEP_POSITION = ("MaxPool", "AveragePool", "GlobalAveragePool", "Pad", "Slice",
                   "Transpose", "DepthToSpace", "SpaceToDepth", "Squeeze", "Unsqueeze")
 
 
+def slope_odd_numerator(slope: float) -> int:
+    """The odd part of a LeakyReLU slope's numerator in 1/256 (26/256: 13): a float32 product of an integer sum
+    with the slope is exact while the sum times this stays below 2^24."""
+    num = int(round(slope * 256))
+    return num // (num & -num) if num else 1
+
+
 def check_file(model: onnx.ModelProto) -> list[str]:
     """Every rule a dpu file breaks (empty: it meets them all): each Q/DQ scale an exact power of two with an int8
     zero point 0; conv/linear shift_cut and shift_bias, add shift_read and shift_write, hard-swish shift_swish in
@@ -428,14 +435,13 @@ def _check_layer(f: _File, n) -> list[str]:
     if b is not None:
         bound = bound + np.abs(b[0].astype(np.int64)).reshape(-1) * 2 ** (unit_pos - fix_pos(b[1]))
     if slope is not None:  # the LeakyRelu's product: the sum times the slope's odd numerator (26/256: 13)
-        num = int(round(slope * 256))
-        bound = bound * (num // (num & -num) if num else 1)
+        bound = bound * slope_odd_numerator(slope)
     if int(bound.max(initial=0)) > FLOAT_EXACT:
         out.append(f"{n.name}: a float sum can reach {int(bound.max())} steps, past 2^24: the verification form "
                    "may round")
     return out
 
 
-__all__ = ["refine", "Change", "check_file", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
+__all__ = ["refine", "Change", "check_file", "slope_odd_numerator", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
            "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "SHIFT_SWISH",
            "asdict"]

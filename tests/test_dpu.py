@@ -788,3 +788,19 @@ def test_calibrated_model_computes_the_file_before_any_lowering():
     buf.seek(0)
     for other in (copy.deepcopy(q), torch.load(buf, weights_only=False)):
         assert other.notes["dpu.refine"] == q.notes["dpu.refine"]
+
+
+def test_float_sum_bound_counts_the_leaky_relu_slope(monkeypatch):
+    """Before a fused LeakyReLU the float32 product with the slope (26/256) needs the sum times 13 below 2^24:
+    float_sum_risks counts it as check_file does, so conv1 (read by the LeakyReLU) gets 13 times the bound it
+    gets with the slope's factor taken away, and conv2 (read by nothing) the same bound either way."""
+    import quantfx.targets.dpu as dpu_mod
+    import quantfx.targets.dpu_refine as refine_mod
+    _, q = _leaky_net(ConvLeaky)
+    monkeypatch.setattr(refine_mod, "FLOAT_EXACT", 0)
+    x = LEAKY_DATA[0]
+    with_slope = dict(dpu.float_sum_risks(q, (x,)))
+    monkeypatch.setattr(dpu_mod, "slope_odd_numerator", lambda slope: 1)
+    without = dict(dpu.float_sum_risks(q, (x,)))
+    assert with_slope["conv1"] == 13 * without["conv1"] > 0
+    assert with_slope["conv2"] == without["conv2"] > 0
