@@ -406,3 +406,33 @@ def test_relu6_on_a_power_of_two_grid_is_a_quantized_clamp():
         assert quantfx.verify(q, program, x).max_error_lsb == 0.0
         with torch.no_grad():
             assert float(q(x).max()) == 6.0
+
+
+def test_a_layer_off_the_exact_grid_runs_on_its_exact_accumulator(tmp_path):
+    """A weight scale taken off the grid (as a state dict loaded into a model that was never calibrated would
+    leave it): the lowering finds the layer's multiplier off the 2^-15 grid, runs it on its exact accumulator
+    with the requantization in ATen float ops and says so in the report; the file still gives the fake-quant
+    model's integers whether oneDNN or fbgemm packs the rest."""
+    from quantfx.graph import module_of
+    from quantfx.targets.torch_quantized import quantized_engine
+    q = quantized("lenet")
+    node = next(n for n in q.graph.nodes if n.op == "call_module" and
+                getattr(getattr(module_of(q, n), "weight_quant", None), "scale_step", None) is not None)
+    wq = module_of(q, node).weight_quant
+    wq.scale_step = wq.spec_fields["scale_step"] = None
+    wq.__dict__.pop("_wcache", None)
+    wq.__dict__.pop("_icache", None)
+    quantfx.annotate(q)
+    x = example_input("lenet", batch=4, seed=7)
+    path = tmp_path / "lenet.pt"
+    program = quantfx.export(q, path, (x[:1],))
+    act = next(iter(node.users)).name
+    rows = {r["node"]: r for r in program.report}
+    assert rows[act]["runs_as"] == "requantize in float" and "2^-15 multiplier grid" in rows[act]["why"], \
+        program.table()
+    assert quantfx.verify(q, path, x).max_error_lsb == 0.0
+    with torch.no_grad():
+        want = q(x)
+    for lib in ("fbgemm", "onednn"):
+        with quantized_engine(lib), torch.no_grad():
+            assert torch.equal(torch.jit.load(str(path))(x), want), lib
