@@ -152,8 +152,8 @@ def _mismatches(want, res) -> list:
 
 @pytest.mark.parametrize("level", sorted(LEVELS))
 def test_fbgemm_files_give_the_same_integers_at_every_instruction_set(cases, runs, level):
-    """The default engine: ATen's AVX512, AVX2 and scalar loops (quantized::add, clamp) and every oneDNN ISA give
-    the file's integers, at 0 LSB from the fake-quant model."""
+    """The fbgemm profile (the default before x86): ATen's AVX512, AVX2 and scalar loops (quantized::add, clamp)
+    and every oneDNN ISA give the file's integers, at 0 LSB from the fake-quant model."""
     _, expected = cases
     got = runs[level]
     for key, want in expected.items():
