@@ -44,6 +44,7 @@ from quantfx.graph import (data_input, is_act_quant, is_add, is_cat, is_compute,
 from quantfx.nn import QuantLeakyReLU
 from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.pipelines import annotate
+from quantfx.quant.functional import is_power_of_two
 
 SHIFT_CUT = (0, 16)
 SHIFT_BIAS_MAX = 15
@@ -277,11 +278,6 @@ def refine(gm: fx.GraphModule) -> list[Change]:
 
 
 # -- the checker of a lowered file ------------------------------------------------------------------------
-
-
-def is_power_of_two(v: float) -> bool:
-    m, _ = math.frexp(float(v))
-    return v > 0 and m == 0.5
 
 
 class _File:

@@ -51,6 +51,7 @@ from torch import fx, nn
 from quantfx.errors import ExportError, QuantArgumentError, TargetError
 from quantfx.graph import float_island, input_quantizer_of, is_add, module_of, op_name, qmeta, tensor_inputs
 from quantfx.lowering import Backend, Lowering
+from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 from quantfx.nn import (
     QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantHardTanh, QuantIdentity,
@@ -398,16 +399,16 @@ class TorchLowering(Lowering):
         if not x.quantized:
             return None
         relu = isinstance(m, QuantReLU)
-        if isinstance(layer, _TRANSPOSED) and (relu or layer.weight_quant.scaling_per_output_channel or
-                                               (self.profile or TORCH).exact_requant):
+        exact = (self.profile or TORCH).exact_requant
+        if isinstance(layer, _TRANSPOSED) and (relu or layer.weight_quant.scaling_per_output_channel or exact):
             # no ConvTransposeReLU; per-channel transposed weights are not packed by fbgemm; the x86 engine packs
             # per-tensor ones with oneDNN on VNNI CPUs, whose quantized deconvolutions and fbgemm's give other
             # integers on some shapes (a grouped 1x1 one: up to 193 LSB): the exact accumulator instead
-            if (self.profile or TORCH).exact_requant:
+            if exact:
                 self._inexact[node] = "a transposed convolution, packed by oneDNN or fbgemm by CPU"
             return None
         scale, zp = _qparams(m.act_quant)
-        if (self.profile or TORCH).exact_requant:
+        if exact:
             problems = self._exact_requant_problems(node, layer, x, scale, zp)
             if problems:
                 self._inexact[node] = "; ".join(problems)
@@ -779,10 +780,6 @@ class TorchLowering(Lowering):
 GRID_EXP = -15
 
 
-def _is_po2(x: float) -> bool:
-    return x > 0 and math.frexp(x)[0] == 0.5
-
-
 def _odd_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(M, E) with ``x = M x 2^E`` exactly and M odd, for positive float64 ``x``."""
     frac, exp = np.frexp(x)
@@ -801,9 +798,9 @@ def exact_requant_problems(s_in: float, s_w, s_out: float, zp_out: int, b_int, w
     output out of range stays out of range in both while the rounding errors, below ``(worst + |b|) x m x 2^-22``,
     stay under half a step. ``s_w``, ``b_int``, ``worst`` (the largest ``|acc|`` any input gives): per channel."""
     problems = []
-    if not _is_po2(s_in):
+    if not qf.is_power_of_two(s_in):
         problems.append(f"input scale {s_in!r} is not a power of two")
-    if not _is_po2(s_out):
+    if not qf.is_power_of_two(s_out):
         problems.append(f"output scale {s_out!r} is not a power of two")
     if zp_out % 2:
         problems.append(f"output zero point {zp_out} is odd")
@@ -845,19 +842,15 @@ def exact_requant_grid(qmodel) -> None:
             continue
         s_in = float(meta.scale)
         s_out = float(act.act_quant.scale(None).reshape(-1)[0])
-        if not (_is_po2(s_in) and _is_po2(s_out)):
+        if not (qf.is_power_of_two(s_in) and qf.is_power_of_two(s_out)):
             continue
         bias = 0.0 if layer.bias is None else float(layer.bias.detach().abs().max()) / s_out
         exp = max(GRID_EXP, math.ceil(math.log2(256.0 + bias + 2.0)) - 24)
         q = layer.weight_quant
         steps[q] = max(steps.get(q, 0.0), 2.0 ** exp * s_out / s_in)
     for q, step in steps.items():
-        q.scale_step = step
-        q.spec_fields["scale_step"] = step
-        q.__dict__.pop("_wcache", None)
-        q.__dict__.pop("_icache", None)
+        q.scale_step = q.spec_fields["scale_step"] = step  # a field: the weight cache's key changes with it
     if steps:
-        from quantfx.api import annotate
         annotate(qmodel)
 
 

@@ -47,6 +47,11 @@ def round_ste(x: torch.Tensor, rounding: str) -> torch.Tensor:
     return x + (round_int(x, rounding) - x).detach()
 
 
+def is_power_of_two(v: float) -> bool:
+    """Whether ``v`` is a positive power of two (exact: its float mantissa is 1/2)."""
+    return v > 0 and math.frexp(float(v))[0] == 0.5
+
+
 def po2_ste(scale: torch.Tensor) -> torch.Tensor:
     """Round a scale up to a power of two (never clips more than the float scale), STE gradient."""
     log = torch.log2(scale)
