@@ -220,7 +220,7 @@ def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, l
     with torch.enable_grad():  # quantize() may be called under the user's torch.no_grad()
         for it in range(iterations):
             h = soft(v)
-            wt = weight_of(torch.clamp(base + h + z, qmin, qmax))
+            wt = weight_of(qf.clamp_ste(base + h + z, qmin, qmax))
             x_step, target_step, forward = step()
             # the error relative to nearest rounding's, so that the regulariser weighs the same at any magnitude
             loss = (f(forward(x_step, wt, bias)) - target_step).pow(2).mean() / before

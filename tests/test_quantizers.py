@@ -471,3 +471,19 @@ def test_power_of_two_asymmetric_zero_point_and_even_zero_points():
     assert bool(torch.all(sc >= base)) and bool(torch.all(sc - base < 2.0 ** -12))
     with pytest.raises(quantfx.QuantArgumentError, match="scale_step=0.1 is not allowed"):
         Quantizer(Int8WeightPerChannelFloat, scale_step=0.1)
+
+
+def test_clamp_gradient_passes_at_the_bounds_on_every_torch():
+    # torch 2.14 changed torch.clamp's gradient at a value equal to a bound from 1 to 0; the quantizers keep the
+    # inclusive rule so LSQ and learned rounding train alike on every PyTorch
+    from quantfx.quant.functional import clamp_ste
+    x = torch.tensor([-1.0, 0.0, 7.0, 15.0, 16.0], requires_grad=True)
+    y = clamp_ste(x, 0, 15)
+    assert y.tolist() == [0.0, 0.0, 7.0, 15.0, 15.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    # LSQ: a value that rounds onto the top code is in range, so the scale's gradient is round(v) - v, not qmax
+    s = torch.tensor(2.0, requires_grad=True)
+    from quantfx.quant.functional import fake_quant
+    fake_quant(torch.tensor([29.4]), s, torch.tensor(0.0), 0, 15, "half_even").sum().backward()
+    assert abs(float(s.grad) - (15 - 14.7)) < 1e-5

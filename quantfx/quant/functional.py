@@ -67,12 +67,19 @@ def broadcast_shape(param: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return param.reshape(shape)
 
 
+def clamp_ste(x: torch.Tensor, lo, hi) -> torch.Tensor:
+    """``torch.clamp(x, lo, hi)`` whose gradient passes where ``lo <= x <= hi``, bounds included, on every
+    PyTorch. torch.clamp's own gradient at a value equal to a bound changed in torch 2.14 (1 before, 0 since),
+    which moved LSQ scale gradients (a value rounded onto the top code is in range) and learned rounding."""
+    return torch.where((x >= lo) & (x <= hi), x, torch.clamp(x.detach(), lo, hi))
+
+
 def fake_quant(x, scale, zero_point, qmin: int, qmax: int, rounding: str) -> torch.Tensor:
     """(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale, with STE through round.
 
     Values clamped at the range edges get no gradient w.r.t. x, but pass one to the scale (LSQ)."""
     q = round_ste(x / scale, rounding) + zero_point
-    q = torch.clamp(q, qmin, qmax)
+    q = clamp_ste(q, qmin, qmax)
     return (q - zero_point) * scale
 
 
@@ -144,7 +151,7 @@ def bipolar_quant(x, scale) -> torch.Tensor:
     """1-bit: +scale where x >= 0, -scale elsewhere; identity gradient inside [-1, 1] * scale."""
     sign = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
     xs = x / scale
-    ste = torch.clamp(xs, -1, 1)
+    ste = clamp_ste(xs, -1, 1)
     return (ste + (sign - ste).detach()) * scale
 
 
