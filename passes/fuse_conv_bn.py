@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from quantfx.errors import QuantFXError
-from quantfx.graph import BN_TYPES, FLOAT_COMPUTE_TYPES, module_of
+from quantfx.graph import BN_TYPES, FLOAT_COMPUTE_TYPES, module_of, replace_module
 from quantfx.nn import build_from_state, float_layer_kwargs
 from quantfx.pass_infra import Pass, PassResult
 
@@ -75,7 +75,7 @@ class FuseConvBN(Pass):
             gm.add_submodule(src.target, fused)  # replaces the conv under the same name
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
+            replace_module(gm, node.target, None)  # a raised BN keeps its module's children (bn1.act)
             modified = True
         return PassResult(gm, modified)
 

@@ -208,6 +208,8 @@ class OnnxLowering(Lowering):
         return (["batch"] + shape[1:]) if self.dynamic_batch else shape
 
     def emit_constant(self, node, value):
+        if torch.is_tensor(value) and not value.is_floating_point():  # masks and indices keep their type
+            return self.const(node.name, value.detach().cpu().numpy())
         return self.const(node.name, np32(value))
 
     def emit_add(self, node):
@@ -532,9 +534,9 @@ class OnnxLowering(Lowering):
         q, k, v, mask, dropout, causal, scale = self._args(node, [
             ("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
             ("is_causal", False), ("scale", None)])
-        if mask is not None or dropout or causal:
-            raise ExportError(f"{self.target}: node {node.name}: scaled_dot_product_attention with a mask, dropout "
-                              "or is_causal has no lowering here; pass none of them (eval, no mask)")
+        if dropout or (causal and mask is not None) or node.kwargs.get("enable_gqa"):
+            raise ExportError(f"{self.target}: node {node.name}: scaled_dot_product_attention with dropout, "
+                              "enable_gqa or both a mask and is_causal has no lowering here (eval, one of them)")
         n = node.name
         e = self.shape(q)[-1]
         rank = len(self.shape(k))
@@ -543,6 +545,12 @@ class OnnxLowering(Lowering):
         scores = self.op("MatMul", [self.env[q], kt], n + "_scores")
         scores = self.op("Mul", [scores, self._c(node, "scale", scale if scale is not None else 1 / math.sqrt(e))],
                          n + "_scaled")
+        if causal:
+            length, source = self.shape(q)[-2], self.shape(k)[-2]
+            keep = self.const(n + "_causal", np.tril(np.ones((length, source), dtype=bool)))
+            scores = self.op("Where", [keep, scores, self._c(node, "masked", -np.inf)], n + "_masked")
+        elif mask is not None:
+            scores = self._attention_mask(node, scores, mask)
         attn = self._softmax(type("N", (), {"name": n + "_softmax"}), scores, -1)
         return self.op("MatMul", [attn, self.env[v]], n)
 
@@ -755,6 +763,18 @@ class OnnxLowering(Lowering):
                 a = self.static_value(a)  # shape arithmetic (h / 16): a constant of this graph
             ins.append(self.env[a] if isinstance(a, fx.Node) else self.const(f"{node.name}_c{i}", np.float32(a)))
         return self.op(op_type, ins, node.name)
+
+    # -- ops of graphs captured by torch.export (issue 27, capture): attention masks, embeddings, masking ---------
+
+    def _attention_mask(self, node, scores, mask):
+        """scores masked as scaled_dot_product_attention does: a boolean mask keeps where True (-inf elsewhere),
+        a float mask is added."""
+        m = self.env[mask]
+        dtype = self.attribute(mask).dtype if mask.op == "get_attr" else \
+            getattr(mask.meta.get("tensor_meta"), "dtype", torch.float32)
+        if dtype == torch.bool:
+            return self.op("Where", [m, scores, self._c(node, "masked", -np.inf)], node.name + "_masked")
+        return self.op("Add", [scores, m], node.name + "_masked")
 
 
 def _shape_source(size):
