@@ -266,6 +266,8 @@ LIFT = {
     aten.clone.default: _identity, aten.contiguous.default: _identity, aten.alias.default: _identity,
     aten.detach.default: _identity, aten.detach_.default: _identity, aten.lift_fresh_copy.default: _identity,
     aten.to.dtype: _to, aten.to.dtype_layout: _to, aten._to_copy.default: _to,
+    aten.pow.Tensor_Scalar: _fn(torch.pow), aten.rsqrt.default: _fn(torch.rsqrt), aten.sqrt.default: _fn(torch.sqrt),
+    aten.exp.default: _fn(torch.exp), aten.neg.default: _fn(operator.neg),
     aten.sym_size.int: lambda args, kwargs: ("call_method", "size", tuple(args), {}),
 }
 
@@ -305,6 +307,7 @@ def lift_program(ep, class_name: str = "ExportedModel") -> fx.GraphModule:
             env[node] = _lift_node(graph, node, env)
     gm = fx.GraphModule(root, graph, class_name)
     _fold_constants(gm)
+    _drop_empty_cat_members(gm)
     return gm
 
 
@@ -402,3 +405,24 @@ def _fold_constants(gm: fx.GraphModule) -> None:
         new.meta.update({k: v for k, v in node.meta.items() if k in _KEEP_META})
         node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in constant)
     graph.eliminate_dead_code()
+
+
+def _drop_empty_cat_members(gm: fx.GraphModule) -> None:
+    """Leave constants with no elements out of concatenations: the empty key/value cache a transformers model
+    made at capture (``torch.cat([cache, k], -2)``) adds nothing, and an empty quantizer member has no range."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.cat and isinstance(node.args[0], (list, tuple)):
+            members = [a for a in node.args[0] if not (isinstance(a, fx.Node) and a.op == "get_attr" and
+                                                      torch.is_tensor(v := _attr(gm, a.target)) and v.numel() == 0)]
+            if len(members) == len(node.args[0]):
+                continue
+            if len(members) == 1:
+                node.replace_all_uses_with(members[0])
+            else:
+                node.args = (members,) + tuple(node.args[1:])
+    gm.graph.eliminate_dead_code()
+
+
+def _attr(gm, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name, None)

@@ -41,9 +41,13 @@ def np32(t) -> np.ndarray:
 
 
 def feed(graph_inputs, inputs) -> dict:
-    """The input dict of a session: each input (tensor or array) as float32, by the graph's input names."""
-    return {i.name: (x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(np.float32)
-            for i, x in zip(graph_inputs, inputs)}
+    """The input dict of a session: each input (tensor or array) as float32 (integer ones, such as token ids, as
+    int64), by the graph's input names."""
+    out = {}
+    for i, x in zip(graph_inputs, inputs):
+        x = x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)
+        out[i.name] = x.astype(np.int64 if x.dtype.kind in "iub" else np.float32)
+    return out
 
 
 def save_onnx(model: onnx.ModelProto, path) -> None:
@@ -183,7 +187,9 @@ class OnnxLowering(Lowering):
         return value
 
     def emit_input(self, node):
-        value = ir.val(self.fresh(node.name), ir.DataType.FLOAT, self._io_shape(node))
+        dtype = getattr(self.tensor_meta.get(node), "dtype", torch.float32)
+        kind = ir.DataType.FLOAT if dtype.is_floating_point else ir.DataType.INT64  # token ids: int64
+        value = ir.val(self.fresh(node.name), kind, self._io_shape(node))
         self.graph.inputs.append(value)
         return value
 
@@ -402,6 +408,9 @@ class OnnxLowering(Lowering):
                 return self.op(op_type, [self.env[node.args[0]]], node.name)
             x = self.env[node.args[0]]
             return self.op("Mul", [x, self.op("Sigmoid", [x], node.name + "_sig")], node.name)
+        captured = self._captured_function(node)
+        if captured is not None:
+            return captured
         raise ExportError(f"{self.target}: function {getattr(t, '__name__', t)} at node {node.name} has no "
                           "ONNX lowering")
 
@@ -622,6 +631,8 @@ class OnnxLowering(Lowering):
             return self._layer_norm(node, x, tuple(m.normalized_shape), m.weight, m.bias, float(m.eps))
         if isinstance(m, nn.MultiheadAttention):
             return self._mha(node, m)
+        if isinstance(m, nn.Embedding):
+            return self._embedding(node, m, x)
         if isinstance(m, nn.GroupNorm):
             return self._group_norm(node, x, m.num_groups, m.weight if m.affine else None,
                                     m.bias if m.affine else None, float(m.eps))
@@ -775,6 +786,27 @@ class OnnxLowering(Lowering):
         if dtype == torch.bool:
             return self.op("Where", [m, scores, self._c(node, "masked", -np.inf)], node.name + "_masked")
         return self.op("Add", [scores, m], node.name + "_masked")
+
+    _ELEMENTWISE = {torch.exp: "Exp", torch.sqrt: "Sqrt", operator.neg: "Neg", torch.neg: "Neg"}
+
+    def _captured_function(self, node):
+        """Element-wise float functions that decomposed activations are made of (GPT-2's tanh GELU spells
+        ``x ** 3``), or None."""
+        t = node.target
+        if t in self._ELEMENTWISE:
+            return self.op(self._ELEMENTWISE[t], [self.env[node.args[0]]], node.name)
+        if t is torch.rsqrt:
+            x = self.op("Sqrt", [self.env[node.args[0]]], node.name + "_sqrt")
+            return self.op("Reciprocal", [x], node.name)
+        if t is torch.pow and isinstance(node.args[1], (int, float)):
+            return self.op("Pow", [self.env[node.args[0]], self._c(node, "exponent", node.args[1])], node.name)
+        return None
+
+    def _embedding(self, node, m, ids):
+        """nn.Embedding: the rows of its (float) table gathered by the integer ids."""
+        if m.max_norm is not None:
+            raise ExportError(f"{self.target}: {node.target}: nn.Embedding with max_norm has no lowering")
+        return self.op("Gather", [self.const(node.target + ".weight", np32(m.weight)), ids], node.name, axis=0)
 
 
 def _shape_source(size):
