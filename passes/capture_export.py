@@ -266,6 +266,7 @@ LIFT = {
     aten.clone.default: _identity, aten.contiguous.default: _identity, aten.alias.default: _identity,
     aten.detach.default: _identity, aten.detach_.default: _identity, aten.lift_fresh_copy.default: _identity,
     aten.to.dtype: _to, aten.to.dtype_layout: _to, aten._to_copy.default: _to,
+    aten.unbind.int: _fn(torch.unbind),
     aten.pow.Tensor_Scalar: _fn(torch.pow), aten.rsqrt.default: _fn(torch.rsqrt), aten.sqrt.default: _fn(torch.sqrt),
     aten.exp.default: _fn(torch.exp), aten.neg.default: _fn(operator.neg),
     aten.sym_size.int: lambda args, kwargs: ("call_method", "size", tuple(args), {}),

@@ -28,7 +28,7 @@ INVARIANT_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool2d,
     torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, operator.getitem, F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle,
-    torch.channel_shuffle, F.channel_shuffle, torch.t,
+    torch.channel_shuffle, F.channel_shuffle, torch.t, torch.unbind,
 }
 INVARIANT_METHODS = {
     "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",

@@ -798,6 +798,15 @@ class OnnxLowering(Lowering):
         if t is torch.rsqrt:
             x = self.op("Sqrt", [self.env[node.args[0]]], node.name + "_sqrt")
             return self.op("Reciprocal", [x], node.name)
+        if t is torch.unbind:
+            _, dim = self._args(node, [("input", None), ("dim", 0)])
+            shape = self.shape(node.args[0])
+            dim %= len(shape)
+            parts = self.move("Split", [self.env[node.args[0]], self.const(node.name + "_sizes", np.ones(
+                shape[dim], np.int64))], node.name + "_split", n_out=shape[dim], axis=dim)
+            parts = parts if isinstance(parts, list) else [parts]
+            axes = self.const(node.name + "_axis", np.array([dim], np.int64))
+            return tuple(self.move("Squeeze", [p, axes], f"{node.name}_{i}") for i, p in enumerate(parts))
         if t is torch.pow and isinstance(node.args[1], (int, float)):
             return self.op("Pow", [self.env[node.args[0]], self._c(node, "exponent", node.args[1])], node.name)
         return None
