@@ -28,10 +28,13 @@ aten = torch.ops.aten
 _KEEP_META = ("nn_module_stack", "source_fn_stack", "stack_trace", "val")
 
 
-def export_program(model: nn.Module, example_inputs: tuple):
-    """``torch.export.export(model, example_inputs, strict=False)`` with the batch (first) dimension of every
-    tensor input left to export (``Dim.AUTO``: dynamic where the model allows, static where it specialises).
-    Returns (ExportedProgram, how) where ``how`` says which shapes were kept dynamic. Raises TraceError."""
+def capture_program(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, str]:
+    """``torch.export.export(model, example_inputs, strict=False)`` lifted by :func:`lift_program`, with the batch
+    (first) dimension of every tensor input left to export (``Dim.AUTO``: dynamic where the model allows, static
+    where it specialises). Captured again with static shapes when export fails with a dynamic batch, or when the
+    batch size reaches computations no target lowers (GPT-2 builds its mask from position ids expanded to the
+    batch: with static shapes they fold to a constant). Returns (GraphModule, how the shapes were kept).
+    Raises TraceError."""
     tensors = [x for x in example_inputs if torch.is_tensor(x)]
     dynamic = tuple({0: Dim.AUTO} if torch.is_tensor(x) and x.dim() > 0 else None for x in example_inputs)
     errors = []
@@ -40,16 +43,36 @@ def export_program(model: nn.Module, example_inputs: tuple):
             with _export_state_kept():
                 ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=shapes, strict=False)
         except Exception as e:  # noqa: BLE001  (export raises many types; each is reported)
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            errors.append(f"export with a dynamic batch failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}")
             continue
-        batch_dynamic = shapes is not None and _batch_is_dynamic(ep)
-        how = "batch dimension dynamic" if batch_dynamic else \
-            "shapes static (the model specialises on the example's batch size)" if shapes is not None else \
-            "shapes static (export with a dynamic batch failed: " + errors[0] + ")"
-        return ep, how
+        gm = lift_program(ep, type(model).__name__)
+        if shapes is not None and _batch_is_dynamic(ep):
+            sized = _computed_from_sizes(gm)
+            if sized is None:
+                return gm, "batch dimension dynamic"
+            errors.append(f"the batch size reaches {sized}, which would stay in the graph")
+            continue
+        return gm, "shapes static (" + (errors[0] if errors else "the model specialises on the batch size") + ")"
     raise TraceError(f"trace: torch.export cannot capture {type(model).__name__} either ({errors[-1]}). "
                      "Give example_inputs the model runs on, or mark the failing submodule a leaf with "
                      "capture='fx' and leaf_modules=[...]")
+
+
+def _computed_from_sizes(gm: fx.GraphModule):
+    """'<node> (<op>)' of the first aten op left unlifted that depends on the inputs' sizes only, not on their
+    values (masks and index tensors built for the batch), or None."""
+    from_sizes: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target == "size":
+            from_sizes.add(node)
+        elif node.op in ("call_function", "call_method") and all(
+                a in from_sizes or a.op == "get_attr" for a in node.all_input_nodes) and \
+                any(a in from_sizes for a in node.all_input_nodes):
+            from_sizes.add(node)
+            if isinstance(node.target, torch._ops.OpOverload):
+                return f"{node.name} ({node.target})"
+    return None
 
 
 def _batch_is_dynamic(ep) -> bool:

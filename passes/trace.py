@@ -18,7 +18,7 @@ from quantfx.nn import QuantAct, QuantWBIOL
 from quantfx.nn.pool import _TruncAvgPool
 from quantfx.pass_infra import Pass, PassResult
 
-from .capture_export import export_program, lift_program
+from .capture_export import capture_program
 
 CAPTURES = ("auto", "fx", "export")
 NOTE = "capture"  # gm.notes key: {'method': 'fx' | 'export', 'why': ...}
@@ -115,12 +115,11 @@ class Trace(Pass):
             raise TraceError("trace: leaf_modules and concrete_args apply to symbolic tracing only; with "
                              f"capture={self.capture!r} ({why}) leave them out or use capture='fx'")
         try:
-            ep, shapes = export_program(model, self.example_inputs)
+            gm, shapes = capture_program(model, self.example_inputs)
         except TraceError as e:
             if self.capture == "auto":
                 e.args = (f"{e.args[0]} (it was tried because {why})",)
             raise
-        gm = lift_program(ep, type(model).__name__)
         gm.notes = {NOTE: {"method": "export", "why": why, "shapes": shapes}}
         return gm
 

@@ -100,7 +100,8 @@ def test_exported_models_verify_exactly(name, target, tmp_path):
     model, x, q = _compile(MODELS[name], target)
     capture = q.notes["capture"]
     assert capture["method"] == "export" and "torch.fx could not trace it" in capture["why"]
-    assert capture["shapes"] == "batch dimension dynamic"
+    # GPT-2 builds its mask from position ids expanded to the batch: captured with static shapes, it folds
+    assert capture["shapes"].startswith("shapes static" if name == "gpt2" else "batch dimension dynamic")
     path = tmp_path / ("m.pt2" if target == "torch" else "m.onnx")
     quantfx.export(q, path, (x,))
     report = quantfx.verify(q, path, (x,))
