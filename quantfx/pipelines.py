@@ -61,7 +61,6 @@ def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_module
         P("trace")(leaf_modules=tuple(leaf_modules), concrete_args=tuple((concrete_args or {}).items()),
                    capture=capture, example_inputs=tuple(example_inputs or ())),
         P("propagate_shapes")(example_inputs=tuple(example_inputs or ())),
-        P("raise_modules")(),
         P("canonicalize")(),
         P("fuse_conv_bn")(),
         *([P("equalize_cross_layer")()] if equalize else []),
