@@ -272,7 +272,8 @@ LIFT = {
     aten.add.Scalar: _binary(operator.add), aten.mul.Scalar: _binary(operator.mul),
     aten.matmul.default: _fn(torch.matmul), aten.bmm.default: _fn(torch.bmm), aten.mm.default: _fn(torch.matmul),
     aten.cat.default: _fn(torch.cat), aten.stack.default: _fn(torch.stack),
-    aten.view.default: _method("view"), aten._unsafe_view.default: _method("view"),
+    # view as reshape: the clone() that made its input contiguous is dropped as an identity
+    aten.view.default: _method("reshape"), aten._unsafe_view.default: _method("reshape"),
     aten.reshape.default: _method("reshape"), aten.flatten.using_ints: _fn(torch.flatten),
     aten.permute.default: _fn(torch.permute), aten.transpose.int: _fn(torch.transpose), aten.t.default: _fn(torch.t),
     aten.unsqueeze.default: _fn(torch.unsqueeze), aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
