@@ -24,7 +24,7 @@ from torch import fx, nn
 from quantfx.graph import module_of, unique_name
 from quantfx.pass_infra import Pass, PassResult
 
-from .raise_modules import RaiseModules
+from .raise_modules import RaiseModules, _arg
 
 _ACT_FUNCTIONS = {
     F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu_: nn.ReLU, torch.relu_: nn.ReLU, F.relu6: nn.ReLU6,
@@ -35,12 +35,6 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout}
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-
-
-def _arg(node, i, name, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ _ACTIVATIONS = {
 
 
 def _arg(node, i, name, default=None):
+    """Argument ``i`` of a call, given by position or as keyword ``name``."""
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
