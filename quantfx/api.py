@@ -66,7 +66,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
              weight_bit_width: Optional[int] = None, act_bit_width: Optional[int] = None,
              bias_bit_width: Optional[int] = None, input_bit_width: Optional[int] = None,
              bias_scaling: Optional[str] = None, cpu: Optional[str] = None, overrides: Optional[dict] = None,
-             leaf_modules=(), concrete_args: Optional[dict] = None, capture: str = "auto",
+             leaf_modules=(), concrete_args: Optional[dict] = None, capture: Optional[str] = None,
              pipeline: Optional[Pipeline] = None,
              calibration_method: str = "auto", weight_rounding: str = "auto", progress: bool = True,
              bias_correction: bool = False, equalize: Optional[bool] = None, seed: int = 0, dump_dir=None,
@@ -86,7 +86,8 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
     quantization (None: off for now; pipelines.equalize_default). ``capture``: 'auto' (torch.fx symbolic tracing,
     torch.export where that fails or the traced graph does not run on the example inputs), 'fx' or 'export'
-    (docs/capture.md); ``qmodel.notes['capture']`` says which ran and why.
+    (docs/capture.md; None: 'auto', or what a given ``pipeline``'s trace says); ``qmodel.notes['capture']`` says
+    which ran and why.
     Returns a :class:`QuantGraphModule` in eval mode. Raises TraceError, QuantArgumentError, PassError."""
     if not isinstance(model, nn.Module):
         raise QuantArgumentError(f"quantize: expected an nn.Module, got {type(model).__name__}")
