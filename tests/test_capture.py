@@ -225,3 +225,12 @@ def test_functional_forms_quantize_like_modules():
         with torch.no_grad():
             outs[type(model).__name__] = q(x)
     assert torch.equal(outs["Modules"], outs["Functional"])
+
+
+def test_pipeline_spells_the_capture_and_quantize_keeps_it():
+    pipeline = quantfx.pipeline_for("onnx", capture="export")
+    assert pipeline.spell().startswith("trace{capture='export'},propagate_shapes,canonicalize")
+    model, x = timm_model("mobilenetv3_small_050")()
+    q = quantfx.quantize(model, "onnx", example_inputs=(x,), pipeline=quantfx.parse_pipeline(pipeline.spell(), "onnx"),
+                         progress=False)
+    assert q.notes["capture"]["method"] == "export"
