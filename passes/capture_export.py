@@ -192,6 +192,19 @@ def _pad(args, kwargs):
     return "call_function", F.pad, (args[0], list(args[1])), ({"value": value} if value else {})
 
 
+def _pad_mode(args, kwargs):  # aten.pad(x, pad, mode='constant', value=None)
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value")
+    return "call_function", F.pad, (args[0], list(args[1])), {
+        k: v for k, v in (("mode", mode), ("value", value)) if v not in (None, 0.0, "constant")}
+
+
+def _adaptive_avg_pool1d(args, kwargs):  # to one value per row: a mean over the last axis (Swin's pooler)
+    if list(args[1]) != [1]:
+        return None
+    return "call_function", torch.mean, (args[0], [-1]), {"keepdim": True}
+
+
 def _mean(args, kwargs):
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     return "call_function", torch.mean, (args[0], list(args[1])), ({"keepdim": True} if keepdim else {})
@@ -270,6 +283,9 @@ LIFT = {
     aten.add.Tensor: _binary(operator.add), aten.sub.Tensor: _binary(operator.sub),
     aten.mul.Tensor: _binary(operator.mul), aten.div.Tensor: _binary(operator.truediv),
     aten.add.Scalar: _binary(operator.add), aten.mul.Scalar: _binary(operator.mul),
+    # in place (hidden += residual): lifted out of place, later reads of the operand read the result
+    aten.add_.Tensor: _binary(operator.add), aten.sub_.Tensor: _binary(operator.sub),
+    aten.mul_.Tensor: _binary(operator.mul), aten.div_.Tensor: _binary(operator.truediv),
     aten.matmul.default: _fn(torch.matmul), aten.bmm.default: _fn(torch.bmm), aten.mm.default: _fn(torch.matmul),
     aten.cat.default: _fn(torch.cat), aten.stack.default: _fn(torch.stack),
     # view as reshape: the clone() that made its input contiguous is dropped as an identity
@@ -285,7 +301,7 @@ LIFT = {
     aten.max_pool2d_with_indices.default: _max_pool_indices,
     aten.softmax.int: _softmax, aten._softmax.default: _softmax,
     aten.scaled_dot_product_attention.default: _sdpa, aten.embedding.default: _embedding,
-    aten.constant_pad_nd.default: _pad, aten.pixel_shuffle.default: _fn(F.pixel_shuffle),
+    aten.adaptive_avg_pool1d.default: _adaptive_avg_pool1d, aten.constant_pad_nd.default: _pad, aten.pad.default: _pad_mode, aten.pixel_shuffle.default: _fn(F.pixel_shuffle),
     aten.dropout.default: _identity, aten.feature_dropout.default: _identity, aten.alpha_dropout.default: _identity,
     aten.clone.default: _identity, aten.contiguous.default: _identity, aten.alias.default: _identity,
     aten.detach.default: _identity, aten.detach_.default: _identity, aten.lift_fresh_copy.default: _identity,
@@ -330,6 +346,9 @@ def lift_program(ep, class_name: str = "ExportedModel") -> fx.GraphModule:
             if node.target in _DROP:
                 continue
             env[node] = _lift_node(graph, node, env)
+            if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name.endswith("_") and \
+                    node.args and isinstance(node.args[0], fx.Node):
+                env[node.args[0]] = env[node]  # an op in place: its operand now holds the result
     gm = fx.GraphModule(root, graph, class_name)
     _fold_constants(gm)
     _drop_empty_cat_members(gm)
