@@ -6,9 +6,7 @@
   ``nn.Hardtanh``; ``torch.sigmoid / x.sigmoid`` -> ``nn.Sigmoid``;
 - ``operator.iadd / torch.add / x.add`` of two tensors -> ``operator.add``; ``torch.concat`` -> ``torch.cat``;
 - ``x.mean((2, 3))`` / ``F.adaptive_avg_pool2d`` / ``F.avg_pool2d`` -> average-pool modules (+ flatten);
-- dropout, ``nn.Identity`` and ``torch._assert`` calls removed (inference graph; an assert on a traced value,
-  such as timm's ``x.ndim == 4`` in ``BatchNormAct2d``, would otherwise hold a second user on the conv before
-  the batch norm and keep the two from fusing);
+- dropout and ``nn.Identity`` removed (inference graph);
 - a stateless module called from several places is duplicated so each call site gets its own quantizer.
 """
 from __future__ import annotations
@@ -73,9 +71,6 @@ class Canonicalize(Pass):
                 modified = True
             elif self._is_spatial_mean(node):
                 self._mean_to_pool(gm, node, taken)
-                modified = True
-            elif node.op == "call_function" and node.target is torch._assert:
-                graph.erase_node(node)
                 modified = True
             elif self._is_dropout(gm, node):
                 node.replace_all_uses_with(node.args[0])
