@@ -12,12 +12,14 @@ from .equalize_cross_layer import EqualizeCrossLayer
 from .fuse_conv_bn import FuseConvBN
 from .propagate_shapes import PropagateShapes
 from .quantize_products import QuantizeProducts
+from .raise_modules import RaiseModules
 from .share_quantizers import ShareQuantizers
 from .swap_modules import SwapModules
 from .trace import Trace
 
 for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
-             Annotate, ApproximateActivations, EqualizeCrossLayer, QuantizeProducts):
+             Annotate, ApproximateActivations, EqualizeCrossLayer, QuantizeProducts,
+             RaiseModules):
     register_pass(_cls)
 del _cls
 
@@ -26,4 +28,4 @@ del _cls
 REGISTRY = PASSES
 
 __all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "EqualizeCrossLayer", "FuseConvBN",
-           "PropagateShapes", "QuantizeProducts", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]
+           "PropagateShapes", "QuantizeProducts", "RaiseModules", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]

@@ -1,5 +1,7 @@
 """canonicalize: rewrite functional and method calls into the forms later passes understand.
 
+- first, functional conv/linear/norm/activation calls on parameters become modules named by the user's module
+  paths (passes/raise_modules.py, run here so every pipeline that canonicalizes gets it);
 - ``F.relu / torch.relu / x.relu`` -> ``nn.ReLU`` module; ``F.relu6`` -> ``nn.ReLU6``; ``F.hardtanh`` ->
   ``nn.Hardtanh``; ``torch.sigmoid / x.sigmoid`` -> ``nn.Sigmoid``;
 - ``operator.iadd / torch.add / x.add`` of two tensors -> ``operator.add``; ``torch.concat`` -> ``torch.cat``;
@@ -20,6 +22,8 @@ from torch import fx, nn
 from quantfx.graph import module_of, unique_name
 from quantfx.pass_infra import Pass, PassResult
 
+from .raise_modules import RaiseModules, _arg
+
 _ACT_FUNCTIONS = {
     F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu_: nn.ReLU, torch.relu_: nn.ReLU, F.relu6: nn.ReLU6,
     torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid,
@@ -31,12 +35,6 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
 
-def _arg(node, i, name, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 @dataclass(frozen=True)
 class Canonicalize(Pass):
     name = "canonicalize"
@@ -45,7 +43,7 @@ class Canonicalize(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
         taken: set = set()
-        modified = False
+        modified = RaiseModules().call(gm).modified
         seen_modules: dict[int, str] = {}
         for node in list(graph.nodes):
             new_module = None

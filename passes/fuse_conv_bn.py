@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from quantfx.errors import QuantFXError
-from quantfx.graph import BN_TYPES, FLOAT_COMPUTE_TYPES, module_of
+from quantfx.graph import BN_TYPES, FLOAT_COMPUTE_TYPES, is_tensor_node, module_of, replace_module
 from quantfx.nn import build_from_state, float_layer_kwargs
 from quantfx.pass_infra import Pass, PassResult
 
@@ -75,7 +75,7 @@ class FuseConvBN(Pass):
             gm.add_submodule(src.target, fused)  # replaces the conv under the same name
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
+            replace_module(gm, node.target, None)  # a raised BN keeps its module's children (bn1.act)
             modified = True
         return PassResult(gm, modified)
 
@@ -84,8 +84,10 @@ class FuseConvBN(Pass):
         """Why this conv/bn pair cannot be fused ('' when it can). ``calls``: call_module target -> count."""
         if not isinstance(layer, FLOAT_COMPUTE_TYPES):
             return "producer is not a float conv/linear"
-        if len(src.users) != 1:
-            return f"{src.target} has {len(src.users)} users; folding would change the other users"
+        # users that read the output's shape only (timm's BatchNormAct2d asserts x.ndim == 4) see the same shape
+        users = [u for u in src.users if is_tensor_node(u)]
+        if len(users) != 1:
+            return f"{src.target} has {len(users)} users; folding would change the other users"
         if calls is None:
             calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         if calls[src.target] != 1:

@@ -13,6 +13,12 @@ from quantfx.classify import TENSOR_KEY
 from quantfx.pass_infra import Pass, PassResult
 
 
+def _floating(meta) -> bool:
+    """False for metadata of an integer or boolean tensor; True otherwise (float tensors, containers)."""
+    dtype = getattr(meta, "dtype", None)
+    return not isinstance(dtype, torch.dtype) or dtype.is_floating_point
+
+
 @dataclass(frozen=True)
 class PropagateShapes(Pass):
     name = "propagate_shapes"
@@ -25,8 +31,11 @@ class PropagateShapes(Pass):
         with torch.no_grad():
             ShapeProp(gm).propagate(*self.example_inputs)
         # which values are tensors (ShapeProp records metadata for tensors and containers of them only): later
-        # passes put quantizers on tensors alone, never on shapes, Python scalars or booleans (x.size(2) == 224)
+        # passes put quantizers on tensors alone, never on shapes, Python scalars or booleans (x.size(2) == 224),
+        # nor on integer and boolean tensors (token ids, position ids, masks)
         for node in gm.graph.nodes:
             if node.op in ("call_function", "call_method", "call_module"):
-                node.meta[TENSOR_KEY] = "tensor_meta" in node.meta
+                node.meta[TENSOR_KEY] = "tensor_meta" in node.meta and _floating(node.meta["tensor_meta"])
+            elif node.op == "placeholder" and not _floating(node.meta.get("tensor_meta")):
+                node.meta[TENSOR_KEY] = False
         return PassResult(gm, False)

@@ -1,15 +1,27 @@
-"""trace: symbolic-trace an ``nn.Module`` into a ``torch.fx.GraphModule``."""
+"""trace: capture an ``nn.Module`` as a ``torch.fx.GraphModule``.
+
+``capture='fx'`` traces symbolically (the user's module structure is kept); ``'export'`` captures with
+``torch.export`` on the example inputs and lifts the aten graph to torch-level calls (passes/capture_export.py);
+``'auto'`` (the default) traces symbolically and captures by export when that fails or the traced graph does
+not run on the example inputs. Which capture ran and why is recorded in ``gm.notes['capture']`` (the compiled
+model's ``notes``, shown by ``quantfx.inspect``)."""
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
-from quantfx.errors import TraceError
+from quantfx.errors import QuantArgumentError, TraceError
 from quantfx.nn import QuantAct, QuantWBIOL
 from quantfx.nn.pool import _TruncAvgPool
 from quantfx.pass_infra import Pass, PassResult
+
+from .capture_export import capture_program
+
+CAPTURES = ("auto", "fx", "export")
+NOTE = "capture"  # gm.notes key: {'method': 'fx' | 'export', 'why': ...}
 
 
 class QuantFXTracer(fx.Tracer):
@@ -39,19 +51,50 @@ def _user_frame(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Trace(Pass):
-    """nn.Module -> GraphModule. ``leaf_modules``: types or qualified names not traced into;
-    ``concrete_args``: forward arguments fixed at trace time (e.g. flags that select a branch)."""
+    """nn.Module -> GraphModule. ``capture``: 'auto' | 'fx' | 'export' (see the module docstring);
+    ``leaf_modules``: types or qualified names not traced into (fx); ``concrete_args``: forward arguments fixed
+    at trace time (fx; e.g. flags that select a branch); ``example_inputs``: what export captures on, and what
+    'auto' runs the symbolically traced graph on to check it."""
 
     name = "trace"
     runs_code = False  # reads and edits the graph only
     leaf_modules: tuple = ()
     concrete_args: tuple = ()  # ((name, value), ...) so the pass stays hashable
+    capture: str = "auto"
+    example_inputs: tuple = field(default=(), compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if self.capture not in CAPTURES:
+            raise QuantArgumentError(f"trace: capture={self.capture!r}; use one of {', '.join(CAPTURES)}")
 
     def call(self, model) -> PassResult:
         if isinstance(model, fx.GraphModule):
             return PassResult(model, False)
         if not isinstance(model, nn.Module):
             raise TraceError(f"trace: expected an nn.Module, got {type(model).__name__}")
+        if self.capture == "export":
+            return PassResult(self._export(model, "capture='export' was asked for"), True)
+        try:
+            gm = self._symbolic(model)
+        except TraceError as e:
+            if self.capture == "fx" or not self.example_inputs:
+                raise
+            cause = e.__cause__ or e
+            why = f"torch.fx could not trace it ({type(cause).__name__}: {_first_line(cause)} at {_user_frame(cause)})"
+            return PassResult(self._export(model, why), True)
+        if self.capture == "auto" and self.example_inputs:
+            try:
+                with torch.no_grad():
+                    gm(*self.example_inputs)
+            except Exception as e:  # noqa: BLE001  (whatever the traced code raises, export gets a chance)
+                why = f"the fx-traced graph failed on the example inputs ({type(e).__name__}: {_first_line(e)})"
+                return PassResult(self._export(model, why), True)
+        why = "capture='fx' was asked for" if self.capture == "fx" else \
+            "torch.fx traced it" + ("" if self.example_inputs else " (no example inputs to check it on)")
+        gm.notes = {NOTE: {"method": "fx", "why": why}}
+        return PassResult(gm, True)
+
+    def _symbolic(self, model) -> fx.GraphModule:
         tracer = QuantFXTracer(self.leaf_modules)
         try:
             graph = tracer.trace(model, concrete_args=dict(self.concrete_args) or None)
@@ -60,6 +103,27 @@ class Trace(Pass):
                 f"trace: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}) at "
                 f"{_user_frame(e)}. Data-dependent control flow and unsupported Python cannot be traced: mark "
                 "the submodule that contains it as a leaf (quantize(..., leaf_modules=[MyBlock] or "
-                "['name.of.block'])) or fix the branch with concrete_args={'flag': value}") from e
-        name = type(model).__name__
-        return PassResult(fx.GraphModule(tracer.root, graph, name), True)
+                "['name.of.block'])), fix the branch with concrete_args={'flag': value}, or capture with "
+                "torch.export (capture='export', with example_inputs)") from e
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+    def _export(self, model, why: str) -> fx.GraphModule:
+        if not self.example_inputs:
+            raise TraceError(f"trace: capture by torch.export needs example inputs ({why}); pass "
+                             "example_inputs= or calibration_data= to quantize")
+        if self.leaf_modules or self.concrete_args:
+            raise TraceError("trace: leaf_modules and concrete_args apply to symbolic tracing only; with "
+                             f"capture={self.capture!r} ({why}) leave them out or use capture='fx'")
+        try:
+            gm, shapes = capture_program(model, self.example_inputs)
+        except TraceError as e:
+            if self.capture == "auto":
+                e.args = (f"{e.args[0]} (it was tried because {why})",)
+            raise
+        gm.notes = {NOTE: {"method": "export", "why": why, "shapes": shapes}}
+        return gm
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

@@ -66,7 +66,8 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
              weight_bit_width: Optional[int] = None, act_bit_width: Optional[int] = None,
              bias_bit_width: Optional[int] = None, input_bit_width: Optional[int] = None,
              bias_scaling: Optional[str] = None, cpu: Optional[str] = None, overrides: Optional[dict] = None,
-             leaf_modules=(), concrete_args: Optional[dict] = None, pipeline: Optional[Pipeline] = None,
+             leaf_modules=(), concrete_args: Optional[dict] = None, capture: Optional[str] = None,
+             pipeline: Optional[Pipeline] = None,
              calibration_method: str = "auto", weight_rounding: str = "auto", progress: bool = True,
              bias_correction: bool = False, equalize: Optional[bool] = None, seed: int = 0, dump_dir=None,
              on_dump=None) -> QuantGraphModule:
@@ -83,7 +84,10 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     search (swap_modules) and weight rounding learned on the data (AdaRound, deterministic under ``seed``);
     above, min/max ranges and round-to-nearest. Give 'minmax' / 'percentile' / 'mse' and 'nearest' / 'learned'
     to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
-    quantization (None: off for now; pipelines.equalize_default).
+    quantization (None: off for now; pipelines.equalize_default). ``capture``: 'auto' (torch.fx symbolic tracing,
+    torch.export where that fails or the traced graph does not run on the example inputs), 'fx' or 'export'
+    (docs/capture.md; None: 'auto', or what a given ``pipeline``'s trace says); ``qmodel.notes['capture']`` says
+    which ran and why.
     Returns a :class:`QuantGraphModule` in eval mode. Raises TraceError, QuantArgumentError, PassError."""
     if not isinstance(model, nn.Module):
         raise QuantArgumentError(f"quantize: expected an nn.Module, got {type(model).__name__}")
@@ -106,7 +110,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     elif equalize is not None:
         raise QuantArgumentError("quantize: equalize= chooses a pass of the default pipeline; with pipeline= given, "
                                  "add or leave out equalize_cross_layer in it instead")
-    options = dict(overrides=dict(overrides) if overrides is not None else None,
+    options = dict(overrides=dict(overrides) if overrides is not None else None, capture=capture,
                    leaf_modules=tuple(leaf_modules) or None, concrete_args=concrete_args,
                    example_inputs=tuple(example_inputs) if example_inputs is not None else None)
     pipeline = bind(pipeline, profile, **options)

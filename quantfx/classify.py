@@ -28,7 +28,7 @@ INVARIANT_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool2d,
     torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, operator.getitem, F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle,
-    torch.channel_shuffle, F.channel_shuffle, torch.t,
+    torch.channel_shuffle, F.channel_shuffle, torch.t, torch.unbind,
 }
 INVARIANT_METHODS = {
     "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",
@@ -53,6 +53,7 @@ FLOAT_ISLAND_MODULES = {
     nn.Softmax: "softmax: a reduction with exp, no integer kernel",
     nn.LayerNorm: "normalization over the data (mean, variance, division): no integer kernel",
     nn.GroupNorm: "normalization over the data (mean, variance, division): no integer kernel",
+    nn.Embedding: "a table lookup by integer ids: the rows stay float, quantized after it",
 }
 FLOAT_ISLAND_FUNCTIONS = {
     F.silu: _NONLINEAR, F.gelu: _NONLINEAR, F.mish: _NONLINEAR, F.hardswish: _NONLINEAR,
@@ -64,6 +65,8 @@ FLOAT_ISLAND_FUNCTIONS = {
     F.group_norm: "normalization over the data (mean, variance, division): no integer kernel",
     F.scaled_dot_product_attention: "scaled-dot-product attention: matmul, softmax, matmul in one op, run in float",
     torch.mean: _MEAN,
+    torch.pow: "a power: no integer kernel", torch.exp: "exp: no integer kernel",
+    torch.sqrt: "a square root: no integer kernel", torch.rsqrt: "a square root: no integer kernel",
 }
 FLOAT_ISLAND_METHODS = {"softmax": "softmax: a reduction with exp, no integer kernel", "mean": _MEAN,
                         "tanh": "tanh: no integer kernel"}

@@ -98,8 +98,11 @@ def cmd_quantize(args) -> int:
         model, target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
         weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
         bias_bit_width=args.bias_bit_width, cpu=args.cpu, pipeline=pipeline, calibration_method=args.calib_method,
-        weight_rounding=args.weight_rounding,
+        weight_rounding=args.weight_rounding, capture=args.capture,
         progress=not args.quiet, dump_dir=args.dump_dir)
+    if qmodel.notes.get("capture"):
+        from quantfx.tables import capture_line
+        _say(args, capture_line(qmodel.notes["capture"]))
     if args.save:
         torch.save(qmodel, args.save)
         _say(args, f"saved quantized model to {args.save}")
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cpu", choices=["any", "vnni"],
                    help="onnx/torch: 'any' (default) is exact on every CPU; 'vnni' allows 8-bit weights, for "
                         "deployments on AVX512-VNNI/AVX-VNNI x86 or ARM only")
+    q.add_argument("--capture", default="auto", choices=["auto", "fx", "export"],
+                   help="how the model is captured: torch.fx symbolic tracing, torch.export, or auto (fx, export "
+                        "where fx fails; docs/capture.md)")
     q.add_argument("--pipeline", help="pass pipeline spelled as a string (see `quantfx passes`)")
     q.add_argument("-o", "--output", help="artefact path (e.g. out.onnx)")
     q.add_argument("--save", help="also save the quantized model (torch.save) for verify/inspect/draw")

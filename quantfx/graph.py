@@ -88,6 +88,39 @@ def insert_module_after(gm, node: fx.Node, module: nn.Module, name: str, users=N
     return new
 
 
+def replace_module(gm: fx.GraphModule, path: str, module: Optional[nn.Module]) -> None:
+    """Put ``module`` at ``path`` (None: remove what is there), keeping the children of the module it replaces
+    (and, when it is replaced by another, the parameters and buffers the graph still reads): a module the graph
+    traced through (timm's ``BatchNormAct2d``, whose batch norm becomes an ``nn.BatchNorm2d`` at its path) keeps
+    ``bn1.act`` and the like reachable."""
+    try:
+        old = gm.get_submodule(path)
+    except AttributeError:
+        old = None
+    if old is not None:
+        keep_state = module is not None
+        if module is None and any(True for _ in old.children()):
+            module = nn.Module()
+        if module is not None:
+            for name, child in old.named_children():
+                if not hasattr(module, name):
+                    module.add_module(name, child)
+        if keep_state:
+            read = {n.target[len(path) + 1:] for n in gm.graph.nodes if n.op == "get_attr" and
+                    n.target.startswith(path + ".")}
+            for name, p in old._parameters.items():
+                if p is not None and name in read and not hasattr(module, name):
+                    module.register_parameter(name, p)
+            for name, b in old._buffers.items():
+                if b is not None and name in read and not hasattr(module, name):
+                    module.register_buffer(name, b)
+    if module is None:
+        if old is not None:
+            gm.delete_submodule(path)
+        return
+    gm.add_submodule(path, module)
+
+
 __all__ = [
     "ADD_FUNCTIONS", "BN_TYPES", "CAT_FUNCTIONS", "COMPUTE_TYPES", "FLOAT", "FLOAT_COMPUTE_TYPES", "GROUP_KEY",
     "INVARIANT_FUNCTIONS", "INVARIANT_METHODS", "INVARIANT_MODULES", "META_KEY", "QMeta", "SHAPE_METHODS",
@@ -95,5 +128,5 @@ __all__ = [
     "attr_value", "data_input", "float_island", "fmt_scale", "group_of", "input_quantizer_of", "insert_module_after",
     "is_act_quant", "is_add", "is_cat", "is_compute", "is_invariant", "is_link", "is_monotonic_island", "is_product",
     "is_tensor_node", "is_trunc_pool",
-    "module_of", "producer", "qmeta", "scales_by_constant", "tensor_inputs", "tensor_product_op", "unique_name",
+    "module_of", "producer", "qmeta", "replace_module", "scales_by_constant", "tensor_inputs", "tensor_product_op", "unique_name",
 ]

@@ -47,16 +47,19 @@ def equalize_default(profile) -> bool:
 
 
 def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_modules=(), concrete_args=None,
-                 example_inputs=(), equalize: Optional[bool] = None, **profile_options) -> Pipeline:
+                 example_inputs=(), equalize: Optional[bool] = None, capture: str = "auto",
+                 **profile_options) -> Pipeline:
     """The default pass pipeline for a target (a name or a TargetProfile); edit it and pass it to quantize.
-    ``equalize``: run equalize_cross_layer after fuse_conv_bn (None: where :func:`equalize_default` says)."""
+    ``equalize``: run equalize_cross_layer after fuse_conv_bn (None: where :func:`equalize_default` says).
+    ``capture``: how trace captures the model, 'auto' | 'fx' | 'export' (docs/capture.md)."""
     P = get_pass
     profile = _profile(target, **profile_options)
     overrides = dict(overrides or {})
     if equalize is None:
         equalize = equalize_default(profile)
     return Pipeline([
-        P("trace")(leaf_modules=tuple(leaf_modules), concrete_args=tuple((concrete_args or {}).items())),
+        P("trace")(leaf_modules=tuple(leaf_modules), concrete_args=tuple((concrete_args or {}).items()),
+                   capture=capture, example_inputs=tuple(example_inputs or ())),
         P("propagate_shapes")(example_inputs=tuple(example_inputs or ())),
         P("canonicalize")(),
         P("fuse_conv_bn")(),

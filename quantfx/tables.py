@@ -85,6 +85,12 @@ def _island_lines(islands, title) -> list[str]:
     return [title] + [f"  {r['node']:<{w[0]}}  {r['op']:<{w[1]}}  {r['why']}" for r in islands]
 
 
+def capture_line(capture: dict) -> str:
+    """How the model was captured, as inspect prints it: 'capture: export (why; shapes)'."""
+    details = "; ".join(v for v in (capture.get("why"), capture.get("shapes")) if v)
+    return f"capture: {capture['method']}" + (f" ({details})" if details else "")
+
+
 def inspect(qmodel: fx.GraphModule, file=None) -> str:
     """Print (and return) a per-layer table: name, op, weight/act/bias bits, scale, accumulator, group, then the
     float islands. Given a lowered artefact that reports how each node runs (the torch target's program), print
@@ -112,6 +118,9 @@ def inspect(qmodel: fx.GraphModule, file=None) -> str:
     if islands:
         lines += _island_lines(islands, "float islands (dequantized, run in float, requantized by the quantizer "
                                         "after them):")
+    capture = getattr(qmodel, "notes", {}).get("capture")
+    if capture:
+        lines.append(capture_line(capture))
     text = "\n".join(lines)
     print(text, file=file or sys.stdout)
     return text

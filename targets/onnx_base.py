@@ -41,9 +41,13 @@ def np32(t) -> np.ndarray:
 
 
 def feed(graph_inputs, inputs) -> dict:
-    """The input dict of a session: each input (tensor or array) as float32, by the graph's input names."""
-    return {i.name: (x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(np.float32)
-            for i, x in zip(graph_inputs, inputs)}
+    """The input dict of a session: each input (tensor or array) as float32 (integer ones, such as token ids, as
+    int64), by the graph's input names."""
+    out = {}
+    for i, x in zip(graph_inputs, inputs):
+        x = x.detach().numpy() if torch.is_tensor(x) else np.asarray(x)
+        out[i.name] = x.astype(np.int64 if x.dtype.kind in "iub" else np.float32)
+    return out
 
 
 def save_onnx(model: onnx.ModelProto, path) -> None:
@@ -183,7 +187,9 @@ class OnnxLowering(Lowering):
         return value
 
     def emit_input(self, node):
-        value = ir.val(self.fresh(node.name), ir.DataType.FLOAT, self._io_shape(node))
+        dtype = getattr(self.tensor_meta.get(node), "dtype", torch.float32)
+        kind = ir.DataType.FLOAT if dtype.is_floating_point else ir.DataType.INT64  # token ids: int64
+        value = ir.val(self.fresh(node.name), kind, self._io_shape(node))
         self.graph.inputs.append(value)
         return value
 
@@ -208,6 +214,8 @@ class OnnxLowering(Lowering):
         return (["batch"] + shape[1:]) if self.dynamic_batch else shape
 
     def emit_constant(self, node, value):
+        if torch.is_tensor(value) and not value.is_floating_point():  # masks and indices keep their type
+            return self.const(node.name, value.detach().cpu().numpy())
         return self.const(node.name, np32(value))
 
     def emit_add(self, node):
@@ -400,6 +408,9 @@ class OnnxLowering(Lowering):
                 return self.op(op_type, [self.env[node.args[0]]], node.name)
             x = self.env[node.args[0]]
             return self.op("Mul", [x, self.op("Sigmoid", [x], node.name + "_sig")], node.name)
+        captured = self._captured_function(node)
+        if captured is not None:
+            return captured
         raise ExportError(f"{self.target}: function {getattr(t, '__name__', t)} at node {node.name} has no "
                           "ONNX lowering")
 
@@ -532,9 +543,9 @@ class OnnxLowering(Lowering):
         q, k, v, mask, dropout, causal, scale = self._args(node, [
             ("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
             ("is_causal", False), ("scale", None)])
-        if mask is not None or dropout or causal:
-            raise ExportError(f"{self.target}: node {node.name}: scaled_dot_product_attention with a mask, dropout "
-                              "or is_causal has no lowering here; pass none of them (eval, no mask)")
+        if dropout or (causal and mask is not None) or node.kwargs.get("enable_gqa"):
+            raise ExportError(f"{self.target}: node {node.name}: scaled_dot_product_attention with dropout, "
+                              "enable_gqa or both a mask and is_causal has no lowering here (eval, one of them)")
         n = node.name
         e = self.shape(q)[-1]
         rank = len(self.shape(k))
@@ -543,6 +554,12 @@ class OnnxLowering(Lowering):
         scores = self.op("MatMul", [self.env[q], kt], n + "_scores")
         scores = self.op("Mul", [scores, self._c(node, "scale", scale if scale is not None else 1 / math.sqrt(e))],
                          n + "_scaled")
+        if causal:
+            length, source = self.shape(q)[-2], self.shape(k)[-2]
+            keep = self.const(n + "_causal", np.tril(np.ones((length, source), dtype=bool)))
+            scores = self.op("Where", [keep, scores, self._c(node, "masked", -np.inf)], n + "_masked")
+        elif mask is not None:
+            scores = self._attention_mask(node, scores, mask)
         attn = self._softmax(type("N", (), {"name": n + "_softmax"}), scores, -1)
         return self.op("MatMul", [attn, self.env[v]], n)
 
@@ -614,6 +631,8 @@ class OnnxLowering(Lowering):
             return self._layer_norm(node, x, tuple(m.normalized_shape), m.weight, m.bias, float(m.eps))
         if isinstance(m, nn.MultiheadAttention):
             return self._mha(node, m)
+        if isinstance(m, nn.Embedding):
+            return self._embedding(node, m, x)
         if isinstance(m, nn.GroupNorm):
             return self._group_norm(node, x, m.num_groups, m.weight if m.affine else None,
                                     m.bias if m.affine else None, float(m.eps))
@@ -755,6 +774,48 @@ class OnnxLowering(Lowering):
                 a = self.static_value(a)  # shape arithmetic (h / 16): a constant of this graph
             ins.append(self.env[a] if isinstance(a, fx.Node) else self.const(f"{node.name}_c{i}", np.float32(a)))
         return self.op(op_type, ins, node.name)
+
+    # -- ops of graphs captured by torch.export (issue 27, capture): attention masks, embeddings, masking ---------
+
+    def _attention_mask(self, node, scores, mask):
+        """scores masked as scaled_dot_product_attention does: a boolean mask keeps where True (-inf elsewhere),
+        a float mask is added."""
+        m = self.env[mask]
+        dtype = self.attribute(mask).dtype if mask.op == "get_attr" else \
+            getattr(mask.meta.get("tensor_meta"), "dtype", torch.float32)
+        if dtype == torch.bool:
+            return self.op("Where", [m, scores, self._c(node, "masked", -np.inf)], node.name + "_masked")
+        return self.op("Add", [scores, m], node.name + "_masked")
+
+    _ELEMENTWISE = {torch.exp: "Exp", torch.sqrt: "Sqrt", operator.neg: "Neg", torch.neg: "Neg"}
+
+    def _captured_function(self, node):
+        """Element-wise float functions that decomposed activations are made of (GPT-2's tanh GELU spells
+        ``x ** 3``), or None."""
+        t = node.target
+        if t in self._ELEMENTWISE:
+            return self.op(self._ELEMENTWISE[t], [self.env[node.args[0]]], node.name)
+        if t is torch.rsqrt:
+            x = self.op("Sqrt", [self.env[node.args[0]]], node.name + "_sqrt")
+            return self.op("Reciprocal", [x], node.name)
+        if t is torch.unbind:
+            _, dim = self._args(node, [("input", None), ("dim", 0)])
+            shape = self.shape(node.args[0])
+            dim %= len(shape)
+            parts = self.move("Split", [self.env[node.args[0]], self.const(node.name + "_sizes", np.ones(
+                shape[dim], np.int64))], node.name + "_split", n_out=shape[dim], axis=dim)
+            parts = parts if isinstance(parts, list) else [parts]
+            axes = self.const(node.name + "_axis", np.array([dim], np.int64))
+            return tuple(self.move("Squeeze", [p, axes], f"{node.name}_{i}") for i, p in enumerate(parts))
+        if t is torch.pow and isinstance(node.args[1], (int, float)):
+            return self.op("Pow", [self.env[node.args[0]], self._c(node, "exponent", node.args[1])], node.name)
+        return None
+
+    def _embedding(self, node, m, ids):
+        """nn.Embedding: the rows of its (float) table gathered by the integer ids."""
+        if m.max_norm is not None:
+            raise ExportError(f"{self.target}: {node.target}: nn.Embedding with max_norm has no lowering")
+        return self.op("Gather", [self.const(node.target + ".weight", np32(m.weight)), ids], node.name, axis=0)
 
 
 def _shape_source(size):

@@ -89,7 +89,9 @@ def test_inspect_table():
         + sum(1 for n in q.graph.nodes if n.op == "call_module" and type(q.get_submodule(n.target)).__name__
               == "QuantAdaptiveAvgPool2d")
     assert len(rows) == expected
-    assert len(text.splitlines()) == expected + 2 and out.getvalue().strip() == text.strip()
+    # header, rule, rows, and how it was captured
+    assert len(text.splitlines()) == expected + 3 and out.getvalue().strip() == text.strip()
+    assert text.splitlines()[-1] == "capture: fx (torch.fx traced it)"
     header = text.splitlines()[0].split()
     assert header == ["name", "op", "weight_bits", "act_bits", "bias", "scale", "acc_bits", "group", "method"]
     assert any(r["group"] == "share_group_0" for r in rows)

@@ -25,6 +25,19 @@ MODEL = textwrap.dedent("""
                     return x
                 return -x
         return M()
+
+    def shape_checked():
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                if x.shape[-1] != x.shape[-2]:  # torch.fx cannot trace this; torch.export can
+                    raise ValueError("square images only")
+                return self.conv(x)
+        torch.manual_seed(0)
+        return M()
 """)
 
 
@@ -89,6 +102,16 @@ def test_user_errors_have_exit_codes_and_messages(model_file, capsys, args, code
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_capture_flag(model_file, tmp_path, capsys):
+    spec = f"{model_file}:shape_checked"
+    assert main(["quantize", spec, "--target", "onnx", "--input-shape", "2,3,8,8", "--capture", "fx"]) == 1
+    assert "capture='export'" in capsys.readouterr().err
+    out = tmp_path / "m.onnx"
+    assert main(["quantize", spec, "--target", "onnx", "--input-shape", "2,3,8,8", "-o", str(out)]) == 0
+    assert "capture: export (torch.fx could not trace it" in capsys.readouterr().out
+    assert out.exists()
 
 
 def test_bad_flag_exits_2():
