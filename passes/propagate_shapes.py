@@ -27,6 +27,6 @@ class PropagateShapes(Pass):
         # which values are tensors (ShapeProp records metadata for tensors and containers of them only): later
         # passes put quantizers on tensors alone, never on shapes, Python scalars or booleans (x.size(2) == 224)
         for node in gm.graph.nodes:
-            if node.op in ("call_function", "call_method", "call_module"):
+            if node.op in ("placeholder", "call_function", "call_method", "call_module"):
                 node.meta[TENSOR_KEY] = "tensor_meta" in node.meta
         return PassResult(gm, False)

@@ -177,7 +177,7 @@ class SwapModules(ProfilePass):
     def _insert_quantizers(self, gm, taken) -> None:
         graph = gm.graph
         for node in list(graph.nodes):
-            if node.op == "placeholder" and node.users:
+            if node.op == "placeholder" and node.users and is_tensor_node(node):
                 self.requantize(gm, node, node.name + "_quant", taken, bits=self.profile.input_bit_width)
             elif self._needs_requant(gm, node):
                 self.requantize(gm, node, node.name + "_quant", taken)

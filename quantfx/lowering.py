@@ -171,8 +171,8 @@ class Lowering:
         raise NotImplementedError
 
     def lower_node(self, node: fx.Node):
-        if node.op == "placeholder":
-            return self.emit_input(node)
+        if node.op == "placeholder":  # an input fixed at a non-tensor default is no input of the artefact
+            return self.emit_input(node) if self.is_tensor(node) else None
         if node.op == "output":
             results = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
             return self.emit_output(node, list(results))

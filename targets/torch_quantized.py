@@ -300,6 +300,8 @@ class TorchLowering(Lowering):
         return self.graph.call_method("dequantize", (v.node,)) if v.quantized else v.node
 
     def _arg(self, a, quantized_ok: bool):
+        if isinstance(a, fx.Node) and a.op == "placeholder" and self.env.get(a) is None:
+            return a.args[0] if a.args else None  # an input fixed at its non-tensor default (passes/trace.py)
         if isinstance(a, fx.Node) and isinstance(self.env.get(a), _Shape):
             return self.env[a].node
         if isinstance(a, fx.Node) and a in self.env:
