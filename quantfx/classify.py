@@ -32,7 +32,7 @@ INVARIANT_FUNCTIONS = {
 }
 INVARIANT_METHODS = {
     "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",
-    "unsqueeze", "expand", "t", "clone", "detach",
+    "unsqueeze", "expand", "t", "clone", "detach", "reshape_as", "view_as",
 }
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
 ADD_FUNCTIONS = {operator.add}

@@ -67,7 +67,7 @@ _CONV = {nn.Conv1d: nnq.Conv1d, nn.Conv2d: nnq.Conv2d, nn.Conv3d: nnq.Conv3d,
          nn.ConvTranspose1d: nnq.ConvTranspose1d, nn.ConvTranspose2d: nnq.ConvTranspose2d}
 _CONV_RELU = {nn.Conv1d: nniq.ConvReLU1d, nn.Conv2d: nniq.ConvReLU2d, nn.Conv3d: nniq.ConvReLU3d}
 _MOVE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
-                 "chunk", "split", "t", "expand", "clone", "detach"}
+                 "chunk", "split", "t", "expand", "clone", "detach", "reshape_as", "view_as"}
 _MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                    torch.chunk, torch.split, torch.t, operator.getitem, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                    torch.max_pool2d}
