@@ -724,6 +724,8 @@ class OnnxLowering(Lowering):
             if item is Ellipsis:
                 raise ExportError(f"{self.target}: node {node.name}: Ellipsis indexing has no lowering")
             if isinstance(item, slice):
+                item = slice(*(self.static_value(v) if isinstance(v, fx.Node) else v  # Swin: x[:, :H, :W]
+                               for v in (item.start, item.stop, item.step)))
                 if item == slice(None):
                     continue
                 s, e, st = item.indices(shape[axis])

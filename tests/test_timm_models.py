@@ -110,6 +110,99 @@ def test_zero_batches_do_not_shrink_a_shared_average(method):
     assert bool(q.calibrated) and float(q.scale()) == 1.0
 
 
+# -- class 4: the lowerings timm models need, each on a small model with the model's own pattern ------------
+
+class TracedPad(nn.Module):
+    """Swin: pad to a multiple of the window, with sizes computed from the traced shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        h, w = x.shape[2], x.shape[3]
+        x = F.pad(x, (0, (4 - w % 4) % 4, 0, (4 - h % 4) % 4))
+        return self.conv2(x)
+
+
+class ReshapeAs(nn.Module):
+    """LeViT: ``y.reshape_as(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.flatten(1).reshape_as(y).flatten(1))
+
+
+class BufferIndex(nn.Module):
+    """EfficientFormer: a learned table indexed by a registered buffer of indices, ``table[:, idx]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(8, 31))
+        self.register_buffer("idx", (torch.arange(16)[:, None] - torch.arange(16)[None, :]).abs())
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.conv(x)) + self.table[:, self.idx])
+
+
+class Upsampled(nn.Module):
+    """HRNet: the ``nn.Upsample`` module between convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x):
+        return self.conv2(self.up(torch.relu(self.conv1(x))))
+
+
+# ONNX op counts each lowering must produce (beyond the model's convolutions)
+LOWERINGS = {TracedPad: ("Pad", 1), ReshapeAs: ("Reshape", 1), BufferIndex: ("Gather", 1), Upsampled: ("Resize", 1)}
+
+
+@pytest.mark.parametrize("target", ["onnx", "torch"])
+@pytest.mark.parametrize("model_cls", list(LOWERINGS), ids=lambda c: c.__name__)
+def test_lowerings_timm_needs(model_cls, target):
+    torch.manual_seed(0)
+    q, db, lsb = _run(model_cls().eval(), target, (2, 3, 16, 16))
+    assert lsb == 0.0
+    assert db > 30.0, db
+    if target == "onnx":
+        op, count = LOWERINGS[model_cls]
+        ops = [n.op_type for n in quantfx.lower(q, (torch.randn(1, 3, 16, 16),)).graph.node]
+        assert ops.count(op) >= count, ops
+
+
+class InvertedMask(nn.Module):
+    """EdgeNeXt's positional encoding: ``~`` on a boolean mask made from the input's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        inv = ~torch.zeros((x.shape[0], 1, x.shape[2], x.shape[3])).to(torch.bool)
+        return self.conv(x) + inv.cumsum(2, dtype=torch.float32)
+
+
+def test_boolean_mask_gets_no_quantizer():
+    torch.manual_seed(0)
+    q, db, lsb = _run(InvertedMask().eval(), "torch", (2, 3, 16, 16))
+    assert lsb == 0.0 and db > 30.0, db
+    quantized = {n.args[0].name for n in q.graph.nodes if is_act_quant(q, n) and n.args}
+    assert not {n.name for n in q.graph.nodes if n.name.startswith(("to", "invert"))} & quantized
+    with pytest.raises(quantfx.QuantFXError, match="node"):  # onnx: no zeros/cumsum lowering, said by name
+        quantfx.lower(q, (torch.randn(1, 3, 16, 16),), target="onnx")
+
+
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
