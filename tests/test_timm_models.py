@@ -215,3 +215,28 @@ def test_timm_resnet18_zero_init_last(target, floor):
     q, db, lsb = _run(model, target, (2, 3, 32, 32))
     assert lsb == 0.0
     assert db > floor, db
+
+
+# -- class 3: timm's ViT calibrates (its forward's attn_mask=None, is_causal=False are fixed at trace) --------
+
+@pytest.mark.parametrize("target", ["onnx", "torch"])
+def test_timm_vit_calibrates_and_verifies(target):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    nn.init.normal_(model.head.weight, std=0.02)  # timm zero-initialises the head: a non-degenerate output
+    q, db, lsb = _run(model, target, (2, 3, 32, 32))
+    assert not [n for n in q.graph.nodes if n.op == "placeholder" and is_act_quant(q, next(iter(n.users), n))
+                and n.name != "x"]  # attn_mask, is_causal: no input quantizer
+    assert lsb == 0.0
+    assert db > 15.0, db
+
+
+# -- torchvision's stochastic depth: an identity in eval, removed -------------------------------------------
+
+def test_torchvision_stochastic_depth_removed():
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0(weights=None).eval()
+    q, db, lsb = _run(model, "onnx", (2, 3, 32, 32))
+    assert not [n for n in q.graph.nodes if "stochastic_depth" in str(n.target)]
+    assert lsb == 0.0
+    assert db > 10.0, db
