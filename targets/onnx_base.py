@@ -396,6 +396,8 @@ class OnnxLowering(Lowering):
             return island
         if t is torch.mean:
             return self._mean(node, self.env[node.args[0]])
+        if t is torch.roll:
+            return self._roll(node, self.env[node.args[0]])
         if t is torch.unbind:
             return self._unbind(node, self.env[node.args[0]])
         if t in (operator.invert, torch.logical_not, torch.bitwise_not):
@@ -762,6 +764,31 @@ class OnnxLowering(Lowering):
         else:
             indices = self.op("Cast", [self.env[index]], node.name + "_indices", to=int(ir.DataType.INT64))
         return self.move("Gather", [value, indices], node.name, axis=axes[0])
+
+    def _roll(self, node, x):
+        """``torch.roll(x, shifts, dims)`` (Swin's shifted windows): per axis, the last ``shift`` entries moved to
+        the front, as two Slices and a Concat."""
+        _, shifts, dims = self._args(node, [("input", None), ("shifts", None), ("dims", None)])
+        if dims is None:
+            raise ExportError(f"{self.target}: node {node.name}: torch.roll without dims (a flattened roll) has no "
+                              "lowering; give dims")
+        shifts = shifts if isinstance(shifts, (list, tuple)) else [shifts]
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        shape = self.shape(node.args[0])
+        for i, (shift, dim) in enumerate(zip(shifts, dims)):
+            shift = self.static_value(shift) if isinstance(shift, fx.Node) else shift
+            n = shape[dim]
+            cut = (n - shift % n) % n
+            if cut == 0:
+                continue
+            parts = []
+            for j, (lo, hi) in enumerate(((cut, n), (0, cut))):
+                parts.append(self.move("Slice", [x, self.const(f"{node.name}_{i}{j}_lo", np.array([lo], np.int64)),
+                                                 self.const(f"{node.name}_{i}{j}_hi", np.array([hi], np.int64)),
+                                                 self.const(f"{node.name}_{i}{j}_ax", np.array([dim], np.int64))],
+                                       f"{node.name}_{i}{j}"))
+            x = self.move("Concat", parts, f"{node.name}_{i}", axis=dim % len(shape))
+        return x
 
     def _unbind(self, node, x):
         """``x.unbind(dim)`` (ViT's ``q, k, v = qkv.unbind(0)``): Split into pieces of 1, each squeezed."""

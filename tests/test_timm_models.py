@@ -164,8 +164,20 @@ class Upsampled(nn.Module):
         return self.conv2(self.up(torch.relu(self.conv1(x))))
 
 
+class Rolled(nn.Module):
+    """Swin's shifted windows: ``torch.roll`` over the two spatial axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.roll(torch.relu(self.conv1(x)), shifts=(-2, -2), dims=(2, 3)))
+
+
 # ONNX op counts each lowering must produce (beyond the model's convolutions)
-LOWERINGS = {TracedPad: ("Pad", 1), ReshapeAs: ("Reshape", 1), BufferIndex: ("Gather", 1), Upsampled: ("Resize", 1)}
+LOWERINGS = {TracedPad: ("Pad", 1), ReshapeAs: ("Reshape", 1), BufferIndex: ("Gather", 1), Upsampled: ("Resize", 1),
+             Rolled: ("Concat", 2)}
 
 
 @pytest.mark.parametrize("target", ["onnx", "torch"])
