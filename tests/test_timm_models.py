@@ -219,8 +219,8 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 
-# measured on onnx 64 px: 1.5 dB before (every activation on a grid of 1.0), see BENCHMARKS.md
-@pytest.mark.parametrize("target,floor", [("onnx", 20.0), ("torch", 20.0)])
+# measured at 32 px: 28.8 dB (onnx), 26.1 (torch); 1.1 and 1.1 before (every activation on a grid of 1.0)
+@pytest.mark.parametrize("target,floor", [("onnx", 27.0), ("torch", 24.0)])
 def test_timm_resnet18_zero_init_last(target, floor):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False).eval()
