@@ -6,7 +6,7 @@
   ``nn.Hardtanh``; ``torch.sigmoid / x.sigmoid`` -> ``nn.Sigmoid``;
 - ``operator.iadd / torch.add / x.add`` of two tensors -> ``operator.add``; ``torch.concat`` -> ``torch.cat``;
 - ``x.mean((2, 3))`` / ``F.adaptive_avg_pool2d`` / ``F.avg_pool2d`` -> average-pool modules (+ flatten);
-- dropout and ``nn.Identity`` removed (inference graph);
+- dropout, torchvision's ``stochastic_depth`` in eval and ``nn.Identity`` removed (inference graph);
 - a stateless module called from several places is duplicated so each call site gets its own quantizer.
 """
 from __future__ import annotations
@@ -138,6 +138,9 @@ class Canonicalize(Pass):
     def _is_dropout(gm, node) -> bool:
         if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             return True
+        if node.op == "call_function" and _is_stochastic_depth(node.target):
+            # torchvision.ops.stochastic_depth(x, p, mode, training): x itself in eval (EfficientNet, ConvNeXt)
+            return _arg(node, 3, "training", True) is False or _arg(node, 1, "p") == 0
         if node.op == "call_method" and node.target in ("dropout",):
             return True
         return node.op == "call_module" and isinstance(module_of(gm, node), _DROPOUT_MODULES)
@@ -155,6 +158,12 @@ class Canonicalize(Pass):
         gm.add_submodule(name, copy.deepcopy(module))
         node.target = name
         return True
+
+
+def _is_stochastic_depth(target) -> bool:
+    """torchvision's functional stochastic depth, found by name: the core does not import torchvision."""
+    return getattr(target, "__name__", None) == "stochastic_depth" and \
+        getattr(target, "__module__", "").startswith("torchvision.ops")
 
 
 def _drop_unused_modules(gm: fx.GraphModule) -> None:

@@ -34,8 +34,6 @@ class PropagateShapes(Pass):
         # passes put quantizers on tensors alone, never on shapes, Python scalars or booleans (x.size(2) == 224),
         # nor on integer and boolean tensors (token ids, position ids, masks)
         for node in gm.graph.nodes:
-            if node.op in ("call_function", "call_method", "call_module"):
+            if node.op in ("placeholder", "call_function", "call_method", "call_module"):
                 node.meta[TENSOR_KEY] = "tensor_meta" in node.meta and _floating(node.meta["tensor_meta"])
-            elif node.op == "placeholder" and not _floating(node.meta.get("tensor_meta")):
-                node.meta[TENSOR_KEY] = False
         return PassResult(gm, False)

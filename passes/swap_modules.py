@@ -192,6 +192,8 @@ class SwapModules(ProfilePass):
         tm = node.meta.get("tensor_meta")
         if tm is not None and not hasattr(tm, "shape"):
             return False  # produces a tuple/list
+        if tm is not None and not tm.dtype.is_floating_point:
+            return False  # a boolean mask or integer indices (EdgeNeXt's ~mask): no grid to put them on
         users = list(node.users)
         if len(users) == 1 and is_act_quant(gm, users[0]):
             return False

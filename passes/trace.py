@@ -7,6 +7,7 @@ not run on the example inputs. Which capture ran and why is recorded in ``gm.not
 model's ``notes``, shown by ``quantfx.inspect``)."""
 from __future__ import annotations
 
+import inspect
 import traceback
 from dataclasses import dataclass, field
 
@@ -47,6 +48,25 @@ def _user_frame(exc: BaseException) -> str:
         return "unknown location"
     f = frames[-1]
     return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
+
+
+def unfilled_defaults(model: nn.Module, given: int) -> dict:
+    """The forward arguments the inputs do not fill whose defaults are not tensors (``attn_mask=None``,
+    ``is_causal=False`` of timm's ViT), fixed at those defaults. Traced as inputs, each became a placeholder
+    that got an input quantizer, and calibration crashed on its None ("'NoneType' object has no attribute
+    'detach'"); fixed, ``if attn_mask is not None`` takes the branch the model runs. ``given``: how many
+    positional inputs the user passes (0 when unknown: the parameters without a default are the inputs)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not given:
+        given = sum(1 for p in positional if p.default is p.empty)
+    filled = {p.name for p in positional[:given]}
+    return {p.name: p.default for p in params if p.name not in filled
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
 
 
 @dataclass(frozen=True)
@@ -96,8 +116,9 @@ class Trace(Pass):
 
     def _symbolic(self, model) -> fx.GraphModule:
         tracer = QuantFXTracer(self.leaf_modules)
+        concrete = {**unfilled_defaults(model, len(self.example_inputs)), **dict(self.concrete_args)}
         try:
-            graph = tracer.trace(model, concrete_args=dict(self.concrete_args) or None)
+            graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as e:
             raise TraceError(
                 f"trace: torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e}) at "

@@ -32,7 +32,7 @@ INVARIANT_FUNCTIONS = {
 }
 INVARIANT_METHODS = {
     "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",
-    "unsqueeze", "expand", "t", "clone", "detach",
+    "unsqueeze", "expand", "t", "clone", "detach", "reshape_as", "view_as",
 }
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
 ADD_FUNCTIONS = {operator.add}
@@ -203,6 +203,8 @@ def is_tensor_node(node: fx.Node) -> bool:
         return node.meta[TENSOR_KEY]
     if node.op == "get_attr" and node.graph.owning_module is not None and is_link(node.graph.owning_module, node):
         return False
+    if node.op == "placeholder" and node.args and not isinstance(node.args[0], torch.Tensor):
+        return False  # an input fixed at its non-tensor default (passes/trace.py: unfilled_defaults)
     if node.op == "call_method" and node.target in SHAPE_METHODS:
         return False
     if node.op == "call_function" and node.target is getattr:

@@ -162,7 +162,14 @@ def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[st
     finally:
         qmodel.train(was_training)
     expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
-    got = backend.run(artefact, inputs)
+    try:
+        got = backend.run(artefact, inputs)
+    except QuantFXError:
+        raise
+    except Exception as e:  # the runtime refused the artefact: say which runtime and what, not a raw error
+        raise ExportError(f"verify: {backend.name}'s runtime cannot run {where} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); lower the model again with quantfx.export, "
+                          "and report the model if it still fails") from e
     out_node = next(n for n in qmodel.graph.nodes if n.op == "output")
     results = out_node.args[0] if isinstance(out_node.args[0], (list, tuple)) else [out_node.args[0]]
     report = VerifyReport(backend.name, tolerance_lsb=tolerance_lsb)

@@ -25,7 +25,8 @@ from torch import fx
 
 from .errors import CalibrationError, ExportError, QuantArgumentError, QuantFXError, TargetError
 from .graph import (
-    attr_value, is_act_quant, is_add, is_cat, is_compute, is_link, is_product, is_trunc_pool, module_of, qmeta,
+    attr_value, is_act_quant, is_add, is_cat, is_compute, is_link, is_product, is_trunc_pool, module_of, op_name,
+    qmeta,
 )
 from .nn import exact_arithmetic
 from .quant import Quantizer
@@ -120,7 +121,11 @@ class Lowering:
         target = self.target
 
         def named(n, e):
-            if isinstance(e, QuantFXError) and n.name not in str(e) and e.args:  # said with the node that raised it
+            if not isinstance(e, QuantFXError):  # the model's own op failed on the quantized graph's values
+                return ExportError(f"{target}: node {n.name} ({n.op} {op_name(self.gm, n)}) fails when the quantized "
+                                   f"model runs: {type(e).__name__}: {e}; keep the module that holds it float "
+                                   "(quantize(..., overrides={'its.name': None})) or mark it a leaf (leaf_modules=)")
+            if n.name not in str(e) and e.args:  # said with the node that raised it
                 e.args = (f"{target}: node {n.name}: {e.args[0]}",) + e.args[1:]
             return e
 
@@ -171,8 +176,8 @@ class Lowering:
         raise NotImplementedError
 
     def lower_node(self, node: fx.Node):
-        if node.op == "placeholder":
-            return self.emit_input(node)
+        if node.op == "placeholder":  # an input fixed at a non-tensor default is no input of the artefact
+            return self.emit_input(node) if self.is_tensor(node) else None
         if node.op == "output":
             results = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
             return self.emit_output(node, list(results))

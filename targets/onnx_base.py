@@ -338,6 +338,8 @@ class OnnxLowering(Lowering):
                 return self.op(op_type, [x], node.name)
         if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d)):
             return self._pad(node, list(m.padding), 0.0)
+        if isinstance(m, nn.Upsample):
+            return self._resize(node, x, m.mode, m.align_corners)
         if isinstance(m, nn.PixelShuffle):
             return self.move("DepthToSpace", [x], node.name, blocksize=m.upscale_factor, mode="CRD")
         if isinstance(m, nn.Linear) or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
@@ -402,6 +404,16 @@ class OnnxLowering(Lowering):
             return island
         if t is torch.mean:
             return self._mean(node, self.env[node.args[0]])
+        if t is torch.roll:
+            return self._roll(node, self.env[node.args[0]])
+        if t is torch.unbind:
+            return self._unbind(node, self.env[node.args[0]])
+        if t in (operator.invert, torch.logical_not, torch.bitwise_not):
+            return self.op("Not", [self.env[node.args[0]]], node.name)
+        if t is F.interpolate:
+            _, _, _, mode, align = self._args(node, [("input", None), ("size", None), ("scale_factor", None),
+                                                     ("mode", "nearest"), ("align_corners", None)])
+            return self._resize(node, self.env[node.args[0]], mode, align)
         if t in (torch.sigmoid, torch.tanh, F.silu, torch.relu, F.relu):
             op_type = {torch.sigmoid: "Sigmoid", torch.tanh: "Tanh", torch.relu: "Relu", F.relu: "Relu"}.get(t)
             if op_type:
@@ -426,7 +438,7 @@ class OnnxLowering(Lowering):
         if t == "softmax":
             _, dim = self._args(node, [("self", None), ("dim", None)])
             return self._softmax(node, x, int(dim))
-        if t in ("view", "reshape", "squeeze", "unsqueeze"):
+        if t in ("view", "reshape", "squeeze", "unsqueeze", "reshape_as", "view_as"):
             return self._reshape(node, x)
         if t == "flatten":
             _, start, end = self._args(node, [("self", None), ("start_dim", 0), ("end_dim", -1)])
@@ -437,6 +449,10 @@ class OnnxLowering(Lowering):
             return self._split(node)
         if t in ("mul", "div", "sub"):
             return self._binary(node)
+        if t == "unbind":
+            return self._unbind(node, x)
+        if t in ("__invert__", "logical_not", "bitwise_not"):
+            return self.op("Not", [x], node.name)
         raise ExportError(f"{self.target}: method .{t}() at node {node.name} has no ONNX lowering")
 
     # -- float islands: ops with no integer kernel, in float between a DequantizeLinear and a QuantizeLinear ----
@@ -722,11 +738,15 @@ class OnnxLowering(Lowering):
             return value[idx]
         shape = self.shape(src)
         idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(item, fx.Node) for item in idx):
+            return self._gather(node, value, idx)
         starts, ends, axes, steps, squeeze = [], [], [], [], []
         for axis, item in enumerate(idx):
             if item is Ellipsis:
                 raise ExportError(f"{self.target}: node {node.name}: Ellipsis indexing has no lowering")
             if isinstance(item, slice):
+                item = slice(*(self.static_value(v) if isinstance(v, fx.Node) else v  # Swin: x[:, :H, :W]
+                               for v in (item.start, item.stop, item.step)))
                 if item == slice(None):
                     continue
                 s, e, st = item.indices(shape[axis])
@@ -748,6 +768,74 @@ class OnnxLowering(Lowering):
             y = self.move("Squeeze", [y, self.const(node.name + "_sq", np.array(squeeze, np.int64))], node.name)
         return y
 
+    # -- lowerings the timm catalogue needs (issue 27): indexing by a tensor, resizing ----------------------
+
+    def _gather(self, node, value, idx):
+        """``x[:, index]``: indexing by one integer tensor (a registered buffer, as EfficientFormer's attention-bias
+        indices, or a computed one), every other axis whole: ONNX Gather on that axis."""
+        axes = [axis for axis, item in enumerate(idx) if isinstance(item, fx.Node)]
+        if len(axes) != 1 or any(item != slice(None) for item in idx if not isinstance(item, fx.Node)):
+            raise ExportError(f"{self.target}: node {node.name}: indexing by {idx!r} has no lowering; index one axis "
+                              "by one integer tensor and take the other axes whole (x[:, index])")
+        index = idx[axes[0]]
+        if index.op == "get_attr":
+            indices = self.const(node.name + "_indices", np.asarray(self.attribute(index).detach(), np.int64))
+        else:
+            indices = self.op("Cast", [self.env[index]], node.name + "_indices", to=int(ir.DataType.INT64))
+        return self.move("Gather", [value, indices], node.name, axis=axes[0])
+
+    def _roll(self, node, x):
+        """``torch.roll(x, shifts, dims)`` (Swin's shifted windows): per axis, the last ``shift`` entries moved to
+        the front, as two Slices and a Concat."""
+        _, shifts, dims = self._args(node, [("input", None), ("shifts", None), ("dims", None)])
+        if dims is None:
+            raise ExportError(f"{self.target}: node {node.name}: torch.roll without dims (a flattened roll) has no "
+                              "lowering; give dims")
+        shifts = shifts if isinstance(shifts, (list, tuple)) else [shifts]
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        shape = self.shape(node.args[0])
+        for i, (shift, dim) in enumerate(zip(shifts, dims)):
+            shift = self.static_value(shift) if isinstance(shift, fx.Node) else shift
+            n = shape[dim]
+            cut = (n - shift % n) % n
+            if cut == 0:
+                continue
+            parts = []
+            for j, (lo, hi) in enumerate(((cut, n), (0, cut))):
+                parts.append(self.move("Slice", [x, self.const(f"{node.name}_{i}{j}_lo", np.array([lo], np.int64)),
+                                                 self.const(f"{node.name}_{i}{j}_hi", np.array([hi], np.int64)),
+                                                 self.const(f"{node.name}_{i}{j}_ax", np.array([dim], np.int64))],
+                                       f"{node.name}_{i}{j}"))
+            x = self.move("Concat", parts, f"{node.name}_{i}", axis=dim % len(shape))
+        return x
+
+    def _unbind(self, node, x):
+        """``x.unbind(dim)`` (ViT's ``q, k, v = qkv.unbind(0)``): Split into pieces of 1, each squeezed."""
+        _, dim = self._args(node, [("input", None), ("dim", 0)])
+        shape = self.shape(node.args[0])
+        dim %= len(shape)
+        parts = self.move("Split", [x, self.const(node.name + "_sizes", np.ones(shape[dim], np.int64))], node.name,
+                          n_out=shape[dim], axis=dim)
+        parts = parts if isinstance(parts, list) else [parts]
+        axes = self.const(node.name + "_axes", np.array([dim], np.int64))
+        return tuple(self.move("Squeeze", [p, axes], f"{node.name}_{i}") for i, p in enumerate(parts))
+
+    def _resize(self, node, x, mode: str, align_corners):
+        """``nn.Upsample`` / ``F.interpolate`` to the traced output size: ONNX Resize with PyTorch's coordinate
+        rule for the mode (nearest: ``floor(out x in / out)``; linear: half-pixel, or align-corners)."""
+        ins, out = self.shape(node.args[0]), self.shape(node)
+        scales = self.const(node.name + "_scales", np.array([o / i for o, i in zip(out, ins)], np.float32))
+        if mode == "nearest":
+            attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        elif mode in ("linear", "bilinear", "trilinear"):
+            attrs = dict(mode="linear", coordinate_transformation_mode="align_corners" if align_corners
+                         else "pytorch_half_pixel")
+        else:
+            raise ExportError(f"{self.target}: node {node.name}: interpolation mode {mode!r} has no ONNX lowering; "
+                              "use 'nearest' or '(bi)linear'")
+        return self.op("Resize", [x, self.const(node.name + "_roi", np.zeros(0, np.float32)), scales], node.name,
+                       **attrs)
+
     def _pad(self, node, pad=None, value=None):
         """F.pad (constant mode), or a ZeroPad module's ``pad`` (F.pad's order: last axis first)."""
         if pad is None:
@@ -756,6 +844,7 @@ class OnnxLowering(Lowering):
             if mode != "constant":
                 raise ExportError(f"{self.target}: node {node.name}: F.pad mode {mode!r} has no lowering")
         rank = len(self.shape(node))
+        pad = [self.static_value(p) if isinstance(p, fx.Node) else p for p in pad]  # sizes computed from shapes
         begins, ends = [0] * rank, [0] * rank
         for i in range(len(pad) // 2):
             axis = rank - 1 - i

@@ -67,7 +67,7 @@ _CONV = {nn.Conv1d: nnq.Conv1d, nn.Conv2d: nnq.Conv2d, nn.Conv3d: nnq.Conv3d,
          nn.ConvTranspose1d: nnq.ConvTranspose1d, nn.ConvTranspose2d: nnq.ConvTranspose2d}
 _CONV_RELU = {nn.Conv1d: nniq.ConvReLU1d, nn.Conv2d: nniq.ConvReLU2d, nn.Conv3d: nniq.ConvReLU3d}
 _MOVE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
-                 "chunk", "split", "t", "expand", "clone", "detach"}
+                 "chunk", "split", "t", "expand", "clone", "detach", "reshape_as", "view_as"}
 _MOVE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                    torch.chunk, torch.split, torch.t, operator.getitem, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                    torch.max_pool2d}
@@ -300,6 +300,8 @@ class TorchLowering(Lowering):
         return self.graph.call_method("dequantize", (v.node,)) if v.quantized else v.node
 
     def _arg(self, a, quantized_ok: bool):
+        if isinstance(a, fx.Node) and a.op == "placeholder" and self.env.get(a) is None:
+            return a.args[0] if a.args else None  # an input fixed at its non-tensor default (passes/trace.py)
         if isinstance(a, fx.Node) and isinstance(self.env.get(a), _Shape):
             return self.env[a].node
         if isinstance(a, fx.Node) and a in self.env:

@@ -1,6 +1,7 @@
 """The ``Quantizer`` module: a spec made runnable, with its statistics and learned scale as state."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -269,6 +270,11 @@ class Quantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         c = self._calib
         batch = self.batch_stat(x, c["method"])
+        if getattr(self, "group", None) is not None and c["method"] != "max" and is_zero_stat(batch):
+            # a shared quantizer (the inputs of a concat or of FINN's add) averaging over its members' calls:
+            # an identically zero member would pull the average range down and clip the others
+            c["zeros"] = batch
+            return
         if c["sum"] is None:
             c["sum"] = batch
         elif c["method"] == "max":
@@ -281,6 +287,8 @@ class Quantizer(nn.Module):
         c, self._calib, self.calibrating = self._calib, None, False
         if c is not None and _distributed() is not None:
             c = self._reduce_calibration(c)
+        if c is not None and c["n"] == 0 and "zeros" in c:
+            c = {**c, "sum": c["zeros"], "n": 1}  # it saw only zeros
         if c is None or c["n"] == 0:
             return
         stat = c["sum"] if c["method"] == "max" else c["sum"] / c["n"]
@@ -497,15 +505,25 @@ class ScaleGroup:
                 and not q.scaling_per_output_channel and q.bit_width >= 2)
 
     def scale(self, member: Quantizer, stat: torch.Tensor) -> torch.Tensor:
-        """The shared scale: the largest of the members' own scales (``stat`` is ``member``'s statistic)."""
-        scale = member._from_stat(stat)[0]
-        for q in self.members:
-            if q is not member and bool(q.calibrated):
-                scale = torch.maximum(scale, q._from_stat(q.stat)[0])
-        return scale
+        """The shared scale: the largest of the members' own scales (``stat`` is ``member``'s statistic).
+
+        A member that only ever saw zeros (a residual branch whose last BatchNorm is zero-initialised, as in
+        timm's ResNets and RegNets) does not count: its own scale is 1 (a zero range holds on any grid), and
+        taking it put every activation of a ResNet-18 on a grid of 1.0 (0 dB). It takes the others' scale,
+        where its zeros are exact too; a group of zero members keeps 1."""
+        stats = [(member, stat)] + [(q, q.stat) for q in self.members if q is not member and bool(q.calibrated)]
+        scales = [q._from_stat(s)[0] for q, s in stats if not is_zero_stat(s)]
+        if not scales:
+            return member._from_stat(stat)[0]
+        return functools.reduce(torch.maximum, scales)
 
     def __repr__(self):
         return f"ScaleGroup({self.name!r}, {len(self.members)} members)"
+
+
+def is_zero_stat(stat: torch.Tensor) -> bool:
+    """Whether a (low, high) statistic is all zero: the quantizer saw nothing but zeros."""
+    return stat.numel() > 0 and not bool(stat.any())
 
 
 def make_quantizer(spec, kind: str, name: str | None = None, **overrides) -> Quantizer:
@@ -522,4 +540,4 @@ def make_quantizer(spec, kind: str, name: str | None = None, **overrides) -> Qua
     return Quantizer(spec, name=name, **overrides)
 
 
-__all__ = ["Quantizer", "ScaleGroup", "make_quantizer", "FIELDS"]
+__all__ = ["Quantizer", "ScaleGroup", "make_quantizer", "is_zero_stat", "FIELDS"]
