@@ -206,15 +206,8 @@ class SwapModules(ProfilePass):
         return self._feeds_quantized(gm, node, from_float=bool(node.meta.get(FLOAT)))
 
     def _feeds_quantized(self, gm, node, from_float: bool) -> bool:
-        stack, seen = list(node.users), set()
-        while stack:
-            u = stack.pop()
-            if u in seen:
-                continue
-            seen.add(u)
-            if is_invariant(gm, u):
-                stack.extend(u.users)
-            elif u.op == "output":
+        for u in _readers(gm, node):
+            if u.op == "output":
                 if not from_float:
                     return True
             elif from_float and node.meta.get(FLOAT) == FLOAT_RESIDUAL and float_island(gm, u):
@@ -224,23 +217,31 @@ class SwapModules(ProfilePass):
         return False
 
 
+def _readers(gm: fx.GraphModule, node: fx.Node):
+    """The nodes that read ``node``'s value, through value-moving ops (each once)."""
+    stack, seen = list(node.users), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if is_invariant(gm, u):
+            stack.extend(u.users)
+        else:
+            yield u
+
+
 def _keep_residuals_float(gm: fx.GraphModule) -> None:
     """Mark float (``FLOAT_RESIDUAL``) every add whose readers, through value-moving ops, are all float islands
     (not products), adds marked so, or shape arithmetic (``x.dim()`` checks); in reverse order, so a chain of
     residual adds resolves. (An add the output reads stays quantized: the model's outputs are on a grid.)"""
+    def float_reader(u) -> bool:
+        if u.op == "output":
+            return False
+        return not is_tensor_node(u) or u.meta.get(FLOAT) == FLOAT_RESIDUAL or \
+            (float_island(gm, u) is not None and tensor_product_op(u) is None)
+
     for node in reversed(list(gm.graph.nodes)):
-        if not is_add(node) or node.meta.get(FLOAT) or not node.users:
-            continue
-        stack, seen, float_only = list(node.users), set(), True
-        while stack and float_only:
-            u = stack.pop()
-            if u in seen:
-                continue
-            seen.add(u)
-            if is_invariant(gm, u):
-                stack.extend(u.users)
-            elif u.op == "output" or not (not is_tensor_node(u) or u.meta.get(FLOAT) == FLOAT_RESIDUAL or
-                      (float_island(gm, u) and tensor_product_op(u) is None)):
-                float_only = False
-        if float_only:
+        if is_add(node) and not node.meta.get(FLOAT) and node.users and \
+                all(float_reader(u) for u in _readers(gm, node)):
             node.meta[FLOAT] = FLOAT_RESIDUAL
