@@ -212,6 +212,10 @@ class SwapModules(ProfilePass):
                     return True
             elif from_float and node.meta.get(FLOAT) == FLOAT_RESIDUAL and float_island(gm, u):
                 continue  # a float residual read by a LayerNorm: float in, float op
+            elif u.meta.get(FLOAT) == FLOAT_RESIDUAL and node.meta.get(FLOAT) != FLOAT_RESIDUAL:
+                # a layer's or float island's value into a float residual add goes onto its own grid, so the
+                # add sums grid values (float32 additions the runtime repeats to the bit), not kernel outputs
+                return True
             elif not u.meta.get(FLOAT) and is_tensor_node(u):
                 return True
         return False

