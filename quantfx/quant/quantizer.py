@@ -373,7 +373,7 @@ class Quantizer(nn.Module):
                     "below float32's normal range, so no runtime can hold the bias integers' scale; bring this "
                     "layer's inputs or weights nearer unit magnitude (or keep it float: overrides={name: None})")
             zp = torch.zeros_like(scale)
-            if not self.training:
+            if not self.training and self.bit_width > 16:  # (an 8/16-bit bias clips by choice, as asked)
                 self._check_bias_range(x, scale)
         else:
             scale, zp = self.qparams(x)
