@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from quantfx.graph import (  # noqa: F401  (GROUP_KEY, group_of: importable from here as before)
-    GROUP_KEY, group_of, is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs,
+    GROUP_KEY, USER_FLOAT_KEY, group_of, is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs,
 )
 from quantfx.nn import QuantIdentity
 from quantfx.quant import ScaleGroup
@@ -42,7 +42,7 @@ class ShareQuantizers(ProfilePass):
         # (consumer, input edge, producing quantizer node) for every add/cat input
         edges = []
         for node in list(gm.graph.nodes):
-            if is_add(node) or is_cat(node):
+            if (is_add(node) and not node.meta.get(USER_FLOAT_KEY)) or is_cat(node):  # (a float add: none)
                 for inp in tensor_inputs(node):
                     edges.append([node, inp, self._quantizer_node(gm, inp, node, taken)])
         if not edges:

@@ -10,7 +10,11 @@
   LeakyReLU stays a float op between two quantizers;
 - average pooling -> truncating QuantAvgPool2d / QuantAdaptiveAvgPool2d when the profile pools in integers;
 - a QuantIdentity after each graph input, and after every node that produces a float tensor (conv/linear
-  accumulators, adds, float ops) which a quantized consumer reads, unless its only reader already quantizes.
+  accumulators, adds, float ops) which a quantized consumer reads, unless its only reader already quantizes;
+- on profiles with float islands, a residual add read only by float islands (a transformer's LayerNorms) or by
+  other such adds stays float, as PyTorch's PT2E x86 flow keeps it: the residual stream of a
+  ViT holds tokens of very different magnitudes (a class token of ~0.02 beside patch tokens of ~3), which one
+  8-bit per-tensor grid before each LayerNorm erases (``FLOAT_RESIDUAL``).
 
 ``overrides`` maps a module name or a module type to keyword overrides (``weight_bit_width``,
 ``act_bit_width``/``bit_width``, ``weight_quant``, ``act_quant``, ...) or to ``None`` to keep it float.
@@ -25,7 +29,8 @@ from torch import fx, nn
 
 from quantfx.errors import QuantArgumentError
 from quantfx.graph import (
-    USER_FLOAT_KEY, is_act_quant, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of, tensor_product_op,
+    USER_FLOAT_KEY, float_island, is_act_quant, is_add, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of,
+    tensor_product_op,
 )
 from quantfx.nn import (
     QUANT_LAYER_FOR, QuantAdaptiveAvgPool2d, QuantAvgPool2d, QuantHardTanh, QuantLeakyReLU, QuantReLU, QuantSigmoid,
@@ -37,6 +42,7 @@ from quantfx.quant.specs import FIELDS, is_low_bit
 from .base import ProfilePass
 
 FLOAT = USER_FLOAT_KEY  # marker in node.meta for nodes the user kept float
+FLOAT_RESIDUAL = "a residual add read only by float islands: kept float, as PT2E keeps it"  # its FLOAT marker
 
 
 def split_override(values: dict, where: str) -> dict:
@@ -103,6 +109,8 @@ class SwapModules(ProfilePass):
         # products of two tensors are named by their node (passes/quantize_products.py reads the override)
         used_names |= {n.name for n in gm.graph.nodes if n.name in self.overrides and tensor_product_op(n)}
         self._check_names(gm, used_names)
+        if self.profile.float_islands_allowed:
+            _keep_residuals_float(gm)
         self._insert_quantizers(gm, taken)
         return PassResult(gm, True)
 
@@ -200,17 +208,46 @@ class SwapModules(ProfilePass):
         return self._feeds_quantized(gm, node, from_float=bool(node.meta.get(FLOAT)))
 
     def _feeds_quantized(self, gm, node, from_float: bool) -> bool:
-        stack, seen = list(node.users), set()
-        while stack:
-            u = stack.pop()
-            if u in seen:
-                continue
-            seen.add(u)
-            if is_invariant(gm, u):
-                stack.extend(u.users)
-            elif u.op == "output":
+        for u in _readers(gm, node):
+            if u.op == "output":
                 if not from_float:
                     return True
+            elif from_float and node.meta.get(FLOAT) == FLOAT_RESIDUAL and float_island(gm, u):
+                continue  # a float residual read by a LayerNorm: float in, float op
+            elif u.meta.get(FLOAT) == FLOAT_RESIDUAL and node.meta.get(FLOAT) != FLOAT_RESIDUAL:
+                # a layer's or float island's value into a float residual add goes onto its own grid, so the
+                # add sums grid values (float32 additions the runtime repeats to the bit), not kernel outputs
+                return True
             elif not u.meta.get(FLOAT) and is_tensor_node(u):
                 return True
         return False
+
+
+def _readers(gm: fx.GraphModule, node: fx.Node):
+    """The nodes that read ``node``'s value, through value-moving ops (each once)."""
+    stack, seen = list(node.users), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if is_invariant(gm, u):
+            stack.extend(u.users)
+        else:
+            yield u
+
+
+def _keep_residuals_float(gm: fx.GraphModule) -> None:
+    """Mark float (``FLOAT_RESIDUAL``) every add whose readers, through value-moving ops, are all float islands
+    (not products), adds marked so, or shape arithmetic (``x.dim()`` checks); in reverse order, so a chain of
+    residual adds resolves. (An add the output reads stays quantized: the model's outputs are on a grid.)"""
+    def float_reader(u) -> bool:
+        if u.op == "output":
+            return False
+        return not is_tensor_node(u) or u.meta.get(FLOAT) == FLOAT_RESIDUAL or \
+            (float_island(gm, u) is not None and tensor_product_op(u) is None)
+
+    for node in reversed(list(gm.graph.nodes)):
+        if is_add(node) and not node.meta.get(FLOAT) and node.users and \
+                all(float_reader(u) for u in _readers(gm, node)):
+            node.meta[FLOAT] = FLOAT_RESIDUAL

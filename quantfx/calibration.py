@@ -9,6 +9,7 @@ from typing import Iterable, Optional
 import torch
 from torch import fx, nn
 
+from .bias_range import fit_bias_ranges
 from .errors import CalibrationError, QuantArgumentError, QuantFXError
 from .nn import QuantWBIOL
 from .pipelines import annotate
@@ -120,12 +121,16 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
                                "quantizer has a scale; give at least one batch")
     if own is not None:
         own(qmodel, data, max_batches)
+    if graph:  # the weight grid first: learned rounding and bias correction work on the grid it leaves
+        fit_bias_ranges(qmodel)
     if weight_rounding == "learned" or (weight_rounding == "auto" and learned_rounding_default(qmodel)):
         from .weight_rounding import adaround
         adaround(qmodel, data, progress=progress, max_batches=max_batches, seed=seed)
     if bias_correction:
         correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
-    if isinstance(qmodel, fx.GraphModule):
+        if graph:
+            fit_bias_ranges(qmodel)  # a corrected bias may have grown past its range
+    if graph:
         annotate(qmodel)
         if backend is not None and backend.after_calibration is not None:
             backend.after_calibration(qmodel)

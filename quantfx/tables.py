@@ -72,8 +72,9 @@ def float_islands(qmodel: fx.GraphModule) -> list[dict[str, str]]:
     rows = []
     for node in qmodel.graph.nodes:
         why = float_island(qmodel, node)
-        if node.meta.get(USER_FLOAT_KEY):
-            why = "kept float by overrides" + (f" ({why})" if why else "")
+        kept = node.meta.get(USER_FLOAT_KEY)
+        if kept:  # True: by the user's overrides; a sentence: by a pass, saying why
+            why = kept if isinstance(kept, str) else "kept float by overrides" + (f" ({why})" if why else "")
         if why is None:
             continue
         rows.append(dict(node=node.name, op=op_name(qmodel, node), why=why))

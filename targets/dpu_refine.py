@@ -8,8 +8,10 @@ positions of an XINT8 model to "meet the DPU compiler constraints":
 
 - conv/linear ``shift_cut = w + i - o`` in [0, 16] (adjust_shift_cut: the weight position moves);
 - conv/linear ``shift_bias = w + i - b`` in [min(0, -(24 - (8 + shift_cut))), 15], lower bound 0 when a
-  LeakyReLU reads the layer (adjust_shift_bias: the bias position moves); in a compiled graph of the dpu profile
-  that LeakyReLU is the layer's output quantizer (QuantLeakyReLU), in a file the LeakyRelu reading the Conv;
+  LeakyReLU reads the layer (adjust_shift_bias: the bias position moves; above 15 quantfx coarsens the weight
+  position instead where shift_cut allows, since a finer bias position than its own clips the bias); in a
+  compiled graph of the dpu profile that LeakyReLU is the layer's output quantizer (QuantLeakyReLU), in a file
+  the LeakyRelu reading the Conv;
 - elementwise add ``shift_read = max(i) - min(i)`` in [0, 7] (adjust_shift_read: the finer input coarsens);
 - elementwise add ``shift_write = min(i) - o`` in [-7, 25] (adjust_shift_write: the output position moves);
   elementwise multiply ``sum(i) - o`` in [0, 32] (quantfx maps no product but the hard-swish's to the DPU, and
@@ -138,6 +140,13 @@ def _layer_positions(g: _Graph, node):
     return layer, fix_pos(qi.scale()), w, b, fix_pos(qo.scale()), qo, leaky
 
 
+def _finest_unclipped(layer) -> float:
+    """The finest fix position at which ``layer``'s bias integers stay inside their range (inf: a zero bias)."""
+    top = float(layer.bias.detach().abs().max())
+    qmax = layer.bias_quant.int_range()[1]
+    return math.floor(math.log2((qmax + 0.5) / top)) if top > 0 else math.inf
+
+
 def _is_avgpool(gm, node) -> bool:
     m = module_of(gm, node)
     return isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or node.target is torch.nn.functional.avg_pool2d
@@ -172,6 +181,17 @@ def _one_round(gm) -> list[Change]:
             if b is not None:
                 lo, hi = shift_bias_range(sc, leaky)
                 sb = w + i - b
+                short = (w + i - hi) - max(b, _finest_unclipped(layer)) if sb > hi else 0
+                if short > 0 and sc - short >= SHIFT_CUT[0]:
+                    # a bias position finer than the finest that holds the bias would clip it: coarsen the
+                    # weights instead, which the bias outweighs by 2^15 steps of the accumulator or more
+                    new_w = w - short
+                    set_pos(layer.weight_quant, new_w)
+                    changes.append(Change(node.target, "weight", w, new_w, f"shift_bias = w + i - b = {sb}",
+                                          f"[{lo}, {hi}], without clipping the bias"))
+                    w, sc = new_w, new_w + i - o
+                    lo, hi = shift_bias_range(sc, leaky)
+                    sb = w + i - b
                 if not lo <= sb <= hi:
                     new_b = w + i - min(max(sb, lo), hi)
                     set_pos(layer.bias_quant, new_b)

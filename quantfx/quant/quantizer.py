@@ -254,6 +254,22 @@ class Quantizer(nn.Module):
         self.__dict__.pop("_wcache", None)
         self.__dict__.pop("_icache", None)
 
+    def floor_weight_scale(self, w: torch.Tensor, floor: torch.Tensor) -> None:
+        """Freeze the scale weight tensor ``w`` gives (:meth:`freeze_weight_scale`), raised to at least ``floor``
+        (0-d, or one per channel): a coarser grid where a bias needs one to fit its integers
+        (:func:`quantfx.bias_range.fit_bias_ranges`). Symmetric weight quantizers only."""
+        if self.zero_point_type != "symmetric" or self.bit_width == 1 or self.learned_scale:
+            raise QuantArgumentError(f"{self._where}: only a symmetric, statistics-based weight scale of 2 or more "
+                                     "bits can be raised to fit a bias")
+        self.freeze_weight_scale(w)
+        with torch.no_grad():
+            top = torch.maximum(self.stat[1], -self.stat[0]) if self.signed else self.stat[1]
+            # a hair above floor x qmax, so that the float32 quotient top / qmax is not below the floor
+            top = torch.maximum(top, floor.to(top.dtype).reshape(top.shape) * self.int_range()[1] * (1 + 2 ** -20))
+            self.stat = torch.stack([-top if self.signed else torch.zeros_like(top), top])
+        self.__dict__.pop("_wcache", None)
+        self.__dict__.pop("_icache", None)
+
     def scale(self, x=None) -> torch.Tensor:
         """The scale (0-d or [C]); weight quantizers use x or the tensor of their last call."""
         return self.qparams(x)[0]
@@ -365,6 +381,8 @@ class Quantizer(nn.Module):
                     "below float32's normal range, so no runtime can hold the bias integers' scale; bring this "
                     "layer's inputs or weights nearer unit magnitude (or keep it float: overrides={name: None})")
             zp = torch.zeros_like(scale)
+            if not self.training and self.bit_width > 16:  # (an 8/16-bit bias clips by choice, as asked)
+                self._check_bias_range(x, scale)
         else:
             scale, zp = self.qparams(x)
         self._last = (scale.detach(), zp.detach())
@@ -381,6 +399,20 @@ class Quantizer(nn.Module):
         if cache_key is not None:
             self.__dict__["_wcache"] = (x, cache_key, (y, s, z, self._last))
         return y, s, z
+
+    def _check_bias_range(self, bias: torch.Tensor, scale: torch.Tensor) -> None:
+        """An external-scale bias whose integers would leave the bias range is an error, not a clip (eval)."""
+        steps = bias.detach().double().abs() / scale.double()
+        qmax = self.int_range()[1]
+        if bool((steps > qmax + 0.5).any()):
+            c = int(steps.reshape(-1).argmax())
+            acc = float(scale.reshape(-1)[c % scale.numel()])
+            raise QuantArgumentError(
+                f"{self._where}: bias {float(bias.detach().reshape(-1)[c]):.3g} (channel {c}) is "
+                f"{float(steps.max()):.3g} steps of the accumulator scale (input scale x weight scale = {acc:.3g}), "
+                f"beyond the {self.bit_width}-bit bias range (+-{qmax}); calibrate again after changing the bias "
+                "(quantfx.calibrate coarsens this layer's weight grid until its bias fits) or keep the layer float: "
+                "overrides={name: None}")
 
     def broadcast(self, scale, zero_point, x):
         """``scale`` and ``zero_point`` (0-d or per channel) shaped to broadcast over ``x``."""
