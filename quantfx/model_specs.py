@@ -1,7 +1,8 @@
 """Models named by a spec string, as the command line takes them: ``timm:NAME``, ``torchvision:NAME``,
 ``transformers:PATH`` (a config.json or a model folder) and ``path/to/model.py:build_fn``.
 
-``load_model(spec, weights=None) -> LoadedModel``: the float model in eval mode, the input shape and dtype its own
+``load_model(spec, weights=None) -> LoadedModel``: the float model in eval mode (random weights drawn with
+seed 0), the input shape and dtype its own
 config gives (or None), and the preprocessing of an image (a PIL image -> a CHW float tensor) where the model's
 library defines one. Nothing is downloaded: timm and torchvision use pretrained weights only when the local cache
 already holds them (``source`` says which), transformers builds from the config with random weights unless the
@@ -26,6 +27,7 @@ from .errors import ModelSpecError
 TEXT_LENGTH = 128  # tokens of a text model's example input, at most its max_position_embeddings
 AUDIO_SAMPLES = 16000  # one second at 16 kHz: a raw-waveform audio model's example input
 PREFIXES = ("timm", "torchvision", "transformers")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -68,14 +70,18 @@ def load_model(spec: str, weights: Optional[str] = None) -> LoadedModel:
     if kind in PREFIXES and not name:
         raise ModelSpecError(f"model {spec!r}: no name after '{kind}:'; write e.g. timm:resnet18, "
                              "torchvision:mobilenet_v3_small or transformers:path/to/config_folder")
-    if kind == "timm":
-        loaded = _timm(spec, name, pretrained=weights is None)
-    elif kind == "torchvision":
-        loaded = _torchvision(spec, name, pretrained=weights is None)
-    elif kind == "transformers":
-        loaded = _transformers(spec, name)
-    else:
-        loaded = LoadedModel(load_builder(spec), None, source=spec)
+    # random weights drawn under seed 0, so the same spec gives the same model every time; the caller's
+    # random state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if kind == "timm":
+            loaded = _timm(spec, name, pretrained=weights is None)
+        elif kind == "torchvision":
+            loaded = _torchvision(spec, name, pretrained=weights is None)
+        elif kind == "transformers":
+            loaded = _transformers(spec, name)
+        else:
+            loaded = LoadedModel(load_builder(spec), None, source=spec)
     if weights is not None:
         _load_weights(spec, loaded, weights)
     loaded.model.eval()
@@ -150,9 +156,16 @@ def _timm(spec: str, name: str, pretrained: bool) -> LoadedModel:
     else:
         model = timm.create_model(name, pretrained=False)
         source = f"timm {name}, random weights"
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    transform = timm.data.create_transform(**data_cfg)
-    return LoadedModel(model, (1,) + tuple(data_cfg["input_size"]), preprocess=transform, source=source)
+    shape = (1,) + tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
+    return LoadedModel(model, shape, preprocess=timm_preprocess(model, shape), source=source)
+
+
+def timm_preprocess(model: nn.Module, shape: tuple):
+    """timm's evaluation transform for ``model`` (its pretrained_cfg: interpolation, crop, mean, std) at the
+    input size ``shape`` (batch first)."""
+    import timm.data
+    cfg = timm.data.resolve_data_config({"input_size": tuple(shape[1:])}, model=model)
+    return timm.data.create_transform(**cfg)
 
 
 def _timm_cached_file(name: str) -> Optional[Path]:
