@@ -157,14 +157,15 @@ TRANSFORMERS = {
     "electra": ("text", lambda t: t.ElectraForSequenceClassification(t.ElectraConfig(
         **_TEXT, embedding_size=32, num_labels=4)), ((2, 16), "long")),
     "gpt2": ("text", lambda t: t.GPT2LMHeadModel(t.GPT2Config(
-        vocab_size=1000, n_embd=64, n_layer=2, n_head=2, n_positions=64, use_cache=False)), ((2, 16), "long")),
+        vocab_size=1000, n_embd=64, n_layer=2, n_head=2, n_positions=64, use_cache=False, bos_token_id=0,
+        eos_token_id=0)), ((2, 16), "long")),
     "vit": ("vision", lambda t: t.ViTForImageClassification(t.ViTConfig(**_VISION)), ((2, 3, 32, 32), "float")),
     "deit": ("vision", lambda t: t.DeiTForImageClassification(t.DeiTConfig(**_VISION)), ((2, 3, 32, 32), "float")),
     "swin": ("vision", lambda t: t.SwinForImageClassification(t.SwinConfig(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=10)),
         ((2, 3, 32, 32), "float")),
     "convnext": ("vision", lambda t: t.ConvNextForImageClassification(t.ConvNextConfig(
-        hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)), ((2, 3, 32, 32), "float")),
+        num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)), ((2, 3, 32, 32), "float")),
     "resnet": ("vision", lambda t: t.ResNetForImageClassification(t.ResNetConfig(
         embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=10)),
         ((2, 3, 32, 32), "float")),
