@@ -469,7 +469,9 @@ def _good(r) -> bool:
 def failure_class(r) -> str:
     """A failure's type and message with names and numbers blanked, to count failures by kind."""
     msg = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", r.get("error", ""))
+    msg = re.sub(r" at /\S+\.py:\d+.*", "", msg)  # a traceback's file and line: the class is the message
     msg = re.sub(r"\b(at|of) node \S+", r"\1 node …", msg)
+    msg = re.sub(r"[\w.]+ \((\w+)\) would run", r"… (\1) would run", msg)  # the layer's name, keep its op
     msg = re.sub(r"\d+(\.\d+)?", "N", msg)
     return f"{r.get('error_type', '?')}: {msg[:140]}"
 
@@ -542,13 +544,13 @@ def families(records, targets) -> str:
 
 
 def failures(records, targets) -> str:
-    """Refusals and failures of the quantfx targets by class: count, targets, example models."""
+    """Refusals and failures by class: count, flows, example models."""
     by = latest(records)
     classes = defaultdict(list)
     for (m, t), r in by.items():
-        if t in TARGETS and t in targets and r["status"] != "ok":
+        if t in targets and r["status"] != "ok":
             classes[(r["status"], failure_class(r))].append((m, t))
-    out = ["| count | status | class | targets | example models |", "|---|---|---|---|---|"]
+    out = ["| count | status | class | flows | example models |", "|---|---|---|---|---|"]
     for (status, cls), hits in sorted(classes.items(), key=lambda kv: -len(kv[1])):
         models = list(dict.fromkeys(m.partition(":")[2] for m, _ in hits))
         ts = ", ".join(sorted({t for _, t in hits}))
