@@ -116,7 +116,7 @@ def _preprocess(args, loaded, shape):
     if len(shape) != 4:
         return None
     if args.size is None and args.mean is None and args.std is None:
-        if loaded.source.startswith("timm"):
+        if loaded.kind == "timm":  # timm's transform at the chosen input size, not only its default one
             return timm_preprocess(loaded.model, shape)
         if loaded.preprocess is not None:
             return loaded.preprocess

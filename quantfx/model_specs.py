@@ -38,6 +38,7 @@ class LoadedModel:
     vocab_size: Optional[int] = None  # integer token inputs: random calibration ids are drawn below this
     preprocess: Optional[Callable] = None  # PIL image -> CHW float tensor, the model's own preprocessing
     source: str = ""  # what was built, and where its weights came from
+    kind: str = "builder"  # 'timm' | 'torchvision' | 'transformers' | 'builder' (a model.py:build_fn)
 
     def random_batch(self, shape: tuple, generator: torch.Generator) -> torch.Tensor:
         """A random input of ``shape``: token ids below vocab_size for text models, N(0, 1) otherwise."""
@@ -157,7 +158,7 @@ def _timm(spec: str, name: str, pretrained: bool) -> LoadedModel:
         model = timm.create_model(name, pretrained=False)
         source = f"timm {name}, random weights"
     shape = (1,) + tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
-    return LoadedModel(model, shape, preprocess=timm_preprocess(model, shape), source=source)
+    return LoadedModel(model, shape, preprocess=timm_preprocess(model, shape), source=source, kind="timm")
 
 
 def timm_preprocess(model: nn.Module, shape: tuple):
@@ -220,7 +221,7 @@ def _torchvision(spec: str, name: str, pretrained: bool) -> LoadedModel:
             size = crop[0] if isinstance(crop, (list, tuple)) else crop
             shape = (1, 3, int(size), int(size))
         preprocess = _tensor_first(preprocess)
-    return LoadedModel(model, shape, preprocess=preprocess, source=source)
+    return LoadedModel(model, shape, preprocess=preprocess, source=source, kind="torchvision")
 
 
 def _tensor_first(transform):
@@ -277,7 +278,7 @@ def _transformers(spec: str, name: str) -> LoadedModel:
     shape, dtype, vocab = transformers_input(config)
     source = f"transformers {type(model).__name__} from {folder}, " + ("its weights" if has_weights else
                                                                         "random weights")
-    return LoadedModel(Logits(model), shape, dtype, vocab, preprocess, source)
+    return LoadedModel(Logits(model), shape, dtype, vocab, preprocess, source, kind="transformers")
 
 
 def _transformers_classes(transformers, config) -> list:
