@@ -5,8 +5,8 @@ quantized ``GraphModule``; ``quantfx.calibrate`` fixes activation scales; ``quan
 per-layer table.
 """
 from .errors import (
-    CalibrationError, DrawError, ExportError, InputScaleRequiredError, PassError, QuantArgumentError, QuantFXError,
-    TargetError, TraceError,
+    CalibrationError, DrawError, ExportError, InputScaleRequiredError, ModelSpecError, PassError, QuantArgumentError,
+    QuantFXError, TargetError, TraceError,
 )
 from .quant_tensor import QuantTensor
 from .graph import QMeta

@@ -6,7 +6,6 @@ Exit codes: 0 success; 1 a quantfx error (trace, target rule, calibration...), p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -30,46 +29,59 @@ def _shape(text: str) -> tuple:
     return dims
 
 
-def load_builder(spec: str):
-    """'path/to/model.py:build_fn' -> the model that build_fn() returns."""
-    path, _, fn = spec.rpartition(":")
-    if not path or not fn:
-        raise UsageError(f"model {spec!r}: expected path/to/model.py:build_fn")
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"model {spec!r}: no such file {path}")
-    module_spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.path.insert(0, str(file.parent.resolve()))
-    try:
-        module_spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
-    if not hasattr(module, fn):
-        raise UsageError(f"model {spec!r}: {path} has no function {fn!r}")
-    model = getattr(module, fn)()
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"model {spec!r}: {fn}() returned {type(model).__name__}, not an nn.Module")
-    return model.eval()
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def calibration_batches(source: str, shape: tuple, batches: int, seed: int = 0) -> list:
-    """'random' | a .npz file (first array, split along dim 0) | a folder of .npy files."""
+def calibration_batches(source: str, shape: tuple, batches: int, seed: int = 0, loaded=None,
+                        preprocess=None) -> list:
+    """'random' | a .npz file (first array, split along dim 0) | a folder of .npy files | a folder of images
+    (read with PIL and made tensors by ``preprocess``, grouped in batches of shape[0]). ``loaded`` (a
+    model_specs.LoadedModel) draws random token ids for text models."""
     if source == "random":
         g = torch.Generator().manual_seed(seed)
+        if loaded is not None:
+            return [loaded.random_batch(shape, g) for _ in range(batches)]
         return [torch.randn(shape, generator=g) for _ in range(batches)]
     path = Path(source)
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as data:
-            arr = data[data.files[0]].astype(np.float32)
+            arr = data[data.files[0]]
+        arr = arr if np.issubdtype(arr.dtype, np.integer) else arr.astype(np.float32)
         step = shape[0]
         return [torch.from_numpy(arr[i:i + step]) for i in range(0, min(len(arr), step * batches), step)]
     if path.is_dir():
         files = sorted(path.glob("*.npy"))[:batches]
-        if not files:
-            raise UsageError(f"--calib {source}: the folder has no .npy files")
-        return [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]
-    raise UsageError(f"--calib {source!r}: use 'random', a .npz file or a folder of .npy files")
+        if files:
+            return [torch.from_numpy(np.load(f).astype(np.float32)) for f in files]
+        images = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UsageError(f"--calib {source}: the folder has no images ({', '.join(IMAGE_SUFFIXES)}) "
+                             "and no .npy files")
+        return image_batches(images[:shape[0] * batches], shape, preprocess, source)
+    raise UsageError(f"--calib {source!r}: use 'random', a .npz file, a folder of .npy files or a folder of "
+                     "images")
+
+
+def image_batches(files: list, shape: tuple, preprocess, source: str) -> list:
+    """Images read with PIL, made CHW tensors by ``preprocess``, stacked in batches of shape[0] (a last,
+    shorter batch is kept)."""
+    from PIL import Image, UnidentifiedImageError
+    if preprocess is None:
+        raise UsageError(f"--calib {source}: a folder of images calibrates an image model; this model's input "
+                         f"{shape} is not an image (give a .npz of inputs)")
+    tensors = []
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                tensors.append(preprocess(image.convert("RGB" if shape[1] == 3 else "L")))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UsageError(f"--calib {source}: {f.name} is not a readable image ({e})") from e
+    if tuple(tensors[0].shape) != tuple(shape[1:]):
+        raise UsageError(f"--calib {source}: the preprocessing gives {tuple(tensors[0].shape)} per image, the "
+                         f"input shape is {tuple(shape)}; give --size (with --mean/--std) to resize the images "
+                         "to the input shape, or drop --input-shape to use the model's own")
+    step = shape[0]
+    return [torch.stack(tensors[i:i + step]) for i in range(0, len(tensors), step)]
 
 
 def _load_qmodel(path: str):
@@ -82,11 +94,53 @@ def _load_qmodel(path: str):
         raise UsageError(f"{path}: not a saved quantized model ({type(e).__name__}: {e})")
 
 
+def _model_and_shape(args):
+    """The LoadedModel of args.model and its input shape: --input-shape, else the model's own config's."""
+    from .model_specs import load_model
+    loaded = load_model(args.model, weights=getattr(args, "weights", None))
+    if args.input_shape:
+        shape = _shape(args.input_shape)
+    elif loaded.input_shape is not None:
+        shape = loaded.input_shape
+    else:
+        raise UsageError(f"model {args.model!r}: give --input-shape (e.g. 1,3,224,224); a model.py builder does "
+                         "not say its input")
+    return loaded, shape
+
+
+def _preprocess(args, loaded, shape):
+    """The image preprocessing for --calib FOLDER: --size/--mean/--std when given, else the model's own
+    (timm's data config at the input size, a transformers image processor, torchvision's weights transforms),
+    else a resize to the input shape with ImageNet's mean and std."""
+    from .model_specs import IMAGENET_MEAN, IMAGENET_STD, default_preprocess, timm_preprocess
+    if len(shape) != 4:
+        return None
+    if args.size is None and args.mean is None and args.std is None:
+        if loaded.kind == "timm":  # timm's transform at the chosen input size, not only its default one
+            return timm_preprocess(loaded.model, shape)
+        if loaded.preprocess is not None:
+            return loaded.preprocess
+    return default_preprocess(args.size or shape[-1], _floats(args.mean, IMAGENET_MEAN, "--mean"),
+                              _floats(args.std, IMAGENET_STD, "--std"))
+
+
+def _floats(text, default, flag) -> tuple:
+    if text is None:
+        return default
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers such as 0.485,0.456,0.406")
+
+
 def cmd_quantize(args) -> int:
     import quantfx
-    model = load_builder(args.model)
-    shape = _shape(args.input_shape)
-    calib = calibration_batches(args.calib, shape, args.calib_batches)
+    loaded, shape = _model_and_shape(args)
+    model = loaded.model
+    _say(args, f"model: {loaded.source}; input {tuple(shape)}")
+    calib = calibration_batches(args.calib, shape, args.calib_batches, loaded=loaded,
+                                preprocess=_preprocess(args, loaded, shape) if args.calib != "random" else None)
+    example = torch.zeros(shape, dtype=loaded.input_dtype)
     pipeline = quantfx.parse_pipeline(args.pipeline, target=args.target) if args.pipeline else None
     target = args.target
     if args.engine:
@@ -95,7 +149,7 @@ def cmd_quantize(args) -> int:
         from quantfx.targets import torch_profile
         target = torch_profile(args.engine)
     qmodel = quantfx.quantize(
-        model, target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
+        model, target, example_inputs=(example,), calibration_data=calib,
         weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
         bias_bit_width=args.bias_bit_width, cpu=args.cpu, pipeline=pipeline, calibration_method=args.calib_method,
         weight_rounding=args.weight_rounding, capture=args.capture,
@@ -107,7 +161,7 @@ def cmd_quantize(args) -> int:
         torch.save(qmodel, args.save)
         _say(args, f"saved quantized model to {args.save}")
     if args.output:
-        quantfx.export(qmodel, args.output, example_inputs=(torch.zeros(shape),))
+        quantfx.export(qmodel, args.output, example_inputs=(example,))
         _say(args, f"wrote {args.target} artefact to {args.output}")
         report = quantfx.verify(qmodel, args.output, (calib[0],))
         _say(args, str(report))
@@ -137,7 +191,8 @@ def cmd_draw(args) -> int:
         gm = _load_qmodel(args.model)
     else:
         from quantfx.passes import Trace
-        gm = Trace()(load_builder(args.model)).graph_module
+        from .model_specs import load_model
+        gm = Trace()(load_model(args.model).model).graph_module
     quantfx.draw(gm, args.output)
     _say(args, f"wrote diagram to {args.output}")
     return EXIT_OK
@@ -205,15 +260,27 @@ def _say(args, text: str) -> None:
         print(text)
 
 
+MODEL_HELP = ("path/to/model.py:build_fn (build_fn() returns the float nn.Module), timm:NAME, torchvision:NAME "
+              "(random weights unless the local cache holds pretrained ones) or transformers:PATH (a local config.json "
+              "or model folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantfx", description="Quantization compiler for PyTorch over torch.fx.")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and export its artefact")
-    q.add_argument("model", help="path/to/model.py:build_fn (build_fn() returns the float nn.Module)")
+    q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--target", default="finn", help="finn | torch | onnx | dpu")
-    q.add_argument("--input-shape", required=True, help="e.g. 1,3,32,32")
-    q.add_argument("--calib", default="random", help="random | data.npz | folder of .npy (default random)")
+    q.add_argument("--input-shape", help="e.g. 1,3,32,32 (default: the model's own, for timm, torchvision and "
+                                         "transformers specs)")
+    q.add_argument("--weights", help="a state_dict file (torch.save) to load into the model")
+    q.add_argument("--calib", default="random",
+                   help="random | data.npz | folder of .npy | folder of images (default random)")
+    q.add_argument("--size", type=int, help="images: resize and centre-crop to this (default: the model's own "
+                                            "preprocessing where timm, torchvision or transformers define it)")
+    q.add_argument("--mean", help="images: per-channel mean, e.g. 0.485,0.456,0.406 (with --size)")
+    q.add_argument("--std", help="images: per-channel std, e.g. 0.229,0.224,0.225 (with --size)")
     q.add_argument("--calib-batches", type=int, default=8)
     q.add_argument("--calib-method", default="auto", choices=["auto", "minmax", "percentile", "mse"],
                    help="activation scales (auto: mse at 4 bits or fewer, minmax above)")
@@ -248,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("draw", help="draw a model (model.py:build_fn) or a saved quantized model (.pt)")
-    d.add_argument("model")
+    d.add_argument("model", help=MODEL_HELP + ", or a saved quantized model (.pt)")
     d.add_argument("-o", "--output", required=True)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_draw)
@@ -263,12 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import QuantFXError
+    from .errors import ModelSpecError, QuantFXError
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad arguments
     try:
         return args.func(args)
-    except UsageError as e:
+    except (UsageError, ModelSpecError) as e:
         print(f"quantfx {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except QuantFXError as e:

@@ -35,3 +35,8 @@ class ExportError(QuantFXError):
 
 class DrawError(QuantFXError):
     """A diagram could not be rendered (for example graphviz's ``dot`` program is missing)."""
+
+
+class ModelSpecError(QuantFXError, ValueError):
+    """A model spec (timm:NAME, torchvision:NAME, transformers:PATH, model.py:build_fn) or its inputs cannot be
+    used; the message names the spec and the way out."""

@@ -54,3 +54,26 @@ def test_bench_says_which_comparisons_it_skips_without_brevitas(monkeypatch):
     lines = bench.skip_lines(avail)
     assert len(lines) == 1 and lines[0].startswith("skipped: every Brevitas comparison: brevitas is not installed")
     assert "Brevitas" not in bench.compile_tools(avail) and "torch.ao" in bench.compile_tools(avail)
+
+
+def test_coverage_records_failures_per_flow_and_resumes(tmp_path, capsys):
+    """tools/coverage.py: a model that cannot be built, and a child that times out, each give one failed
+    record per flow (the run goes on); a second run skips the pairs already recorded; the report counts them
+    by class."""
+    cov = load(TOOLS / "coverage.py")
+    out = tmp_path / "c.jsonl"
+    common = ["--out", str(out), "--targets", "onnx", "torch"]
+    cov.main(["--models", "timm:no_such_model", "--timeout", "600"] + common)
+    cov.main(["--models", "timm:test_resnet", "--timeout", "1"] + common)
+    records = cov.load(out)
+    assert [(r["model"], r["flow"], r["status"], r["error_type"]) for r in records] == [
+        ("timm:no_such_model", "onnx", "failed", "RuntimeError"), ("timm:no_such_model", "torch", "failed",
+                                                                   "RuntimeError"),
+        ("timm:test_resnet", "onnx", "failed", "Timeout"), ("timm:test_resnet", "torch", "failed", "Timeout")]
+    assert records[0]["stage"] == "build" and "Unknown model" in records[0]["error"]
+    capsys.readouterr()
+    cov.main(["--models", "timm:no_such_model", "timm:test_resnet"] + common)  # resumes: nothing to run
+    assert "0 models to run" in capsys.readouterr().out
+    failures = cov.failures(records, ["onnx", "torch"])
+    assert "| 2 | failed | RuntimeError: Unknown model (no_such_model) | onnx, torch | no_such_model |" in failures
+    assert "| 2 | failed | Timeout: model timed out after N s (all flows) | onnx, torch | test_resnet |" in failures
