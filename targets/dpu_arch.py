@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from quantfx.graph import (
-    float_island, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, is_product, module_of,
+    float_island, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, is_product, module_of, qmeta,
 )
 from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantLeakyReLU, QuantReLU, QuantSigmoid
+
+from .dpu_refine import HARD_SIGMOID_IN, fix_pos, hard_sigmoid_input
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,15 @@ class Legality:
         """The float ops of passes/approximate_activations.py: hard-sigmoid/hard-swish and the average pool's
         correction, which the DPU computes in the layer or pool they follow."""
         const = [a for a in node.args if isinstance(a, (int, float))]
+        x = hard_sigmoid_input(node)
+        if x is None and node.target is operator.mul and not const and hard_swish_parts(self.gm, node) is not None:
+            x = hard_swish_parts(self.gm, node)[0]
+        meta = qmeta(x) if x is not None else None
+        if meta is not None and meta.scale is not None and fix_pos(meta.scale) > HARD_SIGMOID_IN[1]:
+            # refine keeps a hard-swish's input position (its x is the product's operand too)
+            return Placement(node.name, "hard_swish" if node.target is operator.mul and not const else
+                             "hard_sigmoid", "CPU", f"hard-sigmoid input position {fix_pos(meta.scale)}",
+                             f"[{HARD_SIGMOID_IN[0]}, {HARD_SIGMOID_IN[1]}]")
         if node.target is F.relu6 or (node.target is operator.add and const == [3.0]):
             return self._named(node, "hard_sigmoid")
         if node.target is operator.mul and const == [HARD_SIGMOID_SCALE]:

@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from quantfx.errors import TargetError
+from quantfx.errors import ExportError, TargetError
 from quantfx.graph import is_act_quant, is_cat, is_invariant, module_of, qmeta
 from quantfx.lowering import Backend
 from quantfx.quant import functional as qf
@@ -66,6 +66,7 @@ class QDQLowering(OnnxLowering):
                                  self.const(base + "_grid_max", np.float32(np.float32(hi - z1) * np.float32(s1)))],
                         base + "_grid")
             self._guards.append(x)
+        x = self._unfusable_clip(x, grid, dtype)
         s, z = self._q_consts(base, scale, zp, signed)
         y = self.op("QuantizeLinear", [x, s, z], base + "_q")
         info = np.iinfo(dtype)
@@ -75,6 +76,40 @@ class QDQLowering(OnnxLowering):
         out = self.op("DequantizeLinear", [y, s, z], base)
         self._grids[out] = grid + (tuple(int_range),)
         return out
+
+    def _unfusable_clip(self, x, grid, dtype):
+        """``x`` or, where ``x`` is a ``Clip(0, max)`` that onnxruntime's ClipQuantFusion would wrongly drop
+        before the QuantizeLinear of ``grid``, a ``Relu`` computing the same codes.
+
+        ClipQuantFusion (``onnxruntime/core/optimizer/qdq_transformer/clip_quantizelinear.cc``, on at
+        ORT_ENABLE_EXTENDED, so in a default session) removes a Clip whose only reader is a QuantizeLinear when
+        ``min - lower <= FLT_EPSILON`` and ``upper - max <= FLT_EPSILON``, ``[lower, upper]`` the grid's float
+        range: an absolute epsilon (2^-23), so on an int8 grid of zero point 0 and scale 2^-30 or less
+        (``128 * scale <= 2^-23``) it takes ``Clip(0, 6)`` for a no-op and the negative values pass. Where the
+        Clip's max lies at or above the grid's top (the grid saturates first), ``Relu`` gives the same codes,
+        and ReluQuantFusion drops a Relu only before a grid that starts at 0 (exact)."""
+        clip = x.producer()
+        if clip is None or clip.op_type != "Clip" or x.uses() or len(clip.inputs) != 3 or \
+                any(v is None or v.const_value is None for v in clip.inputs[1:]):
+            return x
+        lo, hi = (float(v.const_value.numpy().reshape(())) for v in clip.inputs[1:])
+        info = np.iinfo(dtype)
+        s, z = np.float32(grid[0]), np.float32(grid[1])
+        lower, upper = float(s * np.float32(info.min - z)), float(s * np.float32(info.max - z))
+        eps = float(np.finfo(np.float32).eps)
+        if not (lo - lower <= eps and upper - hi <= eps) or (lo <= lower and hi >= upper):
+            return x  # onnxruntime keeps it, or dropping it is exact
+        if lo != 0 or hi < upper:
+            raise ExportError(f"{self.target}: {clip.name} (Clip {lo}, {hi}) before a QuantizeLinear of scale "
+                              f"{grid[0]:g}: onnxruntime's ClipQuantFusion would drop it (it compares with an "
+                              "absolute epsilon of 2^-23); rescale the layer so its output scale is above 2^-30")
+        bounds = list(clip.inputs[1:])
+        relu = self.op("Relu", [clip.inputs[0]], x.name + "_relu")
+        self.graph.remove(clip, safe=True)
+        for v in bounds:
+            if not v.uses():
+                del self.graph.initializers[v.name]
+        return relu
 
     def postprocess(self, model) -> None:
         """Drop the Clips between Q/DQ pairs where the first DequantizeLinear has other readers too: the
