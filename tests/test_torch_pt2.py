@@ -55,13 +55,14 @@ def test_program_is_pt2e_quantized_form():
     program = quantfx.lower(q, (data[0][:1],))
     assert isinstance(program, torch_pt2_runtime.Pt2Program)
     ops = Counter(str(n.target) for n in program.exported.graph.nodes if n.op == "call_function")
-    fused = [r for r in program.report if r["runs_as"].startswith("dq -> conv")]
-    assert len(fused) == 9 and ops["aten.conv2d.default"] == 9
-    assert ops["quantized_decomposed.dequantize_per_channel.default"] == 9
-    assert ops["quantized_decomposed.quantize_per_tensor.default"] >= 9 + 3  # convs, adds
+    convs = [r for r in program.report if r["runs_as"].startswith("dq -> conv")]
+    linears = [r for r in program.report if r["runs_as"].startswith("dq -> linear")]
+    assert len(convs) == 9 and ops["aten.conv2d.default"] == 9 and len(linears) == ops["aten.linear.default"] == 1
+    assert ops["quantized_decomposed.dequantize_per_channel.default"] == 10
+    assert ops["quantized_decomposed.quantize_per_tensor.default"] >= 10 + 3  # convs, linear, adds
     tensors = list(program.exported.state_dict.values()) + list(program.exported.constants.values())
     dtypes = Counter(t.dtype for t in tensors if torch.is_tensor(t))
-    assert dtypes[torch.int8] == 9 and not any(t.is_quantized for t in tensors if torch.is_tensor(t))
+    assert dtypes[torch.int8] == 10 and not any(t.is_quantized for t in tensors if torch.is_tensor(t))
 
 
 def test_file_records_what_it_was_built_for(tmp_path):

@@ -217,7 +217,7 @@ def torchao_pt2e(model, calib, example):
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    exported = torch.export.export(model, (example,)).module()
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for c in calib:
@@ -260,7 +260,6 @@ def median_ms(fns: dict, x, runs: int) -> dict:
 def main_pt2(args):
     import tempfile
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  registers the x86 passes
-    from quantfx.targets import torch_pt2_runtime
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; compiled = torch.compile(inductor, freezing=True) with "
           "torchao 0.18's x86 int8 passes registered")
     print("\n| model | batch | threads | quantfx .pt2 compiled ms | torchao PT2E compiled ms | float compiled ms | "
@@ -268,36 +267,51 @@ def main_pt2(args):
     notes = []
     tmp = tempfile.mkdtemp()
     for name in args.models:
-        model = float_model(name)
-        size = (1, 3, args.size, args.size)
-        calib = [torch.randn((4,) + size[1:], generator=torch.Generator().manual_seed(i)) for i in range(2)]
-        q = quantfx.quantize(model, "torch", calibration_data=calib, progress=False)
-        quantfx.export(q, f"{tmp}/{name}.pt2", (calib[0][:1],))
-        quantfx.export(q, f"{tmp}/{name}.pt", (calib[0][:1],), format="torchscript")
-        pt2 = torch_pt2_runtime.load(f"{tmp}/{name}.pt2")
-        script = torch_pt2_runtime.load(f"{tmp}/{name}.pt")
-        ao = torchao_pt2e(float_model(name), calib, calib[0][:1])
-        for batch in (1, 8):
-            x = torch.randn((batch,) + size[1:], generator=torch.Generator().manual_seed(7))
-            fns = {"pt2": compile_frozen(pt2.exported.module()), "pt2e": compile_frozen(ao),
-                   "float": compile_frozen(float_model(name)), "torchscript": script}
-            kernels = {k: int8_kernels(fns[k], x) for k in ("pt2", "pt2e")}
-            pt2._modules["compiled"] = fns["pt2"]  # verify's compiled run: the module timed below
-            report = quantfx.verify(q, pt2, (x,))
-            with torch.no_grad():
-                sq = {k: quantfx.sqnr(model(x), fns[k](x)) for k in ("pt2", "pt2e")}
-            notes.append(f"{name} batch {batch}: quantfx .pt2 eager {report.max_error_lsb:.0f} LSB, compiled "
-                         f"{report.variant_error_lsb('compiled'):.0f} LSB against the fake-quant model; int8 kernels: quantfx "
-                         f"{kernels['pt2']}, PT2E {kernels['pt2e']}; SQNR vs float: quantfx {sq['pt2']:.1f} dB, "
-                         f"PT2E {sq['pt2e']:.1f} dB")
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                ms = median_ms(fns, x, args.runs)
-                print(f"| {name} | {batch} | {threads} | " + " | ".join(f"{ms[k]:.2f}" for k in fns)
-                      + f" | {ms['pt2e'] / ms['pt2']:.2f}x | {ms['float'] / ms['pt2']:.2f}x | {load()[5:]} |", flush=True)
+        try:
+            notes += bench_pt2_model(name, args, tmp)
+        except Exception as e:  # noqa: BLE001  (one model's failure is reported; the others are still measured)
+            notes.append(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"| {name} | failed: {notes[-1]} |", flush=True)
     print()
     for n in notes:
         print("- " + n)
+
+
+def bench_pt2_model(name: str, args, tmp: str) -> list:
+    """Prints the table's rows for one model; returns its notes (errors against the fake-quant model, int8
+    kernels, SQNR)."""
+    from quantfx.targets import torch_pt2_runtime
+    notes = []
+    model = float_model(name)
+    size = (1, 3, args.size, args.size)
+    calib = [torch.randn((4,) + size[1:], generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    q = quantfx.quantize(model, "torch", calibration_data=calib, progress=False)
+    quantfx.export(q, f"{tmp}/{name}.pt2", (calib[0][:1],))
+    quantfx.export(q, f"{tmp}/{name}.pt", (calib[0][:1],), format="torchscript")
+    pt2 = torch_pt2_runtime.load(f"{tmp}/{name}.pt2")
+    script = torch_pt2_runtime.load(f"{tmp}/{name}.pt")
+    ao = torchao_pt2e(float_model(name), calib, calib[0])  # a dynamic batch, as quantfx's file has
+    for batch in (1, 8):
+        x = torch.randn((batch,) + size[1:], generator=torch.Generator().manual_seed(7))
+        fns = {"pt2": compile_frozen(pt2.exported.module()), "pt2e": compile_frozen(ao),
+               "float": compile_frozen(float_model(name)), "torchscript": script}
+        kernels = {k: int8_kernels(fns[k], x) for k in ("pt2", "pt2e")}
+        pt2._modules["compiled"] = fns["pt2"]  # verify's compiled run: the module timed below
+        report = quantfx.verify(q, pt2, (x,))
+        with torch.no_grad():
+            sq = {k: quantfx.sqnr(model(x), fns[k](x)) for k in ("pt2", "pt2e")}
+        notes.append(f"{name} batch {batch}: quantfx .pt2 eager {report.max_error_lsb:.0f} LSB, compiled "
+                     f"{report.variant_error_lsb('compiled'):.0f} LSB against the fake-quant model; int8 kernels: "
+                     f"quantfx {kernels['pt2']}, PT2E {kernels['pt2e']}; SQNR vs float: quantfx {sq['pt2']:.1f} dB, "
+                     f"PT2E {sq['pt2e']:.1f} dB")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ms = median_ms(fns, x, args.runs)
+            print(f"| {name} | {batch} | {threads} | " + " | ".join(f"{ms[k]:.2f}" for k in fns)
+                  + f" | {ms['pt2e'] / ms['pt2']:.2f}x | {ms['float'] / ms['pt2']:.2f}x | {load()[5:]} |",
+                  flush=True)
+    print("  note: " + notes[-2] + "\n  note: " + notes[-1], flush=True)
+    return notes
 
 
 def main(argv=None):
