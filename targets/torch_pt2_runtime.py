@@ -7,7 +7,8 @@ lowering report). Another Python loads it without quantfx::
     import torch, torch.ao.quantization.fx._decomposed   # registers the quantized_decomposed ops (torch does not
     ep = torch.export.load("model.pt2")                   # at import; torch._inductor imports this module too)
     y = ep.module()(x)                                    # any batch size the model allows
-    fast = torch.compile(ep.module(), options={"freezing": True})
+    torch._inductor.config.freezing = True               # read by dynamo: weights become constants
+    fast = torch.compile(ep.module())
 
 With torch 2.14, inductor folds the program's dequantize / conv / quantize patterns into oneDNN int8 kernels only
 when torchao's x86 passes are registered (``import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer``);
@@ -56,9 +57,17 @@ class Pt2Program:
         return self._modules["eager"]
 
     def compiled(self):
-        """``torch.compile`` (inductor, freezing on) of the program, compiled on its first call."""
+        """``torch.compile`` (inductor) of the program, compiled on its first call, every call with
+        ``torch._inductor.config.freezing`` on: dynamo reads it while tracing (weights become constants, which the
+        int8 weight-prepack passes need), so ``torch.compile(options={"freezing": True})`` is not enough."""
         if "compiled" not in self._modules:
-            self._modules["compiled"] = torch.compile(self.exported.module(), options={"freezing": True})
+            fn = torch.compile(self.exported.module())
+
+            def frozen(*inputs):
+                with torch._inductor.config.patch(freezing=True), torch.no_grad():
+                    return fn(*inputs)
+
+            self._modules["compiled"] = frozen
         return self._modules["compiled"]
 
     def __call__(self, *inputs):

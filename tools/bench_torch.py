@@ -226,7 +226,7 @@ def torchao_pt2e(model, calib, example):
 
 
 def compile_frozen(module):
-    return torch.compile(module, options={"freezing": True})
+    return torch.compile(module)  # torch._inductor.config.freezing is on (main_pt2)
 
 
 def int8_kernels(fn, x) -> int:
@@ -260,6 +260,7 @@ def median_ms(fns: dict, x, runs: int) -> dict:
 def main_pt2(args):
     import tempfile
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  registers the x86 passes
+    torch._inductor.config.freezing = True  # global: dynamo reads it while tracing (weights become constants)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; compiled = torch.compile(inductor, freezing=True) with "
           "torchao 0.18's x86 int8 passes registered")
     print("\n| model | batch | threads | quantfx .pt2 compiled ms | torchao PT2E compiled ms | float compiled ms | "
