@@ -26,9 +26,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.q
 import torch.nn.functional as F
 from torch import fx
 
-from quantfx.errors import ExportError
 from quantfx.graph import module_of, tensor_inputs
-from quantfx.nn import QuantIdentity, QuantReLU
+from quantfx.nn import QuantReLU
 from quantfx.quant import functional as qf
 
 from . import torch_quantized as tq
@@ -176,11 +175,8 @@ class Pt2Lowering(tq.TorchLowering):
     def _fused_add(self, node, act_node, m):
         """dequantize both inputs -> add -> [relu] -> quantize: the fake-quant model's own float32 add, rounded
         as it rounds (a power-of-two output scale: ``x (1 / scale)`` is ``/ scale``)."""
-        ins = tensor_inputs(node)
-        a, b = (self.value(i) for i in ins)
-        if len(node.users) != 1 or not (a.quantized and b.quantized) or m.act_quant.signed or \
-                m.act_quant.scaling_per_output_channel or \
-                not (type(m) is QuantIdentity or (type(m) is QuantReLU and m.max_val is None)):
+        a, b = (self.value(i) for i in tensor_inputs(node))
+        if not self._add_fusable(node, a, b, m):
             return None
         scale, zp = tq._qparams(m.act_quant)
         if not qf.is_power_of_two(scale):
@@ -195,15 +191,12 @@ class Pt2Lowering(tq.TorchLowering):
         return self.clamp_to(tq._Q(out, scale, zp, False), m.act_quant)
 
     def emit_product(self, node):
+        """The TorchScript lowering's exact product, on codes: the operands' zero points passed along."""
+        out = super().emit_product(node)
         a, b = (self.value(x) for x in node.args[:2])
-        op = module_of(self.gm, node).op
-        if not (a.quantized and b.quantized):
-            raise ExportError(f"torch: {node.target}: an operand of the product is not a quantized tensor here; keep "
-                              "the product float with overrides={" + repr(node.target) + ": None}")
-        _, _, acc_scale = self.product_scales(node)
-        scale = self.buffer(node.name + "_acc_scale", acc_scale.float().reshape(()))
-        self.note(node, f"integer {op} (exact, accumulator scale {float(acc_scale):.3g})")
-        return tq._Q(self.call(product_codes, a.node, b.node, a.zero_point, b.zero_point, scale, op == "matmul"))
+        n = out.node
+        n.target, n.args = product_codes, (n.args[0], n.args[1], a.zero_point, b.zero_point) + tuple(n.args[2:])
+        return out
 
     def finish(self) -> fx.GraphModule:
         # the TorchScript lowering reads a quantized tensor's integers with int_repr(): here they are the tensor
