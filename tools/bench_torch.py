@@ -212,10 +212,23 @@ def float_model(name: str):
     return getattr(zoo, name)().eval()
 
 
+class _ReLU(torch.nn.Module):
+    """F.relu in a module of its own: torchao's X86InductorQuantizer refuses a ReLU module called twice (a ResNet
+    block's ``self.relu``: "Input partition has more than one output node"), a function call per use it takes."""
+
+    def forward(self, x):
+        return torch.nn.functional.relu(x)
+
+
 def torchao_pt2e(model, calib, example):
-    """torchao's PT2E flow with the x86 inductor quantizer's default (static, per-channel) config (comparison)."""
+    """torchao's PT2E flow with the x86 inductor quantizer's default (static, per-channel) config (comparison).
+    Its ReLU modules become calls of F.relu first (what the quantizer needs; the float model is the same)."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.ReLU:
+                setattr(parent, child_name, _ReLU())
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
     prepared = prepare_pt2e(exported, quantizer)
