@@ -99,6 +99,16 @@ class Pt2Lowering(tq.TorchLowering):
     """The TorchScript lowering's walk, emitting plain tensors and quantized_decomposed ops; :meth:`finish`
     returns the plain GraphModule (``torch.export`` makes the program of it: :func:`..torch_pt2_runtime.lower`)."""
 
+    def begin(self):
+        super().begin()
+        self.grids: dict = {}  # lowered node name -> (scale, zero point) of the codes it holds
+
+    def lower_node(self, node):
+        out = super().lower_node(node)
+        if isinstance(out, tq._Q) and out.quantized:
+            self.grids[out.node.name] = (out.scale, out.zero_point)
+        return out
+
     def call(self, fn, *args) -> fx.Node:
         return self.graph.call_function(_PLAIN.get(fn, fn), tuple(args))
 

@@ -29,7 +29,7 @@ from quantfx.lowering import Backend
 
 from . import torch_quantized as tq
 from .profile import TORCH
-from .torch_pt2 import QD, Pt2Lowering
+from .torch_pt2 import Pt2Lowering
 
 META_FILE = "quantfx.json"
 FORMAT = "pt2"
@@ -45,6 +45,7 @@ class Pt2Program:
     report: list = field(default_factory=list)
     graph_module: Optional[fx.GraphModule] = None
     node_values: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)  # lowered node name -> (scale, zero point) of its codes
     _modules: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -114,7 +115,8 @@ def lower(qmodel, example_inputs) -> Pt2Program:
     gm = lowering.lower()
     profile = lowering.profile or TORCH
     meta = {"producer": "quantfx", "format": FORMAT, "engine": lowering.engine, "arithmetic": _arithmetic(profile)}
-    return Pt2Program(_export(gm, example_inputs), meta, lowering.report, gm, dict(lowering.node_values))
+    return Pt2Program(_export(gm, example_inputs), meta, lowering.report, gm, dict(lowering.node_values),
+                      dict(lowering.grids))
 
 
 def save(program: Pt2Program, path) -> None:
@@ -175,23 +177,17 @@ def run_intermediates(program, inputs, fx_names) -> dict:
     if program.graph_module is None:
         raise ExportError("torch: intermediate values need the program as lowered (quantfx.lower), not a loaded file")
     wanted = {program.node_values[n]: n for n in fx_names if n in program.node_values}
-    grids = {}  # lowered node name -> (scale, zero point) of the codes it holds
-    for n in program.graph_module.graph.nodes:
-        if n.op == "call_function" and n.target is QD.quantize_per_tensor.default:
-            grids[n.name] = (n.args[1], n.args[2])
-        elif n.op == "call_function" and n.target is QD.dequantize_per_tensor.default and \
-                isinstance(n.args[0], fx.Node):
-            grids.setdefault(n.args[0].name, (n.args[1], n.args[2]))
-    values = {}
+    grids, values = program.grids, {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n.name in wanted and torch.is_tensor(out):
+                value = out.float()
                 if not out.is_floating_point() and n.name in grids:
                     s, zp = grids[n.name]
-                    out = (out.float() - zp) * s
-                values[wanted[n.name]] = out.float().detach().numpy()
+                    value = (value - zp) * s
+                values[wanted[n.name]] = value.detach().numpy()
             return out
 
     with torch.no_grad():
