@@ -330,8 +330,10 @@ def test_class_token_cat_and_position_embedding_add_are_integer(target):
     assert qmeta(cat.args[0][0]).group == qmeta(cat.args[0][1]).group is not None
     assert qmeta(add.args[0]).group == qmeta(add.args[1]).group is not None
     if target == "torch":
-        rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],)).report}
+        rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],), format="torchscript").report}
         assert rows["cat"]["runs_as"] == "quantized cat" and rows["add"]["runs_as"] == "quantized::add"
+        rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],)).report}  # the .pt2 program: on codes
+        assert rows["cat"]["runs_as"] == "quantized cat" and rows["add"]["runs_as"] == "dq, dq -> add -> q"
 
 
 class LayerScale(nn.Module):
