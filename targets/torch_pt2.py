@@ -95,6 +95,9 @@ _PLAIN = {tq.quantize_as_fake_quant: quantize_codes, tq.requantize_accumulator: 
           tq.requantize_accumulator_bias_after: requantize_codes_bias_after, tq.exact_layer_output: layer_output}
 
 
+_INTEGER_LAYER_OPS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d)
+
+
 class Pt2Lowering(tq.TorchLowering):
     """The TorchScript lowering's walk, emitting plain tensors and quantized_decomposed ops; :meth:`finish`
     returns the plain GraphModule (``torch.export`` makes the program of it: :func:`..torch_pt2_runtime.lower`)."""
@@ -200,6 +203,24 @@ class Pt2Lowering(tq.TorchLowering):
         self.note(act_node, f"quantize_per_tensor after {node.name}")
         return self.clamp_to(tq._Q(out, scale, zp, False), m.act_quant)
 
+    def _float32_accumulator(self, n: fx.Node) -> None:
+        """An exact integer accumulator (a conv/linear on float64 integers, read in float) computed in float32
+        where every partial sum is provably below 2^24 (the sum of all |weight integers| x 255), then widened:
+        the same integers, and inductor's freezing cannot take float64 convolutions (mkldnn's weight reorder
+        refuses them)."""
+        w = n.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            return
+        ints = self.root.get_buffer(w.target)
+        if ints.dtype != torch.float64 or float(ints.abs().sum()) * 255 >= 2 ** 24:
+            return
+        self.root.register_buffer(w.target, ints.float())
+        with self.graph.inserting_before(n):
+            n.update_arg(0, self.graph.call_method("float", (n.args[0],)))
+        with self.graph.inserting_after(n):
+            wide = self.graph.call_method("double", (n,))
+        n.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not wide)
+
     def emit_product(self, node):
         """The TorchScript lowering's exact product, on codes: the operands' zero points passed along."""
         out = super().emit_product(node)
@@ -214,6 +235,9 @@ class Pt2Lowering(tq.TorchLowering):
             if n.op == "call_method" and n.target == "int_repr":
                 n.replace_all_uses_with(n.args[0])
                 self.graph.erase_node(n)
+        for n in list(self.graph.nodes):
+            if n.op == "call_function" and n.target in _INTEGER_LAYER_OPS:
+                self._float32_accumulator(n)
         gm = fx.GraphModule(self.root, self.graph, class_name="QuantfxPt2Program")
         gm.eval()
         return gm
