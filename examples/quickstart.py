@@ -107,7 +107,7 @@ def main(argv=None):
 
     calib = [x_train[i:i + 64] for i in range(0, 512, 64)]
     import quantfx.targets  # noqa: F401  (registers the backends)
-    rows = []
+    rows, report_variants = [], {}
     for target in sorted(BACKENDS):
         qmodel, path, report, fq_logits, runtime_logits = quantize_and_run(
             model, target, calib, x_test, out / f"digits_{target}", progress=not args.quiet)
@@ -121,12 +121,15 @@ def main(argv=None):
         except (AttributeError, quantfx.QuantFXError) as e:
             print(f"  (no diagram for {target}: {e})")
         rows.append((target, fq_acc, runtime_acc, report.max_error_lsb, report.ok, path, diagram))
+        report_variants[target] = report.variants
 
     print()
     print(f"{'target':8s} {'float %':>8s} {'fake-quant %':>13s} {'runtime %':>10s} {'max err (LSB)':>14s}  artefact")
     for target, fq, rt, lsb, ok, path, diagram in rows:
         print(f"{target:8s} {float_acc:8.2f} {fq:13.2f} {rt:10.2f} {lsb:14.3f}  {path}"
               + ("" if ok else "  VERIFY FAILED"))
+        for run, rows_ in report_variants.get(target, {}).items():  # the torch .pt2 under torch.compile
+            print(f"{'':8s} {run:>8s} {'':13s} {'':10s} {max(o.max_error_lsb for o in rows_):14.3f}")
     drawn = [str(r[6]) for r in rows if r[6] is not None]
     if drawn:
         print("diagrams: " + ", ".join(drawn))

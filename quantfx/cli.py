@@ -161,7 +161,9 @@ def cmd_quantize(args) -> int:
         torch.save(qmodel, args.save)
         _say(args, f"saved quantized model to {args.save}")
     if args.output:
-        quantfx.export(qmodel, args.output, example_inputs=(example,))
+        if args.format and args.target != "torch":
+            raise UsageError(f"--format is for --target torch, not {args.target}")
+        quantfx.export(qmodel, args.output, example_inputs=(example,), format=args.format)
         _say(args, f"wrote {args.target} artefact to {args.output}")
         report = quantfx.verify(qmodel, args.output, (calib[0],))
         _say(args, str(report))
@@ -299,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the model is captured: torch.fx symbolic tracing, torch.export, or auto (fx, export "
                         "where fx fails; docs/capture.md)")
     q.add_argument("--pipeline", help="pass pipeline spelled as a string (see `quantfx passes`)")
-    q.add_argument("-o", "--output", help="artefact path (e.g. out.onnx)")
+    q.add_argument("-o", "--output", help="artefact path (e.g. out.onnx, out.pt2)")
+    q.add_argument("--format", choices=["pt2", "torchscript"], default=None,
+                   help="torch target: pt2 (default, a torch.export program) or torchscript (older PyTorch)")
     q.add_argument("--save", help="also save the quantized model (torch.save) for verify/inspect/draw")
     q.add_argument("--draw", help="write a diagram of the quantized graph (.svg/.png/.pdf/.dot)")
     q.add_argument("--dump-dir", help="write the graph after every pass here")

@@ -27,11 +27,11 @@ def _inputs(qmodel, example_inputs) -> tuple:
     return (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
 
 
-def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = None):
+def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = None, format: Optional[str] = None):
     """The artefact for the model's target (or ``target``), in memory (an ``onnx.ModelProto`` for
-    onnx/finn/dpu). Raises TargetError for a rule the model breaks and CalibrationError for a quantizer that
-    never saw data."""
-    return lower_with(backend_for(qmodel, target).lower, qmodel, example_inputs)
+    onnx/finn/dpu), in the target's default form or ``format`` (torch: 'pt2', the default, or 'torchscript').
+    Raises TargetError for a rule the model breaks and CalibrationError for a quantizer that never saw data."""
+    return lower_with(backend_for(qmodel, target, format).lower, qmodel, example_inputs)
 
 
 def lower_with(lower_fn, qmodel: fx.GraphModule, example_inputs=None):
@@ -46,16 +46,18 @@ def lower_with(lower_fn, qmodel: fx.GraphModule, example_inputs=None):
         qmodel.train(was_training)
 
 
-def export(qmodel: fx.GraphModule, path: Union[str, Path], example_inputs=None, target: Optional[str] = None):
+def export(qmodel: fx.GraphModule, path: Union[str, Path], example_inputs=None, target: Optional[str] = None,
+           format: Optional[str] = None):
     """Write the artefact for the model's target to ``path`` (the backend's suffix added when it has none) and
-    return it."""
-    backend = backend_for(qmodel, target)
-    artefact = lower(qmodel, example_inputs, target)
+    return it. ``format``: the artefact's form where a target has several (torch: 'pt2', the default, a
+    ``torch.export`` program; 'torchscript' for PyTorch versions before torch.export)."""
+    backend = backend_for(qmodel, target, format)
+    artefact = lower(qmodel, example_inputs, target, format)
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(backend.suffix)
     # written next to its place and moved there whole: a failed write leaves no half-written artefact behind
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # the suffix kept: torch.export checks it
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         backend.save(artefact, tmp)
@@ -86,11 +88,18 @@ class VerifyReport:
     worst_node: Optional[str] = None
     worst_node_error_lsb: Optional[float] = None
     diagnosis: Optional[str] = None  # the backend's reading of a mismatch (e.g. CPU arithmetic), when it fails
+    # other runs of the same artefact (torch .pt2: 'compiled', under torch.compile): name -> its OutputReports
+    variants: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         # 1e-3 LSB of slack: an error of exactly one step can come out as 1.0000001 in float32
-        return all(o.max_error_lsb <= self.tolerance_lsb + 1e-3 for o in self.outputs)
+        return all(o.max_error_lsb <= self.tolerance_lsb + 1e-3
+                   for o in self.outputs + [o for rows in self.variants.values() for o in rows])
+
+    def variant_error_lsb(self, name: str) -> float:
+        """The largest error of run ``name`` (e.g. 'compiled') over its outputs, in LSBs."""
+        return max((o.max_error_lsb for o in self.variants[name]), default=0.0)
 
     @property
     def max_error_lsb(self) -> float:
@@ -98,9 +107,11 @@ class VerifyReport:
 
     def __str__(self):
         lines = [f"verify[{self.target}]: {'ok' if self.ok else 'FAILED'} (tolerance {self.tolerance_lsb} LSB)"]
-        for o in self.outputs:
-            lines.append(f"  {o.name}: max error {o.max_error_lsb:.3f} LSB ({o.max_abs_error:.3g}, "
-                         f"LSB {o.lsb:.3g})")
+        runs = [("", self.outputs)] + [(f"[{k}] ", v) for k, v in self.variants.items()]
+        for prefix, rows in runs:
+            for o in rows:
+                lines.append(f"  {prefix}{o.name}: max error {o.max_error_lsb:.3f} LSB ({o.max_abs_error:.3g}, "
+                             f"LSB {o.lsb:.3g})")
         if self.worst_node:
             lines.append(f"  first node off by more than the tolerance: {self.worst_node} "
                          f"({self.worst_node_error_lsb:.2f} LSB)")
@@ -133,8 +144,9 @@ def _intermediates(qmodel, inputs) -> dict:
 
 
 def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[str] = None,
-           tolerance_lsb: float = 1.0) -> VerifyReport:
-    """Run the artefact in its own runtime and compare each output with the fake-quant model.
+           tolerance_lsb: float = 1.0, variants: bool = True) -> VerifyReport:
+    """Run the artefact in its own runtime and compare each output with the fake-quant model; with
+    ``variants``, also its backend's other runs (torch .pt2: under ``torch.compile``, in ``report.variants``).
 
     Returns a VerifyReport: max error per output in LSBs of that output's quantization step, ``ok`` when all
     are within ``tolerance_lsb``, and when not, the first activation-quantizer node that is off."""
@@ -173,16 +185,26 @@ def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[st
     out_node = next(n for n in qmodel.graph.nodes if n.op == "output")
     results = out_node.args[0] if isinstance(out_node.args[0], (list, tuple)) else [out_node.args[0]]
     report = VerifyReport(backend.name, tolerance_lsb=tolerance_lsb)
-    for i, (e, g, r) in enumerate(zip(expected, got, results)):
-        err = float(np.max(np.abs(e.detach().numpy() - g))) if e.numel() else 0.0
-        lsb = _lsb(r)
-        report.outputs.append(OutputReport(r.name if len(results) > 1 else "output", err, lsb,
-                                           err / lsb if lsb == lsb and lsb > 0 else float("inf") if err else 0.0))
+    report.outputs = _compare(expected, got, results)
+    for name, run in (backend.variants.items() if variants else ()):
+        got = run(artefact, inputs)
+        if got is not None:
+            report.variants[name] = _compare(expected, got, results)
     if not report.ok and backend.run_with_intermediates is not None:
         _find_worst(qmodel, artefact, inputs, backend, report)
     if not report.ok and backend.diagnose is not None:
         report.diagnosis = backend.diagnose(artefact, inputs)
     return report
+
+
+def _compare(expected, got, results) -> list:
+    rows = []
+    for e, g, r in zip(expected, got, results):
+        err = float(np.max(np.abs(e.detach().numpy() - g))) if e.numel() else 0.0
+        lsb = _lsb(r)
+        rows.append(OutputReport(r.name if len(results) > 1 else "output", err, lsb,
+                                 err / lsb if lsb == lsb and lsb > 0 else float("inf") if err else 0.0))
+    return rows
 
 
 def _find_worst(qmodel, artefact, inputs, backend, report) -> None:

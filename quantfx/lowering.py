@@ -57,6 +57,11 @@ class Backend:
     # dpu's 'mse': AMD Quark's min-MSE search over fix positions)
     calibration_methods: Mapping[str, Callable[[fx.GraphModule, Any, Optional[int]], Any]] = \
         field(default_factory=dict)
+    # run name -> (artefact, inputs) -> list of numpy outputs or None: other ways to run the same artefact (the torch
+    # .pt2's torch.compile), which verify compares with the fake-quant model too
+    variants: Mapping[str, Callable[[Any, tuple], Optional[list]]] = field(default_factory=dict)
+    # format name -> the Backend that writes the artefact in that form (the torch target's 'torchscript')
+    formats: Mapping[str, "Backend"] = field(default_factory=dict)
 
 
 #: target name -> Backend; each backend module registers itself with :func:`register_backend`
@@ -68,14 +73,20 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
-def backend_for(qmodel, target: Optional[str] = None) -> Backend:
-    """The backend of ``target``, or of the model's profile."""
+def backend_for(qmodel, target: Optional[str] = None, format: Optional[str] = None) -> Backend:
+    """The backend of ``target``, or of the model's profile; of its artefact form ``format`` when given."""
     name = target or getattr(getattr(qmodel, "profile", None), "name", None)
     if name is None:
         raise QuantArgumentError("export: the model has no target profile; pass target='onnx' | 'finn' | ...")
     if name not in BACKENDS:
         raise QuantArgumentError(f"export: no backend for target {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]
+    backend = BACKENDS[name]
+    if format is None or format == backend.suffix.lstrip("."):
+        return backend
+    if format not in backend.formats:
+        forms = [backend.suffix.lstrip(".")] + sorted(backend.formats)
+        raise QuantArgumentError(f"export: target {name!r} has no format {format!r}; use one of {', '.join(forms)}")
+    return backend.formats[format]
 
 
 def check_calibrated(gm: fx.GraphModule, target: str) -> None:

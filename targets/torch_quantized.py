@@ -644,9 +644,7 @@ class TorchLowering(Lowering):
         (the add runs in float and the quantizer rounds as the model does)."""
         ins = tensor_inputs(node)
         a, b = (self.value(i) for i in ins)
-        if len(node.users) != 1 or not (a.quantized and b.quantized) or m.act_quant.signed or \
-                m.act_quant.scaling_per_output_channel or \
-                not (type(m) is QuantIdentity or (type(m) is QuantReLU and m.max_val is None)):
+        if not self._add_fusable(node, a, b, m):
             return None
         relu = isinstance(m, QuantReLU)
         op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
@@ -659,6 +657,13 @@ class TorchLowering(Lowering):
         self.note(node, "quantized::add_relu" if relu else "quantized::add")
         self.note(act_node, f"requantized by {node.name}")
         return self.clamp_to(_Q(self.call(op, a.node, b.node, scale, zp), scale, zp, False), m.act_quant)
+
+    @staticmethod
+    def _add_fusable(node, a: _Q, b: _Q, m) -> bool:
+        """An add of two quantized values read by one unsigned per-tensor identity / plain ReLU quantizer alone."""
+        return len(node.users) == 1 and a.quantized and b.quantized and not m.act_quant.signed and \
+            not m.act_quant.scaling_per_output_channel and \
+            (type(m) is QuantIdentity or (type(m) is QuantReLU and m.max_val is None))
 
     def _add_differs(self, op, ins, a: _Q, b: _Q, q, relu: bool) -> tuple[int, int]:
         """(pairs of input codes where ``op`` gives other integers than the fake-quant model, pairs checked).

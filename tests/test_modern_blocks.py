@@ -333,8 +333,10 @@ def test_class_token_cat_is_integer_and_the_residual_stream_float(target):
     assert {r["node"] for r in float_islands(q) if "residual" in r["why"]} == {a.name for a in adds}
     assert not is_act_quant(q, nodes["add"].args[1])  # the position embedding is added in float
     if target == "torch":
-        rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],)).report}
+        rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],), format="torchscript").report}
         assert rows["cat"]["runs_as"] == "quantized cat" and rows["add"]["runs_as"] != "quantized::add"
+        rows = {r["node"]: r for r in quantfx.lower(q, (data[0][:1],)).report}  # the .pt2 program: on codes
+        assert rows["cat"]["runs_as"] == "quantized cat" and rows["add"]["runs_as"] != "dq, dq -> add -> q"
 
 
 class LayerScale(nn.Module):

@@ -31,7 +31,7 @@ def quantized(name, target="torch", **kwargs):
 def lowered(request):
     name = request.param
     q = quantized(name)
-    return name, q, quantfx.lower(q, (example_input(name, batch=1),))
+    return name, q, quantfx.lower(q, (example_input(name, batch=1),), format="torchscript")
 
 
 def test_zoo_verifies_at_zero_lsb(lowered):
@@ -74,7 +74,7 @@ def test_saved_file_runs_without_quantfx(tmp_path):
     bytes of output as the program in memory."""
     q = quantized("resnet")
     path = tmp_path / "resnet.pt"
-    program = quantfx.export(q, path, (example_input("resnet", batch=1),))
+    program = quantfx.export(q, path, (example_input("resnet", batch=1),), format="torchscript")
     x = example_input("resnet", batch=3, seed=11)
     torch.save(x, tmp_path / "x.pt")
     site = str(Path(torch.__file__).parent.parent)  # torch's site-packages, without its .pth files (-S)
@@ -116,7 +116,7 @@ def test_engine_range_is_honoured(engine, w_bits, a_bits):
     q = quantized("resnet", torch_profile(engine), **widths)
     assert {m.act_quant.bit_width for n in q.graph.nodes if is_act_quant(q, n)
             for m in [q.get_submodule(n.target)]} == {a_bits}
-    program = quantfx.lower(q, (example_input("resnet", batch=1),))
+    program = quantfx.lower(q, (example_input("resnet", batch=1),), format="torchscript")
     assert program.engine == engine
     x = example_input("resnet", batch=2, seed=3) * 20  # saturates every quantizer
     codes = []
@@ -152,7 +152,7 @@ def test_onednn_engine_verifies_at_zero_lsb_on_every_quantizer(name):
     MobileNetV2 and ShuffleNet each had one activation off by 1 LSB here, and UNet 2 LSB at its output."""
     from quantfx.targets.torch_quantized import quantized_engine
     q = quantized(name, torch_profile("onednn"))
-    program = quantfx.lower(q, (example_input(name, batch=1),))
+    program = quantfx.lower(q, (example_input(name, batch=1),), format="torchscript")
     assert program.engine == "onednn"
     with quantized_engine("onednn"):
         for seed in (7, 123):
@@ -223,7 +223,7 @@ def test_ops_without_quantized_kernel_fall_back_to_float_and_are_reported():
     torch.manual_seed(0)
     data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
     q = quantfx.quantize(WithFloatOps().eval(), "torch", calibration_data=data, progress=False)
-    program = quantfx.lower(q, (data[0][:1],))
+    program = quantfx.lower(q, (data[0][:1],), format="torchscript")
     assert isinstance(program, TorchProgram)
     fallbacks = program.fallbacks()
     assert any("tanh" in r["op"] or "mul" in r["op"] for r in fallbacks), program.table()
@@ -234,14 +234,14 @@ def test_ops_without_quantized_kernel_fall_back_to_float_and_are_reported():
 def test_bad_input_errors(tmp_path):
     q = quantfx.quantize(TEST_MODELS["lenet"][0]().eval(), "torch", progress=False)  # not calibrated
     with pytest.raises(CalibrationError, match="calibrate"):
-        quantfx.lower(q, (example_input("lenet", batch=1),))
+        quantfx.lower(q, (example_input("lenet", batch=1),), format="torchscript")
     with pytest.raises(QuantArgumentError, match="engine"):
         torch_profile("avx9")
     calibrated = quantized("lenet")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ExportError, match="writable"):
-        quantfx.export(calibrated, blocker / "sub" / "m.pt", (example_input("lenet", batch=1),))
+        quantfx.export(calibrated, blocker / "sub" / "m.pt", (example_input("lenet", batch=1),), format="torchscript")
     foreign = tmp_path / "foreign.pt"
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(foreign))
     with pytest.raises(ExportError, match="quantfx"):
@@ -278,7 +278,7 @@ def test_file_packs_with_its_engine_whatever_the_process_engine(tmp_path):
     fake-quant model's integers."""
     q = quantized("unet")
     path = tmp_path / "unet.pt"
-    quantfx.export(q, path, (example_input("unet", batch=1),))
+    quantfx.export(q, path, (example_input("unet", batch=1),), format="torchscript")
     x = example_input("unet", batch=4, seed=123)
     from quantfx.targets.torch_quantized import quantized_engine
     with quantized_engine("onednn"):
@@ -302,7 +302,7 @@ def test_an_add_quantized_add_would_round_otherwise_runs_in_float():
     data = [torch.randn(64, 3) for _ in range(3)]
     # float activation scales (the fbgemm profile): the 'x86' profile's power-of-two grids make no tie here
     q = quantfx.quantize(TiedAdds(), torch_profile("fbgemm"), calibration_data=data, progress=False)
-    program = quantfx.lower(q, (data[0][:1],))
+    program = quantfx.lower(q, (data[0][:1],), format="torchscript")
     rows = {r["node"]: r for r in program.report}
     assert rows["add"]["how"] == "float" and "rounding ties" in rows["add"]["why"], program.table()
     assert rows["add_1"]["runs_as"] == "quantized::add"  # the check passes it: no pair of codes rounds otherwise
@@ -359,7 +359,7 @@ def test_x86_profile_grids_after_calibration():
     from quantfx.graph import module_of
     from quantfx.targets.torch_quantized import GRID_EXP
     q = quantized("resnet")
-    program = quantfx.lower(q, (example_input("resnet", batch=1),))
+    program = quantfx.lower(q, (example_input("resnet", batch=1),), format="torchscript")
     assert not [r for r in program.report if r["runs_as"] == "requantize in float"], program.table()
     steps = 0
     for node in q.graph.nodes:
@@ -392,7 +392,7 @@ def test_relu6_on_a_power_of_two_grid_is_a_quantized_clamp():
     torch.manual_seed(0)
     data = [4 * torch.randn(2, 3, 8, 8) for _ in range(3)]
     q = quantfx.quantize(Net().eval(), "torch", calibration_data=data, progress=False)
-    program = quantfx.lower(q, (data[0][:1],))
+    program = quantfx.lower(q, (data[0][:1],), format="torchscript")
     rows = {r["node"]: r for r in program.report}
     assert rows["conv"]["runs_as"] == "ConvReLU2d", program.table()
     scale = float(next(m for n, m in q.named_modules() if hasattr(m, "max_val")).act_quant.scale(None))
@@ -419,7 +419,7 @@ def test_a_layer_off_the_exact_grid_runs_on_its_exact_accumulator(tmp_path):
     quantfx.annotate(q)
     x = example_input("lenet", batch=4, seed=7)
     path = tmp_path / "lenet.pt"
-    program = quantfx.export(q, path, (x[:1],))
+    program = quantfx.export(q, path, (x[:1],), format="torchscript")
     act = next(iter(node.users)).name
     rows = {r["node"]: r for r in program.report}
     assert rows[act]["runs_as"] == "requantize in float" and "2^-15 multiplier grid" in rows[act]["why"], \

@@ -16,6 +16,12 @@ x86 files (the default) and onednn files pass at every level, x86 files also pac
 x86 CPU without VNNI runs under the x86 engine: fbgemm): their requantizations are exact by construction.
 fbgemm files pass at every level.
 
+The .pt2 program of the x86 profile (the default torch artefact) is run the same way, eagerly (oneDNN's float32
+convolutions, whose sums are exact on its grid, and ATen's vectorized quantize/dequantize) and for one model under
+``torch.compile`` (inductor generates its C++ for the ISA ``ATEN_CPU_CAPABILITY`` names: AVX512, AVX2, scalar): the
+same output bytes at every level, the fake-quant model's. (Inductor's oneDNN int8 kernels need torchao's passes,
+which tests never import: tools/bench_torch.py checks them on this CPU, BENCHMARKS.md.)
+
 fbgemm picks its kernels from cpuinfo with no cap; its files are covered by the int16 pair rule (W7A8:
 255 x (64 + 64) <= 32767, no pair can saturate) and by running the suite on AVX2 and AVX512-VNNI machines (README: the torch target)."""
 import os
@@ -34,6 +40,7 @@ from quantfx.targets import torch_profile
 from quantfx.zoo import TEST_MODELS, example_input
 
 MODELS = ("resnet", "unet", "mobilenetv2")   # residual adds, decoder ties, depthwise convs
+PT2_COMPILED = "resnet"  # the .pt2 compiled at every level too (a compile per level: one model)
 ENGINES = ("x86", "fbgemm", "onednn")
 
 # one child process per level: (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY); None leaves the variable unset
@@ -51,10 +58,21 @@ CHILD = textwrap.dedent(r"""
     cases = pickle.load(open(work + "/cases.pkl", "rb"))
     out = {"aten": torch.backends.cpu.get_cpu_capability()}
     results = {}
+    import torch.ao.quantization.fx._decomposed  # the quantized_decomposed ops of the .pt2 programs
+    for key, case in list(cases.items()):
+        if key.endswith("/pt2"):
+            ep = torch.export.load(case["path"])
+            with torch.no_grad():
+                results[key] = {"eager": ep.module()(case["x"]).numpy()}
+                if case["compile"]:
+                    torch._inductor.config.freezing = True
+                    fn = torch.compile(ep.module())
+                    results[key]["compiled"] = fn(case["x"]).numpy()
+            del cases[key]
     for key, case in cases.items():
         program = load_program(case["path"])
         file_out = run_program(program, (case["x"],))
-        relowered = quantfx.lower(case["qmodel"], (case["x"][:1],))
+        relowered = quantfx.lower(case["qmodel"], (case["x"][:1],), format="torchscript")
         inter = run_program_intermediates(relowered, (case["x"],), case["names"])
         results[key] = {"file": file_out, "inter": inter, "report": relowered.report}
         if key.endswith("/x86"):
@@ -104,7 +122,13 @@ def cases(tmp_path_factory):
             torch.manual_seed(0)
             q = quantfx.quantize(ctor().eval(), torch_profile(engine), calibration_data=data, progress=False)
             path = work / f"{name}_{engine}.pt"
-            program = quantfx.export(q, path, example_inputs=(x[:1],))
+            program = quantfx.export(q, path, example_inputs=(x[:1],), format="torchscript")
+            if engine == "x86":
+                pt2 = work / f"{name}.pt2"
+                quantfx.export(q, pt2, example_inputs=(x[:1],))
+                with torch.no_grad():
+                    cases[f"{name}/pt2"] = {"path": str(pt2), "x": x, "compile": name == PT2_COMPILED}
+                    expected[f"{name}/pt2"] = {"out": q(x).numpy()}
             inter = _intermediates(q, (x,))
             with torch.no_grad():
                 y = q(x)
@@ -124,7 +148,7 @@ def _run_child(work, level):
     env.update({k: v for k, v in (("ONEDNN_MAX_CPU_ISA", isa), ("ATEN_CPU_CAPABILITY", aten)) if v})
     env["ONEDNN_VERBOSE"] = "1"   # its first line names the ISA oneDNN runs
     run = subprocess.run([sys.executable, "-c", CHILD, str(work)], env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=1800)  # a torch.compile of the .pt2 per level: minutes on a loaded machine
     assert run.returncode == 0, run.stderr[-3000:]
     isa_line = next((ln for ln in run.stdout.splitlines() if ",isa:" in ln), "")
     with open(work / "out.pkl", "rb") as f:
@@ -177,6 +201,21 @@ def test_x86_files_give_the_same_integers_from_either_library_at_every_instructi
             assert _mismatches(want, res) == [], (level, key, got["meta"])
             for lib in ("fbgemm", "onednn"):
                 assert np.array_equal(res["file_" + lib], want["out"]), (level, key, lib, got["meta"])
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_pt2_files_give_the_same_integers_eagerly_and_compiled_at_every_instruction_set(cases, runs, level):
+    """The default .pt2 program, eagerly and under torch.compile, gives the fake-quant model's outputs to the bit
+    with oneDNN and ATen (and inductor's generated code) held at each instruction set."""
+    _, expected = cases
+    got = runs[level]
+    keys = [k for k in expected if k.endswith("/pt2")]
+    assert len(keys) == len(MODELS)
+    for key in keys:
+        res = got["results"][key]
+        assert np.array_equal(res["eager"], expected[key]["out"]), (level, key, got["meta"])
+        if key.startswith(PT2_COMPILED + "/"):
+            assert np.array_equal(res["compiled"], expected[key]["out"]), (level, key, got["meta"])
 
 
 def test_the_two_libraries_round_ties_otherwise_with_an_odd_zero_point(runs):

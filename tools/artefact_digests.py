@@ -5,7 +5,8 @@
 
 Each test model (zoo.TEST_MODELS) is quantized for every target with a backend, in the default profile and in
 variants that take other lowering paths (onnx cpu='vnni'; finn 4-bit weights and activations; finn with a float
-bias), calibrated on fixed inputs, lowered, and the serialized file hashed.
+bias; torch's TorchScript form beside its default .pt2 program), calibrated on fixed inputs, lowered, and the
+serialized file hashed (the torch forms: their fingerprint(), the program's code and every constant).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ VARIANTS = {
     "onnx": {"default": {}, "vnni": dict(cpu="vnni")},
     "finn": {"default": {}, "w4a4": dict(weight_bit_width=4, act_bit_width=4),
              "float_bias": dict(bias_scaling="float")},
+    "torch": {"default": {}, "torchscript": dict(format="torchscript")},
 }
 
 
@@ -33,8 +35,10 @@ def digests(models=None):
                 torch.manual_seed(0)
                 model = TEST_MODELS[name][0]().eval()
                 data = [example_input(name, batch=2, seed=i) for i in range(2)]
+                options = dict(options)
+                form = options.pop("format", None)
                 q = quantfx.quantize(model, target, calibration_data=data, progress=False, **options)
-                art = quantfx.lower(q, (data[0][:1],))
+                art = quantfx.lower(q, (data[0][:1],), format=form)
                 blob = art.SerializeToString(deterministic=True) if hasattr(art, "SerializeToString") else \
                     art.fingerprint() if hasattr(art, "fingerprint") else repr(art).encode()
                 yield name, target, variant, hashlib.sha256(blob).hexdigest()[:16]

@@ -1,15 +1,19 @@
-"""torch target: latency of the lowered int8 programs against torch.ao's FX flow (prepare_fx + convert_fx, x86
-backend, the comparison only: quantfx never uses it) and the float model, side by side in one run, batch 1,
-for 1 and 2 threads; and the time to lower a ResNet-50-sized model.
+"""torch target: latency of quantfx's int8 programs, side by side in one run.
 
-    python tools/bench_torch.py [--models resnet18_like mobilenetv2_like] [--runs 30] [--size 224] [--profile]
+    python tools/bench_torch.py [--models resnet18_like resnet50_like mobilenetv2_like vit_block] [--runs 10]
+    python tools/bench_torch.py --engines [--models ...] [--profile]     # the TorchScript engines vs torch.ao FX
 
-The quantfx programs: the default (engine x86, W7A8: 7-bit weights, 8-bit activations on power-of-two scales,
-every requantization exact, so oneDNN convolutions on VNNI CPUs and fbgemm elsewhere give the same integers),
-fbgemm (W7A8, float activation scales, fbgemm on every CPU) and the onednn profile (W8A7). Each latency is the median of ``--runs`` timed calls after warm-up, the variants interleaved
-round by round so that machine noise hits them alike; each row ends with the load average. Prints a Markdown
-table (BENCHMARKS.md records it) and the CPU. ``--profile``: per model and thread count, torch.profiler's self
-CPU time per op kind of the default program and of torch.ao's (ms per call), then the table.
+Default (the .pt2 table): per model, batch 1 and 8, 1 and 2 threads, the median ms of
+- quantfx's ``.pt2`` file under ``torch.compile`` (inductor, freezing on),
+- torchao's PT2E flow (``X86InductorQuantizer``, ``prepare_pt2e`` / ``convert_pt2e``) under ``torch.compile``,
+- the float model under ``torch.compile``,
+- quantfx's TorchScript file (``format='torchscript'``, engine x86),
+and for each compiled quantfx program its largest error against the fake-quant model (LSB) and the number of
+oneDNN int8 kernels inductor made. Importing torchao's quantizer registers its x86 inductor passes (the dequantize /
+conv / quantize fusion into ``onednn.qconv_pointwise``), which torch 2.14's inductor no longer carries: quantfx's
+program is compiled with them too, as a user deploying it would. Benchmark-only: quantfx never imports torchao.
+
+``--engines``: the TorchScript engines (x86, fbgemm, onednn) against torch.ao's FX flow, batch 1 (the older table).
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def build(name: str, size: int):
     programs = {}
     for label, (engine, widths) in VARIANTS.items():
         q = quantfx.quantize(model, torch_profile(engine), calibration_data=calib, progress=False, **widths)
-        programs[label] = quantfx.lower(q, (calib[0],))
+        programs[label] = quantfx.lower(q, (calib[0],), format="torchscript")
     ao = torch_ao_int8(zoo_copy(ctor), calib, calib[0])
     return model, programs, ao
 
@@ -137,13 +141,8 @@ def print_profile(name: str, threads: int, fns: dict, x) -> None:
     print("| all | " + " | ".join(f"{sum(p.values()):.3f}" for p in per.values()) + " |\n", flush=True)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["resnet18_like", "mobilenetv2_like"])
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--profile", action="store_true", help="op kinds of the default program and torch.ao's")
-    args = parser.parse_args(argv)
+def main_engines(args):
+    """The TorchScript engines against torch.ao's FX flow (``--engines``)."""
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # this script only
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     vnni = "VNNI" in cpu_name()
@@ -182,15 +181,172 @@ def main(argv=None):
     m50 = zoo.resnet50_like().eval()
     x50 = torch.randn(1, 3, args.size, args.size)
     q50 = quantfx.quantize(m50, "torch", calibration_data=[x50], progress=False)
-    quantfx.lower(q50, (x50,))  # warm-up
+    quantfx.lower(q50, (x50,), format="torchscript")  # warm-up
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        quantfx.lower(q50, (x50,))
+        quantfx.lower(q50, (x50,), format="torchscript")
         times.append(time.perf_counter() - t)
     print(f"lower resnet50_like for torch, one thread: {min(times):.3f} s (best of 3; "
           f"median {statistics.median(times):.3f} s)")
 
+
+
+# -- the .pt2 table --------------------------------------------------------------------------------------------
+
+
+def vit_block():
+    """A ViT-S/16-sized encoder block (tests/modern_models.ViTBlock: patch embedding, class token, attention, MLP)
+    on 224 x 224 images."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tests.modern_models import ViTBlock
+    torch.manual_seed(0)
+    return ViTBlock(dim=384, heads=6, patch=16, image=224).eval()
+
+
+def float_model(name: str):
+    if name == "vit_block":
+        return vit_block()
+    torch.manual_seed(0)
+    return getattr(zoo, name)().eval()
+
+
+class _ReLU(torch.nn.Module):
+    """F.relu in a module of its own: torchao's X86InductorQuantizer refuses a ReLU module called twice (a ResNet
+    block's ``self.relu``: "Input partition has more than one output node"), a function call per use it takes."""
+
+    def forward(self, x):
+        return torch.nn.functional.relu(x)
+
+
+def torchao_pt2e(model, calib, example):
+    """torchao's PT2E flow with the x86 inductor quantizer's default (static, per-channel) config (comparison).
+    Its ReLU modules become calls of F.relu first (what the quantizer needs; the float model is the same)."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.ReLU:
+                setattr(parent, child_name, _ReLU())
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for c in calib:
+            prepared(c)
+    return convert_pt2e(prepared)
+
+
+def compile_frozen(module):
+    return torch.compile(module)  # torch._inductor.config.freezing is on (main_pt2)
+
+
+def int8_kernels(fn, x) -> int:
+    """oneDNN int8 conv/linear kernels inductor made when compiling ``fn`` for ``x`` (its first call)."""
+    from torch._dynamo.utils import counters
+    before = sum(v for k, v in counters["inductor"].items() if k in ("qconv_unary_lower_count", "qlinear_unary_lower_count",
+                                                                     "qconv2d_binary_lower_count",
+                                                                     "qlinear_binary_lower_count"))
+    with torch.no_grad():
+        fn(x)
+    return sum(v for k, v in counters["inductor"].items() if k in ("qconv_unary_lower_count", "qlinear_unary_lower_count",
+                                                                   "qconv2d_binary_lower_count",
+                                                                   "qlinear_binary_lower_count")) - before
+
+
+def median_ms(fns: dict, x, runs: int) -> dict:
+    """Median ms of each ``name: fn`` over ``runs`` rounds, the variants interleaved in each round."""
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(3):
+                fn(x)
+        for _ in range(runs):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn(x)
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main_pt2(args):
+    import tempfile
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  registers the x86 passes
+    torch._inductor.config.freezing = True  # global: dynamo reads it while tracing (weights become constants)
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; compiled = torch.compile(inductor, freezing=True) with "
+          "torchao 0.18's x86 int8 passes registered")
+    print("\n| model | batch | threads | quantfx .pt2 compiled ms | torchao PT2E compiled ms | float compiled ms | "
+          "quantfx TorchScript ms | .pt2 vs PT2E | .pt2 vs float | load (1, 5, 15 min) |\n|" + "---|" * 10)
+    notes = []
+    tmp = tempfile.mkdtemp()
+    for name in args.models:
+        try:
+            notes += bench_pt2_model(name, args, tmp)
+        except Exception as e:  # noqa: BLE001  (one model's failure is reported; the others are still measured)
+            notes.append(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"| {name} | failed: {notes[-1]} |", flush=True)
+    print()
+    for n in notes:
+        print("- " + n)
+
+
+def bench_pt2_model(name: str, args, tmp: str) -> list:
+    """Prints the table's rows for one model; returns its notes (errors against the fake-quant model, int8
+    kernels, SQNR)."""
+    from quantfx.targets import torch_pt2_runtime
+    notes = []
+    model = float_model(name)
+    size = (1, 3, args.size, args.size)
+    calib = [torch.randn((4,) + size[1:], generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    q = quantfx.quantize(model, "torch", calibration_data=calib, progress=False)
+    quantfx.export(q, f"{tmp}/{name}.pt2", (calib[0][:1],))
+    quantfx.export(q, f"{tmp}/{name}.pt", (calib[0][:1],), format="torchscript")
+    pt2 = torch_pt2_runtime.load(f"{tmp}/{name}.pt2")
+    script = torch_pt2_runtime.load(f"{tmp}/{name}.pt")
+    ao = torchao_pt2e(float_model(name), calib, calib[0])  # a dynamic batch, as quantfx's file has
+    for batch in (1, 8):
+        x = torch.randn((batch,) + size[1:], generator=torch.Generator().manual_seed(7))
+        fns = {"pt2": compile_frozen(pt2.exported.module()), "pt2e": compile_frozen(ao),
+               "float": compile_frozen(float_model(name)), "torchscript": script}
+        kernels = {k: int8_kernels(fns[k], x) for k in ("pt2", "pt2e")}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ms = median_ms(fns, x, args.runs)
+            print(f"| {name} | {batch} | {threads} | " + " | ".join(f"{ms[k]:.2f}" for k in fns)
+                  + f" | {ms['pt2e'] / ms['pt2']:.2f}x | {ms['float'] / ms['pt2']:.2f}x | {load()[5:]} |",
+                  flush=True)
+        pt2._modules["compiled"] = fns["pt2"]  # verify's compiled run: the function timed above
+        report = quantfx.verify(q, pt2, (x,))
+        with torch.no_grad():
+            sq = {k: quantfx.sqnr(model(x), fns[k](x)) for k in ("pt2", "pt2e")}
+        notes.append(f"{name} batch {batch}: quantfx .pt2 eager {report.max_error_lsb:.0f} LSB, compiled "
+                     f"{report.variant_error_lsb('compiled'):.0f} LSB against the fake-quant model; int8 kernels: "
+                     f"quantfx {kernels['pt2']}, PT2E {kernels['pt2e']}; SQNR vs float: quantfx {sq['pt2']:.1f} dB, "
+                     f"PT2E {sq['pt2e']:.1f} dB")
+        print("  note: " + notes[-1], flush=True)
+    return notes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--engines", action="store_true", help="the TorchScript engines vs torch.ao's FX flow")
+    parser.add_argument("--profile", action="store_true", help="--engines: op kinds of the default program and "
+                        "torch.ao's")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # this script only
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch")  # torch.jit's, for the .pt timings
+    if args.engines:
+        args.models = args.models or ["resnet18_like", "mobilenetv2_like"]
+        args.runs = max(args.runs, 30)
+        main_engines(args)
+    else:
+        args.models = args.models or ["resnet18_like", "mobilenetv2_like", "vit_block", "resnet50_like"]
+        main_pt2(args)
 
 if __name__ == "__main__":
     main()

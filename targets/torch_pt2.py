@@ -1,0 +1,243 @@
+"""torch target, ``.pt2`` form: a ``torch.export`` ExportedProgram in PT2E's quantized representation.
+
+Quantized values are plain ``uint8`` / ``int8`` tensors between ``torch.ops.quantized_decomposed`` quantize /
+dequantize ops (what torchao's ``convert_pt2e`` produces): a fused conv/linear is ``dequantize_per_tensor(x) ->
+aten conv / linear(dequantize_per_channel(int8 weight constant), float bias) -> [relu] -> quantize_per_tensor``,
+a residual add ``dequantize, dequantize -> add -> [relu] -> quantize_per_tensor``. No quantized tensor
+(``quint8``, ``torch.ao.nn.quantized``) is made on the way: those APIs are deprecated.
+
+Which node runs how is decided by the TorchScript lowering (targets/torch_quantized.py), which this one
+subclasses: every fallback (float islands, exact accumulators, requantization in float) is the same, on plain
+tensors. The arithmetic is in targets/torch_pt2_exactness.py, the file and its runtime (eager, ``torch.compile``)
+in targets/torch_pt2_runtime.py.
+
+Why eager float32 gives the fake-quant model's integers: on the 'x86' / 'onednn' profiles (``exact_requant``)
+activation scales are powers of two and each layer's multiplier ``s_in x s_w / s_out`` a multiple of ``2^E``
+(:func:`targets.torch_quantized.exact_requant_problems`), so ``x_dq x w_dq`` products are exact multiples of
+``2^E x s_out``, their float32 sums exact while they stay under ``2^(24+E) x s_out`` (:mod:`.torch_pt2_exactness`
+checks each layer's worst case), and ``round(y x (1 / s_out))`` rounds the same value as the model's
+``rne(acc x m)``. Layers off that grid, profiles without it (fbgemm, qnnpack), and transposed convolutions keep
+the TorchScript lowering's exact integer accumulator (float64 on the integers) and its requantization.
+"""
+from __future__ import annotations
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed (torch._inductor imports it too)
+import torch.nn.functional as F
+from torch import fx
+
+from quantfx.graph import module_of, tensor_inputs
+from quantfx.nn import QuantReLU
+from quantfx.quant import functional as qf
+
+from . import torch_quantized as tq
+from .profile import TORCH
+from .torch_pt2_exactness import float32_sum_problems
+
+QD = torch.ops.quantized_decomposed
+
+
+def code_dtype(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+def code_range(signed: bool) -> tuple[int, int]:
+    return (-128, 127) if signed else (0, 255)
+
+
+# -- plain-tensor counterparts of the TorchScript lowering's functions (same arguments, codes instead of quantized
+# tensors); torch.export traces them into aten and quantized_decomposed ops ------------------------------------
+
+
+def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool) -> torch.Tensor:
+    """``clamp(round(x / scale) + zp)`` as codes: ``quantized_decomposed.quantize_per_tensor`` (which rounds
+    ``x x (1 / scale)``, the same for a power-of-two scale), else the division itself."""
+    if qf.is_power_of_two(scale):
+        return QD.quantize_per_tensor.default(x, scale, zero_point, qmin, qmax, code_dtype(signed))
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(code_dtype(signed))
+
+
+def requantize_codes(acc, acc_bias, bias_quotient, multiplier, scale: float, zero_point: int, qmin: int, qmax: int,
+                     relu: bool) -> torch.Tensor:
+    """:func:`targets.torch_quantized.requantize_accumulator` on plain tensors: uint8 codes."""
+    t = (acc - acc_bias).float() + bias_quotient
+    if relu:
+        t = torch.clamp(t, min=0.0)
+    v = torch.clamp(t * multiplier, qmin - zero_point, qmax - zero_point)
+    return (torch.round(v) + zero_point).to(torch.uint8)
+
+
+def requantize_codes_bias_after(acc, acc_bias, acc_scale, inv_scale, scale: float, zero_point: int, qmin: int,
+                                qmax: int, relu: bool) -> torch.Tensor:
+    """:func:`targets.torch_quantized.requantize_accumulator_bias_after` on plain tensors: uint8 codes."""
+    t = (acc - acc_bias).float() * acc_scale + acc_bias.float() * acc_scale
+    if relu:
+        t = torch.clamp(t, min=0.0)
+    return torch.clamp(torch.round(t * inv_scale + float(zero_point)), qmin, qmax).to(torch.uint8)
+
+
+def layer_output(acc: torch.Tensor, acc_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`targets.torch_quantized.exact_layer_output` without its branch on the data: the float64 product of
+    an integer below 2^24 and a float32 scale is exact, so rounding it to float32 is the float32 product (the
+    branch's other side) wherever that side is taken."""
+    return (acc * acc_scale.double()).float()
+
+
+def product_codes(a, b, zp_a: int, zp_b: int, acc_scale, matmul: bool) -> torch.Tensor:
+    """:func:`targets.torch_quantized.exact_product` on codes: ``(a - zp_a) x (b - zp_b)`` exactly (float64),
+    then ``float32(acc) x s_a s_b``."""
+    ia, ib = a.double() - float(zp_a), b.double() - float(zp_b)
+    acc = torch.matmul(ia, ib) if matmul else ia * ib
+    return acc.float() * acc_scale
+
+
+_PLAIN = {tq.quantize_as_fake_quant: quantize_codes, tq.requantize_accumulator: requantize_codes,
+          tq.requantize_accumulator_bias_after: requantize_codes_bias_after, tq.exact_layer_output: layer_output}
+
+
+_INTEGER_LAYER_OPS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d)
+
+
+class Pt2Lowering(tq.TorchLowering):
+    """The TorchScript lowering's walk, emitting plain tensors and quantized_decomposed ops; :meth:`finish`
+    returns the plain GraphModule (``torch.export`` makes the program of it: :func:`..torch_pt2_runtime.lower`)."""
+
+    def begin(self):
+        super().begin()
+        self.grids: dict = {}  # lowered node name -> (scale, zero point) of the codes it holds
+
+    def lower_node(self, node):
+        out = super().lower_node(node)
+        if isinstance(out, tq._Q) and out.quantized:
+            self.grids[out.node.name] = (out.scale, out.zero_point)
+        return out
+
+    def call(self, fn, *args) -> fx.Node:
+        return self.graph.call_function(_PLAIN.get(fn, fn), tuple(args))
+
+    def as_float(self, arg) -> fx.Node:
+        v = self.value(arg)
+        return self.dequantize(v) if v.quantized else v.node
+
+    def dequantize(self, v: tq._Q) -> fx.Node:
+        lo, hi = code_range(v.signed)
+        return self.graph.call_function(QD.dequantize_per_tensor.default,
+                                        (v.node, v.scale, v.zero_point, lo, hi, code_dtype(v.signed)))
+
+    def clamp_to(self, y: tq._Q, q) -> tq._Q:
+        lo, hi = q.int_range()
+        if (lo, hi) == code_range(y.signed):
+            return y
+        return tq._Q(self.graph.call_function(torch.clamp, (y.node, lo, hi)), y.scale, y.zero_point, y.signed)
+
+    def relu6_cap(self, y: tq._Q, m) -> tq._Q:
+        cap = m.code_cap(*m.act_quant.qparams(None)) if isinstance(m, QuantReLU) else None
+        if cap is None or cap is False:
+            return y
+        cap = int(torch.as_tensor(cap).reshape(-1)[0])
+        return tq._Q(self.graph.call_function(torch.clamp, (y.node, None, cap)), y.scale, y.zero_point, y.signed)
+
+    # -- conv / linear: dq -> aten op on dq'd int8 weights -> q ------------------------------------------
+
+    def _fused_layer(self, node, act_node, m):
+        """dequantize -> conv / linear -> [relu] -> quantize_per_tensor, when eager float32 and inductor's oneDNN
+        kernels both give the fake-quant model's integers (:mod:`.torch_pt2_exactness`); else None (the exact
+        accumulator, requantized as the model does)."""
+        layer = module_of(self.gm, node)
+        if len(node.users) != 1 or not isinstance(layer, tq._QUANT_LAYERS) or not self._multiplier_requant(node, m):
+            return None
+        x = self.value(node.args[0])
+        if not x.quantized:
+            return None
+        profile = self.profile or TORCH
+        if isinstance(layer, tq._TRANSPOSED) or not profile.exact_requant:
+            self._inexact[node] = ("a transposed convolution" if isinstance(layer, tq._TRANSPOSED) else
+                                   f"requant={profile.requant!r} is not float32 arithmetic on a power-of-two grid")
+            return None
+        scale, zp = tq._qparams(m.act_quant)
+        problems = self._exact_requant_problems(node, layer, x, scale, zp)
+        if problems:
+            self._inexact[node] = "; ".join(problems)
+            return None
+        ints, w_scale = self.weight_ints(layer)
+        n_out = ints.shape[layer.weight_quant.channel_axis]
+        w = self.buffer(node.target + "_weight_int8", ints.to(torch.int8))
+        s_w = self.buffer(node.target + "_weight_scale", w_scale.reshape(-1).float().expand(n_out).contiguous())
+        z_w = self.buffer(node.target + "_weight_zero_point", torch.zeros(n_out, dtype=torch.long))
+        w_dq = self.graph.call_function(QD.dequantize_per_channel.default,
+                                        (w, s_w, z_w, layer.weight_quant.channel_axis, -128, 127, torch.int8))
+        bias, _, _ = self._float_bias(layer, node)
+        b = None if bias is None else self.buffer(node.target + "_bias", bias.float())
+        y = self._float_op(layer, self.dequantize(x), w_dq, b)
+        relu = isinstance(m, QuantReLU)
+        if relu:
+            y = self.call(F.relu, y)
+        lo, hi = code_range(False)
+        out = self.graph.call_function(QD.quantize_per_tensor.default, (y, scale, zp, lo, hi, torch.uint8))
+        kind = "linear" if isinstance(layer, torch.nn.Linear) else "conv"
+        pos, neg = self._channel_sums(layer)
+        eager = float32_sum_problems(float(self.input_scale(node)), w_scale, scale,
+                                     torch.maximum(pos, neg) * self._x_bound(node, x))
+        self.note(node, f"dq -> {kind}{' -> relu' if relu else ''} -> q (int8 weights per channel)",
+                  why="; ".join(eager))
+        self.note(act_node, f"quantize_per_tensor after {node.name}")
+        return self.relu6_cap(self.clamp_to(tq._Q(out, scale, zp, False), m.act_quant), m)
+
+    # -- add, product --------------------------------------------------------------------------------------
+
+    def _fused_add(self, node, act_node, m):
+        """dequantize both inputs -> add -> [relu] -> quantize: the fake-quant model's own float32 add, rounded
+        as it rounds (a power-of-two output scale: ``x (1 / scale)`` is ``/ scale``)."""
+        a, b = (self.value(i) for i in tensor_inputs(node))
+        if not self._add_fusable(node, a, b, m):
+            return None
+        scale, zp = tq._qparams(m.act_quant)
+        if not qf.is_power_of_two(scale):
+            return None  # the add in float, quantized by division: quantize_codes
+        y = self.call(node.target, self.dequantize(a), self.dequantize(b))
+        relu = isinstance(m, QuantReLU)
+        if relu:
+            y = self.call(F.relu, y)
+        out = self.graph.call_function(QD.quantize_per_tensor.default, (y, scale, zp, 0, 255, torch.uint8))
+        self.note(node, f"dq, dq -> add{' -> relu' if relu else ''} -> q")
+        self.note(act_node, f"quantize_per_tensor after {node.name}")
+        return self.clamp_to(tq._Q(out, scale, zp, False), m.act_quant)
+
+    def _float32_accumulator(self, n: fx.Node) -> None:
+        """An exact integer accumulator (a conv/linear on float64 integers, read in float) computed in float32
+        where every partial sum is provably below 2^24 (the sum of all |weight integers| x 255), then widened:
+        the same integers, and inductor's freezing cannot take float64 convolutions (mkldnn's weight reorder
+        refuses them)."""
+        w = n.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            return
+        ints = self.root.get_buffer(w.target)
+        if ints.dtype != torch.float64 or float(ints.abs().sum()) * 255 >= 2 ** 24:
+            return
+        self.root.register_buffer(w.target, ints.float())
+        with self.graph.inserting_before(n):
+            n.update_arg(0, self.graph.call_method("float", (n.args[0],)))
+        with self.graph.inserting_after(n):
+            wide = self.graph.call_method("double", (n,))
+        n.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not wide)
+
+    def emit_product(self, node):
+        """The TorchScript lowering's exact product, on codes: the operands' zero points passed along."""
+        out = super().emit_product(node)
+        a, b = (self.value(x) for x in node.args[:2])
+        n = out.node
+        n.target, n.args = product_codes, (n.args[0], n.args[1], a.zero_point, b.zero_point) + tuple(n.args[2:])
+        return out
+
+    def finish(self) -> fx.GraphModule:
+        # the TorchScript lowering reads a quantized tensor's integers with int_repr(): here they are the tensor
+        for n in list(self.graph.nodes):
+            if n.op == "call_method" and n.target == "int_repr":
+                n.replace_all_uses_with(n.args[0])
+                self.graph.erase_node(n)
+        for n in list(self.graph.nodes):
+            if n.op == "call_function" and n.target in _INTEGER_LAYER_OPS:
+                self._float32_accumulator(n)
+        gm = fx.GraphModule(self.root, self.graph, class_name="QuantfxPt2Program")
+        gm.eval()
+        return gm

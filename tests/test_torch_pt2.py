@@ -1,0 +1,127 @@
+"""torch target, .pt2 form (targets/torch_pt2*.py): the default torch artefact is a torch.export program in PT2E's
+quantized representation that gives the fake-quant model's integers eagerly and under torch.compile, takes any
+batch size, loads in a Python without quantfx, and makes quantfx print no PyTorch deprecation warning."""
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import quantfx
+from quantfx.errors import QuantArgumentError
+from quantfx.targets import torch_pt2_runtime, torch_quantized
+from quantfx.zoo import TEST_MODELS, example_input
+
+
+def _quantize(name):
+    torch.manual_seed(0)
+    data = [example_input(name, batch=2, seed=i) for i in range(2)]
+    return quantfx.quantize(TEST_MODELS[name][0]().eval(), "torch", calibration_data=data, progress=False), data
+
+
+@pytest.mark.parametrize("name", sorted(TEST_MODELS))
+def test_every_test_model_gives_the_fake_quant_integers_eagerly_at_any_batch(name, tmp_path):
+    """Written from a batch-1 example, the file runs batch 3 (a dynamic batch dimension) at 0 LSB."""
+    q, data = _quantize(name)
+    quantfx.export(q, tmp_path / name, (data[0][:1],))
+    assert (tmp_path / f"{name}.pt2").exists()
+    report = quantfx.verify(q, tmp_path / f"{name}.pt2", (example_input(name, batch=3, seed=9),), variants=False)
+    assert report.outputs and report.max_error_lsb == 0.0, str(report)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp"])
+def test_compiled_program_gives_the_fake_quant_integers(name, tmp_path):
+    """verify runs the file eagerly and under torch.compile (inductor, freezing) and reports both: 0 LSB. (In the
+    tests inductor has only torch's own passes; with torchao's x86 passes registered the convs become oneDNN int8
+    kernels: tools/bench_torch.py measures those, BENCHMARKS.md.)"""
+    q, data = _quantize(name)
+    quantfx.export(q, tmp_path / "m.pt2", (data[0][:1],))
+    report = quantfx.verify(q, tmp_path / "m.pt2", (example_input(name, batch=2, seed=4),))
+    assert set(report.variants) == {"compiled"} and report.ok, str(report)
+    assert report.max_error_lsb == 0.0 and report.variant_error_lsb("compiled") == 0.0, str(report)
+    assert "[compiled]" in str(report)
+
+
+def test_program_is_pt2e_quantized_form():
+    """Plain tensors between quantized_decomposed ops: per-tensor activations, per-channel int8 weight constants,
+    one dequantize_per_channel and one aten conv per fused conv; no quantized dtype anywhere."""
+    q, data = _quantize("resnet")
+    program = quantfx.lower(q, (data[0][:1],))
+    assert isinstance(program, torch_pt2_runtime.Pt2Program)
+    ops = Counter(str(n.target) for n in program.exported.graph.nodes if n.op == "call_function")
+    convs = [r for r in program.report if r["runs_as"].startswith("dq -> conv")]
+    linears = [r for r in program.report if r["runs_as"].startswith("dq -> linear")]
+    assert len(convs) == 9 and ops["aten.conv2d.default"] == 9 and len(linears) == ops["aten.linear.default"] == 1
+    assert ops["quantized_decomposed.dequantize_per_channel.default"] == 10
+    assert ops["quantized_decomposed.quantize_per_tensor.default"] >= 10 + 3  # convs, linear, adds
+    tensors = list(program.exported.state_dict.values()) + list(program.exported.constants.values())
+    dtypes = Counter(t.dtype for t in tensors if torch.is_tensor(t))
+    assert dtypes[torch.int8] == 10 and not any(t.is_quantized for t in tensors if torch.is_tensor(t))
+
+
+def test_file_records_what_it_was_built_for(tmp_path):
+    q, data = _quantize("lenet")
+    quantfx.export(q, tmp_path / "m.pt2", (data[0][:1],))
+    with zipfile.ZipFile(tmp_path / "m.pt2") as z:
+        meta = json.loads(z.read(next(n for n in z.namelist() if n.endswith("extra/quantfx.json"))))
+    assert meta["engine"] == "x86" and meta["format"] == "pt2" and meta["arithmetic"]["exact_requant"] is True
+    assert meta["arithmetic"]["requant"] == "multiplier_float_bias" and meta["report"]
+
+
+LOADER = textwrap.dedent(r"""
+    import sys, numpy as np, torch
+    import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
+    ep = torch.export.load(sys.argv[1])
+    x = torch.from_numpy(np.load(sys.argv[2]))
+    with torch.no_grad():
+        np.save(sys.argv[3], ep.module()(x).numpy())
+    assert not [m for m in sys.modules if m.startswith(("quantfx", "targets", "torchao"))]
+""")
+
+
+def test_file_loads_and_runs_in_a_python_without_quantfx(tmp_path):
+    q, data = _quantize("mobilenetv2")
+    quantfx.export(q, tmp_path / "m.pt2", (data[0][:1],))
+    x = example_input("mobilenetv2", batch=5, seed=3)
+    np.save(tmp_path / "x.npy", x.numpy())
+    run = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "m.pt2"), str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with torch.no_grad():
+        want = q(x).numpy()
+    assert np.array_equal(np.load(tmp_path / "y.npy"), want)
+
+
+def test_default_path_prints_no_pytorch_deprecation_warning(tmp_path):
+    """quantize + export + verify (eager and compiled) on the default torch path: no DeprecationWarning or
+    FutureWarning from torch, and no warning that calls anything deprecated (the quantized dtypes' UserWarning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q, data = _quantize("lenet")
+        quantfx.export(q, tmp_path / "m.pt2", (data[0][:1],))
+        quantfx.verify(q, tmp_path / "m.pt2", (data[1],))
+    bad = [f"{w.category.__name__}: {w.message}" for w in caught
+           if (issubclass(w.category, (DeprecationWarning, FutureWarning)) and "torch" in (w.filename or ""))
+           or "deprecated" in str(w.message).lower()]
+    assert bad == []
+    # the control: the TorchScript form does warn (torch.jit.save is deprecated), and the capture sees it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantfx.export(q, tmp_path / "m.pt", (data[0][:1],), format="torchscript")
+    assert any(issubclass(w.category, FutureWarning) and "torch.jit" in str(w.message) for w in caught)
+
+
+def test_torchscript_form_on_request(tmp_path):
+    q, data = _quantize("resnet")
+    program = quantfx.export(q, tmp_path / "m", (data[0][:1],), format="torchscript")
+    assert isinstance(program, torch_quantized.TorchProgram) and (tmp_path / "m.pt").exists()
+    report = quantfx.verify(q, tmp_path / "m.pt", (data[1],))
+    assert report.max_error_lsb == 0.0 and report.variants == {}, str(report)
+    with pytest.raises(QuantArgumentError, match="no format 'onnx'.*pt2, torchscript"):
+        quantfx.export(q, tmp_path / "n", (data[0][:1],), format="onnx")
