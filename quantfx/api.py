@@ -82,7 +82,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     ``weight_rounding='auto'``): at 4 bits or fewer, activation scales by MSE calibration, weight scales by MSE
     search (swap_modules) and weight rounding learned on the data (AdaRound, deterministic under ``seed``);
     above, min/max ranges and round-to-nearest. Give 'minmax' / 'percentile' / 'mse' and 'nearest' / 'learned'
-    to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
+    (or 'gptq') to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
     quantization (None: off for now; pipelines.equalize_default).
     Returns a :class:`QuantGraphModule` in eval mode. Raises TraceError, QuantArgumentError, PassError."""
     if not isinstance(model, nn.Module):

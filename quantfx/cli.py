@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-batches", type=int, default=8)
     q.add_argument("--calib-method", default="auto", choices=["auto", "minmax", "percentile", "mse"],
                    help="activation scales (auto: mse at 4 bits or fewer, minmax above)")
-    q.add_argument("--weight-rounding", default="auto", choices=["auto", "nearest", "learned"],
-                   help="weight integers (auto: learned on the calibration data at 4 bits or fewer)")
+    q.add_argument("--weight-rounding", default="auto", choices=["auto", "nearest", "learned", "gptq"],
+                   help="weight integers (auto: learned on the calibration data at 4 bits or fewer; gptq: GPTQ)")
     q.add_argument("--weight-bit-width", type=int)
     q.add_argument("--act-bit-width", type=int)
     q.add_argument("--bias-bit-width", type=int)

@@ -60,7 +60,9 @@ def weight_method(q) -> Optional[str]:
         return None
     how = "fixed" if q.fixed_scale is not None else q.scale_stat
     text = f"{'per-channel' if q.scaling_per_output_channel else 'per-tensor'} {how}"
-    return text + (", learned rounding" if q.rounding_learned else "")
+    if not q.rounding_learned:
+        return text
+    return text + (", gptq rounding" if q.rounding_method == "gptq" else ", learned rounding")
 
 
 FLOAT_ISLANDS_KEY = "quantfx.float_islands"  # an ONNX file's metadata: its float islands (absent when none)

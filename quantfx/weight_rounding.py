@@ -183,6 +183,19 @@ class _Steps:
         return self.x[idx][(..., *x_slices)], self.target[idx][(..., *out_slices)], self._forward
 
 
+def _store(layer, w, rounded, method: str) -> None:
+    """Write weights chosen on the grid of float weights ``w`` (``rounded``: every value ``s x q``) into the
+    layer: the weight scale frozen at ``w``'s, the float original kept for :func:`float_view`, the quantizer
+    marked as rounded by ``method`` ('learned' | 'gptq')."""
+    wq = layer.weight_quant
+    wq.freeze_weight_scale(w)
+    if getattr(layer, "float_weight", None) is None:  # the float original, for float_view (not saved)
+        layer.register_buffer("float_weight", w.clone(), persistent=False)
+    layer.weight.copy_(rounded)
+    wq.rounding_learned = True
+    wq.rounding_method = method
+
+
 def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, lr, reg, gen) -> RoundedLayer:
     wq = layer.weight_quant
     original = getattr(layer, "float_weight", None)  # rounded before: start again from the float weights
@@ -238,11 +251,7 @@ def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, l
             learned = nearest
             after_mse = before
         changed = int((learned != nearest).sum())
-        wq.freeze_weight_scale(w)
-        if getattr(layer, "float_weight", None) is None:  # the float original, for float_view (not saved)
-            layer.register_buffer("float_weight", w.clone(), persistent=False)
-        layer.weight.copy_(weight_of(learned))
-        wq.rounding_learned = True
+        _store(layer, w, weight_of(learned), "learned")
     return RoundedLayer(name, wq.bit_width, changed, learned.numel(), before, after_mse)
 
 
