@@ -98,7 +98,7 @@ def cmd_quantize(args) -> int:
         model, target, example_inputs=(torch.zeros(shape),), calibration_data=calib,
         weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
         bias_bit_width=args.bias_bit_width, cpu=args.cpu, pipeline=pipeline, calibration_method=args.calib_method,
-        weight_rounding=args.weight_rounding,
+        weight_rounding=args.weight_rounding, budget=args.budget,
         progress=not args.quiet, dump_dir=args.dump_dir)
     if args.save:
         torch.save(qmodel, args.save)
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-rounding", default="auto", choices=["auto", "nearest", "learned", "gptq"],
                    help="weight integers (auto: learned on the calibration data at 4 bits or fewer; gptq: GPTQ)")
     q.add_argument("--weight-bit-width", type=int)
+    q.add_argument("--budget", help="mixed precision under a cost budget, e.g. bops=0.25 or "
+                                    "finn_luts=50000,weight_bytes=20000 (<= 1: a fraction of the 8-bit model's cost)")
     q.add_argument("--act-bit-width", type=int)
     q.add_argument("--bias-bit-width", type=int)
     q.add_argument("--engine", choices=["x86", "fbgemm", "qnnpack", "onednn"], default=None,

@@ -85,10 +85,10 @@ class Choice:
     sensitivity: dict = field(default_factory=dict, repr=False)  # ('w', layer) / ('a', quantizer) -> {bits: mse}
 
     def lines(self) -> list[str]:
-        out = [f"{k}: {self.costs[k]:.4g} of {self.limits[k]:.4g} "
-               f"({self.costs[k] / self.reference[k]:.3f} of 8-bit)" for k in self.limits]
-        out += [f"{n}: W{b}" for n, b in self.weights.items()] + [f"{n}: A{b}" for n, b in self.acts.items()]
-        return out
+        """The cost of each budget key against its limit (``qmodel.notes['mixed_precision']``; inspect prints
+        them under the table, whose width columns show the choice)."""
+        return [f"{k} {self.costs[k]:.4g} <= {self.limits[k]:.4g} ({self.costs[k] / self.reference[k]:.3f} of "
+                "the 8-bit model)" for k in self.limits]
 
 
 def parse_budget(budget) -> dict[str, float]:
@@ -124,7 +124,7 @@ class _Layer:
     module: QuantWBIOL
     act: Optional[int]  # index of the activation variable of its input, or None (fixed width)
     out: Optional[int]  # index of the activation variable that reads its output, or None
-    fixed: tuple  # (input bits, output bits) where those are not variables
+    fixed: tuple  # (input bits, output bits or None: nothing quantizes it) where those are not variables
 
 
 def _shape(gm, node, m) -> LayerShape:
@@ -175,7 +175,8 @@ def _model_layers(gm: fx.GraphModule, reads_out: bool):
         reader = next(iter(node.users)) if len(node.users) == 1 else None
         out_q = module_of(gm, reader).act_quant if reader is not None and is_act_quant(gm, reader) else None
         src = input_quantizer_of(gm, node)
-        fixed = tuple(q.bit_width if q is not None and q.is_quant_enabled else REFERENCE_BITS for q in (src, out_q))
+        fixed = (src.bit_width if src is not None and src.is_quant_enabled else REFERENCE_BITS,
+                 out_q.bit_width if out_q is not None and out_q.is_quant_enabled else None)
         layers.append(_Layer(_shape(gm, node, m), m, var(src), var(out_q) if reads_out else None, fixed))
     return layers, acts
 

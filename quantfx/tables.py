@@ -110,6 +110,9 @@ def inspect(qmodel: fx.GraphModule, file=None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    budget = getattr(qmodel, "notes", {}).get("mixed_precision")  # quantfx.mixed_precision.NOTE
+    if budget:
+        lines.append("mixed precision, widths chosen under a budget: " + "; ".join(budget))
     islands = float_islands(qmodel)
     if islands:
         lines += _island_lines(islands, "float islands (dequantized, run in float, requantized by the quantizer "
