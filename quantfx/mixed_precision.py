@@ -356,6 +356,14 @@ def _cost(key, layers, w_bits, a_bits, b_bits) -> float:
     return sum(COSTS[key](l.shape, w, a, b) for l, w, a, b in zip(layers, w_bits, a_bits, b_bits))
 
 
+def model_cost(qmodel: fx.GraphModule, key: str) -> float:
+    """The cost ``key`` (a budget key) of a compiled model at its widths, e.g. ``model_cost(q, 'bops')``."""
+    parse_budget({key: 1})
+    layers, _ = _model_layers(qmodel, True)
+    return _cost(key, layers, [l.module.weight_quant.bit_width for l in layers], [l.fixed[0] for l in layers],
+                 [l.fixed[1] for l in layers])
+
+
 def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Optional[Iterable[int]] = None,
                   progress: bool = True, max_batches: Optional[int] = None) -> Choice:
     """Choose and set the widths of a calibrated compiled model under ``budget`` (see the module docstring);
@@ -375,8 +383,9 @@ def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Opt
     w_widths = sorted({b for b in cands if max(2, w_range[0]) <= b <= min(w_top, w_range[1])} | {w_top})
     a_widths = sorted({b for b in cands if max(2, a_range[0]) <= b <= min(a_top, a_range[1])} | {a_top})
     fixed = [l.fixed for l in layers]
-    ref = {k: _cost(k, layers, [REFERENCE_BITS] * len(layers), [REFERENCE_BITS] * len(layers),
-                    [REFERENCE_BITS] * len(layers)) for k in limits_in}
+    eight = [REFERENCE_BITS] * len(layers)
+    ref = {k: _cost(k, layers, eight, eight, [None if l.fixed[1] is None else REFERENCE_BITS for l in layers])
+           for k in limits_in}
     limits = {k: v * ref[k] if v <= 1 else v for k, v in limits_in.items()}
     samples, batches = 0, []
     for i, b in enumerate(data):
@@ -418,4 +427,4 @@ def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Opt
     return choice
 
 
-__all__ = ["choose_widths", "register_cost", "parse_budget", "COSTS", "LayerShape", "Choice"]
+__all__ = ["choose_widths", "model_cost", "register_cost", "parse_budget", "COSTS", "LayerShape", "Choice"]
