@@ -51,7 +51,7 @@ def digits_table(tasks, uniform, keys, rounding, out_dir) -> None:
             start = time.perf_counter()
             q = quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
                                  weight_rounding=rounding, progress=False)
-            seconds = time.perf_counter() - start
+            uniform_seconds = time.perf_counter() - start
             with torch.no_grad():
                 acc = quickstart.accuracy(q(x_test), y_test)
             eight = quantfx.quantize(model, "finn", example_inputs=(x_test[:1],), progress=False)
@@ -59,7 +59,7 @@ def digits_table(tasks, uniform, keys, rounding, out_dir) -> None:
                 cost = model_cost(q, key)
                 frac = cost / model_cost(eight, key)
                 print(f"{'uniform W%dA%d' % (w, a):22s} {key:10s} {frac:7.3f} {acc:7.2f} {acc - float_acc:+8.2f} "
-                      f"{'':>4s} {seconds:6.1f}  {widths_text(q)}", flush=True)
+                      f"{'':>4s} {uniform_seconds:6.1f}  {widths_text(q)}", flush=True)
                 if (w, a) == (8, 8):
                     continue
                 start = time.perf_counter()

@@ -4,7 +4,8 @@ output SQNR against float on the test zoo per method.
 
     python tools/bench_ptq.py [--tasks digits,digits_res] [--targets finn,onnx,torch,dpu]
                               [--widths 8/8,4/4,3/3,2/4,2/2] [--zoo [--zoo-widths 4/4,3/3]] [--resnet18]
-                              [--threads 1]
+                              [--resnet18-roundings auto,gptq] [--threads 1]
+    python tools/bench_ptq.py --rounding-table [--tasks ...] [--rounding-widths 4/4,3/3] [--resnet18 ...]
 
 Tasks: models trained here from packaged data (scikit-learn's digits, 8x8 images, 80/20 split, seed 0):
 ``digits`` is the quick start's DigitsNet (15 epochs), ``digits_res`` a small residual CNN (two residual blocks,
@@ -195,17 +196,46 @@ def zoo_table(widths, target="finn") -> None:
             print(f"{label:18s} " + " ".join(f"{c:10.2f}" for c in cells), flush=True)
 
 
-def resnet18_time(batches: int = 8, batch: int = 8) -> None:
-    """Seconds to quantize and calibrate a ResNet-18-sized model at W4A4 (learned rounding) vs W8A8."""
+def resnet18_time(batches: int = 8, batch: int = 8, roundings=("auto",)) -> None:
+    """Seconds to quantize and calibrate a ResNet-18-sized model at W8A8 and at W4A4 with each weight rounding
+    ('auto' is learned rounding at 4 bits), with the load average beside each (the machine may be shared)."""
+    import os
     from quantfx.zoo import resnet18_like
     torch.manual_seed(0)
     model = resnet18_like().eval()
     calib = [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(batches)]
-    for w, a in ((8, 8), (4, 4)):
+    for w, a, rounding in [(8, 8, "auto")] + [(4, 4, r) for r in roundings]:
         start = time.perf_counter()
-        quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a, progress=False)
-        print(f"resnet18_like, {batches} batches of {batch}x3x224x224, finn W{w}A{a}: "
-              f"{time.perf_counter() - start:.1f} s (threads: {torch.get_num_threads()})", flush=True)
+        quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
+                         weight_rounding=rounding, progress=False)
+        print(f"resnet18_like, {batches} batches of {batch}x3x224x224, finn W{w}A{a} rounding {rounding}: "
+              f"{time.perf_counter() - start:.1f} s (threads: {torch.get_num_threads()}, load average "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
+
+
+def rounding_table(tasks, widths, roundings) -> None:
+    """Accuracy (fake-quant, 360 test images) and seconds of quantize(finn) per weight rounding, the rest of the
+    defaults kept (per-channel MSE weight scales, MSE activation calibration at 4 bits or fewer)."""
+    import os
+    for task in tasks:
+        model, calib, x_test, y_test = trained(task)
+        with torch.no_grad():
+            float_acc = quickstart.accuracy(model(x_test), y_test)
+        print(f"\n{task}: float {float_acc:.2f}%, finn, by weight rounding (load average "
+              f"{os.getloadavg()[0]:.1f})")
+        print(f"{'W/A':5s} {'rounding':9s} {'acc %':>7s} {'vs float':>8s} {'SQNR dB':>8s} {'s':>7s}")
+        for w, a in widths:
+            for rounding in roundings:
+                start = time.perf_counter()
+                q = quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
+                                     weight_rounding=rounding, progress=False)
+                seconds = time.perf_counter() - start
+                with torch.no_grad():
+                    logits = q(x_test)
+                    sqnr = float(quantfx.sqnr(model(x_test), logits))
+                acc = quickstart.accuracy(logits, y_test)
+                print(f"{w}/{a:<3d} {rounding:9s} {acc:7.2f} {acc - float_acc:+8.2f} {sqnr:8.2f} {seconds:7.1f}",
+                      flush=True)
 
 
 def main(argv=None) -> int:
@@ -216,6 +246,11 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", action="store_true", help="also the per-method SQNR table on the test zoo")
     parser.add_argument("--zoo-widths", default="4/4,3/3", help="widths of the zoo table")
     parser.add_argument("--resnet18", action="store_true", help="also time calibration of a ResNet-18 shape")
+    parser.add_argument("--resnet18-roundings", default="auto",
+                        help="weight roundings timed at W4A4 on the ResNet-18 shape (e.g. gptq,learned)")
+    parser.add_argument("--rounding-table", action="store_true",
+                        help="only the table of nearest / gptq / learned rounding per task and width")
+    parser.add_argument("--rounding-widths", default="4/4,3/3")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -229,12 +264,17 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.rounding_table:
+        rounding_table(tasks, parse_widths(args.rounding_widths), ("nearest", "gptq", "learned"))
+        if args.resnet18:
+            resnet18_time(roundings=args.resnet18_roundings.split(","))
+        return 0
     with tempfile.TemporaryDirectory() as out_dir:
         accuracy_table(tasks, [t for t in args.targets.split(",") if t], widths, out_dir)
     if args.zoo:
         zoo_table(parse_widths(args.zoo_widths))
     if args.resnet18:
-        resnet18_time()
+        resnet18_time(roundings=args.resnet18_roundings.split(","))
     return 0
 
 
