@@ -2,6 +2,7 @@
 
     python tools/bench_mixed.py [--tasks digits,digits_res] [--uniform 8/8,4/4,3/3,2/2] [--keys bops,finn_luts]
                                 [--zoo [--zoo-models lenet,...]] [--rounding gptq] [--threads N]
+    python tools/bench_mixed.py --sensitivity [--tasks ...]    (measured against Hessian-trace sensitivity)
 
 For each digits model (tools/bench_ptq.py trains them: scikit-learn's digits, 8x8 images; DigitsNet 15 epochs,
 DigitsResNet 20 epochs; calibration: the first 512 training images in batches of 64; accuracy on the 360
@@ -95,6 +96,73 @@ def zoo_table(models, uniform, rounding) -> None:
         print(f"{name[:16]:16s} " + " ".join(f"{c:8.2f}" for c in cells), flush=True)
 
 
+def hessian_trace_estimate(qmodel, layers, widths, batches, draws: int = 8, eps: float = 1e-3) -> dict:
+    """HAWQ-V2's estimate of each layer's sensitivity, (tr H / n) ||Q_b(W) - W||^2, H the Gauss-Newton Hessian of
+    the output MSE against float with respect to the layer's n weights; tr H by Hutchinson's estimator with
+    Rademacher vectors v, v^T H v ~ mean((f(W + eps v) - f(W))^2) / eps^2, on the float view."""
+    from quantfx.mixed_precision import _kept, _outputs, set_weight_bits
+    from quantfx.weight_rounding import float_view
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for i, layer in enumerate(layers):
+        w = layer.module.weight
+        with float_view(qmodel):
+            base = _outputs(qmodel, batches)
+            traces = []
+            for _ in range(draws):
+                v = torch.randint(0, 2, w.shape, generator=gen).float() * 2 - 1
+                with torch.no_grad():
+                    w.add_(eps * v)
+                    traces.append(float((_outputs(qmodel, batches) - base).pow(2).mean()) / eps ** 2)
+                    w.sub_(eps * v)
+        trace = sum(traces) / draws
+        q = layer.module.weight_quant
+        for bits in widths:
+            with _kept([q]), torch.no_grad():
+                set_weight_bits(q, bits, q.scale_stat)
+                delta = float((q(w) - w).pow(2).sum())
+            out[("w", i)] = {**out.get(("w", i), {}), bits: trace / w.numel() * delta}
+    return out
+
+
+def sensitivity_table(tasks, configs: int = 24) -> None:
+    """Which sensitivity predicts the output error of mixed weight widths better: the measured one (each layer
+    alone lowered) or HAWQ's Hessian-trace estimate. On random weight-width assignments (activations 8-bit) of
+    the calibrated 8-bit model, Spearman's rank correlation between each method's summed prediction and the
+    measured output MSE against float on the calibration data."""
+    import random
+    from scipy.stats import spearmanr
+    from quantfx.mixed_precision import WIDTHS, _kept, _model_layers, _outputs, sensitivities, set_weight_bits
+    from quantfx.nn import exact_arithmetic
+    from quantfx.weight_rounding import float_view
+    print("\nsensitivity: Spearman rank correlation of predicted and measured output MSE over "
+          f"{configs} random weight-width assignments (widths {WIDTHS}, activations 8-bit)")
+    for task in tasks:
+        model, calib, _, _ = bench_ptq.trained(task)
+        q = quantfx.quantize(model, "finn", calibration_data=calib, weight_rounding="nearest", progress=False)
+        layers, _ = _model_layers(q, False)
+        batches = calib[:4]
+        with exact_arithmetic(False):
+            measured = sensitivities(q, layers, [], list(WIDTHS), [], batches)
+            hessian = hessian_trace_estimate(q, layers, WIDTHS, batches)
+            with float_view(q):
+                ref = _outputs(q, batches)
+            rng = random.Random(0)
+            actual, by_measured, by_hessian = [], [], []
+            for _ in range(configs):
+                bits = [rng.choice(WIDTHS) for _ in layers]
+                qs = [l.module.weight_quant for l in layers]
+                with _kept(qs):
+                    for wq, b in zip(qs, bits):
+                        set_weight_bits(wq, b, wq.scale_stat)
+                    actual.append(float((_outputs(q, batches) - ref).pow(2).mean()))
+                by_measured.append(sum(measured[("w", i)][b] for i, b in enumerate(bits)))
+                by_hessian.append(sum(hessian[("w", i)][b] for i, b in enumerate(bits)))
+        rho_m = spearmanr(by_measured, actual).statistic
+        rho_h = spearmanr(by_hessian, actual).statistic
+        print(f"{task:12s} measured (one layer lowered) {rho_m:.3f}   Hessian trace (HAWQ-V2) {rho_h:.3f}", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="digits,digits_res")
@@ -104,6 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", action="store_true")
     parser.add_argument("--zoo-models", default=None, help="comma-separated test-zoo names (default: all)")
     parser.add_argument("--zoo-uniform", default="4/4,3/3")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="only the comparison of measured and Hessian-trace sensitivities")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -115,6 +185,9 @@ def main(argv=None) -> int:
     import os
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     tasks = [t for t in args.tasks.split(",") if t]
+    if args.sensitivity:
+        sensitivity_table(tasks)
+        return 0
     with tempfile.TemporaryDirectory() as out_dir:
         digits_table(tasks, parse_widths(args.uniform), [k for k in args.keys.split(",") if k], args.rounding,
                      out_dir)
