@@ -26,7 +26,7 @@ from torch import nn
 from .calibration import _progress, _run_batches
 from .errors import QuantArgumentError
 from .quant import functional as qf
-from .weight_rounding import NOTE, RoundedLayer, _layers, _store
+from .weight_rounding import NOTE, RoundedLayer, _batches, _layers, _store
 
 BLOCK = 128  # columns updated together (lazy batch updates)
 DAMP = 0.01  # the Hessian's diagonal is raised by this fraction of its mean (the paper's lambda)
@@ -120,9 +120,7 @@ def gptq(qmodel: nn.Module, data: Iterable, *, max_bits: int = 8, block: int = B
     and activation, on the calibration inputs), also kept in ``qmodel.notes['weight_rounding']``."""
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
         raise QuantArgumentError(f"gptq: block={block!r}; give a positive number of columns")
-    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
-    if not batches:
-        raise QuantArgumentError("gptq: the calibration data is empty; give at least one batch")
+    batches = _batches(data, max_batches, "gptq")
     was_training = qmodel.training
     qmodel.eval()
     layers = list(_layers(qmodel, max_bits))

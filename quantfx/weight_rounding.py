@@ -104,6 +104,14 @@ def _layers(qmodel: nn.Module, max_bits: int):
             yield name, m
 
 
+def _batches(data, max_batches: Optional[int], who: str) -> list:
+    """The first ``max_batches`` batches of ``data`` as a list; QuantArgumentError naming ``who`` if none."""
+    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
+    if not batches:
+        raise QuantArgumentError(f"{who}: the calibration data is empty; give at least one batch")
+    return batches
+
+
 def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = None, batch_size: int = 32,
              lr: float = 1e-2, reg: float = 0.01, max_bits: int = 8, seed: int = 0, progress: bool = True,
              max_batches: Optional[int] = None) -> list[RoundedLayer]:
@@ -115,9 +123,7 @@ def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = N
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise QuantArgumentError(f"adaround: iterations={iterations!r}; give at least 1")
-    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
-    if not batches:
-        raise QuantArgumentError("adaround: the calibration data is empty; give at least one batch")
+    batches = _batches(data, max_batches, "adaround")
     was_training = qmodel.training
     qmodel.eval()
     gen = torch.Generator().manual_seed(seed)

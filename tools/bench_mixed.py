@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import quantfx  # noqa: E402
 from quantfx.mixed_precision import model_cost  # noqa: E402
-from quantfx.zoo import TEST_MODELS, example_input  # noqa: E402
+from quantfx.zoo import TEST_MODELS  # noqa: E402
 
 import bench_ptq  # noqa: E402
 import quickstart  # noqa: E402
@@ -79,11 +79,7 @@ def zoo_table(models, uniform, rounding) -> None:
           "16; evaluation: 32 other random inputs); mixed at the uniform model's BOPs")
     print(f"{'model':16s} " + " ".join(f"{'W%dA%d' % wa:>8s} {'mixed':>8s}" for wa in uniform))
     for name in models:
-        ctor, _ = TEST_MODELS[name]
-        torch.manual_seed(0)
-        model = ctor().eval()
-        calib = [example_input(name, batch=16, seed=i) for i in range(4)]
-        x = example_input(name, batch=32, seed=99)
+        model, calib, x = bench_ptq.zoo_case(name)
         cells = []
         for w, a in uniform:
             q = quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
@@ -179,9 +175,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    def parse_widths(text):
-        return [tuple(int(v) for v in item.split("/")) for item in text.split(",") if item]
-
     import os
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     tasks = [t for t in args.tasks.split(",") if t]
@@ -189,11 +182,11 @@ def main(argv=None) -> int:
         sensitivity_table(tasks)
         return 0
     with tempfile.TemporaryDirectory() as out_dir:
-        digits_table(tasks, parse_widths(args.uniform), [k for k in args.keys.split(",") if k], args.rounding,
+        digits_table(tasks, bench_ptq.parse_widths(args.uniform), [k for k in args.keys.split(",") if k], args.rounding,
                      out_dir)
     if args.zoo:
         models = args.zoo_models.split(",") if args.zoo_models else sorted(TEST_MODELS)
-        zoo_table(models, parse_widths(args.zoo_uniform), args.rounding)
+        zoo_table(models, bench_ptq.parse_widths(args.zoo_uniform), args.rounding)
     print(f"load average at the end {os.getloadavg()}")
     return 0
 

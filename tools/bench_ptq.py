@@ -166,6 +166,14 @@ ZOO_METHODS = {
 }
 
 
+def zoo_case(name: str):
+    """(model with seed-0 random weights, 4 random calibration batches of 16, 32 other random inputs)."""
+    ctor, _ = TEST_MODELS[name]
+    torch.manual_seed(0)
+    model = ctor().eval()
+    return model, [example_input(name, batch=16, seed=i) for i in range(4)], example_input(name, batch=32, seed=99)
+
+
 def zoo_table(widths, target="finn") -> None:
     """SQNR (dB) against float of every test-zoo model per method, each row adding one step to the one above
     (the last two each add theirs to '+learned rounding')."""
@@ -179,11 +187,7 @@ def zoo_table(widths, target="finn") -> None:
             per_tensor, weight_mse = spec.pop("per_tensor", False), spec.pop("weight_mse", False)
             cells = []
             for name in names:
-                ctor, _ = TEST_MODELS[name]
-                torch.manual_seed(0)
-                model = ctor().eval()
-                calib = [example_input(name, batch=16, seed=i) for i in range(4)]
-                x = example_input(name, batch=32, seed=99)
+                model, calib, x = zoo_case(name)
                 fields = {} if weight_mse else dict(weight_scale_stat="max")
                 if per_tensor:
                     fields["weight_scaling_per_output_channel"] = False
@@ -238,6 +242,11 @@ def rounding_table(tasks, widths, roundings) -> None:
                       flush=True)
 
 
+def parse_widths(text: str) -> list[tuple[int, int]]:
+    """'8/8,4/4' -> [(8, 8), (4, 4)]."""
+    return [tuple(int(v) for v in item.split("/")) for item in text.split(",") if item]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="digits,digits_res")
@@ -255,9 +264,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    def parse_widths(text):
-        return [tuple(int(v) for v in item.split("/")) for item in text.split(",") if item]
-
     widths = parse_widths(args.widths)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
