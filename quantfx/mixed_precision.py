@@ -254,7 +254,8 @@ def sensitivities(gm, layers, acts, w_widths, a_widths, batches, progress=False)
 
     base = mse()
     out = {}
-    jobs = [("w", i, b) for i in range(len(layers)) for b in w_widths] +         [("a", j, b) for j in range(len(acts)) for b in a_widths]
+    jobs = [("w", i, b) for i in range(len(layers)) for b in w_widths]
+    jobs += [("a", j, b) for j in range(len(acts)) for b in a_widths]
     for kind, i, bits in _progress(jobs, progress, "mixed precision: sensitivity"):
         if kind == "w":
             q = layers[i].module.weight_quant
