@@ -82,13 +82,14 @@ class Choice:
     limits: dict[str, float]  # budget key -> the limit
     reference: dict[str, float]  # budget key -> cost at 8 bits everywhere
     predicted: float  # summed sensitivity (output MSE above the widest model's)
+    chosen_by: str = "search"  # or the uniform widths, where they measured better as a whole model
     sensitivity: dict = field(default_factory=dict, repr=False)  # ('w', layer) / ('a', quantizer) -> {bits: mse}
 
     def lines(self) -> list[str]:
         """The cost of each budget key against its limit (``qmodel.notes['mixed_precision']``; inspect prints
         them under the table, whose width columns show the choice)."""
         return [f"{k} {self.costs[k]:.4g} <= {self.limits[k]:.4g} ({self.costs[k] / self.reference[k]:.3f} of "
-                "the 8-bit model)" for k in self.limits]
+                "the 8-bit model)" for k in self.limits] + [f"widths by {self.chosen_by}"]
 
 
 def parse_budget(budget) -> dict[str, float]:
@@ -357,6 +358,39 @@ def _cost(key, layers, w_bits, a_bits, b_bits) -> float:
     return sum(COSTS[key](l.shape, w, a, b) for l, w, a, b in zip(layers, w_bits, a_bits, b_bits))
 
 
+def _best_uniform(layers, acts, sens, w_widths, a_widths, limits):
+    """(weight bits, activation bits, summed sensitivity) of the one-width-everywhere assignment (a weight and an
+    activation width) that fits every limit with the least summed sensitivity, or None."""
+    best = None
+    for w in w_widths:
+        for a in a_widths:
+            w_bits, act_bits = [w] * len(layers), [a] * len(acts)
+            a_of = [a if l.act is not None else l.fixed[0] for l in layers]
+            b_of = [a if l.out is not None else l.fixed[1] for l in layers]
+            if any(_cost(k, layers, w_bits, a_of, b_of) > limit for k, limit in limits.items()):
+                continue
+            total = sum(sens[("w", i)][w] for i in range(len(layers))) + \
+                sum(sens[("a", j)][a] for j in range(len(acts)))
+            if best is None or total < best[2]:
+                best = (w_bits, act_bits, total)
+    return best
+
+
+def _measure(gm, layers, acts, w_bits, act_bits, batches) -> float:
+    """The output MSE against float of the model at these widths (activations recalibrated on ``batches``,
+    round-to-nearest weights); the model is left as it was."""
+    with float_view(gm):
+        reference = _outputs(gm, batches)
+    members = [q for m in acts for q in m]
+    with _kept([l.module.weight_quant for l in layers] + members):
+        for l, bits in zip(layers, w_bits):
+            set_weight_bits(l.module.weight_quant, bits, l.module.weight_quant.scale_stat)
+        for m, bits in zip(acts, act_bits):
+            _set_act_bits(m, bits)
+        _recalibrate(gm, members, batches)
+        return float((_outputs(gm, batches) - reference).pow(2).mean())
+
+
 def model_cost(qmodel: fx.GraphModule, key: str) -> float:
     """The cost ``key`` (a budget key) of a compiled model at its widths, e.g. ``model_cost(q, 'bops')``."""
     parse_budget({key: 1})
@@ -412,6 +446,21 @@ def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Opt
             f"W{min(w_widths)}A{min(a_widths)}) cost " + ", ".join(f"{k} {least[k]:.4g}" for k in least) +
             " (raise the budget, or allow narrower widths)")
     w_bits, act_bits, predicted = solved
+    uniform = _best_uniform(layers, acts, sens, w_widths, a_widths, limits)
+    chosen_by = "search"
+    if uniform is not None and (uniform[0], uniform[1]) != (w_bits, act_bits):
+        # the summed sensitivities ignore how layers' errors interact; where one width everywhere also fits, the
+        # two are measured as whole models and the better kept, so the search never loses to it on this data
+        was_training = qmodel.training
+        qmodel.eval()
+        try:
+            with exact_arithmetic(False):
+                errors = [_measure(qmodel, layers, acts, wb, ab, batches) for wb, ab in (solved[:2], uniform[:2])]
+        finally:
+            qmodel.train(was_training)
+        if errors[1] < errors[0]:
+            w_bits, act_bits, predicted = uniform
+            chosen_by = "uniform (measured better than the search)"
     for l, bits in zip(layers, w_bits):
         set_weight_bits(l.module.weight_quant, bits, l.module.weight_quant.scale_stat)
     for members, bits in zip(acts, act_bits):
@@ -421,7 +470,7 @@ def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Opt
     names = {id(q): n for n, q in qmodel.named_modules() if isinstance(q, Quantizer)}
     choice = Choice({l.shape.name: b for l, b in zip(layers, w_bits)},
                     {names.get(id(m[0]), m[0].qname): b for m, b in zip(acts, act_bits)},
-                    {k: _cost(k, layers, w_bits, a_of, b_of) for k in limits}, limits, ref, predicted,
+                    {k: _cost(k, layers, w_bits, a_of, b_of) for k in limits}, limits, ref, predicted, chosen_by,
                     {k: dict(v) for k, v in sens.items()})
     if hasattr(qmodel, "notes"):
         qmodel.notes[NOTE] = choice.lines()

@@ -48,6 +48,8 @@ def test_bops_budget_holds_and_beats_uniform_w4a4_of_the_same_cost(mixed):
 def test_inspect_shows_the_chosen_widths_and_the_cost(mixed):
     text = quantfx.inspect(mixed, file=io.StringIO())
     assert "mixed precision, widths chosen under a budget: bops" in text
+    assert mixed.notes["mixed_precision"][-1] in ("widths by search",
+                                                  "widths by uniform (measured better than the search)")
     for name, m in mixed.named_modules():
         if isinstance(m, quantfx.nn.QuantWBIOL):
             line = next(l for l in text.splitlines() if l.startswith(name + " "))
