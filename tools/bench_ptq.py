@@ -209,12 +209,13 @@ def resnet18_time(batches: int = 8, batch: int = 8, roundings=("auto",)) -> None
     model = resnet18_like().eval()
     calib = [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(batches)]
     for w, a, rounding in [(8, 8, "auto")] + [(4, 4, r) for r in roundings]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
                          weight_rounding=rounding, progress=False)
+        # on a shared machine the process's CPU time (all its threads) says more than the wall time
         print(f"resnet18_like, {batches} batches of {batch}x3x224x224, finn W{w}A{a} rounding {rounding}: "
-              f"{time.perf_counter() - start:.1f} s (threads: {torch.get_num_threads()}, load average "
-              f"{os.getloadavg()[0]:.1f})", flush=True)
+              f"{time.perf_counter() - start:.1f} s, CPU {time.process_time() - cpu:.1f} s (threads: "
+              f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def rounding_table(tasks, widths, roundings) -> None:
