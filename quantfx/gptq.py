@@ -85,7 +85,9 @@ def hessians(qmodel: nn.Module, layers: list, batches: list) -> dict:
 def _quantize_columns(w, h, s, z, qmin, qmax, rounding, block):
     """GPTQ on one weight matrix ``w`` [rows, cols] with Hessian ``h`` [cols, cols]; ``s``, ``z`` each
     weight's scale and zero point, shaped as ``w``. Returns the integers [rows, cols]."""
-    w, h, s, z = w.double().clone(), h.clone(), s.double(), z.double()
+    # float32 as the paper's implementation (the Hessians are summed in float64): the three factorisations of a
+    # 4608-column Hessian take 3.6 s of CPU in float64, half that in float32; the 1 % damping keeps them stable
+    w, h, s, z = w.float().clone(), h.to(torch.float32, copy=True), s.float(), z.float()
     cols = w.shape[1]
     dead = torch.diag(h) == 0  # inputs that were always zero: nothing to correct, nearest rounding
     h[dead, dead] = 1
