@@ -70,7 +70,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
              pipeline: Optional[Pipeline] = None,
              calibration_method: str = "auto", weight_rounding: str = "auto", progress: bool = True,
              bias_correction: bool = False, equalize: Optional[bool] = None, seed: int = 0, dump_dir=None,
-             on_dump=None) -> QuantGraphModule:
+             on_dump=None, budget=None) -> QuantGraphModule:
     """Quantize a float model for ``target`` ('finn' | 'torch' | 'onnx' | 'dpu' or a TargetProfile).
 
     The model is copied (never modified); BatchNorm is folded with its running statistics, so the copy is put
@@ -83,11 +83,15 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     ``weight_rounding='auto'``): at 4 bits or fewer, activation scales by MSE calibration, weight scales by MSE
     search (swap_modules) and weight rounding learned on the data (AdaRound, deterministic under ``seed``);
     above, min/max ranges and round-to-nearest. Give 'minmax' / 'percentile' / 'mse' and 'nearest' / 'learned'
-    to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
+    (or 'gptq') to choose; ``quantfx.inspect`` lists what each layer got. ``equalize``: cross-layer equalization before
     quantization (None: off for now; pipelines.equalize_default). ``capture``: 'auto' (torch.fx symbolic tracing,
     torch.export where that fails or the traced graph does not run on the example inputs), 'fx' or 'export'
     (docs/capture.md; None: 'auto', or what a given ``pipeline``'s trace says); ``qmodel.notes['capture']`` says
     which ran and why.
+    ``budget`` (with ``calibration_data``): mixed precision, each layer's weight and activation widths chosen
+    (at most the widths given) to lose the least accuracy under a cost budget, ``{'bops': 0.25}`` (at most 1: a
+    fraction of the 8-bit model's cost), ``{'weight_bytes': 20_000}``, ``{'finn_luts': 50_000}``; every key
+    must hold (:mod:`quantfx.mixed_precision`, docs/mixed_precision.md).
     Returns a :class:`QuantGraphModule` in eval mode. Raises TraceError, QuantArgumentError, PassError."""
     if not isinstance(model, nn.Module):
         raise QuantArgumentError(f"quantize: expected an nn.Module, got {type(model).__name__}")
@@ -126,6 +130,13 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
     _copy_meta(gm, qmodel)
     qmodel.pass_timings = manager.records
     qmodel.eval()
+    if budget is not None:
+        if calibration_data is None:
+            raise QuantArgumentError("quantize: budget= chooses widths on the calibration data; give "
+                                     "calibration_data too")
+        from .mixed_precision import choose_widths
+        calibrate(qmodel, calibration_data, method=calibration_method, progress=progress)
+        choose_widths(qmodel, calibration_data, budget, progress=progress)
     if calibration_data is not None:
         calibrate(qmodel, calibration_data, method=calibration_method, progress=progress,
                   bias_correction=bias_correction, weight_rounding=weight_rounding, seed=seed)

@@ -18,7 +18,7 @@ from .quant_tensor import value_of
 from .shapes import record_shapes as record_shapes_of
 
 CALIBRATION_METHODS = {"auto": None, "minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
-WEIGHT_ROUNDINGS = ("auto", "nearest", "learned")
+WEIGHT_ROUNDINGS = ("auto", "nearest", "learned", "gptq")
 
 
 class StopForward(Exception):
@@ -83,7 +83,9 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
     A target may compute a method its own way (the dpu's 'mse' searches power-of-two positions as AMD Quark's
     MinMSE does: ``Backend.calibration_methods``).
     ``weight_rounding``: 'nearest' (the default here), 'learned' (AdaRound, :mod:`quantfx.weight_rounding`:
-    each weight integer up or down, chosen on ``data`` layer by layer; deterministic under ``seed``), or 'auto'
+    each weight integer up or down, chosen on ``data`` layer by layer; deterministic under ``seed``), 'gptq'
+    (:mod:`quantfx.gptq`: column by column, each column's error spread over the rest through the inputs'
+    Hessian; one pass over ``data``, much faster than 'learned' on large layers), or 'auto'
     ('learned' where some layer has weights of 4 bits or fewer). Then ``bias_correction``.
     A quantizer that saw no data stays uncalibrated; exporting then names it. Returns ``qmodel``."""
     if method is None:
@@ -126,6 +128,9 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
     if weight_rounding == "learned" or (weight_rounding == "auto" and learned_rounding_default(qmodel)):
         from .weight_rounding import adaround
         adaround(qmodel, data, progress=progress, max_batches=max_batches, seed=seed)
+    elif weight_rounding == "gptq":
+        from .gptq import gptq
+        gptq(qmodel, data, progress=progress, max_batches=max_batches)
     if bias_correction:
         correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
         if graph:

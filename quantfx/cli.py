@@ -152,7 +152,7 @@ def cmd_quantize(args) -> int:
         model, target, example_inputs=(example,), calibration_data=calib,
         weight_bit_width=args.weight_bit_width, act_bit_width=args.act_bit_width,
         bias_bit_width=args.bias_bit_width, cpu=args.cpu, pipeline=pipeline, calibration_method=args.calib_method,
-        weight_rounding=args.weight_rounding, capture=args.capture,
+        weight_rounding=args.weight_rounding, capture=args.capture, budget=args.budget,
         progress=not args.quiet, dump_dir=args.dump_dir)
     if qmodel.notes.get("capture"):
         from quantfx.tables import capture_line
@@ -286,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-batches", type=int, default=8)
     q.add_argument("--calib-method", default="auto", choices=["auto", "minmax", "percentile", "mse"],
                    help="activation scales (auto: mse at 4 bits or fewer, minmax above)")
-    q.add_argument("--weight-rounding", default="auto", choices=["auto", "nearest", "learned"],
-                   help="weight integers (auto: learned on the calibration data at 4 bits or fewer)")
+    q.add_argument("--weight-rounding", default="auto", choices=["auto", "nearest", "learned", "gptq"],
+                   help="weight integers (auto: learned on the calibration data at 4 bits or fewer; gptq: GPTQ)")
     q.add_argument("--weight-bit-width", type=int)
+    q.add_argument("--budget", help="mixed precision under a cost budget, e.g. bops=0.25 or "
+                                    "finn_luts=50000,weight_bytes=20000 (<= 1: a fraction of the 8-bit model's cost)")
     q.add_argument("--act-bit-width", type=int)
     q.add_argument("--bias-bit-width", type=int)
     q.add_argument("--engine", choices=["x86", "fbgemm", "qnnpack", "onednn"], default=None,

@@ -60,7 +60,9 @@ def weight_method(q) -> Optional[str]:
         return None
     how = "fixed" if q.fixed_scale is not None else q.scale_stat
     text = f"{'per-channel' if q.scaling_per_output_channel else 'per-tensor'} {how}"
-    return text + (", learned rounding" if q.rounding_learned else "")
+    if not q.rounding_learned:
+        return text
+    return text + (", gptq rounding" if q.rounding_method == "gptq" else ", learned rounding")
 
 
 FLOAT_ISLANDS_KEY = "quantfx.float_islands"  # an ONNX file's metadata: its float islands (absent when none)
@@ -115,6 +117,9 @@ def inspect(qmodel: fx.GraphModule, file=None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    budget = getattr(qmodel, "notes", {}).get("mixed_precision")  # quantfx.mixed_precision.NOTE
+    if budget:
+        lines.append("mixed precision, widths chosen under a budget: " + "; ".join(budget))
     islands = float_islands(qmodel)
     if islands:
         lines += _island_lines(islands, "float islands (dequantized, run in float, requantized by the quantizer "

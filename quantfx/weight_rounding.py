@@ -104,6 +104,14 @@ def _layers(qmodel: nn.Module, max_bits: int):
             yield name, m
 
 
+def _batches(data, max_batches: Optional[int], who: str) -> list:
+    """The first ``max_batches`` batches of ``data`` as a list; QuantArgumentError naming ``who`` if none."""
+    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
+    if not batches:
+        raise QuantArgumentError(f"{who}: the calibration data is empty; give at least one batch")
+    return batches
+
+
 def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = None, batch_size: int = 32,
              lr: float = 1e-2, reg: float = 0.01, max_bits: int = 8, seed: int = 0, progress: bool = True,
              max_batches: Optional[int] = None) -> list[RoundedLayer]:
@@ -115,9 +123,7 @@ def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = N
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise QuantArgumentError(f"adaround: iterations={iterations!r}; give at least 1")
-    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
-    if not batches:
-        raise QuantArgumentError("adaround: the calibration data is empty; give at least one batch")
+    batches = _batches(data, max_batches, "adaround")
     was_training = qmodel.training
     qmodel.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -183,6 +189,19 @@ class _Steps:
         return self.x[idx][(..., *x_slices)], self.target[idx][(..., *out_slices)], self._forward
 
 
+def _store(layer, w, rounded, method: str) -> None:
+    """Write weights chosen on the grid of float weights ``w`` (``rounded``: every value ``s x q``) into the
+    layer: the weight scale frozen at ``w``'s, the float original kept for :func:`float_view`, the quantizer
+    marked as rounded by ``method`` ('learned' | 'gptq')."""
+    wq = layer.weight_quant
+    wq.freeze_weight_scale(w)
+    if getattr(layer, "float_weight", None) is None:  # the float original, for float_view (not saved)
+        layer.register_buffer("float_weight", w.clone(), persistent=False)
+    layer.weight.copy_(rounded)
+    wq.rounding_learned = True
+    wq.rounding_method = method
+
+
 def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, lr, reg, gen) -> RoundedLayer:
     wq = layer.weight_quant
     original = getattr(layer, "float_weight", None)  # rounded before: start again from the float weights
@@ -238,11 +257,7 @@ def _round_layer(name, layer, x_float, x_quant, after, iterations, batch_size, l
             learned = nearest
             after_mse = before
         changed = int((learned != nearest).sum())
-        wq.freeze_weight_scale(w)
-        if getattr(layer, "float_weight", None) is None:  # the float original, for float_view (not saved)
-            layer.register_buffer("float_weight", w.clone(), persistent=False)
-        layer.weight.copy_(weight_of(learned))
-        wq.rounding_learned = True
+        _store(layer, w, weight_of(learned), "learned")
     return RoundedLayer(name, wq.bit_width, changed, learned.numel(), before, after_mse)
 
 

@@ -1,7 +1,7 @@
 """Target profiles and backends (installed as ``quantfx.targets``); importing it registers each backend."""
 from quantfx.lowering import register_backend
 
-from . import dpu, finn_qonnx, onnx_qdq, torch_pt2_runtime
+from . import dpu, finn_cost, finn_qonnx, onnx_qdq, torch_pt2_runtime  # noqa: F401  (finn_cost: budget keys)
 from .profile import (
     DPU, FINN, ONNX, TORCH, TargetProfile, available_targets, get_profile, register_profile, torch_profile,
 )

@@ -4,7 +4,8 @@ output SQNR against float on the test zoo per method.
 
     python tools/bench_ptq.py [--tasks digits,digits_res] [--targets finn,onnx,torch,dpu]
                               [--widths 8/8,4/4,3/3,2/4,2/2] [--zoo [--zoo-widths 4/4,3/3]] [--resnet18]
-                              [--threads 1]
+                              [--resnet18-roundings auto,gptq] [--threads 1]
+    python tools/bench_ptq.py --rounding-table [--tasks ...] [--rounding-widths 4/4,3/3] [--resnet18 ...]
 
 Tasks: models trained here from packaged data (scikit-learn's digits, 8x8 images, 80/20 split, seed 0):
 ``digits`` is the quick start's DigitsNet (15 epochs), ``digits_res`` a small residual CNN (two residual blocks,
@@ -165,6 +166,14 @@ ZOO_METHODS = {
 }
 
 
+def zoo_case(name: str):
+    """(model with seed-0 random weights, 4 random calibration batches of 16, 32 other random inputs)."""
+    ctor, _ = TEST_MODELS[name]
+    torch.manual_seed(0)
+    model = ctor().eval()
+    return model, [example_input(name, batch=16, seed=i) for i in range(4)], example_input(name, batch=32, seed=99)
+
+
 def zoo_table(widths, target="finn") -> None:
     """SQNR (dB) against float of every test-zoo model per method, each row adding one step to the one above
     (the last two each add theirs to '+learned rounding')."""
@@ -178,11 +187,7 @@ def zoo_table(widths, target="finn") -> None:
             per_tensor, weight_mse = spec.pop("per_tensor", False), spec.pop("weight_mse", False)
             cells = []
             for name in names:
-                ctor, _ = TEST_MODELS[name]
-                torch.manual_seed(0)
-                model = ctor().eval()
-                calib = [example_input(name, batch=16, seed=i) for i in range(4)]
-                x = example_input(name, batch=32, seed=99)
+                model, calib, x = zoo_case(name)
                 fields = {} if weight_mse else dict(weight_scale_stat="max")
                 if per_tensor:
                     fields["weight_scaling_per_output_channel"] = False
@@ -195,17 +200,52 @@ def zoo_table(widths, target="finn") -> None:
             print(f"{label:18s} " + " ".join(f"{c:10.2f}" for c in cells), flush=True)
 
 
-def resnet18_time(batches: int = 8, batch: int = 8) -> None:
-    """Seconds to quantize and calibrate a ResNet-18-sized model at W4A4 (learned rounding) vs W8A8."""
+def resnet18_time(batches: int = 8, batch: int = 8, roundings=("auto",)) -> None:
+    """Seconds to quantize and calibrate a ResNet-18-sized model at W8A8 and at W4A4 with each weight rounding
+    ('auto' is learned rounding at 4 bits), with the load average beside each (the machine may be shared)."""
+    import os
     from quantfx.zoo import resnet18_like
     torch.manual_seed(0)
     model = resnet18_like().eval()
     calib = [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(batches)]
-    for w, a in ((8, 8), (4, 4)):
-        start = time.perf_counter()
-        quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a, progress=False)
-        print(f"resnet18_like, {batches} batches of {batch}x3x224x224, finn W{w}A{a}: "
-              f"{time.perf_counter() - start:.1f} s (threads: {torch.get_num_threads()})", flush=True)
+    for w, a, rounding in [(8, 8, "auto")] + [(4, 4, r) for r in roundings]:
+        start, cpu = time.perf_counter(), time.process_time()
+        quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
+                         weight_rounding=rounding, progress=False)
+        # on a shared machine the process's CPU time (all its threads) says more than the wall time
+        print(f"resnet18_like, {batches} batches of {batch}x3x224x224, finn W{w}A{a} rounding {rounding}: "
+              f"{time.perf_counter() - start:.1f} s, CPU {time.process_time() - cpu:.1f} s (threads: "
+              f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def rounding_table(tasks, widths, roundings) -> None:
+    """Accuracy (fake-quant, 360 test images) and seconds of quantize(finn) per weight rounding, the rest of the
+    defaults kept (per-channel MSE weight scales, MSE activation calibration at 4 bits or fewer)."""
+    import os
+    for task in tasks:
+        model, calib, x_test, y_test = trained(task)
+        with torch.no_grad():
+            float_acc = quickstart.accuracy(model(x_test), y_test)
+        print(f"\n{task}: float {float_acc:.2f}%, finn, by weight rounding (load average "
+              f"{os.getloadavg()[0]:.1f})")
+        print(f"{'W/A':5s} {'rounding':9s} {'acc %':>7s} {'vs float':>8s} {'SQNR dB':>8s} {'s':>7s}")
+        for w, a in widths:
+            for rounding in roundings:
+                start = time.perf_counter()
+                q = quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
+                                     weight_rounding=rounding, progress=False)
+                seconds = time.perf_counter() - start
+                with torch.no_grad():
+                    logits = q(x_test)
+                    sqnr = float(quantfx.sqnr(model(x_test), logits))
+                acc = quickstart.accuracy(logits, y_test)
+                print(f"{w}/{a:<3d} {rounding:9s} {acc:7.2f} {acc - float_acc:+8.2f} {sqnr:8.2f} {seconds:7.1f}",
+                      flush=True)
+
+
+def parse_widths(text: str) -> list[tuple[int, int]]:
+    """'8/8,4/4' -> [(8, 8), (4, 4)]."""
+    return [tuple(int(v) for v in item.split("/")) for item in text.split(",") if item]
 
 
 def main(argv=None) -> int:
@@ -216,25 +256,32 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", action="store_true", help="also the per-method SQNR table on the test zoo")
     parser.add_argument("--zoo-widths", default="4/4,3/3", help="widths of the zoo table")
     parser.add_argument("--resnet18", action="store_true", help="also time calibration of a ResNet-18 shape")
+    parser.add_argument("--resnet18-roundings", default="auto",
+                        help="weight roundings timed at W4A4 on the ResNet-18 shape (e.g. gptq,learned)")
+    parser.add_argument("--rounding-table", action="store_true",
+                        help="only the table of nearest / gptq / learned rounding per task and width")
+    parser.add_argument("--rounding-widths", default="4/4,3/3")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    def parse_widths(text):
-        return [tuple(int(v) for v in item.split("/")) for item in text.split(",") if item]
-
     widths = parse_widths(args.widths)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.rounding_table:
+        rounding_table(tasks, parse_widths(args.rounding_widths), ("nearest", "gptq", "learned"))
+        if args.resnet18:
+            resnet18_time(roundings=args.resnet18_roundings.split(","))
+        return 0
     with tempfile.TemporaryDirectory() as out_dir:
         accuracy_table(tasks, [t for t in args.targets.split(",") if t], widths, out_dir)
     if args.zoo:
         zoo_table(parse_widths(args.zoo_widths))
     if args.resnet18:
-        resnet18_time()
+        resnet18_time(roundings=args.resnet18_roundings.split(","))
     return 0
 
 

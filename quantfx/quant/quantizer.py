@@ -26,6 +26,7 @@ class Quantizer(nn.Module):
     scale_group = None  # a ScaleGroup whose scale this quantizer shares (set on the instance by ScaleGroup)
     calibrated_by = None  # the statistic its last calibration used ('max', 'mse', ...), for quantfx.inspect
     rounding_learned = False  # its weight integers were chosen on data (quantfx.weight_rounding)
+    rounding_method = None  # ... by 'learned' rounding (AdaRound) or 'gptq' (quantfx.gptq)
 
     def __init__(self, spec=QuantSpec, name: str | None = None, **overrides):
         super().__init__()
