@@ -15,19 +15,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import quantfx
 from quantfx.errors import QuantFXError
-
-
-class Logits(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x):
-        return self.m(x).logits
+from quantfx.model_specs import Logits
 
 
 def _text(cls, config):
