@@ -60,6 +60,9 @@ def fit_bias_ranges(qmodel: fx.GraphModule) -> list[str]:
             need = layer.bias.detach().double().abs() / (limit * s_in)
             if not wq.scaling_per_output_channel:
                 need = need.max()
+            elif need.numel() != w_scale.numel() and need.numel() % w_scale.numel() == 0:
+                # a grouped transposed conv: output channel g * (C / groups) + j has weight scale j
+                need = need.reshape(-1, w_scale.numel()).amax(0)
             short = need > w_scale.reshape(need.shape)
             if not bool(short.any()):
                 continue

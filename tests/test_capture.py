@@ -80,7 +80,8 @@ def timm_model(name):
 
 MODELS = {"bert": bert, "gpt2": gpt2, "vit": vit, "mobilevit_xxs": timm_model("mobilevit_xxs")}
 # measured SQNR (dB) less about 1.5 dB: see the module docstring
-SQNR_BOUND = {("bert", "onnx"): 28.5, ("bert", "torch"): 30.5, ("gpt2", "onnx"): 30.0, ("gpt2", "torch"): 28.0,
+SQNR_BOUND = {("bert", "onnx"): 27.0,  # 30.0 before the float residual stream (numerics), 28.4 with it
+               ("bert", "torch"): 30.5, ("gpt2", "onnx"): 30.0, ("gpt2", "torch"): 28.0,
               ("vit", "onnx"): 13.0, ("vit", "torch"): 11.5, ("mobilevit_xxs", "onnx"): 16.5}
 
 

@@ -16,5 +16,6 @@ def digests() -> list[str]:
 def test_artefacts_are_byte_identical_across_processes():
     first, second = digests(), digests()
     targets = {line.split()[1] for line in first}
-    assert targets == {"onnx", "finn", "torch", "dpu"} and len(first) == 7  # 2 onnx + 3 finn variants + torch + dpu
+    # 2 onnx + 3 finn variants + torch (.pt2 and TorchScript) + dpu
+    assert targets == {"onnx", "finn", "torch", "dpu"} and len(first) == 8
     assert first == second

@@ -79,11 +79,11 @@ def run(name, build, target):
         return f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:110] if str(e) else ''}"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="onnx,torch,dpu,finn")
     parser.add_argument("--models", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     table = models()
     names = args.models.split(",") if args.models else list(table)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 import quantfx
-from quantfx.cli import _shape, load_builder
+from quantfx.cli import _shape
+from quantfx.model_specs import load_builder
 
 
 def main(argv=None):
