@@ -205,7 +205,11 @@ def test_x86_files_give_the_same_integers_from_either_library_at_every_instructi
                 assert np.array_equal(res["file_" + lib], want["out"]), (level, key, lib, got["meta"])
 
 
-@pytest.mark.parametrize("level", sorted(LEVELS))
+@pytest.mark.parametrize("level", [pytest.param(lv, marks=pytest.mark.xfail(strict=True, reason=(
+    "open: under ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 the inductor-compiled .pt2 (convs in float32 "
+    "on dequantized weights, no torchao passes) gives resnet's outputs up to 0.96 off (hundreds of LSB) while the "
+    "eager program is exact: not yet known whether a real AVX2 CPU or only the capped environment is affected")))
+    if lv == "avx2" else lv for lv in sorted(LEVELS)])
 def test_pt2_files_give_the_same_integers_eagerly_and_compiled_at_every_instruction_set(cases, runs, level):
     """The default .pt2 program, eagerly and under torch.compile, gives the fake-quant model's outputs to the bit
     with oneDNN and ATen (and inductor's generated code) held at each instruction set."""
