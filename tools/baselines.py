@@ -165,6 +165,19 @@ def torchao_ptq(model: nn.Module, calib_batches, w_bits: int = 8, a_bits: int = 
 # ---------------------------------------------------------------------------------------------------- Brevitas
 
 
+def pt2e_ptq(model: nn.Module, calib_batches) -> nn.Module:
+    """torchao's PT2E flow as users run it: torch.export on the first batch, prepare_pt2e with
+    X86InductorQuantizer's default config, a pass over ``calib_batches``, convert_pt2e (torchao, bench only)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    calib_batches = list(calib_batches)
+    exported = torch.export.export(model, _as_tuple(calib_batches[0])).module()
+    prepared = prepare_pt2e(exported, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
+    _run(prepared, calib_batches)
+    return convert_pt2e(prepared)
+
+
 def _rebit(layer_map: dict, bits: dict) -> dict:
     """A copy of a Brevitas layer map with every quantizer named in ``bits`` re-bit-widthed."""
     out = {}

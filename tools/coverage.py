@@ -287,16 +287,8 @@ def run_flow(flow, model, calib, x, ref):
                 prepared(b)
         qm = baselines.torchao_convert(prepared)
     else:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-        exported = torch.export.export(model, (calib[0],)).module()
-        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(exported, quantizer)
-        with torch.no_grad():
-            for b in calib:
-                prepared(b)
-        qm = convert_pt2e(prepared)
+        import baselines
+        qm = baselines.pt2e_ptq(model, calib)
     quantize_s = time.perf_counter() - t0
     with torch.no_grad():
         got = qm(x)

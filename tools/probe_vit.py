@@ -41,17 +41,9 @@ def build(name: str):
 
 
 def pt2e(model, data, test) -> float:
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config,
-    )
-    exported = torch.export.export(model, (data[0],)).module()
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
+    import baselines
+    converted = baselines.pt2e_ptq(model, data)
     with torch.no_grad():
-        for d in data:
-            prepared(d)
-        converted = convert_pt2e(prepared)
         out = torch.cat([converted(t) for t in test.split(len(data[0]))])  # exported for the batch size
         return float(quantfx.sqnr(model(test), out))
 
