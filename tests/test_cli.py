@@ -286,7 +286,7 @@ def test_quantize_transformers_spec_end_to_end(hf_folders, image_folder, tmp_pat
     assert main(["quantize", f"transformers:{hf_folders / 'vit'}", "--target", "onnx", "--calib",
                  str(image_folder), "--calib-batches", "2", "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "captured by torch.export" in text or "export" in text.split("capture", 1)[-1][:200], text
+    assert "capture: export (" in text, text  # fx could not trace it: the CLI says which capture ran
     assert " 0.000 LSB" in text or "0.000 LSB" in text, text
 
 
