@@ -8,18 +8,21 @@ from .annotate import Annotate
 from .approximate_activations import ApproximateActivations
 from .canonicalize import Canonicalize
 from .choose_bias_scaling import ChooseBiasScaling
+from .correct_bias import CorrectBias
 from .equalize_cross_layer import EqualizeCrossLayer
+from .fit_bias_ranges import FitBiasRanges
 from .fuse_conv_bn import FuseConvBN
 from .propagate_shapes import PropagateShapes
 from .quantize_products import QuantizeProducts
 from .raise_modules import RaiseModules
+from .round_weights import RoundWeights
 from .share_quantizers import ShareQuantizers
 from .swap_modules import SwapModules
 from .trace import Trace
 
 for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
              Annotate, ApproximateActivations, EqualizeCrossLayer, QuantizeProducts,
-             RaiseModules):
+             RaiseModules, FitBiasRanges, RoundWeights, CorrectBias):
     register_pass(_cls)
 del _cls
 
@@ -27,5 +30,6 @@ del _cls
 #: registry itself, so a pass registered with quantfx.pass_infra.register_pass is listed here too
 REGISTRY = PASSES
 
-__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "EqualizeCrossLayer", "FuseConvBN",
-           "PropagateShapes", "QuantizeProducts", "RaiseModules", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]
+__all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "CorrectBias",
+           "EqualizeCrossLayer", "FitBiasRanges", "FuseConvBN", "PropagateShapes", "QuantizeProducts", "RaiseModules",
+           "RoundWeights", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]

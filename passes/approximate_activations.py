@@ -1,11 +1,11 @@
 """approximate_activations: activations and average pools computed with the constants a fixed-point accelerator
-uses, for profiles whose ``activation_approx`` is not "exact" (the dpu profile: "dpu").
+uses, for profiles whose recipe says ``activation_approx="fixed_point"`` (the dpu profile).
 
-"dpu", as AMD Quark simulates the DPU in ONNX (``quark/onnx/postprocess/simulation/simulate_dpu.py`` and
+"fixed_point", the DPU's constants as AMD Quark simulates the DPU in ONNX (``quark/onnx/postprocess/simulation/simulate_dpu.py`` and
 ``quantization/quant_utils.py``, amd-quark 0.13):
 
 - LeakyReLU (nn.LeakyReLU, or the QuantLeakyReLU swap_modules makes of it on the dpu profile): the slope
-  rounded to 1/256 (``dpu_leaky_relu_alpha``: 0.1 -> 26/256; the DPU computes 26/256 only, targets/dpu_arch.py);
+  rounded to 1/256 (``dpu_leaky_relu_alpha``: 0.1 -> 26/256; the DPU computes 26/256 only, targets/dpu/arch.py);
 - Hardsigmoid: ``clip(x + 3, 0, 6) * 2731 / 16384`` (HARD_SIGMOID_SCALE: 1/6 as 2731 / 2^14); Hardswish: ``x``
   times that hard-sigmoid on its own int8 grid of position 7 (HARD_SWISH_SIGMOID_POS), rounded half up: the DPU's
   hard-swish multiplies two int8 tensors, ``shift_swish = i + 7 - o`` (vai_q_pytorch
@@ -30,37 +30,20 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import fx, nn
 
+# the forms this pass writes, which the targets read, are the core's (quantfx.classify)
+from quantfx.classify import HARD_SIGMOID_SCALE, HARD_SWISH_SIGMOID_POS, hard_swish_parts  # noqa: F401
 from quantfx.graph import insert_module_after, module_of, unique_name
 from quantfx.nn import QuantIdentity, QuantLeakyReLU, adaptive_window
 from quantfx.pass_infra import PassResult
 
 from .base import ProfilePass
 
-HARD_SIGMOID_SCALE = 2731 / 16384
-HARD_SWISH_SIGMOID_POS = 7  # the fix position of the hard-sigmoid inside a hard-swish
 APPROX_KEY = "quantfx.approx"  # node.meta: a node this pass wrote in the accelerator's arithmetic
 _AVGPOOL_TABLE = {(3, 3): (7, 6), (5, 5): (10, 8), (6, 6): (7, 8), (7, 7): (21, 10), (14, 14): (21, 12)}
 
 
 def leaky_slope(alpha: float) -> float:
     return round(alpha * 256) / 256
-
-
-def hard_swish_parts(gm, node) -> Optional[tuple]:
-    """``(x, q)`` when ``node`` is the product this pass writes for a hard-swish, ``x * q(relu6(x + 3) *
-    HARD_SIGMOID_SCALE)`` in either order with ``q`` the hard-sigmoid's int8 grid (its quantizer node), not any
-    product of two tensors; else None."""
-    if node.target is not operator.mul or len(node.args) != 2:
-        return None
-    for x, q in (node.args, node.args[::-1]):
-        m = module_of(gm, q) if isinstance(q, fx.Node) else None
-        y = q.args[0] if isinstance(m, QuantIdentity) else None
-        if isinstance(y, fx.Node) and y.target is operator.mul and list(y.args[1:]) == [HARD_SIGMOID_SCALE]:
-            r = y.args[0]
-            if isinstance(r, fx.Node) and r.target is F.relu6 and isinstance(r.args[0], fx.Node) and \
-                    r.args[0].target is operator.add and list(r.args[0].args) == [x, 3.0]:
-                return x, q
-    return None
 
 
 def avgpool_factor(kh: int, kw: int) -> tuple[int, int]:

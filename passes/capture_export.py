@@ -88,8 +88,8 @@ def _batch_is_dynamic(ep) -> bool:
 def _export_state_kept():
     """torch.export changes no global state we rely on; this restores the dynamo/export configs it reads anyway,
     so a capture leaves the process as it found it (tests/test_capture.py checks)."""
-    import torch._dynamo.config as dynamo_config
-    import torch._export.config as export_config
+    import torch._dynamo.config as dynamo_config  # private modules, loaded only by a capture with export
+    import torch._export.config as export_config  # the same
     with warnings.catch_warnings():  # reading a config also reads its deprecated keys
         warnings.simplefilter("ignore")
         saved = [(cfg, cfg.get_config_copy()) for cfg in (dynamo_config, export_config)]

@@ -5,8 +5,8 @@
   otherwise: at such widths clipping the largest weights costs less than a coarse grid for all the others;
 - ReLU / ReLU6 / Hardtanh / Sigmoid -> QuantReLU / QuantReLU(max_val=6) / QuantHardTanh / QuantSigmoid
   (unsigned quantizers where the value is non-negative, as the profile says); LeakyReLU -> QuantLeakyReLU on
-  profiles that compute it as the DPU does (``activation_approx='dpu'``), so the layer or add before it is not
-  requantized: the DPU rounds once, at the LeakyReLU's output (``targets/dpu.py``, "LeakyReLU"); elsewhere a
+  profiles that compute it as the DPU does (``activation_approx='fixed_point'``), so the layer or add before it is not
+  requantized: the DPU rounds once, at the LeakyReLU's output (``targets/dpu/lowering.py``, "LeakyReLU"); elsewhere a
   LeakyReLU stays a float op between two quantizers;
 - average pooling -> truncating QuantAvgPool2d / QuantAdaptiveAvgPool2d when the profile pools in integers;
 - a QuantIdentity after each graph input, and after every node that produces a float tensor (conv/linear
@@ -155,7 +155,7 @@ class SwapModules(ProfilePass):
             return QuantHardTanh(min_val=m.min_val, max_val=m.max_val, **self._act(m.min_val >= 0, over))
         if isinstance(m, nn.Sigmoid):
             return QuantSigmoid(**self._act(True, over))
-        if isinstance(m, nn.LeakyReLU) and p.activation_approx == "dpu":
+        if isinstance(m, nn.LeakyReLU) and p.recipe.activation_approx == "fixed_point":
             return QuantLeakyReLU(negative_slope=m.negative_slope, **self._act(False, over))
         if p.avgpool == "trunc":
             bits = over["act"].get("bit_width", p.act_bit_width)

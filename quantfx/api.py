@@ -14,17 +14,19 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
+from .bias_correction import correct_bias  # noqa: F401  (re-exported)
 from .calibration import (  # noqa: F401  (re-exported)
-    CALIBRATION_METHODS, WEIGHT_ROUNDINGS, _as_args, _first_batch, _n_inputs, _progress, _run_batches, calibrate, correct_bias,
-    quantizers,
+    CALIBRATION_METHODS, WEIGHT_ROUNDINGS, _as_args, _first_batch, _n_inputs, _progress, _run_batches, calibrate,
+    calibration_pipeline, quantizers,
 )
 from .draw import dump_diagram
 from .errors import QuantArgumentError, QuantFXError
 # _rebuild: models pickled before QuantGraphModule moved to quantfx.graph_module name quantfx.api._rebuild
 from .graph_module import QuantGraphModule, _copy_meta, _rebuild  # noqa: F401  (re-exported)
+from .mixed_precision import choose_widths
 from .pass_infra import Pass, PassManager, Pipeline
 from .pipelines import (  # noqa: F401  (re-exported)
-    _profile, _profile_opts, _split_top, _targets, annotate, bind, parse_pipeline, pipeline_for,
+    _profile, _profile_opts, _split_top, annotate, bind, parse_pipeline, pipeline_for,
 )
 from .tables import inspect, layer_table  # noqa: F401  (re-exported)
 
@@ -134,7 +136,6 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
         if calibration_data is None:
             raise QuantArgumentError("quantize: budget= chooses widths on the calibration data; give "
                                      "calibration_data too")
-        from .mixed_precision import choose_widths
         calibrate(qmodel, calibration_data, method=calibration_method, progress=progress)
         choose_widths(qmodel, calibration_data, budget, progress=progress)
     if calibration_data is not None:

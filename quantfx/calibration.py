@@ -1,5 +1,5 @@
-"""Calibration: ``calibrate`` (observe data, fix every activation scale), ``correct_bias`` (empirical bias
-correction) and the helpers that feed batches to a model."""
+"""Calibration: ``calibrate`` (observe data, fix every activation scale, then run the post-calibration passes of
+``calibration_pipeline``) and the helpers that feed batches to a model."""
 from __future__ import annotations
 
 import inspect
@@ -9,12 +9,11 @@ from typing import Iterable, Optional
 import torch
 from torch import fx, nn
 
-from .bias_range import fit_bias_ranges
 from .errors import CalibrationError, QuantArgumentError, QuantFXError
 from .nn import QuantWBIOL
-from .pipelines import annotate
+from .pass_infra import PassManager, Pipeline, get_pass
+from .pipelines import bind
 from .quant import Quantizer, is_low_bit
-from .quant_tensor import value_of
 from .shapes import record_shapes as record_shapes_of
 
 CALIBRATION_METHODS = {"auto": None, "minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
@@ -73,15 +72,53 @@ def quantizers(model: nn.Module, kind: Optional[str] = None) -> list[Quantizer]:
     return out
 
 
+def calibration_pipeline(qmodel: nn.Module, method: str = "auto", weight_rounding: str = "nearest",
+                         bias_correction: bool = False) -> Pipeline:
+    """The passes :func:`calibrate` runs once the observers have seen the data, in order: the scale search the
+    profile's recipe names for ``method`` (dpu: fix positions by min-MSE), ``fit_bias_ranges``, ``round_weights``
+    (per ``weight_rounding``), ``correct_bias`` (then ``fit_bias_ranges`` again), ``annotate``, and the recipe's
+    post-calibration passes (dpu: the compiler's position rules; torch x86: the exact-requantization grid).
+    Passes are found by name in the pass registry (unbound: :func:`calibrate` gives them the data)."""
+    recipe = _recipe(qmodel)
+    graph = isinstance(qmodel, fx.GraphModule)
+    names = []
+    search = dict(recipe.scale_search).get(method) if recipe is not None else None
+    if search is not None:
+        names.append(search)
+    if graph:  # the weight grid first: learned rounding and bias correction work on the grid it leaves
+        names.append("fit_bias_ranges")
+    rounding = weight_rounding
+    if weight_rounding == "auto":
+        rounding = "learned" if learned_rounding_default(qmodel) else "nearest"
+    passes = [get_pass(n)() for n in names]
+    if rounding != "nearest":
+        passes.append(get_pass("round_weights")(method=rounding))
+    if bias_correction:
+        passes.append(get_pass("correct_bias")())
+        if graph:
+            passes.append(get_pass("fit_bias_ranges")())  # a corrected bias may have grown past its range
+    if graph:
+        passes.append(get_pass("annotate")())
+        passes += [get_pass(n)() for n in (recipe.after_calibration if recipe is not None else ())]
+    return Pipeline(passes)
+
+
+def _recipe(qmodel):
+    """The recipe of a compiled model's profile, or None (a plain module)."""
+    profile = getattr(qmodel, "profile", None) if isinstance(qmodel, fx.GraphModule) else None
+    return profile.recipe if profile is not None else None
+
+
 def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress: bool = True,
               bias_correction: bool = False, max_batches: Optional[int] = None, weight_rounding: str = "nearest",
               seed: int = 0) -> nn.Module:
-    """Run ``data`` through ``qmodel`` in observer mode and fix every activation scale.
+    """Run ``data`` through ``qmodel`` in observer mode and fix every activation scale, then run the passes of
+    :func:`calibration_pipeline` on it.
 
     ``method``: 'auto' (the default: 'mse' for activations of 4 bits or fewer, 'minmax' above) | 'minmax' |
     'percentile' | 'mse'. Quantization is bypassed while observing (float statistics).
-    A target may compute a method its own way (the dpu's 'mse' searches power-of-two positions as AMD Quark's
-    MinMSE does: ``Backend.calibration_methods``).
+    A profile's recipe may compute a method with a pass of its own (``scale_search``: the dpu's 'mse' searches
+    power-of-two positions as AMD Quark's MinMSE does); the observers then collect plain max statistics.
     ``weight_rounding``: 'nearest' (the default here), 'learned' (AdaRound, :mod:`quantfx.weight_rounding`:
     each weight integer up or down, chosen on ``data`` layer by layer; deterministic under ``seed``), 'gptq'
     (:mod:`quantfx.gptq`: column by column, each column's error spread over the rest through the inputs'
@@ -95,9 +132,9 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
     if weight_rounding not in WEIGHT_ROUNDINGS:
         raise QuantArgumentError(f"calibrate: weight_rounding={weight_rounding!r}; use one of "
                                  f"{', '.join(WEIGHT_ROUNDINGS)}")
-    backend = _backend(qmodel)
-    own = backend.calibration_methods.get(method) if backend is not None else None
-    stat = "max" if own is not None else CALIBRATION_METHODS[method]
+    recipe = _recipe(qmodel)
+    searched = recipe is not None and method in dict(recipe.scale_search)
+    stat = "max" if searched else CALIBRATION_METHODS[method]
     qs = quantizers(qmodel)
     was_training = qmodel.training
     qmodel.eval()
@@ -121,34 +158,12 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
     if ran == 0:
         raise CalibrationError("calibrating: the calibration data is empty (no batch ran), so no activation "
                                "quantizer has a scale; give at least one batch")
-    if own is not None:
-        own(qmodel, data, max_batches)
-    if graph:  # the weight grid first: learned rounding and bias correction work on the grid it leaves
-        fit_bias_ranges(qmodel)
-    if weight_rounding == "learned" or (weight_rounding == "auto" and learned_rounding_default(qmodel)):
-        from .weight_rounding import adaround
-        adaround(qmodel, data, progress=progress, max_batches=max_batches, seed=seed)
-    elif weight_rounding == "gptq":
-        from .gptq import gptq
-        gptq(qmodel, data, progress=progress, max_batches=max_batches)
-    if bias_correction:
-        correct_bias(qmodel, data, progress=progress, max_batches=max_batches)
-        if graph:
-            fit_bias_ranges(qmodel)  # a corrected bias may have grown past its range
-    if graph:
-        annotate(qmodel)
-        if backend is not None and backend.after_calibration is not None:
-            backend.after_calibration(qmodel)
+    stage = calibration_pipeline(qmodel, method, weight_rounding, bias_correction)
+    stage = bind(stage, getattr(qmodel, "profile", None), data=data, max_batches=max_batches, progress=progress,
+                 seed=seed)
+    PassManager(stage).run(qmodel)
     qmodel.train(was_training)
     return qmodel
-
-
-def _backend(qmodel):
-    """The lowering backend of a compiled model's target, or None (a plain module, a target without one)."""
-    if not isinstance(qmodel, fx.GraphModule):
-        return None
-    from .lowering import BACKENDS
-    return BACKENDS.get(getattr(getattr(qmodel, "profile", None), "name", None))
 
 
 def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int],
@@ -211,55 +226,3 @@ def _progress(data, enabled: bool, desc: str):
     from tqdm.auto import tqdm  # third-party, loaded only when a progress bar is shown
     total = len(data) if hasattr(data, "__len__") else None
     return tqdm(data, desc=desc, total=total, leave=False, file=sys.stderr)
-
-
-def correct_bias(qmodel: nn.Module, data: Iterable, progress: bool = True,
-                 max_batches: Optional[int] = None) -> nn.Module:
-    """Empirical bias correction (Nagel et al., "Data-Free Quantization", 2019, section 4.2, its empirical
-    form): layer by layer in graph order, add to each quantized layer's bias the mean per-channel difference
-    between the float model's output of that layer and the quantized model's, with the layers before it already
-    corrected. The reference is the float model (:func:`quantfx.weight_rounding.float_view`), so this composes
-    with learned rounding, which writes its integers into the weights."""
-    from .weight_rounding import float_view
-    layers = [m for m in qmodel.modules() if isinstance(m, QuantWBIOL) and m.bias is not None
-              and m.weight_quant.is_quant_enabled]
-    batches = [b for i, b in enumerate(data) if max_batches is None or i < max_batches]
-    if not layers or not batches:
-        return qmodel
-    sums: dict[int, list] = {}  # per layer: [sum of each output channel over the data, values per channel]
-    stop_at = None
-
-    def hook(layer, _args, out):
-        out = value_of(out).detach()
-        axis = layer.out_channel_axis % out.dim()
-        rows = out.transpose(0, axis).reshape(out.shape[axis], -1).double()
-        acc = sums.setdefault(id(layer), [0, 0])
-        acc[0], acc[1] = acc[0] + rows.sum(1), acc[1] + rows.shape[1]
-        if layer is stop_at:
-            raise StopForward
-
-    def means(selected) -> dict:
-        """Per-channel means of each selected layer's output over the data."""
-        sums.clear()
-        handles = [m.register_forward_hook(hook) for m in selected]
-        try:
-            _run_batches(qmodel, batches, False, "bias correction", None)
-        finally:
-            for h in handles:
-                h.remove()
-        return {k: total / n for k, (total, n) in sums.items()}
-
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        with float_view(qmodel):
-            reference = means(layers)
-        for layer in _progress(layers, progress, "bias correction"):
-            stop_at = layer
-            got = means([layer])
-            if id(layer) in got and id(layer) in reference:
-                with torch.no_grad():
-                    layer.bias.add_((reference[id(layer)] - got[id(layer)]).to(layer.bias.dtype))
-    finally:
-        qmodel.train(was_training)
-    return qmodel

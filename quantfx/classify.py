@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .nn import (
-    QuantAct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantLinear,
-    QuantProduct, QuantWBIOL,
+    QuantAct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantIdentity,
+    QuantLinear, QuantProduct, QuantWBIOL,
 )
 from .nn.pool import _TruncAvgPool
 
@@ -218,3 +218,26 @@ def is_tensor_node(node: fx.Node) -> bool:
             not all(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2]):
         return any(isinstance(a, fx.Node) and is_tensor_node(a) for a in node.args[:2])
     return node.op != "output"
+
+
+# -- the fixed-point activation forms (passes/approximate_activations.py writes them, targets read them) ------
+
+HARD_SIGMOID_SCALE = 2731 / 16384  # 1/6 as 2731 / 2^14
+HARD_SWISH_SIGMOID_POS = 7  # the fix position of the hard-sigmoid inside a hard-swish
+
+
+def hard_swish_parts(gm, node) -> Optional[tuple]:
+    """``(x, q)`` when ``node`` is the product approximate_activations writes for a hard-swish, ``x * q(relu6(x + 3) *
+    HARD_SIGMOID_SCALE)`` in either order with ``q`` the hard-sigmoid's int8 grid (its quantizer node), not any
+    product of two tensors; else None."""
+    if node.target is not operator.mul or len(node.args) != 2:
+        return None
+    for x, q in (node.args, node.args[::-1]):
+        m = module_of(gm, q) if isinstance(q, fx.Node) else None
+        y = q.args[0] if isinstance(m, QuantIdentity) else None
+        if isinstance(y, fx.Node) and y.target is operator.mul and list(y.args[1:]) == [HARD_SIGMOID_SCALE]:
+            r = y.args[0]
+            if isinstance(r, fx.Node) and r.target is F.relu6 and isinstance(r.args[0], fx.Node) and \
+                    r.args[0].target is operator.add and list(r.args[0].args) == [x, 3.0]:
+                return x, q
+    return None

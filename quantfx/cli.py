@@ -10,7 +10,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
+
+import quantfx
+from quantfx.targets import torch_profile  # the CLI is an entry point: it may name a target (--engine)
+from quantfx.targets.dpu import DpuReport
+
+from .errors import ModelSpecError, QuantFXError
+from .model_specs import IMAGENET_MEAN, IMAGENET_STD, default_preprocess, load_model, timm_preprocess
+from .pass_infra import PASSES, get_pass
+from .profile import available_targets, get_profile
+from .tables import capture_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -65,7 +77,7 @@ def calibration_batches(source: str, shape: tuple, batches: int, seed: int = 0, 
 def image_batches(files: list, shape: tuple, preprocess, source: str) -> list:
     """Images read with PIL, made CHW tensors by ``preprocess``, stacked in batches of shape[0] (a last,
     shorter batch is kept)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # optional: only image folders need Pillow
     if preprocess is None:
         raise UsageError(f"--calib {source}: a folder of images calibrates an image model; this model's input "
                          f"{shape} is not an image (give a .npz of inputs)")
@@ -96,7 +108,6 @@ def _load_qmodel(path: str):
 
 def _model_and_shape(args):
     """The LoadedModel of args.model and its input shape: --input-shape, else the model's own config's."""
-    from .model_specs import load_model
     loaded = load_model(args.model, weights=getattr(args, "weights", None))
     if args.input_shape:
         shape = _shape(args.input_shape)
@@ -112,7 +123,6 @@ def _preprocess(args, loaded, shape):
     """The image preprocessing for --calib FOLDER: --size/--mean/--std when given, else the model's own
     (timm's data config at the input size, a transformers image processor, torchvision's weights transforms),
     else a resize to the input shape with ImageNet's mean and std."""
-    from .model_specs import IMAGENET_MEAN, IMAGENET_STD, default_preprocess, timm_preprocess
     if len(shape) != 4:
         return None
     if args.size is None and args.mean is None and args.std is None:
@@ -134,7 +144,6 @@ def _floats(text, default, flag) -> tuple:
 
 
 def cmd_quantize(args) -> int:
-    import quantfx
     loaded, shape = _model_and_shape(args)
     model = loaded.model
     _say(args, f"model: {loaded.source}; input {tuple(shape)}")
@@ -146,7 +155,6 @@ def cmd_quantize(args) -> int:
     if args.engine:
         if target != "torch":
             raise UsageError(f"--engine is for --target torch, not {target}")
-        from quantfx.targets import torch_profile
         target = torch_profile(args.engine)
     qmodel = quantfx.quantize(
         model, target, example_inputs=(example,), calibration_data=calib,
@@ -155,7 +163,6 @@ def cmd_quantize(args) -> int:
         weight_rounding=args.weight_rounding, capture=args.capture, budget=args.budget,
         progress=not args.quiet, dump_dir=args.dump_dir)
     if qmodel.notes.get("capture"):
-        from quantfx.tables import capture_line
         _say(args, capture_line(qmodel.notes["capture"]))
     if args.save:
         torch.save(qmodel, args.save)
@@ -178,7 +185,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    import quantfx
     qmodel = _load_qmodel(args.qmodel)
     shape = _shape(args.input_shape)
     inputs = calibration_batches(args.inputs, shape, 1, seed=1)[0]
@@ -188,20 +194,16 @@ def cmd_verify(args) -> int:
 
 
 def cmd_draw(args) -> int:
-    import quantfx
     if args.model.endswith((".pt", ".pth")):
         gm = _load_qmodel(args.model)
     else:
-        from quantfx.passes import Trace
-        from .model_specs import load_model
-        gm = Trace()(load_model(args.model).model).graph_module
+        gm = get_pass("trace")()(load_model(args.model).model).graph_module
     quantfx.draw(gm, args.output)
     _say(args, f"wrote diagram to {args.output}")
     return EXIT_OK
 
 
 def cmd_inspect(args) -> int:
-    import quantfx
     if args.path.endswith(".onnx"):
         print(inspect_onnx(args.path))
     else:
@@ -211,8 +213,6 @@ def cmd_inspect(args) -> int:
 
 def inspect_onnx(path: str) -> str:
     """A per-quantizer table of an exported ONNX / QONNX model: node, op, bits, signed, scale."""
-    import onnx
-    from onnx import numpy_helper
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"{path}: no such file")
@@ -237,17 +237,13 @@ def inspect_onnx(path: str) -> str:
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
     report = next((p.value for p in model.metadata_props if p.key == "quantfx.dpu.report"), None)
     if report is not None:  # a dpu file: every node on the DPU or the CPU, and the refine pass's changes
-        from .targets.dpu_arch import DpuReport
         text += "\n\n" + DpuReport.from_json(report).table()
     return text
 
 
 def cmd_passes(args) -> int:
-    import quantfx
-    from quantfx.passes import REGISTRY
-    from quantfx.targets import available_targets, get_profile
     print("passes:")
-    for name, cls in REGISTRY.items():
+    for name, cls in PASSES.items():
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"  {name:20s} {doc}")
     print("\ndefault pipelines:")
@@ -336,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import ModelSpecError, QuantFXError
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad arguments
     try:

@@ -14,17 +14,7 @@ from torch import fx
 
 from .errors import ExportError, QuantArgumentError, QuantFXError
 from .graph import is_act_quant, qmeta
-from .lowering import BACKENDS, Backend, backend_for, register_backend
-from .pipelines import annotate
-
-
-def _inputs(qmodel, example_inputs) -> tuple:
-    if example_inputs is None:
-        metas = [n.meta.get("tensor_meta") for n in qmodel.graph.nodes if n.op == "placeholder"]
-        if not metas or any(m is None for m in metas):
-            raise QuantArgumentError("export: give example_inputs (the graph has no recorded input shapes)")
-        return tuple(torch.zeros(tuple(m.shape), dtype=m.dtype) for m in metas)
-    return (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
+from .lowering import BACKENDS, Backend, backend_for, lower_with, register_backend
 
 
 def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = None, format: Optional[str] = None):
@@ -32,18 +22,6 @@ def lower(qmodel: fx.GraphModule, example_inputs=None, target: Optional[str] = N
     onnx/finn/dpu), in the target's default form or ``format`` (torch: 'pt2', the default, or 'torchscript').
     Raises TargetError for a rule the model breaks and CalibrationError for a quantizer that never saw data."""
     return lower_with(backend_for(qmodel, target, format).lower, qmodel, example_inputs)
-
-
-def lower_with(lower_fn, qmodel: fx.GraphModule, example_inputs=None):
-    """``lower_fn(qmodel, inputs)`` on the model in eval mode with fresh annotations (scales may have moved since
-    the last calibration: QAT), its training flag restored afterwards: how every artefact form is lowered."""
-    annotate(qmodel)
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        return lower_fn(qmodel, _inputs(qmodel, example_inputs))
-    finally:
-        qmodel.train(was_training)
 
 
 def export(qmodel: fx.GraphModule, path: Union[str, Path], example_inputs=None, target: Optional[str] = None,
@@ -222,5 +200,5 @@ def _find_worst(qmodel, artefact, inputs, backend, report) -> None:
                 return
 
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "lower", "export", "verify", "VerifyReport",
+__all__ = ["Backend", "BACKENDS", "register_backend", "lower", "lower_with", "export", "verify", "VerifyReport",
            "OutputReport"]

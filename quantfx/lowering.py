@@ -29,6 +29,7 @@ from .graph import (
     qmeta,
 )
 from .nn import exact_arithmetic
+from .pipelines import annotate
 from .quant import Quantizer
 from .shapes import record_shapes, recorded_shapes
 from . import rules
@@ -49,14 +50,6 @@ class Backend:
     suffix: str = ".onnx"  # the artefact's file suffix: export adds it to a path that has none
     # artefact -> None, or why it is not an artefact this backend wrote (verify refuses it, saying so)
     check: Optional[Callable[[Any], Optional[str]]] = None
-    # qmodel -> None: run by quantfx.calibrate once scales are known, for what the target fixes from them (the
-    # dpu's refine rules), so the calibrated model computes what the artefact will
-    after_calibration: Optional[Callable[[fx.GraphModule], None]] = None
-    # calibration method -> (qmodel, data, max_batches) -> None: a method this target computes its own way. The
-    # observers collect plain max statistics, then this function sets the scales from them and the data (the
-    # dpu's 'mse': AMD Quark's min-MSE search over fix positions)
-    calibration_methods: Mapping[str, Callable[[fx.GraphModule, Any, Optional[int]], Any]] = \
-        field(default_factory=dict)
     # run name -> (artefact, inputs) -> list of numpy outputs or None: other ways to run the same artefact (the torch
     # .pt2's torch.compile), which verify compares with the fake-quant model too
     variants: Mapping[str, Callable[[Any, tuple], Optional[list]]] = field(default_factory=dict)
@@ -87,6 +80,27 @@ def backend_for(qmodel, target: Optional[str] = None, format: Optional[str] = No
         forms = [backend.suffix.lstrip(".")] + sorted(backend.formats)
         raise QuantArgumentError(f"export: target {name!r} has no format {format!r}; use one of {', '.join(forms)}")
     return backend.formats[format]
+
+
+def _inputs(qmodel, example_inputs) -> tuple:
+    if example_inputs is None:
+        metas = [n.meta.get("tensor_meta") for n in qmodel.graph.nodes if n.op == "placeholder"]
+        if not metas or any(m is None for m in metas):
+            raise QuantArgumentError("export: give example_inputs (the graph has no recorded input shapes)")
+        return tuple(torch.zeros(tuple(m.shape), dtype=m.dtype) for m in metas)
+    return (example_inputs,) if torch.is_tensor(example_inputs) else tuple(example_inputs)
+
+
+def lower_with(lower_fn, qmodel: fx.GraphModule, example_inputs=None):
+    """``lower_fn(qmodel, inputs)`` on the model in eval mode with fresh annotations (scales may have moved since
+    the last calibration: QAT), its training flag restored afterwards: how every artefact form is lowered."""
+    annotate(qmodel)
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        return lower_fn(qmodel, _inputs(qmodel, example_inputs))
+    finally:
+        qmodel.train(was_training)
 
 
 def check_calibrated(gm: fx.GraphModule, target: str) -> None:
@@ -307,4 +321,4 @@ class Lowering:
             return ints, bq.scale(layer.bias).reshape(-1)
 
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "backend_for", "check_calibrated", "Lowering"]
+__all__ = ["Backend", "BACKENDS", "register_backend", "backend_for", "lower_with", "check_calibrated", "Lowering"]

@@ -292,7 +292,7 @@ def _combos(layer, w_widths, a_widths, fixed_a, fixed_b, reads_out):
 def allocate(layers, acts, sens, w_widths, a_widths, limits: dict, fixed: list) -> tuple:
     """Solve the integer program; returns (weight bits per layer, bits per activation variable, summed
     sensitivity). ``fixed[i]`` = (input bits, output bits) of layer i where they are not variables."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint, milp  # scipy loads slowly; only budgets need it
     reads_out = any(k in READS_OUTPUT for k in limits)
     combos = [_combos(l, w_widths, a_widths, fixed[i][0], fixed[i][1], reads_out) for i, l in enumerate(layers)]
     n_z = sum(len(c) for c in combos)

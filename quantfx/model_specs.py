@@ -164,19 +164,19 @@ def _timm(spec: str, name: str, pretrained: bool) -> LoadedModel:
 def timm_preprocess(model: nn.Module, shape: tuple):
     """timm's evaluation transform for ``model`` (its pretrained_cfg: interpolation, crop, mean, std) at the
     input size ``shape`` (batch first)."""
-    import timm.data
+    import timm.data  # optional: timm models only
     cfg = timm.data.resolve_data_config({"input_size": tuple(shape[1:])}, model=model)
     return timm.data.create_transform(**cfg)
 
 
 def _timm_cached_file(name: str) -> Optional[Path]:
     """The file of ``name``'s default pretrained weights if the Hugging Face or torch hub cache holds it."""
-    import timm
+    import timm  # optional: timm models only
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # optional: comes with timm
         repo, _, revision = cfg.hf_hub_id.partition("@")
         for filename in ("open_clip_model.safetensors", "model.safetensors", "pytorch_model.bin"):
             if filename.startswith("open_clip") and cfg.hf_hub_filename is None:
@@ -226,7 +226,7 @@ def _torchvision(spec: str, name: str, pretrained: bool) -> LoadedModel:
 
 def _tensor_first(transform):
     """torchvision's weights transforms take tensors: a PIL image is converted first."""
-    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.transforms.functional import pil_to_tensor  # optional: torchvision models only
     return lambda image: transform(pil_to_tensor(image))
 
 
@@ -317,6 +317,6 @@ def _image_processor(folder: Path, transformers):
 
 def default_preprocess(size: int, mean, std):
     """Resize the short side to ``size``, centre-crop ``size`` x ``size``, scale to [0, 1], normalise."""
-    from torchvision import transforms
+    from torchvision import transforms  # optional: image preprocessing only
     return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
                                transforms.Normalize(mean, std)])

@@ -68,6 +68,24 @@ class Pass:
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
 
 
+@dataclass(frozen=True)
+class DataPass(Pass):
+    """Base of the passes that calibration runs (the post-calibration stage): they read calibration data.
+    ``data`` and ``progress`` are not spelled (a pipeline string is bound to its data by
+    ``quantfx.calibration.calibration_pipeline``)."""
+
+    data: Any = dataclasses.field(default=None, repr=False, compare=False)
+    max_batches: Optional[int] = None
+    progress: bool = dataclasses.field(default=False, repr=False, compare=False)
+    seed: int = 0
+    needs_data: ClassVar[bool] = True
+
+    def requires(self, gm) -> None:
+        if self.needs_data and self.data is None:
+            raise QuantArgumentError(f"{self.name} needs calibration data (it runs in quantfx.calibrate, which "
+                                     "gives it the data)")
+
+
 class FunctionPass(Pass):
     """Wraps a plain function ``gm -> gm | PassResult``."""
 

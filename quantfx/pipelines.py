@@ -1,8 +1,8 @@
 """Pipelines: a target's default pass pipeline (``pipeline_for``), pipelines spelled as strings
 (``parse_pipeline``), binding a pipeline to a target profile and options (``bind``), and ``annotate``.
 
-Passes are found by name in :data:`quantfx.pass_infra.PASSES`, which quantfx.passes fills; nothing here imports
-a pass."""
+Passes are found by name in :data:`quantfx.pass_infra.PASSES` and profiles in :mod:`quantfx.profile`'s registry,
+which quantfx.passes and quantfx.targets fill; nothing here imports a pass or a target."""
 from __future__ import annotations
 
 import ast
@@ -13,19 +13,11 @@ from torch import fx
 
 from .errors import QuantArgumentError
 from .pass_infra import Pipeline, get_pass
-
-
-def _targets():
-    # function-local on purpose: the targets import the core (quantfx.lowering, quantfx.graph, ...) and register
-    # into it, and quantfx/__init__ imports them last; a module-level import would make core and targets import
-    # each other (a cycle that would resolve only by import order) and load them halfway through quantfx/__init__
-    from . import targets  # quantfx.targets (the top-level targets/ folder)
-    return targets
+from .profile import get_profile
 
 
 def _profile(target, **options):
-    profile = _targets().get_profile(target)
-    return profile.replace(**options)
+    return get_profile(target).replace(**options)
 
 
 def _profile_opts(options: dict) -> dict:
@@ -65,8 +57,8 @@ def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_module
         P("fuse_conv_bn")(),
         *([P("equalize_cross_layer")()] if equalize else []),
         P("swap_modules")(profile=profile, overrides=overrides),
-        # the accelerator's activation and average-pool constants, on profiles that state them (dpu)
-        *([P("approximate_activations")(profile=profile)] if profile.activation_approx != "exact" else []),
+        # the accelerator's activation and average-pool constants, on recipes that state them (dpu)
+        *([P("approximate_activations")(profile=profile)] if profile.recipe.activation_approx != "exact" else []),
         P("share_quantizers")(profile=profile),
         P("choose_bias_scaling")(profile=profile, overrides=overrides),
         P("quantize_products")(profile=profile, overrides=overrides),

@@ -35,7 +35,7 @@ try:  # qonnx is the finn extra: the lowering needs none of it, running and conv
     from qonnx.transformation.base import Transformation
 except ImportError:  # pragma: no cover - exercised only without the extra
     Transformation = object
-from .profile import FINN
+from .finn_profile import FINN
 
 DOMAIN = "qonnx.custom_op.general"
 # ops that only move values: on integers of one grid they give the integers of the result
@@ -328,8 +328,8 @@ def to_qcdq(model: onnx.ModelProto) -> onnx.ModelProto:
     Raises ExportError naming an activation Quant the converter would change or drop (rounding other than
     ROUND, which it silently treats as ROUND; 1-bit; more than 8 bits; unsigned narrow 8-bit, which it does not
     clip) and anything left in the qonnx domain."""
-    from qonnx.transformation.general import RemoveUnusedTensors
-    from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
+    from qonnx.transformation.general import RemoveUnusedTensors  # optional: the finn extra
+    from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ  # optional: the finn extra
     wrapper = _prepared(model, _static_batch(model), clean=True)
     wrapper = wrapper.transform(FoldConstantQuants()).transform(TruncToStandardOps())
     for node in wrapper.graph.node:
@@ -368,7 +368,7 @@ class FoldConstantQuants(Transformation):
     computed by qonnx's own op."""
 
     def apply(self, model):
-        from qonnx.custom_op.registry import getCustomOp
+        from qonnx.custom_op.registry import getCustomOp  # optional: the finn extra
         graph = model.graph
         for node in list(graph.node):
             if node.domain != DOMAIN or node.op_type not in ("Quant", "BipolarQuant") or \

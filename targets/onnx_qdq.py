@@ -22,7 +22,7 @@ from quantfx.quant import functional as qf
 
 from .int16_pairs import INT16_MAX, check_layer, cpu_has_int32_dot, integer_layers, pair_risks
 from .onnx_base import OnnxLowering, feed, load_onnx, node_values, not_quantfx, np32, save_onnx, with_values
-from .profile import ONNX
+from .onnx_profile import ONNX
 
 
 def _int_dtype(bits: int, signed: bool):
@@ -318,7 +318,7 @@ class QDQLowering(OnnxLowering):
 def ort_session(model: onnx.ModelProto, threads: int = 1, optimize: bool = True, optimized_path=None,
                 config: Optional[dict] = None):
     """An onnxruntime CPU session; ``config``: session config entries (e.g. {"session.disable_quant_qdq": "1"})."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # loads slowly; only running an artefact needs it
     opts = ort.SessionOptions()
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)

@@ -31,7 +31,7 @@ from quantfx.nn import QuantReLU
 from quantfx.quant import functional as qf
 
 from . import torch_quantized as tq
-from .profile import TORCH
+from .torch_profile import TORCH
 from .torch_pt2_exactness import float32_sum_problems
 
 QD = torch.ops.quantized_decomposed

@@ -28,7 +28,7 @@ from quantfx.errors import ExportError
 from quantfx.lowering import Backend
 
 from . import torch_quantized as tq
-from .profile import TORCH
+from .torch_profile import TORCH
 from .torch_pt2 import Pt2Lowering
 
 META_FILE = "quantfx.json"
@@ -198,5 +198,5 @@ def run_intermediates(program, inputs, fx_names) -> dict:
 TORCHSCRIPT = tq.BACKEND
 BACKEND = Backend(
     name="torch", lower=lower, save=save, load=load, run=run, run_with_intermediates=run_intermediates,
-    suffix=".pt2", check=check, after_calibration=tq.exact_requant_grid,
+    suffix=".pt2", check=check,
     variants={"compiled": run_compiled}, formats={"torchscript": TORCHSCRIPT})

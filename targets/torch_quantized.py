@@ -58,7 +58,7 @@ from quantfx.nn import (
     QuantLinear, QuantReLU, QuantSigmoid,
 )
 
-from .profile import ENGINES, TORCH
+from .torch_profile import ENGINES, TORCH
 
 META_FILE = "quantfx.json"
 F32_EXACT = 2 ** 24
@@ -925,5 +925,4 @@ def run_program_intermediates(program: TorchProgram, inputs, fx_names) -> dict:
 
 BACKEND = Backend(
     name="torch", lower=_lower, save=save_program, load=load_program, run=run_program,
-    run_with_intermediates=run_program_intermediates, suffix=".pt", check=not_quantfx,
-    after_calibration=exact_requant_grid)
+    run_with_intermediates=run_program_intermediates, suffix=".pt", check=not_quantfx)

@@ -109,7 +109,7 @@ def test_inspect_table():
 def test_add_of_a_scale_group_counts_both_integer_ranges():
     """UINT8 (a ReLU output, [0, 255]) + INT8 ([-128, 127]) on one scale: the sum spans [-128, 382], a signed
     10-bit accumulator whose zero point is the sum of the inputs' zero points."""
-    from quantfx.targets.profile import FINN
+    from quantfx.targets import FINN
     torch.manual_seed(0)
     model = TEST_MODELS["resnet"][0]().eval()
     q = quantfx.quantize(model, FINN.replace(add_grid="scale"), progress=False,

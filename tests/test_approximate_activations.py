@@ -87,7 +87,7 @@ def test_other_profiles_do_not_run_it():
 def test_refine_hard_sigmoid_positions():
     """Quark's adjust_hard_sigmoid: the input position in [0, 15], the output's at least 7. An input with a
     large range (position < 0) moves to 0 and is reported; the file verifies at 0 LSB."""
-    from quantfx.targets.dpu_refine import fix_pos, producing_quantizer, refine
+    from quantfx.targets.dpu.positions import fix_pos, producing_quantizer, refine
 
     class Big(nn.Module):
         def __init__(self):

@@ -18,8 +18,8 @@ from quantfx.export import _intermediates
 from quantfx.graph import is_act_quant, is_add, is_cat, is_compute, module_of
 from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE
 from quantfx.targets import dpu
-from quantfx.targets.dpu_arch import ARCHS, DEFAULT_ARCH
-from quantfx.targets.dpu_refine import (SHIFT_CUT, SHIFT_READ, SHIFT_WRITE_ADD, check_file, fix_pos,
+from quantfx.targets.dpu.arch import ARCHS, DEFAULT_ARCH
+from quantfx.targets.dpu.positions import (SHIFT_CUT, SHIFT_READ, SHIFT_WRITE_ADD, check_file, fix_pos,
                                         is_power_of_two, producing_quantizer, refine, shift_bias_range)
 from quantfx.targets.int16_pairs import cpu_has_int32_dot, pair_risks
 from quantfx.zoo import TEST_MODELS, example_input
@@ -67,7 +67,7 @@ def test_verifies_at_zero_lsb_outputs_and_intermediates(lowered):
 
 def test_float_sum_bound_covers_the_accumulators(monkeypatch):
     """float_sum_risks' bound (sum |x| |w| + |b| in steps) is at least every accumulator's magnitude."""
-    import quantfx.targets.dpu_refine as refine_mod
+    import quantfx.targets.dpu.positions as refine_mod
     q = quantized("lenet")
     x = example_input("lenet", batch=4, seed=5)
     outs = {}
@@ -290,7 +290,7 @@ def test_leaky_relu_rounds_once_as_the_dpu(cls):
 def test_checker_leaky_relu_rules(monkeypatch):
     """check_file: before a LeakyRelu shift_bias >= 0, and the float sum bound times the slope's odd numerator
     (26/256: 13), so that the verification form's LeakyRelu product is exact too."""
-    import quantfx.targets.dpu_refine as refine_mod
+    import quantfx.targets.dpu.positions as refine_mod
     _, q = _leaky_net(ConvLeaky)
     art = quantfx.lower(q, (LEAKY_DATA[0][:1],), target="dpu")
     assert check_file(art) == []
@@ -332,7 +332,7 @@ def test_leaky_relu_fused_no_worse_than_rounding_twice():
     """SQNR against float on held-out inputs: one rounding at the LeakyReLU output is no worse than the
     requantizer before it that a QuantIdentity in the float model puts back (the double rounding)."""
     from quantfx.nn import QuantIdentity
-    from quantfx.targets.profile import DPU
+    from quantfx.targets import DPU
     x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(7))
     for cls in (ConvLeaky, ResLeaky):
         model, once = _leaky_net(cls)
@@ -408,7 +408,7 @@ def test_refine_concat_shares_one_position():
 def test_refine_pool_keeps_input_position():
     """resnet's average pool requantizes at a finer position than its input after calibration: refine, run when
     calibration ends, gives it its input's (Quark's align_pool) and the model notes the change."""
-    q = quantized("resnet")  # calibration runs refine (the dpu backend's after_calibration) and notes it
+    q = quantized("resnet")  # calibration runs refine (the dpu recipe's refine_fix_positions pass) and notes it
     assert _refined_and_verified(q, "resnet") == []  # nothing left to change
     pool = [c for c in q.notes["dpu.refine"] if c["node"] == "pool"]
     assert len(pool) == 1 and pool[0]["new"] < pool[0]["old"] and "pool" in pool[0]["rule"]
@@ -663,7 +663,7 @@ def test_local_positions_min_mse():
     """Quark's min-MSE over positions pos-1..pos+3 (local_positions, the proposals of the default search): each
     chosen weight position has the smallest squared error of the five on its tensor, and the file still verifies
     at 0 LSB."""
-    from quantfx.targets.dpu_calibrate import POS_RANGE, local_positions
+    from quantfx.targets.dpu.calibrate import POS_RANGE, local_positions
     q = quantized("unet", calibration_method="minmax")
     data = [example_input("unet", batch=4, seed=i) for i in range(3)]
     choices = local_positions(q, data)
@@ -795,7 +795,7 @@ def test_float_sum_bound_counts_the_leaky_relu_slope(monkeypatch):
     float_sum_risks counts it as check_file does, so conv1 (read by the LeakyReLU) gets 13 times the bound it
     gets with the slope's factor taken away, and conv2 (read by nothing) the same bound either way."""
     import quantfx.targets.dpu as dpu_mod
-    import quantfx.targets.dpu_refine as refine_mod
+    import quantfx.targets.dpu.positions as refine_mod
     _, q = _leaky_net(ConvLeaky)
     monkeypatch.setattr(refine_mod, "FLOAT_EXACT", 0)
     x = LEAKY_DATA[0]

@@ -542,7 +542,7 @@ def test_missing_qonnx_says_how_to_install(monkeypatch):
 def test_rule_add_inputs_need_identical_datatypes():
     """A profile that shares only the scale across a residual add (add_grid='scale', the onnx default) leaves a
     UINT8 ReLU output and an INT8 branch on one Add; FINN's AddStreams would skip it."""
-    from quantfx.targets.profile import FINN
+    from quantfx.targets import FINN
     q = quantized("residual", target=FINN.replace(add_grid="scale"))
     add = next(n for n in q.graph.nodes if n.op == "call_function" and "add" in n.name)
     with pytest.raises(quantfx.TargetError, match=rf"^finn: {add.name} adds INT8, UINT8 inputs; FINN's AddStreams "

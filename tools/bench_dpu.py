@@ -97,7 +97,7 @@ def resnet(args):
                          progress=False)
     t = time.perf_counter()
     sessions, art, _ = forms(model, q, x, args.threads)
-    from quantfx.targets.dpu_refine import check_file
+    from quantfx.targets.dpu.positions import check_file
     static = [p for p in check_file(art) if "2^24" in p]
     print(f"resnet18_like 1x3x224x224 (lower + fast form: {time.perf_counter() - t:.2f} s): verify "
           f"{quantfx.verify(q, art, (x,)).max_error_lsb:.0f} LSB; {len(static)} layer(s) past the static 2^24 "
@@ -109,8 +109,8 @@ def resnet(args):
 def zoo_positions(args):
     """Output SQNR against float per test-zoo model (64 held-out inputs: 4 batches of 16, seeds 99-102;
     calibrated on 3 batches of 4) with max-based positions, Quark's per-tensor MinMSE alone, and the default."""
-    from quantfx.targets.dpu_calibrate import local_positions
-    from quantfx.targets.dpu_refine import refine
+    from quantfx.targets.dpu.calibrate import local_positions
+    from quantfx.targets.dpu.positions import refine
     from quantfx.zoo import TEST_MODELS, example_input
     print("output SQNR against float, dB (64 held-out inputs): model, max positions, per-tensor MinMSE, default")
     for name in sorted(TEST_MODELS):

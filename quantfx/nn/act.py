@@ -139,7 +139,7 @@ class QuantReLU(QuantAct):
 class QuantLeakyReLU(QuantAct):
     """LeakyReLU followed by a signed 8-bit quantizer by default. The dpu profile swaps nn.LeakyReLU for it, so
     the conv or add before it is not requantized: one rounding, at the LeakyReLU's output, as the DPU computes a
-    LeakyReLU fused into the layer (targets/dpu.py, "LeakyReLU")."""
+    LeakyReLU fused into the layer (targets/dpu/lowering.py, "LeakyReLU")."""
 
     def __init__(self, act_quant=_DEFAULT, negative_slope: float = 0.01, **kwargs):
         super().__init__(act_quant, **kwargs)

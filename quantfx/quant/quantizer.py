@@ -432,7 +432,7 @@ class Quantizer(nn.Module):
 
     def quant_tensor(self, x, input_scale=None, weight_scale=None, training=None):
         """Quantize x and return a :class:`quantfx.QuantTensor` (a plain tensor when disabled/calibrating)."""
-        from ..quant_tensor import QuantTensor
+        from ..quant_tensor import QuantTensor  # here: quant_tensor imports quant.functional, whose package imports us
         y, s, z = self.quantize(x, input_scale, weight_scale)
         if s is None:
             return y
@@ -493,7 +493,7 @@ class Quantizer(nn.Module):
 
 def _distributed():
     """torch.distributed, when a process group of more than one rank is running; else None."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # optional: not every PyTorch build has it
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist
     return None

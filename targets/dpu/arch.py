@@ -24,13 +24,14 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import fx, nn
 
+from quantfx.classify import HARD_SIGMOID_SCALE, hard_swish_parts
+from quantfx.errors import QuantArgumentError
 from quantfx.graph import (
     float_island, is_act_quant, is_add, is_cat, is_compute, is_invariant, is_link, is_product, module_of, qmeta,
 )
-from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.nn import QuantHardTanh, QuantIdentity, QuantLeakyReLU, QuantReLU, QuantSigmoid
 
-from .dpu_refine import HARD_SIGMOID_IN, fix_pos, hard_sigmoid_input
+from .positions import HARD_SIGMOID_IN, fix_pos, hard_sigmoid_input
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,6 @@ DEFAULT_ARCH = DPUCZDX8G_B4096.name
 def get_arch(arch) -> DpuArch:
     if isinstance(arch, DpuArch):
         return arch
-    from quantfx.errors import QuantArgumentError
     if arch not in ARCHS:
         raise QuantArgumentError(f"dpu: unknown architecture {arch!r}; known: {', '.join(sorted(ARCHS))}")
     return ARCHS[arch]

@@ -41,10 +41,10 @@ import torch
 from onnx import numpy_helper
 from torch import fx, nn
 
+from quantfx.classify import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.graph import (data_input, is_act_quant, is_add, is_cat, is_compute, is_invariant, module_of, qmeta,
                            tensor_inputs)
 from quantfx.nn import QuantLeakyReLU
-from quantfx.passes.approximate_activations import HARD_SIGMOID_SCALE, hard_swish_parts
 from quantfx.pipelines import annotate
 from quantfx.quant.functional import is_power_of_two
 
@@ -58,6 +58,7 @@ HARD_SIGMOID_IN = (0, 15)  # adjust_hard_sigmoid: input position in [0, 15], out
 HARD_SIGMOID_OUT_MIN = 7  # shift_sigmoid = 14 + i - o in [0, 31]
 MAX_LOOPS = 5  # Quark's adjust_quantize_info loops at most 5 times too
 FLOAT_EXACT = 2 ** 24  # float32 integers are exact up to 2^24
+REFINE_NOTE = "dpu.refine"  # qmodel.notes key: the refine changes made after calibration (the report lists them)
 
 
 def fix_pos(scale) -> int:
@@ -179,7 +180,9 @@ def hard_sigmoid_input(node):
     return None
 
 
-def _one_round(gm) -> list[Change]:
+def _one_round(gm, set_pos=set_pos) -> list[Change]:
+    """One sweep of the rules over the graph, moving positions with ``set_pos`` (a no-op: a read-only sweep that
+    lists the rules the graph breaks)."""
     g = _Graph(gm)
     changes: list[Change] = []
     for node in gm.graph.nodes:
@@ -259,7 +262,7 @@ def _one_round(gm) -> list[Change]:
             if new_i < i and hard_swish_input(gm, x):
                 # a hard-swish's x * hard_sigmoid(x): its x is the product's operand too, and moving it to
                 # position 15 zeroes every |x| < 2^-16 (a random-weight MobileNetV3 at 0 dB). It keeps its
-                # position, and the report places this hard-sigmoid on the CPU (dpu_arch: hard-sigmoid input
+                # position, and the report places this hard-sigmoid on the CPU (arch.py: hard-sigmoid input
                 # position above 15)
                 new_i = i
             new_o = max(o, HARD_SIGMOID_OUT_MIN)
@@ -307,8 +310,8 @@ def refine(gm: fx.GraphModule) -> list[Change]:
     """Adjust the fix positions of a calibrated compiled graph to the DPU compiler's rules (module docstring),
     in place; returns every change (node, tensor, old -> new position, rule, limit). Idempotent: a refined graph
     gives no change. A position it moves is fixed (the quantizer's ``fixed_scale``): calibrating again leaves it
-    where the rule put it. Calibration runs it (the dpu backend's ``after_calibration``) and the lowering
-    again (a no-op then), so the calibrated model computes what the file will."""
+    where the rule put it. Calibration runs it last (the pass ``refine_fix_positions`` of the dpu recipe), so the
+    calibrated model computes what the file will; the lowering only checks (:func:`position_problems`)."""
     annotate(gm)
     changes: list[Change] = []
     for _ in range(MAX_LOOPS * max(1, len(gm.graph.nodes))):
@@ -319,6 +322,15 @@ def refine(gm: fx.GraphModule) -> list[Change]:
     if changes:
         annotate(gm)  # the graph's metadata follows the moved positions
     return changes
+
+
+def position_problems(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """The DPU compiler's rules that the positions of a compiled graph break, read-only: ``[(node, message)]``,
+    empty on a graph :func:`refine` has been run on (calibration runs it). The rule checker reads this analysis
+    from the dpu profile's constraints."""
+    return [(c.node, f"{c.tensor} position {c.old}: {c.rule} is outside {c.limit} (position {c.new} keeps it; "
+                     "calibrate the model again, or run the pass refine_fix_positions on it)")
+            for c in _one_round(gm, set_pos=lambda q, pos: None)]
 
 
 # -- the checker of a lowered file ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ downstream than it saves there. :func:`calibrate_positions`, the dpu default (``
 calibration_data=...)``, calibration_method 'auto' or 'mse'; 'minmax' keeps the max's positions), therefore
 keeps each MinMSE proposal that differs from the max-based position only if it lowers the squared error of the
 network's output against float over the calibration data, with the choices made so far in place and the DPU
-compiler's rules (:func:`targets.dpu_refine.refine`) applied to the positions being judged: one forward pass
+compiler's rules (:func:`targets.dpu.positions.refine`) applied to the positions being judged: one forward pass
 over the data per differing proposal. The choice stays a power of two; the refine (which calibration runs
 next) reports its changes as before.
 """
@@ -30,7 +30,7 @@ from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 from quantfx.quant_tensor import value_of
 
-from .dpu_refine import fix_pos, refine, set_pos
+from .positions import fix_pos, refine, set_pos
 
 POS_RANGE = 5  # Quark's default: positions pos - 1 .. pos + 3
 

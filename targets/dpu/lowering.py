@@ -9,9 +9,10 @@ ConvTranspose and Gemm. Model metadata holds the fix position of every quantized
 node on the DPU or the CPU with rule and limit, and the refine pass's changes).
 
 Before anything is written, the lowering checks the profile's rules (8-bit, per-tensor, symmetric, power-of-two:
-a 4-bit layer, per-channel weights or a zero point are a TargetError naming the node) and applies
-:func:`targets.dpu_refine.refine` to the compiled model's quantizers, so the fake-quant model and the file carry
-the same, DPU-legal positions.
+a 4-bit layer, per-channel weights or a zero point are a TargetError naming the node; the DPU compiler's position
+rules, :func:`targets.dpu.positions.position_problems`). It changes nothing: calibration applied the position
+rules (the recipe's pass ``refine_fix_positions``), so the fake-quant model and the file carry the same, DPU-legal
+positions.
 
 Rounding. Weights and biases are integers in the file (rounded half to even by quantfx's quantizers; XIR
 rounds constants it quantizes itself with STD_ROUND, half away from zero, and vai_q_pytorch's DPU defaults,
@@ -26,7 +27,7 @@ QuantizeLinear (ties to even), the form Quark and the Vitis AI ONNX flow read fi
 
 LeakyReLU. The DPU computes a LeakyReLU in the conv (or depthwise/transposed conv, or add) before it and rounds
 once, at its output: ``y = DPU_ROUND(leaky(acc / 2^shift_cut))``, ``acc`` the integer sum with the bias shifted
-in (``shift_bias >= 0``, see dpu_refine), slope 26/256. Sources: the CPU reference of XIR's conv2d-fix and
+in (``shift_bias >= 0``, see positions.py), slope 26/256. Sources: the CPU reference of XIR's conv2d-fix and
 eltwise-fix (Vitis AI ``src/vai_library/cpu_task/ops/conv2d-fix/conv2d-fix.cpp``, ``eltwise-fix/eltwise-fix.cpp``:
 ``fix(nonlinear(sum / shift_cut_scale))``, one fix; its LEAKYRELU case multiplies by a placeholder 0.01);
 vai_q_pytorch's ``nndct_shared/quantization/commander.py`` (SoftFuseLeakyRelu puts a LeakyReLU in its producer's
@@ -43,7 +44,7 @@ without VNNI those sum products in saturating int16 pairs (``targets.int16_pairs
 u8 by +128) times two 8-bit weights passes 32767. The verification form therefore disables QDQ fusion
 (``session.disable_quant_qdq``) and rounds as the DPU (:func:`dpu_round_form`): every op runs in float32 on the
 dequantized values, which is exact while every partial sum is an integer number of the layer's finest step below
-2^24 (power-of-two scales make every product exact); :func:`targets.dpu_refine.check_file` checks that bound
+2^24 (power-of-two scales make every product exact); :func:`targets.dpu.positions.check_file` checks that bound
 per output channel, so the verified numbers do not depend on the CPU. :func:`fast_form` writes the onnxruntime-fast variant (int32 bias on the accumulator's
 scale, so onnxruntime runs integer kernels): it rounds activation ties to even, and a LeakyReLU's layer output
 once more before it (QLinearConv, QLinearLeakyRelu), so it approximates the DPU to an LSB or two (more where an
@@ -52,7 +53,6 @@ int16 pair sum saturates, on x86 without VNNI).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
@@ -63,28 +63,28 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from quantfx.errors import ExportError
-from quantfx.graph import is_cat, is_invariant, module_of, tensor_inputs
-from quantfx.lowering import Backend
+from quantfx.graph import is_cat, is_compute, is_invariant, module_of, qmeta, tensor_inputs
+from quantfx.lowering import Backend, lower_with
 from quantfx.nn import QuantLeakyReLU, QuantReLU
+from quantfx.quant_tensor import value_of
 
-from .dpu_arch import DEFAULT_ARCH, DpuReport, get_arch, legality
-from .dpu_calibrate import calibrate_positions
-from .dpu_refine import check_file, fix_pos, refine, slope_odd_numerator
-from .int16_pairs import pair_risks
-from .onnx_base import OnnxLowering, feed, load_onnx, not_quantfx, save_onnx
-from .onnx_qdq import QDQLowering, ort_session, run_onnx_intermediates
+from ..int16_pairs import pair_risks
+from ..onnx_base import OnnxLowering, feed, load_onnx, not_quantfx, save_onnx
+from ..onnx_qdq import QDQLowering, ort_session, run_onnx_intermediates
+from .arch import DEFAULT_ARCH, DpuReport, get_arch, legality
 from .profile import DPU
+from . import positions
+from .positions import REFINE_NOTE, check_file, fix_pos, slope_odd_numerator
 
 FIX_POSITIONS_KEY = "quantfx.dpu.fix_positions"
 REPORT_KEY = "quantfx.dpu.report"
-REFINE_NOTE = "dpu.refine"  # qmodel.notes key: the refine changes made after calibration
 FORM_KEY = "quantfx.dpu.form"
 
 
 class DpuLowering(QDQLowering):
     """QDQ lowering with power-of-two int8 everywhere, int8 internal-scale biases and the DPU's refine rules.
     ``form``: 'dpu' (the artefact) or 'fast' (int32 biases on the accumulator's scale, for onnxruntime's
-    integer kernels); ``arch``: the DPU the report places nodes for (a name of ``dpu_arch.ARCHS``)."""
+    integer kernels); ``arch``: the DPU the report places nodes for (a name of ``arch.ARCHS``)."""
 
     guard_double_qdq = False  # verified with onnxruntime's QDQ transformers off; the file keeps Quark's form
     gemm_over_tokens = False  # the same: Linear over tokens stays MatMul -> Add, as Quark writes it
@@ -99,11 +99,10 @@ class DpuLowering(QDQLowering):
         self.changes: list = []
 
     def check(self) -> None:
-        super().check()  # the profile's rules (8-bit, per-tensor, symmetric, po2) and calibration
-        # calibration refined the model already (after_calibration) and noted its changes; a model calibrated
-        # otherwise is refined here
-        self.changes = list(getattr(self.gm, "notes", {}).get(REFINE_NOTE, [])) + \
-            [asdict(c) for c in refine(self.gm)]
+        # the profile's rules (8-bit, per-tensor, symmetric, po2, the compiler's position rules) and calibration
+        super().check()
+        # the position changes calibration's refine_fix_positions pass made, for the report
+        self.changes = list(getattr(self.gm, "notes", {}).get(REFINE_NOTE, []))
 
     # -- the fast form: ReLU outputs as uint8 ---------------------------------------------------------------
     # A ReLU output lies in [0, 127]: written as uint8 (zero point 0, Clip at 127) it is the same integer, and
@@ -226,7 +225,6 @@ def fast_form(qmodel, example_inputs) -> onnx.ModelProto:
     to even (the DPU up), a layer before a LeakyReLU is requantized on its grid (the DPU rounds once), and on x86
     CPUs without VNNI a layer whose int16 pair sums can pass 32767 (``targets.int16_pairs.pair_risks``) may
     saturate. For speed measurements, not for verification."""
-    from quantfx.export import lower_with
     return lower_with(lambda q, inputs: DpuLowering(q, inputs, profile=DPU, form="fast").lower(), qmodel,
                       example_inputs)
 
@@ -293,8 +291,6 @@ def float_sum_risks(qmodel, inputs) -> list[tuple[str, int]]:
     it passes 2^24. An empty list means every partial sum, in any order, is an exact float32 integer of steps:
     the verified numbers are the same on every CPU for these inputs, whatever check_file's static bound says.
     Returns [(layer, worst)]."""
-    from quantfx.graph import is_compute, qmeta
-    from quantfx.quant_tensor import value_of
     nodes = {n.target: n for n in qmodel.graph.nodes if is_compute(qmodel, n)}
     worst: dict = {}
 
@@ -333,8 +329,7 @@ def float_sum_risks(qmodel, inputs) -> list[tuple[str, int]]:
         qmodel.train(was_training)
         for h in handles:
             h.remove()
-    from .dpu_refine import FLOAT_EXACT
-    return [(name, v) for name, v in worst.items() if v > FLOAT_EXACT]
+    return [(name, v) for name, v in worst.items() if v > positions.FLOAT_EXACT]  # read when called (tests lower it)
 
 
 def diagnose(model: onnx.ModelProto, inputs) -> str:
@@ -355,18 +350,9 @@ def _lower(qmodel, example_inputs):
     return DpuLowering(qmodel, example_inputs, profile=DPU).lower()
 
 
-def refine_after_calibration(qmodel) -> None:
-    """Apply the DPU compiler's rules to freshly calibrated scales and note the changes on the model (the
-    lowering reports them), so the calibrated model already computes what the file will."""
-    changes = [asdict(c) for c in refine(qmodel)]
-    if hasattr(qmodel, "notes"):
-        qmodel.notes[REFINE_NOTE] = list(qmodel.notes.get(REFINE_NOTE, [])) + changes
-
-
 BACKEND = Backend(
     name="dpu", lower=_lower, save=save_onnx, load=load_onnx, run=run_dpu,
-    run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx,
-    after_calibration=refine_after_calibration, calibration_methods={"auto": calibrate_positions, "mse": calibrate_positions})
+    run_with_intermediates=run_dpu_intermediates, diagnose=diagnose, check=not_quantfx)
 
 __all__ = ["DpuLowering", "BACKEND", "report", "fix_positions", "fast_form", "dpu_session", "run_dpu",
-           "check_file", "refine", "dpu_round_form", "float_sum_risks"]
+           "check_file", "dpu_round_form", "float_sum_risks"]
