@@ -794,7 +794,7 @@ def test_float_sum_bound_counts_the_leaky_relu_slope(monkeypatch):
     """Before a fused LeakyReLU the float32 product with the slope (26/256) needs the sum times 13 below 2^24:
     float_sum_risks counts it as check_file does, so conv1 (read by the LeakyReLU) gets 13 times the bound it
     gets with the slope's factor taken away, and conv2 (read by nothing) the same bound either way."""
-    import quantfx.targets.dpu as dpu_mod
+    import quantfx.targets.dpu.lowering as dpu_mod
     import quantfx.targets.dpu.positions as refine_mod
     _, q = _leaky_net(ConvLeaky)
     monkeypatch.setattr(refine_mod, "FLOAT_EXACT", 0)
