@@ -1,7 +1,7 @@
 """quantfx quick start: train a small CNN on scikit-learn's digits, quantize it for every target that has a
 backend, verify each artefact in its own runtime, and compare accuracies.
 
-    python examples/quickstart.py [--out out/quickstart] [--epochs 15] [--quiet]
+    python examples/quickstart.py [--out out/quickstart] [--epochs 15] [--targets dpu finn onnx torch] [--quiet]
 """
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/quickstart", help="folder for artefacts and diagrams")
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--targets", nargs="+", help="targets to quantize for (default: every target with a backend)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -108,7 +109,7 @@ def main(argv=None):
     calib = [x_train[i:i + 64] for i in range(0, 512, 64)]
     import quantfx.targets  # noqa: F401  (registers the backends)
     rows, report_variants = [], {}
-    for target in sorted(BACKENDS):
+    for target in sorted(args.targets or BACKENDS):
         qmodel, path, report, fq_logits, runtime_logits = quantize_and_run(
             model, target, calib, x_test, out / f"digits_{target}", progress=not args.quiet)
         fq_acc = accuracy(fq_logits, y_test)

@@ -24,8 +24,8 @@ def fold_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.T
 
     Not torch.nn.utils.fusion's ``fuse_conv_bn_weights``/``fuse_linear_bn_weights``: they scale by
     ``gamma * rsqrt(var + eps)`` and multiply the bias in another order, which differs from this fold in the last
-    bit on 184 of the 186 conv/bn pairs of the zoo's models (and changes their artefacts), and their transposed
-    case ignores ``groups``."""
+    bit (and so would change the artefacts: BENCHMARKS.md, "Conv+BN fold"), and their transposed case ignores
+    ``groups``."""
     w = layer.weight.detach()
     b = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
     gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean, dtype=w.dtype)

@@ -34,8 +34,8 @@ from .tables import inspect, layer_table  # noqa: F401  (re-exported)
 @contextlib.contextmanager
 def gc_paused():
     """Python's cyclic garbage collector off for the block (restored after). Compiling a model allocates
-    hundreds of thousands of objects, and each full collection walks every live one: for a 2000-layer model
-    the collector made quantize 14% slower and grow 11.5x from 200 layers instead of 9.4x."""
+    hundreds of thousands of objects, and each full collection walks every live one, so with the collector on
+    compile time grows faster than the model (BENCHMARKS.md, "Compiler speed")."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -47,7 +47,7 @@ def gc_paused():
 
 def _finite(t: torch.Tensor) -> bool:
     """Whether every value of a non-empty float tensor is finite: its min and max in one pass (NaN propagates
-    to both, an inf is one of them), several times faster than ``isfinite(t).all()``, which builds a mask."""
+    to both, an inf is one of them), without the mask ``isfinite(t).all()`` would build."""
     lo, hi = torch.aminmax(t.detach())
     return math.isfinite(lo) and math.isfinite(hi)
 

@@ -225,4 +225,6 @@ def _progress(data, enabled: bool, desc: str):
         return data
     from tqdm.auto import tqdm  # third-party, loaded only when a progress bar is shown
     total = len(data) if hasattr(data, "__len__") else None
-    return tqdm(data, desc=desc, total=total, leave=False, file=sys.stderr)
+    # disable=None: no bar when stderr is not a terminal (a log, a pipe, CI), where its redraws would be left as
+    # lines of text; on a terminal leave=False clears it once the loop ends
+    return tqdm(data, desc=desc, total=total, leave=False, file=sys.stderr, disable=None)

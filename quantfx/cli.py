@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -203,9 +204,22 @@ def cmd_draw(args) -> int:
     return EXIT_OK
 
 
+def _torch_artefact(path: str) -> bool:
+    """Whether ``path`` is a torch artefact quantfx wrote (.pt2 or TorchScript: an archive holding its
+    quantfx.json), as opposed to a quantized model saved with ``torch.save``."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/quantfx.json") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def cmd_inspect(args) -> int:
     if args.path.endswith(".onnx"):
         print(inspect_onnx(args.path))
+    elif _torch_artefact(args.path):  # how each node of the program runs
+        from .lowering import BACKENDS
+        quantfx.inspect(BACKENDS["torch"].load(args.path))
     else:
         quantfx.inspect(_load_qmodel(args.path))
     return EXIT_OK

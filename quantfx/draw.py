@@ -12,7 +12,11 @@ PATH is used; with neither, the ``.dot`` source is still written and DrawError s
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -232,12 +236,44 @@ class _RenderError(Exception):
     """Graphviz refused the graph (the message is Graphviz's)."""
 
 
+# Lines Graphviz's libraries print that say nothing about the diagram: the fontconfig bundled in the pygraphviz
+# wheel is older than many systems' font configuration and warns about elements it does not know
+# ('Fontconfig warning: ".../05-reset-dirs-sample.conf", line 6: unknown element "reset-dirs"'); the fonts load.
+NATIVE_NOISE = ("Fontconfig warning:",)
+
+
+@contextlib.contextmanager
+def _filtered_native_stderr(noise=NATIVE_NOISE):
+    """Run the block with file descriptor 2 captured (C libraries write there, past ``sys.stderr``), then pass
+    on every captured line except those starting with one of ``noise``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no file descriptor 2 (some embedded interpreters): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(noise)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def _render(g: graphviz.Digraph, fmt: str) -> bytes:
     """The diagram in ``fmt``, laid out by dot: in-process through pygraphviz, else by one ``dot`` process."""
     pgv = _pygraphviz()
     if pgv is not None:
         try:
-            return pgv.AGraph(string=g.source).draw(format=fmt, prog="dot")
+            with _filtered_native_stderr():
+                return pgv.AGraph(string=g.source).draw(format=fmt, prog="dot")
         except (ValueError, pgv.DotError) as e:
             raise _RenderError(str(e)) from e
     try:

@@ -32,9 +32,8 @@ def annotate(qmodel: fx.GraphModule) -> fx.GraphModule:
 
 
 def equalize_default(profile) -> bool:
-    """Whether ``equalize=None`` runs cross-layer equalization: not yet on any target. On the random-weight test
-    zoo it moved dpu SQNR by -1.0..+0.7 dB (its channels are balanced; trained MobileNets' are not) and changed
-    the magnitude tests' dpu figures, so it stays opt-in (``equalize=True``) until measured on trained models."""
+    """Whether ``equalize=None`` runs cross-layer equalization: on no target. It is opt-in (``equalize=True``)
+    until it is shown to help on trained models (BENCHMARKS.md, "Cross-layer equalization by default")."""
     return False
 
 

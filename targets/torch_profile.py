@@ -51,8 +51,8 @@ def torch_profile(engine: str = "x86") -> TargetProfile:
     ``rne(fl(acc + b) x m) + zp``, oneDNN ``rne(fl(fl(acc x s) + b) x (1 / s_out) + zp)``), so the profile makes
     every step exact (``exact_requant``): power-of-two activation scales, even zero points, and after calibration
     each weight scale on the grid that puts the layer's multiplier on multiples of 2^-15; then both compute the
-    exact rational and its rounding, on every x86 CPU. 'fbgemm' keeps float activation scales (1.4 dB more SQNR
-    on the ResNet-18 benchmark model, 3.4 dB on MobileNetV2) and runs fbgemm everywhere, slower than oneDNN on
+    exact rational and its rounding, on every x86 CPU. 'fbgemm' keeps float activation scales (more SQNR against
+    float: BENCHMARKS.md, "torch: power-of-two activation scales") and runs fbgemm everywhere, slower than oneDNN on
     VNNI CPUs. 'onednn' takes x86's exact scheme on oneDNN everywhere, its fake-quant model in oneDNN's float
     order (``requant='float_bias'``; on the exact grid every order gives the same integers)."""
     if engine not in ENGINES:

@@ -16,7 +16,9 @@ without them it compiles the same arithmetic in float32 (targets/torch_pt2_exact
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -65,7 +67,7 @@ class Pt2Program:
             fn = torch.compile(self.exported.module())
 
             def frozen(*inputs):
-                with torch._inductor.config.patch(freezing=True), torch.no_grad():
+                with torch._inductor.config.patch(freezing=True), torch.no_grad(), _no_gpu_notice():
                     return fn(*inputs)
 
             self._modules["compiled"] = frozen
@@ -87,6 +89,25 @@ class Pt2Program:
         return [r for r in self.report if r["how"] == "float"]
 
     table = tq.TorchProgram.table
+
+
+class _NoGpuNotice(logging.Filter):
+    """Drops the notice torch.utils.cpp_extension logs when inductor first imports it on a machine without a GPU
+    toolkit ('No CUDA runtime is found, using CUDA_HOME=...'): true, and nothing to do with a CPU program."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("No CUDA runtime is found", "No ROCm runtime is found"))
+
+
+@contextlib.contextmanager
+def _no_gpu_notice():
+    """While compiling: torch.utils.cpp_extension's logger without :class:`_NoGpuNotice`'s notice."""
+    logger, notice = logging.getLogger("torch.utils.cpp_extension"), _NoGpuNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _arithmetic(profile) -> dict:

@@ -33,6 +33,7 @@ loaded, by the quantized engine set at that moment: the file records its engine 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import copy
 import json
 import math
@@ -86,6 +87,28 @@ def quantized_engine(name: str):
         yield
     finally:
         torch.backends.quantized.engine = old
+
+
+# What PyTorch says each time this form is written or read: the deprecation of quantized tensors and of
+# TorchScript, which this module's docstring states once for the user who asks for format='torchscript'.
+_DEPRECATIONS = (
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation"),
+    (FutureWarning, r"`torch\.jit\.(script|save|load)` is deprecated"),
+    (UserWarning, r"The TorchScript type system doesn't support instance-level annotations"),
+    (UserWarning, r"'torch\.load' received a zip file that looks like a TorchScript archive"),
+)
+
+
+@contextlib.contextmanager
+def without_deprecation_warnings():
+    """The block without :data:`_DEPRECATIONS`' warnings (any other warning still shows). The quantized-tensor
+    one is a C++ warning given once per process; it is given here first, under the filter, so that loading a
+    file (where C++ prints it past Python's warnings) does not show it either."""
+    with warnings.catch_warnings():
+        for category, message in _DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        torch._empty_affine_quantized([1], scale=1.0, zero_point=0, dtype=torch.quint8)
+        yield
 
 
 # -- functions the lowered graph calls (TorchScript compiles them into the file) -------------------------
@@ -865,15 +888,17 @@ def exact_requant_grid(qmodel) -> None:
 
 
 def _lower(qmodel, example_inputs) -> TorchProgram:
-    return TorchLowering(qmodel, example_inputs, profile=TORCH).lower()
+    with without_deprecation_warnings():
+        return TorchLowering(qmodel, example_inputs, profile=TORCH).lower()
 
 
 def save_program(program: TorchProgram, path) -> None:
-    with quantized_engine(program.engine):
+    with quantized_engine(program.engine), without_deprecation_warnings():
         script = program.module if isinstance(program.module, torch.jit.ScriptModule) else \
             torch.jit.script(program.module)
     meta = {"producer": "quantfx", "engine": program.engine, "report": program.report}
-    torch.jit.save(script, str(path), _extra_files={META_FILE: json.dumps(meta)})
+    with without_deprecation_warnings():
+        torch.jit.save(script, str(path), _extra_files={META_FILE: json.dumps(meta)})
 
 
 def load_program(path) -> TorchProgram:
@@ -887,7 +912,7 @@ def load_program(path) -> TorchProgram:
     if meta.get("producer") != "quantfx":
         raise ExportError(f"{path} was not written by quantfx (no {META_FILE} in the archive)")
     engine = meta.get("engine", "fbgemm")
-    with quantized_engine(engine):
+    with quantized_engine(engine), without_deprecation_warnings():
         module = torch.jit.load(str(path), map_location="cpu")
     return TorchProgram(module, engine, meta.get("report", []), {})
 

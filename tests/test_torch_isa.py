@@ -23,7 +23,7 @@ same output bytes at every level, the fake-quant model's. (Inductor's oneDNN int
 which tests never import: tools/bench_torch.py checks them on this CPU, BENCHMARKS.md.)
 
 fbgemm picks its kernels from cpuinfo with no cap; its files are covered by the int16 pair rule (W7A8:
-255 x (64 + 64) <= 32767, no pair can saturate) and by running the suite on AVX2 and AVX512-VNNI machines (README: the torch target)."""
+255 x (64 + 64) <= 32767, no pair can saturate) and by running the suite on AVX2 and AVX512-VNNI machines (docs/torch_pt2.md, "x86 is exact on every x86 CPU")."""
 import os
 import pickle
 import subprocess

@@ -1,4 +1,4 @@
-"""Render the README's diagram: a small CNN with a residual add and a skip concatenation, quantized for
+"""Render the diagram of docs/diagrams.md: a small CNN with a residual add and a skip concatenation, quantized for
 finn and calibrated, drawn to docs/quantized_graph.svg.
 
     python tools/render_readme_diagram.py [--out docs/quantized_graph.svg]

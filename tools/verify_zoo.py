@@ -1,5 +1,5 @@
 """Quantize every test model for each target with a backend, export it, run it in its own runtime and print
-the max error against the fake-quant model in LSBs (the figures in README's targets section).
+the max error against the fake-quant model in LSBs (the fidelity table of docs/verification.md).
 
     python tools/verify_zoo.py [--batch 4] [--seed 123]
 """
