@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.fx import Interpreter
 
 from quantfx.calibration import _as_args, _n_inputs, _run_batches, quantizers
 from quantfx.weight_rounding import float_view
@@ -30,7 +31,7 @@ from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 from quantfx.quant_tensor import value_of
 
-from .dpu_refine import fix_pos, refine, set_pos
+from .dpu_refine import Rules, fix_pos, set_pos
 
 POS_RANGE = 5  # Quark's default: positions pos - 1 .. pos + 3
 
@@ -163,7 +164,12 @@ def _first_samples(batches: list[tuple], n: int) -> list[tuple]:
 class _OutputError:
     """The squared error of the model's output against its float output (:func:`float_view`) over the first
     calibration samples, with the DPU compiler's rules applied to the positions being tried
-    (refine moves positions after the search, so a position is judged as the DPU will get it)."""
+    (refine moves positions after the search, so a position is judged as the DPU will get it).
+
+    Every node's value of the last accepted positions is kept, so a trial recomputes only the graph from the
+    first node that reads a quantizer whose position differs from the accepted ones (after the rules): a
+    proposal late in the graph costs a forward of its tail, not of the network. Same values, bit for bit, as a
+    forward of the whole model. :meth:`accept` makes the last trial's positions the accepted ones."""
 
     def __init__(self, qmodel, data, max_batches):
         self.qmodel = qmodel
@@ -173,16 +179,45 @@ class _OutputError:
         self.every = quantizers(qmodel)
         with torch.no_grad(), float_view(qmodel):
             self.refs = [_flat(qmodel(*args)) for args in self.batches]
+        annotate(qmodel)
+        self.rules = Rules(qmodel)
+        self.nodes = list(qmodel.graph.nodes)
+        self.first_reader = {}  # id(quantizer) -> index of the first node whose module holds it
+        for k, node in enumerate(self.nodes):
+            if node.op == "call_module":
+                for m in qmodel.get_submodule(node.target).modules():
+                    self.first_reader.setdefault(id(m), k)
+        self.accepted = None  # (fixed scales after the rules, node values per batch, error)
+        self._trial = None
 
     def __call__(self) -> float:
         snap = _snapshot(self.every)
         try:
-            refine(self.qmodel)
+            self.rules()
+            state = [q.fixed_scale for q in self.every]
+            if self.accepted is None:
+                start = 0
+            else:
+                moved = [q for q, now, then in zip(self.every, state, self.accepted[0]) if now != then]
+                if not moved:
+                    self._trial = self.accepted
+                    return self.accepted[2]
+                start = min(self.first_reader.get(id(q), 0) for q in moved)
+            envs, err = [], 0.0
             with torch.no_grad():
-                return sum(float((_flat(self.qmodel(*args)) - ref).pow(2).sum())
-                           for args, ref in zip(self.batches, self.refs))
+                for j, (args, ref) in enumerate(zip(self.batches, self.refs)):
+                    run = Interpreter(self.qmodel, garbage_collect_values=False)
+                    prefix = {n: self.accepted[1][j][n] for n in self.nodes[:start]} if start else None
+                    out = run.run(*args, initial_env=prefix)
+                    envs.append(run.env)
+                    err += float((_flat(out) - ref).pow(2).sum())
+            self._trial = (state, envs, err)
+            return err
         finally:
             _restore(snap)
+
+    def accept(self) -> None:
+        self.accepted = self._trial
 
 
 def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[PositionChoice]:
@@ -198,6 +233,7 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
     ``chosen == max_position``)."""
     measure = _OutputError(qmodel, data, max_batches)
     best = measure()
+    measure.accept()
     choices = []
     for q, c, now in _proposals(qmodel, data, max_batches):
         if c.chosen == now:
@@ -209,6 +245,7 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         err = measure()
         if err < best:
             best = err
+            measure.accept()
             choices.append(c)
         else:
             _restore(before)
