@@ -190,7 +190,9 @@ class _OutputError:
         self.accepted = None  # (fixed scales after the rules, node values per batch, error)
         self._trial = None
 
-    def __call__(self) -> float:
+    def __call__(self, bound: float = math.inf) -> float:
+        """The error of the positions now; where the batches judged so far already reach ``bound`` the rest are
+        not run (the sum only grows) and that partial sum is returned."""
         snap = _snapshot(self.every)
         try:
             self.rules()
@@ -211,6 +213,9 @@ class _OutputError:
                     out = run.run(*args, initial_env=prefix)
                     envs.append(run.env)
                     err += float((_flat(out) - ref).pow(2).sum())
+                    if err >= bound:
+                        self._trial = None
+                        return err
             self._trial = (state, envs, err)
             return err
         finally:
@@ -242,7 +247,7 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         members = q.scale_group.members if getattr(q, "scale_group", None) is not None else [q]
         before = _snapshot(members)
         set_pos(q, c.chosen)
-        err = measure()
+        err = measure(bound=best)
         if err < best:
             best = err
             measure.accept()
