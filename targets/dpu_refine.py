@@ -117,6 +117,7 @@ class _Graph:
         self._acts: dict = {}
         self._readers: dict = {}
         self._pos: dict = {}
+        self._static: dict = {}
         self.sites = [(node, kind) for node in gm.graph.nodes if (kind := self._kind(node)) is not None]
 
     def _kind(self, node) -> Optional[str]:
@@ -133,6 +134,12 @@ class _Graph:
         if _is_avgpool(self.gm, node):
             return "avgpool"
         return None
+
+    def static(self, key, compute):
+        """``compute()``, once per ``key``: facts of the graph's structure, which refine does not change."""
+        if key not in self._static:
+            self._static[key] = compute()
+        return self._static[key]
 
     def act_quantizer(self, node) -> Optional[nn.Module]:
         if node not in self._acts:
@@ -160,7 +167,7 @@ class _Graph:
 
 
 def _layer_positions(g: _Graph, node):
-    layer = module_of(g.gm, node)
+    layer = g.static(("module", node), lambda: module_of(g.gm, node))
     qi = g.act_quantizer(node.args[0])
     qo, reader = g.reader_quantizer(node)
     if qi is None or qo is None or not layer.weight_quant.is_quant_enabled:
@@ -289,7 +296,7 @@ def _one_round(g: _Graph) -> list[Change]:
                 continue
             i, o = g.pos(qi), g.pos(qo)
             new_i = min(max(i, HARD_SIGMOID_IN[0]), HARD_SIGMOID_IN[1])
-            if new_i < i and hard_swish_input(gm, x):
+            if new_i < i and g.static(("hard_swish_input", x), lambda: hard_swish_input(gm, x)):
                 # a hard-swish's x * hard_sigmoid(x): its x is the product's operand too, and moving it to
                 # position 15 zeroes every |x| < 2^-16 (a random-weight MobileNetV3 at 0 dB). It keeps its
                 # position, and the report places this hard-sigmoid on the CPU (dpu_arch: hard-sigmoid input
@@ -307,7 +314,7 @@ def _one_round(g: _Graph) -> list[Change]:
                     set_pos(q, new)
                     changes.append(Change(node.name, what, old, new, rule, limit))
         elif kind == "hard_swish":
-            x, h = hard_swish_parts(gm, node)
+            x, h = g.static(("hard_swish", node), lambda: hard_swish_parts(gm, node))
             qx, qh, (qo, _) = g.act_quantizer(x), g.act_quantizer(h), g.reader_quantizer(node)
             if qx is None or qh is None or qo is None:
                 continue
