@@ -13,8 +13,9 @@ downstream than it saves there. :func:`calibrate_positions`, the dpu default (``
 calibration_data=...)``, calibration_method 'auto' or 'mse'; 'minmax' keeps the max's positions), therefore
 keeps each MinMSE proposal that differs from the max-based position only if it lowers the squared error of the
 network's output against float over the calibration data, with the choices made so far in place and the DPU
-compiler's rules (:func:`targets.dpu_refine.refine`) applied to the positions being judged: one forward pass
-over the data per differing proposal. The choice stays a power of two; the refine (which calibration runs
+compiler's rules (:func:`targets.dpu_refine.refine`) applied to the positions being judged: per differing
+proposal, a forward of the graph from the first node the moved positions reach (the earlier nodes' values are
+kept from the accepted positions), stopped once its error reaches the best. The choice stays a power of two; the refine (which calibration runs
 next) reports its changes as before.
 """
 from __future__ import annotations
@@ -230,8 +231,8 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
     max-calibrated ``qmodel`` on ``data``: Quark's MinMSE proposes a position per tensor
     (:func:`local_positions`), and each proposal that differs from the max's position is kept only where it
     lowers the network output's squared error against float over the first :data:`JUDGE_SAMPLES` samples of
-    ``data`` (a forward of them per proposal: a ResNet-18 at 224 x 224 takes about a minute), judged in graph order with the
-    earlier choices in place and the DPU compiler's rules (refine) applied. Per-tensor MSE alone ignores the
+    ``data`` (per proposal, a forward of the graph after the first quantizer it moves: :class:`_OutputError`),
+    judged in graph order with the earlier choices in place and the DPU compiler's rules (refine) applied. Per-tensor MSE alone ignores the
     refine rules that move positions afterwards (a concat or an add aligning its inputs, a pool held at its
     input's position) and the error the choice passes downstream: on the test zoo it lost output SQNR on 3 of 8
     models, this search on none (BENCHMARKS.md). Returns the kept choices (a rejected proposal is listed with
