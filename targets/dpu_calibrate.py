@@ -15,8 +15,8 @@ keeps each MinMSE proposal that differs from the max-based position only if it l
 network's output against float over the calibration data, with the choices made so far in place and the DPU
 compiler's rules (:func:`targets.dpu_refine.refine`) applied to the positions being judged: per differing
 proposal, a forward of the graph from the first node the moved positions reach (the earlier nodes' values are
-kept from the accepted positions), stopped once its error reaches the best. The choice stays a power of two; the refine (which calibration runs
-next) reports its changes as before.
+kept from the accepted positions), stopped once its error reaches the best. The choice stays a power of two;
+the refine (which calibration runs next) reports its changes as before.
 """
 from __future__ import annotations
 
