@@ -232,8 +232,8 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
     (:func:`local_positions`), and each proposal that differs from the max's position is kept only where it
     lowers the network output's squared error against float over the first :data:`JUDGE_SAMPLES` samples of
     ``data`` (per proposal, a forward of the graph after the first quantizer it moves: :class:`_OutputError`),
-    judged in graph order with the earlier choices in place and the DPU compiler's rules (refine) applied. Per-tensor MSE alone ignores the
-    refine rules that move positions afterwards (a concat or an add aligning its inputs, a pool held at its
+    judged in graph order with the earlier choices in place and the DPU compiler's rules (refine) applied.
+    Per-tensor MSE alone ignores the refine rules that move positions afterwards (a concat or an add aligning its inputs, a pool held at its
     input's position) and the error the choice passes downstream: on the test zoo it lost output SQNR on 3 of 8
     models, this search on none (BENCHMARKS.md). Returns the kept choices (a rejected proposal is listed with
     ``chosen == max_position``)."""

@@ -536,6 +536,7 @@ def _check_layer(f: _File, n) -> list[str]:
     return out
 
 
-__all__ = ["refine", "Rules", "Change", "check_file", "slope_odd_numerator", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
+__all__ = ["refine", "Rules", "Change", "check_file", "slope_odd_numerator", "fix_pos", "is_power_of_two",
+           "shift_bias_range", "SHIFT_CUT",
            "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "SHIFT_SWISH",
            "asdict"]
