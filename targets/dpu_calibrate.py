@@ -233,8 +233,8 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
     lowers the network output's squared error against float over the first :data:`JUDGE_SAMPLES` samples of
     ``data`` (per proposal, a forward of the graph after the first quantizer it moves: :class:`_OutputError`),
     judged in graph order with the earlier choices in place and the DPU compiler's rules (refine) applied.
-    Per-tensor MSE alone ignores the refine rules that move positions afterwards (a concat or an add aligning its inputs, a pool held at its
-    input's position) and the error the choice passes downstream: on the test zoo it lost output SQNR on 3 of 8
+    Per-tensor MSE alone ignores the refine rules that move positions afterwards (a concat or an add aligning
+    its inputs, a pool held at its input's position) and the error the choice passes downstream: on the test zoo it lost output SQNR on 3 of 8
     models, this search on none (BENCHMARKS.md). Returns the kept choices (a rejected proposal is listed with
     ``chosen == max_position``)."""
     measure = _OutputError(qmodel, data, max_batches)
