@@ -20,6 +20,7 @@ from quantfx.targets import torch_profile  # the CLI is an entry point: it may n
 from quantfx.targets.dpu import DpuReport
 
 from .errors import ModelSpecError, QuantFXError
+from .lowering import BACKENDS
 from .model_specs import IMAGENET_MEAN, IMAGENET_STD, default_preprocess, load_model, timm_preprocess
 from .pass_infra import PASSES, get_pass
 from .profile import available_targets, get_profile
@@ -218,7 +219,6 @@ def cmd_inspect(args) -> int:
     if args.path.endswith(".onnx"):
         print(inspect_onnx(args.path))
     elif _torch_artefact(args.path):  # how each node of the program runs
-        from .lowering import BACKENDS
         quantfx.inspect(BACKENDS["torch"].load(args.path))
     else:
         quantfx.inspect(_load_qmodel(args.path))

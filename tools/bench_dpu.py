@@ -1,7 +1,7 @@
 """Benchmark the dpu target: accuracy of the quick start's digits CNN (float, fake-quant, the dpu file in
 onnxruntime), its fidelity in LSB, and onnxruntime latency of the dpu file's two forms against the float model.
 
-    python tools/bench_dpu.py [--runs 200] [--threads 1] [--resnet] [--zoo]
+    python tools/bench_dpu.py [--runs 200] [--threads 1] [--resnet] [--zoo] [--search [MODEL ...]]
 
 Forms: the dpu file as the verification runs it (QDQ fusion off: float kernels on dequantized values, exact on
 every CPU), and the onnxruntime-fast form (int32 biases: onnxruntime fuses QLinearConv/QGemm; exact where no
@@ -129,13 +129,61 @@ def zoo_positions(args):
         print(f"  {name:12s} " + "  ".join(f"{v:6.2f}" for v in row) + f"  ({row[2] - row[0]:+.2f})")
 
 
+SEARCH_MODELS = ("regnet_x_400mf", "mobilenet_v3_small", "convnext_tiny", "efficientnet_b0", "vit_b_16")
+
+
+def search_speed(models):
+    """Time of ``quantize(model, 'dpu')`` with the default position search against calibration_method='minmax'
+    (wall and this process's CPU seconds: the machine is shared), torchvision models with random weights,
+    224 x 224, 3 calibration batches of 2 (issue 28), and each one's output SQNR against float on 4 held-out
+    inputs (seed 123). Run it against another tree (PYTHONPATH) for the before column."""
+    import os
+    import torchvision
+    import quantfx.targets.dpu.calibrate as search
+    trials = [0]
+    judge = search._OutputError.__call__
+
+    def counted(self, *a, **k):
+        trials[0] += 1
+        return judge(self, *a, **k)
+    search._OutputError.__call__ = counted
+    print(f"position search, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at start")
+    print("| model | minmax: wall s / CPU s / SQNR dB | default: wall s / CPU s / SQNR dB / trials | CPU ratio |")
+    print("|---|---|---|---|")
+    for name in models:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        data = [torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(123))
+        with torch.no_grad():
+            ref = model(x)
+        cells, cpu = [], []
+        for method in ("minmax", "auto"):
+            trials[0] = 0
+            wall, proc = time.perf_counter(), time.process_time()
+            q = quantfx.quantize(model, "dpu", calibration_data=data, calibration_method=method, progress=False)
+            wall, proc = time.perf_counter() - wall, time.process_time() - proc
+            with torch.no_grad():
+                db = float(quantfx.sqnr(ref, q(x)))
+            cpu.append(proc)
+            cells.append(f"{wall:.1f} / {proc:.1f} / {db:.2f}" + (f" / {trials[0]}" if method == "auto" else ""))
+        print(f"| {name} | " + " | ".join(cells) + f" | {cpu[1] / cpu[0]:.1f}x |  (load {os.getloadavg()[0]:.1f})",
+              flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resnet", action="store_true", help="also time a ResNet-18 shape")
     parser.add_argument("--zoo", action="store_true", help="also the fix-position SQNR table of the test zoo")
+    parser.add_argument("--search", nargs="*", metavar="MODEL", help="only the position search's time against "
+                        f"minmax on torchvision models (default: {' '.join(SEARCH_MODELS)})")
     args = parser.parse_args(argv)
+    if args.search is not None:
+        torch.set_num_threads(args.threads)
+        search_speed(args.search or SEARCH_MODELS)
+        return
     import onnxruntime
     print(f"onnxruntime {onnxruntime.__version__}, {args.threads} thread(s), median of {args.runs} runs")
     torch.set_num_threads(args.threads)

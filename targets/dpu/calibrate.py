@@ -13,9 +13,10 @@ downstream than it saves there. :func:`calibrate_positions`, the dpu default (``
 calibration_data=...)``, calibration_method 'auto' or 'mse'; 'minmax' keeps the max's positions), therefore
 keeps each MinMSE proposal that differs from the max-based position only if it lowers the squared error of the
 network's output against float over the calibration data, with the choices made so far in place and the DPU
-compiler's rules (:func:`targets.dpu.positions.refine`) applied to the positions being judged: one forward pass
-over the data per differing proposal. The choice stays a power of two; the refine (which calibration runs
-next) reports its changes as before.
+compiler's rules (:func:`targets.dpu.positions.refine`) applied to the positions being judged: per differing
+proposal, a forward of the graph from the first node the moved positions reach (the earlier nodes' values are
+kept from the accepted positions), stopped once its error reaches the best. The choice stays a power of two;
+the refine (which calibration runs next) reports its changes as before.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.fx import Interpreter
 
 from quantfx.calibration import _as_args, _n_inputs, _run_batches, quantizers
 from quantfx.weight_rounding import float_view
@@ -30,7 +32,7 @@ from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 from quantfx.quant_tensor import value_of
 
-from .positions import fix_pos, refine, set_pos
+from .positions import Rules, fix_pos, set_pos
 
 POS_RANGE = 5  # Quark's default: positions pos - 1 .. pos + 3
 
@@ -163,7 +165,12 @@ def _first_samples(batches: list[tuple], n: int) -> list[tuple]:
 class _OutputError:
     """The squared error of the model's output against its float output (:func:`float_view`) over the first
     calibration samples, with the DPU compiler's rules applied to the positions being tried
-    (refine moves positions after the search, so a position is judged as the DPU will get it)."""
+    (refine moves positions after the search, so a position is judged as the DPU will get it).
+
+    Every node's value of the last accepted positions is kept, so a trial recomputes only the graph from the
+    first node that reads a quantizer whose position differs from the accepted ones (after the rules): a
+    proposal late in the graph costs a forward of its tail, not of the network. Same values, bit for bit, as a
+    forward of the whole model. :meth:`accept` makes the last trial's positions the accepted ones."""
 
     def __init__(self, qmodel, data, max_batches):
         self.qmodel = qmodel
@@ -173,16 +180,50 @@ class _OutputError:
         self.every = quantizers(qmodel)
         with torch.no_grad(), float_view(qmodel):
             self.refs = [_flat(qmodel(*args)) for args in self.batches]
+        annotate(qmodel)
+        self.rules = Rules(qmodel)
+        self.nodes = list(qmodel.graph.nodes)
+        self.first_reader = {}  # id(quantizer) -> index of the first node whose module holds it
+        for k, node in enumerate(self.nodes):
+            if node.op == "call_module":
+                for m in qmodel.get_submodule(node.target).modules():
+                    self.first_reader.setdefault(id(m), k)
+        self.accepted = None  # (fixed scales after the rules, node values per batch, error)
+        self._trial = None
 
-    def __call__(self) -> float:
+    def __call__(self, bound: float = math.inf) -> float:
+        """The error of the positions now; where the batches judged so far already reach ``bound`` the rest are
+        not run (the sum only grows) and that partial sum is returned."""
         snap = _snapshot(self.every)
         try:
-            refine(self.qmodel)
+            self.rules()
+            state = [q.fixed_scale for q in self.every]
+            if self.accepted is None:
+                start = 0
+            else:
+                moved = [q for q, now, then in zip(self.every, state, self.accepted[0]) if now != then]
+                if not moved:
+                    self._trial = self.accepted
+                    return self.accepted[2]
+                start = min(self.first_reader.get(id(q), 0) for q in moved)
+            envs, err = [], 0.0
             with torch.no_grad():
-                return sum(float((_flat(self.qmodel(*args)) - ref).pow(2).sum())
-                           for args, ref in zip(self.batches, self.refs))
+                for j, (args, ref) in enumerate(zip(self.batches, self.refs)):
+                    run = Interpreter(self.qmodel, garbage_collect_values=False)
+                    prefix = {n: self.accepted[1][j][n] for n in self.nodes[:start]} if start else None
+                    out = run.run(*args, initial_env=prefix)
+                    envs.append(run.env)
+                    err += float((_flat(out) - ref).pow(2).sum())
+                    if err >= bound:
+                        self._trial = None
+                        return err
+            self._trial = (state, envs, err)
+            return err
         finally:
             _restore(snap)
+
+    def accept(self) -> None:
+        self.accepted = self._trial
 
 
 def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[PositionChoice]:
@@ -190,14 +231,15 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
     max-calibrated ``qmodel`` on ``data``: Quark's MinMSE proposes a position per tensor
     (:func:`local_positions`), and each proposal that differs from the max's position is kept only where it
     lowers the network output's squared error against float over the first :data:`JUDGE_SAMPLES` samples of
-    ``data`` (a forward of them per proposal: a ResNet-18 at 224 x 224 takes about a minute), judged in graph order with the
-    earlier choices in place and the DPU compiler's rules (refine) applied. Per-tensor MSE alone ignores the
-    refine rules that move positions afterwards (a concat or an add aligning its inputs, a pool held at its
-    input's position) and the error the choice passes downstream: on the test zoo it lost output SQNR on 3 of 8
+    ``data`` (per proposal, a forward of the graph after the first quantizer it moves: :class:`_OutputError`),
+    judged in graph order with the earlier choices in place and the DPU compiler's rules (refine) applied.
+    Per-tensor MSE alone ignores the refine rules that move positions afterwards (a concat or an add aligning
+    its inputs, a pool held at its input's position) and the error the choice passes downstream: on the test zoo it lost output SQNR on 3 of 8
     models, this search on none (BENCHMARKS.md). Returns the kept choices (a rejected proposal is listed with
     ``chosen == max_position``)."""
     measure = _OutputError(qmodel, data, max_batches)
     best = measure()
+    measure.accept()
     choices = []
     for q, c, now in _proposals(qmodel, data, max_batches):
         if c.chosen == now:
@@ -206,9 +248,10 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         members = q.scale_group.members if getattr(q, "scale_group", None) is not None else [q]
         before = _snapshot(members)
         set_pos(q, c.chosen)
-        err = measure()
+        err = measure(bound=best)
         if err < best:
             best = err
+            measure.accept()
             choices.append(c)
         else:
             _restore(before)

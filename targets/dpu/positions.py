@@ -109,36 +109,76 @@ def producing_quantizer(gm, node) -> Optional[nn.Module]:
 
 
 class _Graph:
-    """Positions of the quantizers of a compiled graph."""
+    """Positions of the quantizers of a compiled graph. The graph's structure is read once (which node each rule
+    applies to, its quantizers); positions are cached per quantizer and fixed scale, since refine moves them only
+    by fixing scales (:func:`set_pos`)."""
 
     def __init__(self, gm):
         self.gm = gm
+        self._acts: dict = {}
+        self._readers: dict = {}
+        self._pos: dict = {}
+        self._static: dict = {}
+        self.sites = [(node, kind) for node in gm.graph.nodes if (kind := self._kind(node)) is not None]
+
+    def _kind(self, node) -> Optional[str]:
+        if is_compute(self.gm, node):
+            return "layer"
+        if is_add(node):
+            return "add"
+        if is_cat(node):
+            return "cat"
+        if _is_hard_sigmoid(node):
+            return "hard_sigmoid"
+        if hard_swish_parts(self.gm, node) is not None:
+            return "hard_swish"
+        if _is_avgpool(self.gm, node):
+            return "avgpool"
+        return None
+
+    def static(self, key, compute):
+        """``compute()``, once per ``key``: facts of the graph's structure, which refine does not change."""
+        if key not in self._static:
+            self._static[key] = compute()
+        return self._static[key]
 
     def act_quantizer(self, node) -> Optional[nn.Module]:
-        return producing_quantizer(self.gm, node)
+        if node not in self._acts:
+            self._acts[node] = producing_quantizer(self.gm, node)
+        return self._acts[node]
 
     def reader_quantizer(self, node):
         """The activation quantizer that requantizes ``node``'s output (its only reader), or None."""
-        users = list(node.users)
-        if len(users) != 1 or not is_act_quant(self.gm, users[0]):
-            return None, None
-        m = module_of(self.gm, users[0])
-        return (m.act_quant if m.act_quant.is_quant_enabled else None), m
+        if node not in self._readers:
+            users = list(node.users)
+            if len(users) != 1 or not is_act_quant(self.gm, users[0]):
+                self._readers[node] = None, None
+            else:
+                m = module_of(self.gm, users[0])
+                self._readers[node] = (m.act_quant if m.act_quant.is_quant_enabled else None), m
+        return self._readers[node]
+
+    def pos(self, q, tensor=None) -> int:
+        """``q``'s fix position (a weight or bias quantizer's on its ``tensor``)."""
+        key = (id(q), q.fixed_scale)
+        if key not in self._pos:
+            with torch.no_grad():
+                self._pos[key] = fix_pos(q.scale(tensor) if tensor is not None else q.scale())
+        return self._pos[key]
 
 
 def _layer_positions(g: _Graph, node):
-    layer = module_of(g.gm, node)
+    layer = g.static(("module", node), lambda: module_of(g.gm, node))
     qi = g.act_quantizer(node.args[0])
     qo, reader = g.reader_quantizer(node)
     if qi is None or qo is None or not layer.weight_quant.is_quant_enabled:
         return None
-    with torch.no_grad():
-        w = fix_pos(layer.weight_quant.scale(layer.weight))
-        b = fix_pos(layer.bias_quant.scale(layer.bias)) if layer.bias is not None and \
-            layer.bias_quant.is_quant_enabled and layer.bias_quant.bias_scaling == "internal" else None
+    w = g.pos(layer.weight_quant, layer.weight)
+    b = g.pos(layer.bias_quant, layer.bias) if layer.bias is not None and \
+        layer.bias_quant.is_quant_enabled and layer.bias_quant.bias_scaling == "internal" else None
     # the layer's output quantizer is a LeakyReLU's: the DPU computes it in the layer (shift_bias >= 0)
     leaky = isinstance(reader, QuantLeakyReLU)
-    return layer, fix_pos(qi.scale()), w, b, fix_pos(qo.scale()), qo, leaky
+    return layer, g.pos(qi), w, b, g.pos(qo), qo, leaky
 
 
 def _finest_unclipped(layer) -> float:
@@ -180,13 +220,13 @@ def hard_sigmoid_input(node):
     return None
 
 
-def _one_round(gm, set_pos=set_pos) -> list[Change]:
+def _one_round(g: _Graph, set_pos=set_pos) -> list[Change]:
     """One sweep of the rules over the graph, moving positions with ``set_pos`` (a no-op: a read-only sweep that
-    lists the rules the graph breaks)."""
-    g = _Graph(gm)
+    lists the rules the graph breaks; the position cache stays right, as positions move only by fixed scales)."""
+    gm = g.gm
     changes: list[Change] = []
-    for node in gm.graph.nodes:
-        if is_compute(gm, node):
+    for node, kind in g.sites:
+        if kind == "layer":
             pos = _layer_positions(g, node)
             if pos is None:
                 continue
@@ -218,12 +258,12 @@ def _one_round(gm, set_pos=set_pos) -> list[Change]:
                     set_pos(layer.bias_quant, new_b)
                     changes.append(Change(node.target, "bias", b, new_b, f"shift_bias = w + i - b = {sb}",
                                           f"[{lo}, {hi}]"))
-        elif is_add(node):
+        elif kind == "add":
             ins = [(a, g.act_quantizer(a)) for a in tensor_inputs(node)]
             qo, _ = g.reader_quantizer(node)
             if any(q is None for _, q in ins) or qo is None:
                 continue
-            pos = [fix_pos(q.scale()) for _, q in ins]
+            pos = [g.pos(q) for _, q in ins]
             sr = max(pos) - min(pos)
             if sr > SHIFT_READ[1]:
                 k = int(np.argmax(pos))
@@ -232,7 +272,7 @@ def _one_round(gm, set_pos=set_pos) -> list[Change]:
                 changes.append(Change(node.name, f"input {ins[k][0].name}", pos[k], new,
                                       f"shift_read = max(i) - min(i) = {sr}", f"[{SHIFT_READ[0]}, {SHIFT_READ[1]}]"))
                 pos[k] = new
-            o = fix_pos(qo.scale())
+            o = g.pos(qo)
             sw = min(pos) - o
             lo, hi = SHIFT_WRITE_ADD
             if not lo <= sw <= hi:
@@ -240,26 +280,26 @@ def _one_round(gm, set_pos=set_pos) -> list[Change]:
                 set_pos(qo, new)
                 changes.append(Change(node.name, "output", o, new, f"shift_write = min(i) - o = {sw}",
                                       f"[{lo}, {hi}]"))
-        elif is_cat(node):
+        elif kind == "cat":
             ins = [(a, g.act_quantizer(a)) for a in tensor_inputs(node)]
             qo = g.act_quantizer(node)
             if any(q is None for _, q in ins) or qo is None:
                 continue
-            target = min([fix_pos(q.scale()) for _, q in ins] + [fix_pos(qo.scale())])
+            target = min([g.pos(q) for _, q in ins] + [g.pos(qo)])
             for name, q in [(f"input {a.name}", q) for a, q in ins] + [("output", qo)]:
-                p = fix_pos(q.scale())
+                p = g.pos(q)
                 if p != target:
                     set_pos(q, target)
                     changes.append(Change(node.name, name, p, target, "concat inputs and output share one "
                                           "position", "the smallest"))
-        elif _is_hard_sigmoid(node):
+        elif kind == "hard_sigmoid":
             x = node.args[0].args[0].args[0]  # mul(relu6(add(x, 3)), 2731/2^14)
             qi, (qo, _) = g.act_quantizer(x), g.reader_quantizer(node)
             if qi is None or qo is None:
                 continue
-            i, o = fix_pos(qi.scale()), fix_pos(qo.scale())
+            i, o = g.pos(qi), g.pos(qo)
             new_i = min(max(i, HARD_SIGMOID_IN[0]), HARD_SIGMOID_IN[1])
-            if new_i < i and hard_swish_input(gm, x):
+            if new_i < i and g.static(("hard_swish_input", x), lambda: hard_swish_input(gm, x)):
                 # a hard-swish's x * hard_sigmoid(x): its x is the product's operand too, and moving it to
                 # position 15 zeroes every |x| < 2^-16 (a random-weight MobileNetV3 at 0 dB). It keeps its
                 # position, and the report places this hard-sigmoid on the CPU (arch.py: hard-sigmoid input
@@ -276,19 +316,19 @@ def _one_round(gm, set_pos=set_pos) -> list[Change]:
                 if new != old:
                     set_pos(q, new)
                     changes.append(Change(node.name, what, old, new, rule, limit))
-        elif (parts := hard_swish_parts(gm, node)) is not None:
-            x, h = parts
+        elif kind == "hard_swish":
+            x, h = g.static(("hard_swish", node), lambda: hard_swish_parts(gm, node))
             qx, qh, (qo, _) = g.act_quantizer(x), g.act_quantizer(h), g.reader_quantizer(node)
             if qx is None or qh is None or qo is None:
                 continue
-            i, hp, o = fix_pos(qx.scale()), fix_pos(qh.scale()), fix_pos(qo.scale())
+            i, hp, o = g.pos(qx), g.pos(qh), g.pos(qo)
             ss, (lo, hi) = i + hp - o, SHIFT_SWISH
             if not lo <= ss <= hi:
                 new = i + hp - min(max(ss, lo), hi)
                 set_pos(qo, new)
                 changes.append(Change(node.name, "output", o, new, f"shift_swish = i + h - o = {ss}",
                                       f"[{lo}, {hi}]"))
-        elif _is_avgpool(gm, node):
+        elif kind == "avgpool":
             qi = g.act_quantizer(node.args[0])
             after = node
             if len(node.users) == 1 and next(iter(node.users)).target is operator.mul:
@@ -296,7 +336,7 @@ def _one_round(gm, set_pos=set_pos) -> list[Change]:
             qo, _ = g.reader_quantizer(after)
             if qi is None or qo is None:
                 continue
-            i, o = fix_pos(qi.scale()), fix_pos(qo.scale())
+            i, o = g.pos(qi), g.pos(qo)
             if i != o:
                 set_pos(qo, i)
                 changes.append(Change(node.name, "output", o, i, "pooling keeps its input's position",
@@ -313,12 +353,7 @@ def refine(gm: fx.GraphModule) -> list[Change]:
     where the rule put it. Calibration runs it last (the pass ``refine_fix_positions`` of the dpu recipe), so the
     calibrated model computes what the file will; the lowering only checks (:func:`position_problems`)."""
     annotate(gm)
-    changes: list[Change] = []
-    for _ in range(MAX_LOOPS * max(1, len(gm.graph.nodes))):
-        step = _one_round(gm)
-        if not step:
-            break
-        changes += step
+    changes = Rules(gm)()
     if changes:
         annotate(gm)  # the graph's metadata follows the moved positions
     return changes
@@ -330,7 +365,26 @@ def position_problems(gm: fx.GraphModule) -> list[tuple[str, str]]:
     from the dpu profile's constraints."""
     return [(c.node, f"{c.tensor} position {c.old}: {c.rule} is outside {c.limit} (position {c.new} keeps it; "
                      "calibrate the model again, or run the pass refine_fix_positions on it)")
-            for c in _one_round(gm, set_pos=lambda q, pos: None)]
+            for c in _one_round(_Graph(gm), set_pos=lambda q, pos: None)]
+
+
+class Rules:
+    """:func:`refine`'s rules on an annotated graph whose structure and calibration stay as they are (only
+    positions move): the graph is read once, so calling it again after moving positions (the position search
+    judges every proposal as refine leaves it) costs a scan of the rules' nodes, not of the graph. Calling it
+    applies the rules in place and returns the changes; it does not annotate."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.graph = _Graph(gm)
+
+    def __call__(self) -> list[Change]:
+        changes: list[Change] = []
+        for _ in range(MAX_LOOPS * max(1, len(self.graph.gm.graph.nodes))):
+            step = _one_round(self.graph)
+            if not step:
+                break
+            changes += step
+        return changes
 
 
 # -- the checker of a lowered file ------------------------------------------------------------------------
@@ -494,6 +548,7 @@ def _check_layer(f: _File, n) -> list[str]:
     return out
 
 
-__all__ = ["refine", "Change", "check_file", "slope_odd_numerator", "fix_pos", "is_power_of_two", "shift_bias_range", "SHIFT_CUT",
+__all__ = ["refine", "Rules", "Change", "check_file", "slope_odd_numerator", "fix_pos", "is_power_of_two",
+           "shift_bias_range", "SHIFT_CUT",
            "SHIFT_BIAS_MAX", "producing_quantizer", "SHIFT_READ", "SHIFT_WRITE_ADD", "SHIFT_WRITE_MUL", "SHIFT_SWISH",
            "asdict"]
