@@ -201,10 +201,12 @@ def adaround(qmodel: nn.Module, data: Iterable, *, iterations: Optional[int] = N
              lr: float = 1e-2, reg: float = 0.01, max_bits: int = 8, seed: int = 0, progress: bool = True,
              max_batches: Optional[int] = None) -> list[RoundedLayer]:
     """Learn the rounding of every quantized layer's weights of ``qmodel`` (calibrated; weight bit widths 2 to
-    ``max_bits``) on ``data``; ``iterations`` Adam steps per layer (default :data:`DEFAULT_ITERATIONS`) on random
+    ``max_bits``) on ``data``; ``iterations`` Adam steps per layer (default :data:`DEFAULT_ITERATIONS`; a layer of
+    more than :data:`WEIGHT_STEPS` / ``iterations`` weights takes fewer, at least :data:`MIN_ITERATIONS`) on random
     ``batch_size`` samples (on large feature maps, fewer samples and a random output window: :class:`_Steps`).
-    Deterministic under ``seed`` (for one torch thread count). Returns one :class:`RoundedLayer` per layer, also
-    kept in ``qmodel.notes['weight_rounding']``."""
+    Deterministic under ``seed`` (for one torch thread count). Under torch.distributed, rank r holding
+    ``data[r::world]``, every rank learns the rounding one process learns on all of ``data``. Returns one
+    :class:`RoundedLayer` per layer, also kept in ``qmodel.notes['weight_rounding']``."""
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise QuantArgumentError(f"adaround: iterations={iterations!r}; give at least 1")
