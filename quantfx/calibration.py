@@ -14,6 +14,7 @@ from .nn import QuantWBIOL
 from .pass_infra import PassManager, Pipeline, get_pass
 from .pipelines import bind
 from .quant import Quantizer, is_low_bit
+from .quant.quantizer import _distributed
 from .shapes import record_shapes as record_shapes_of
 
 CALIBRATION_METHODS = {"auto": None, "minmax": "max", "max": "max", "percentile": "percentile", "mse": "mse"}
@@ -148,7 +149,9 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
         # propagate_shapes left none in the graph, and annotate needs them to size average-pool windows
         graph = isinstance(qmodel, fx.GraphModule)
         keep = graph and any("tensor_meta" not in n.meta for n in qmodel.graph.nodes if n.op == "placeholder")
-        ran = _run_batches(qmodel, data, progress, "calibrating", max_batches, record_shapes=graph, keep_meta=keep)
+        numbered = _numbered(data, qs) if _distributed() is not None else data
+        ran = _run_batches(qmodel, numbered, progress, "calibrating", max_batches, record_shapes=graph,
+                           keep_meta=keep)
     finally:
         for q in qs:
             if q.kind == "act":
@@ -164,6 +167,16 @@ def calibrate(qmodel: nn.Module, data: Iterable, method: str = "auto", progress:
     PassManager(stage).run(qmodel)
     qmodel.train(was_training)
     return qmodel
+
+
+def _numbered(data, qs):
+    """``data``, each activation quantizer told the index of the batch it observes next (under
+    torch.distributed, ranks combine averaged statistics in batch order: Quantizer._reduce_calibration)."""
+    for i, batch in enumerate(data):
+        for q in qs:
+            if q.kind == "act" and q._calib is not None:
+                q._calib["batch"] = i
+        yield batch
 
 
 def _run_batches(model, data, progress: bool, desc: str, max_batches: Optional[int],

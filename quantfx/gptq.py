@@ -26,6 +26,7 @@ from torch import nn
 from .calibration import _progress, _run_batches
 from .errors import QuantArgumentError
 from .quant import functional as qf
+from .quant.quantizer import _distributed
 from .weight_rounding import NOTE, RoundedLayer, _batches, _layers, _store
 
 BLOCK = 128  # columns updated together (lazy batch updates)
@@ -79,6 +80,16 @@ def hessians(qmodel: nn.Module, layers: list, batches: list) -> dict:
     finally:
         for h in handles:
             h.remove()
+    dist = _distributed()
+    if dist is not None:  # every rank's sums (the same on every rank; one process's up to float64 rounding)
+        for name, _ in layers:
+            if name in found:
+                hs, rows = found[name]
+                for h in hs:
+                    dist.all_reduce(h)
+                total = torch.tensor([float(rows)], dtype=torch.float64)
+                dist.all_reduce(total)
+                found[name] = (hs, int(total.item()))
     return found
 
 

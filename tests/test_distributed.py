@@ -1,6 +1,8 @@
 """Calibration and QAT under torch.distributed (2 processes, gloo on the CPU): observers combine their statistics
 across ranks, so every rank ends with bit-identical scales, equal to one process calibrating on all the data;
-QAT with DistributedDataParallel keeps weights, learned scales and running activation statistics identical."""
+QAT with DistributedDataParallel keeps weights, learned scales and running activation statistics identical.
+At 4 bits (MSE activation statistics, averaged over batches; learned weight rounding) every quantizer parameter
+and every rounded weight is the same on both ranks and the same as one process's, bit for bit."""
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -65,3 +67,51 @@ def test_calibration_and_qat_agree_across_ranks(tmp_path):
     assert changed, "QAT moved no scale or statistic"  # the check below compares something that trained
     for key, value in trained.items():
         assert torch.equal(ranks[1]["trained"][key], value), key
+
+
+LOW_BIT = dict(weight_bit_width=4, act_bit_width=4, weight_rounding="learned", progress=False)
+
+
+def low_bit_state(q) -> dict:
+    """Every tensor of the compiled model's state: quantizer statistics and scales, weights (learned rounding
+    writes its integers into them), biases."""
+    return {k: v.detach().clone() for k, v in q.state_dict().items() if torch.is_tensor(v)}
+
+
+def _low_bit_worker(rank, init_file, out_dir, iterations):
+    import torch.distributed as dist
+    from quantfx import weight_rounding
+    weight_rounding.DEFAULT_ITERATIONS = iterations  # the parent's (tests/conftest.py shortens it)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        q = quantfx.quantize(model(), "finn", calibration_data=CALIB[rank::WORLD], **LOW_BIT)
+        torch.save(low_bit_state(q), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_low_bit_statistics_and_learned_rounding_agree_with_one_process(tmp_path):
+    from quantfx import weight_rounding
+    mp.spawn(_low_bit_worker, args=(str(tmp_path / "init"), str(tmp_path), weight_rounding.DEFAULT_ITERATIONS),
+             nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same float kernels
+    try:
+        q = quantfx.quantize(model(), "finn", calibration_data=CALIB, **LOW_BIT)
+    finally:
+        torch.set_num_threads(threads)
+    single = low_bit_state(q)
+    rounded = [r for r in q.notes["weight_rounding"] if " 0/" not in r]
+    assert len(rounded) >= 2, q.notes["weight_rounding"]  # layers learned integers other than nearest's
+    mse = [m for m in quantfx.calibration.quantizers(q, "act") if m.calibrated_by == "mse"]
+    assert len(mse) >= 3, [m.calibrated_by for m in quantfx.calibration.quantizers(q, "act")]
+    weights = [k for k in single if k.endswith(".weight")]
+    assert len(weights) == 3, weights
+    for r in ranks:
+        differ = [k for k, value in single.items() if r[k].shape != value.shape or not torch.equal(r[k], value)]
+        assert not differ, differ
+    # the check compares something: one rank alone (half the data) learns other statistics
+    half = low_bit_state(quantfx.quantize(model(), "finn", calibration_data=CALIB[0::WORLD], **LOW_BIT))
+    assert any(not torch.equal(half[k], single[k]) for k in single if k.endswith(".stat"))

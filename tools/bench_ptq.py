@@ -261,6 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounding-table", action="store_true",
                         help="only the table of nearest / gptq / learned rounding per task and width")
     parser.add_argument("--rounding-widths", default="4/4,3/3")
+    parser.add_argument("--roundings", default="nearest,gptq,learned", help="weight roundings of --rounding-table")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.rounding_table:
-        rounding_table(tasks, parse_widths(args.rounding_widths), ("nearest", "gptq", "learned"))
+        rounding_table(tasks, parse_widths(args.rounding_widths), [r for r in args.roundings.split(",") if r])
         if args.resnet18:
             resnet18_time(roundings=args.resnet18_roundings.split(","))
         return 0

@@ -292,6 +292,9 @@ class Quantizer(nn.Module):
             # an identically zero member would pull the average range down and clip the others
             c["zeros"] = batch
             return
+        if c["method"] != "max" and _distributed() is not None:
+            # kept apart to be summed in one process's order across ranks (_reduce_calibration)
+            c.setdefault("seen", []).append((c.get("batch", 0), batch))
         if c["sum"] is None:
             c["sum"] = batch
         elif c["method"] == "max":
@@ -317,8 +320,9 @@ class Quantizer(nn.Module):
 
     def _reduce_calibration(self, c: dict) -> dict:
         """Under torch.distributed, the statistics of every rank combined (each rank calls this for the same
-        quantizers in the same order): low ends by MIN and high ends by MAX for 'max' (the same as one process
-        over all the data, bit for bit), sums and batch counts by SUM for the averaged methods."""
+        quantizers in the same order): low ends by MIN and high ends by MAX for 'max', the batch statistics of
+        every rank summed in one process's order for the averaged methods; either way the same as one process
+        over all the data, bit for bit."""
         dist = _distributed()
         counts = torch.tensor([c["n"], -c["n"]], dtype=torch.float64)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # [largest n, -smallest n]
@@ -333,11 +337,18 @@ class Quantizer(nn.Module):
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
             return {**c, "sum": torch.stack([lo, hi])}
-        total = c["sum"].contiguous().clone()
-        n = torch.tensor([float(c["n"])], dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        dist.all_reduce(n, op=dist.ReduceOp.SUM)
-        return {**c, "sum": total, "n": int(n.item())}
+        # the averaged methods: every rank's per-batch statistics, summed in the order one process would have
+        # met them, rank r's i-th batch being batch i x world + r of the whole data (rank r calibrating on
+        # data[r::world], as DistributedSampler deals samples): the same float sum, bit for bit
+        world = dist.get_world_size()
+        seen = [None] * world
+        dist.all_gather_object(seen, [(i, stat.contiguous()) for i, stat in c.get("seen", [])])
+        ordered = sorted(((i * world + r, k), stat) for r, part in enumerate(seen) for k, (i, stat) in
+                         enumerate(part))
+        total = ordered[0][1]
+        for _, stat in ordered[1:]:
+            total = total + stat
+        return {**c, "sum": total, "n": len(ordered)}
 
     # -- forward ---------------------------------------------------------------------------------------
 
