@@ -46,6 +46,10 @@ class TargetProfile:
     # each keeps its sign and zero point (no requantizer); "quantizer" puts them on one grid (FINN's AddStreams
     # needs identical input datatypes), requantizing the ReLU-side edge
     add_grid: str = "scale"
+    # a residual add reads a conv/linear's float output (accumulator x scale + bias) without requantizing it: the
+    # add's other input keeps its own grid and the quantizer after the add is the one rounding (oneDNN's conv with
+    # a sum post-op, PT2E's qconv2d_pointwise.binary). False: every add input is requantized onto a shared grid
+    add_reads_layer_output: bool = False
     # how the runtime turns a conv/linear accumulator into the next activation's integers: "float" divides the
     # float result by the output scale (qonnx's Quant); "multiplier" scales the exact integer accumulator by
     # one float32 multiplier, in_scale x w_scale / out_scale (onnxruntime's QLinearConv/QGemm; PyTorch's fbgemm too,
@@ -223,7 +227,7 @@ TORCH = register_profile(TargetProfile(
     bias_scaling="external", bias_bit_width=32,
     avgpool="requant", weight_bit_width=7, weight_bit_range=(7, 8), act_bit_range=(7, 8),
     zero_point_allowed=True, pair_kernels=True, requant="multiplier_float_bias", exact_requant=True,
-    options={"engine": "x86"},
+    add_reads_layer_output=True, options={"engine": "x86"},
     runtime="PyTorch's quantized engine", weight_signed=True, act_rounding=("half_even",),
     bias_modes_allowed=("external",),
     description="PyTorch quantized ops on the x86 engine: int8 per-channel weights with 7-bit magnitudes "
@@ -259,6 +263,7 @@ def torch_profile(engine: str = "x86") -> TargetProfile:
     act = TORCH.act_quant if exact else Q.Uint8ActPerTensorFloatAsym
     return dataclasses.replace(TORCH, weight_bit_width=w_bits, act_bit_width=a_bits, input_bit_width=a_bits,
                                act_quant=act, act_quant_unsigned=act, exact_requant=exact,
+                               add_reads_layer_output=exact,
                                pair_kernels=engine != "qnnpack",
                                requant={"qnnpack": "inverse_multiplier", "onednn": "float_bias"}.get(
                                    engine, "multiplier_float_bias"),
