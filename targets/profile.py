@@ -253,7 +253,9 @@ def torch_profile(engine: str = "x86") -> TargetProfile:
     exact rational and its rounding, on every x86 CPU. 'fbgemm' keeps float activation scales (1.4 dB more SQNR
     on the ResNet-18 benchmark model, 3.4 dB on MobileNetV2) and runs fbgemm everywhere, slower than oneDNN on
     VNNI CPUs. 'onednn' takes x86's exact scheme on oneDNN everywhere, its fake-quant model in oneDNN's float
-    order (``requant='float_bias'``; on the exact grid every order gives the same integers)."""
+    order (``requant='float_bias'``; on the exact grid every order gives the same integers). x86 and onednn take
+    PT2E's residual recipe (``add_reads_layer_output``: an add reads its conv's float output, which inductor fuses
+    into ``qconv2d_pointwise.binary``); fbgemm and qnnpack requantize the conv before the add (docs/torch_pt2.md)."""
     if engine not in ENGINES:
         raise QuantArgumentError(f"torch target: engine={engine!r}; use one of {', '.join(ENGINES)}")
     # onednn computes exact requantizations too: modelling its float order alone (float activation scales) left

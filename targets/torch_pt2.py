@@ -3,7 +3,9 @@
 Quantized values are plain ``uint8`` / ``int8`` tensors between ``torch.ops.quantized_decomposed`` quantize /
 dequantize ops (what torchao's ``convert_pt2e`` produces): a fused conv/linear is ``dequantize_per_tensor(x) ->
 aten conv / linear(dequantize_per_channel(int8 weight constant), float bias) -> [relu] -> quantize_per_tensor``,
-a residual add ``dequantize, dequantize -> add -> [relu] -> quantize_per_tensor``. No quantized tensor
+a residual add ``dequantize, dequantize -> add -> [relu] -> quantize_per_tensor``, or, where it reads a conv's float
+output (``add_reads_layer_output``), ``dq -> conv -> add(., dequantize(other)) -> [relu] -> quantize_per_tensor``
+(PT2E's pattern for ``qconv2d_pointwise.binary``). No quantized tensor
 (``quint8``, ``torch.ao.nn.quantized``) is made on the way: those APIs are deprecated.
 
 Which node runs how is decided by the TorchScript lowering (targets/torch_quantized.py), which this one
