@@ -15,6 +15,11 @@ integer sum stays exact and no requantizer is inserted. Where that cannot be don
 concatenation, whose output must be one grid; learned or fixed scales; a profile with ``add_grid="quantizer"``,
 like FINN's, whose AddStreams needs identical input datatypes), the ReLU-side edge gets a QuantIdentity that
 joins the group instead.
+
+On a profile with ``add_reads_layer_output`` (the torch target's exact engines), a residual add whose first input
+is a conv/linear read by the add alone takes that layer's float output as it is (no requantizer, no group: the
+quantizer after the add is the one rounding, as oneDNN's conv + sum post-op computes it); its other input keeps
+its own quantizer, or gets a QuantIdentity where it has none.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from torch import fx
 from quantfx.graph import (  # noqa: F401  (GROUP_KEY, group_of: importable from here as before)
     GROUP_KEY, USER_FLOAT_KEY, group_of, is_act_quant, is_add, is_cat, module_of, producer, tensor_inputs,
 )
+from quantfx.classify import layer_read_by_add
 from quantfx.nn import QuantIdentity
 from quantfx.quant import ScaleGroup
 from quantfx.pass_infra import PassResult
@@ -42,6 +48,8 @@ class ShareQuantizers(ProfilePass):
         # (consumer, input edge, producing quantizer node) for every add/cat input
         edges = []
         for node in list(gm.graph.nodes):
+            if is_add(node) and not node.meta.get(USER_FLOAT_KEY) and self._reads_layer_output(gm, node, taken):
+                continue
             if (is_add(node) and not node.meta.get(USER_FLOAT_KEY)) or is_cat(node):  # (a float add: none)
                 for inp in tensor_inputs(node):
                     edges.append([node, inp, self._quantizer_node(gm, inp, node, taken)])
@@ -65,6 +73,20 @@ class ShareQuantizers(ProfilePass):
             else:
                 self._share(gm, members, f"share_group_{index}")
         return PassResult(gm, True)
+
+    def _reads_layer_output(self, gm, node: fx.Node, taken) -> bool:
+        """``add_reads_layer_output``: an add of a conv/linear output (read by this add alone) and one other
+        tensor keeps the layer's float output; the other input gets a requantizer if no quantizer is upstream."""
+        inputs = tensor_inputs(node)
+        if self.profile is None or not self.profile.add_reads_layer_output or len(inputs) != 2:
+            return False
+        layer = layer_read_by_add(gm, node)
+        if layer is None:
+            return False
+        other = inputs[1] if layer is inputs[0] else inputs[0]
+        if not is_act_quant(gm, producer(gm, other)):
+            self.requantize(gm, other, other.name + "_quant", taken, users=[node])
+        return True
 
     @staticmethod
     def _components(gm, edges) -> list[list[fx.Node]]:

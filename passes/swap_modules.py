@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from quantfx.classify import layer_read_by_add
 from quantfx.errors import QuantArgumentError
 from quantfx.graph import (
     USER_FLOAT_KEY, float_island, is_act_quant, is_add, is_cat, is_invariant, is_tensor_node, is_trunc_pool, module_of,
@@ -205,6 +206,8 @@ class SwapModules(ProfilePass):
         users = list(node.users)
         if len(users) == 1 and is_act_quant(gm, users[0]):
             return False
+        if self.profile.add_reads_layer_output and len(users) == 1 and layer_read_by_add(gm, users[0]) is node:
+            return False  # the add reads the layer's float output (share_quantizers)
         return self._feeds_quantized(gm, node, from_float=bool(node.meta.get(FLOAT)))
 
     def _feeds_quantized(self, gm, node, from_float: bool) -> bool:

@@ -115,6 +115,15 @@ def is_add(node: fx.Node) -> bool:
         all(isinstance(a, fx.Node) for a in node.args[:2])
 
 
+def layer_read_by_add(gm, node: fx.Node) -> Optional[fx.Node]:
+    """The conv/linear whose float output a residual add ``node`` reads directly on profiles with
+    ``add_reads_layer_output`` (oneDNN's conv + sum post-op): its first input that is a layer read by this add
+    alone; None if neither is."""
+    if not is_add(node):
+        return None
+    return next((a for a in node.args[:2] if is_compute(gm, a) and len(a.users) == 1), None)
+
+
 def is_product(gm, node: fx.Node) -> bool:
     """A product of two quantized tensors on the accumulator grid (a QuantProduct)."""
     return node.op == "call_module" and isinstance(module_of(gm, node), QuantProduct)

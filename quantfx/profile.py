@@ -74,6 +74,10 @@ class Recipe:
     # each keeps its sign and zero point (no requantizer); "quantizer" puts them on one grid (FINN's AddStreams
     # needs identical input datatypes), requantizing the ReLU-side edge
     add_grid: str = "scale"
+    # a residual add reads a conv/linear's float output (accumulator x scale + bias) without requantizing it: the
+    # add's other input keeps its own grid and the quantizer after the add is the one rounding (oneDNN's conv with
+    # a sum post-op, PT2E's qconv2d_pointwise.binary). False: every add input is requantized onto a shared grid
+    add_reads_layer_output: bool = False
     # "fixed_point": the pass approximate_activations computes LeakyReLU fused into the layer or add before it
     # (one quantizer, at its output: swap_modules) with its slope in 1/256, hard-sigmoid/swish with 2731/2^14,
     # average pools of non-power-of-two areas as sum x k/2^n (the DPU's fixed-point constants); "exact": as written

@@ -25,7 +25,7 @@ TORCH = register_profile(TargetProfile(
     scheme=Scheme(weight_quant=Int8WeightPerChannelFullRange, act_quant=Uint8ActPerTensorPo2AsymEven,
                   act_quant_unsigned=Uint8ActPerTensorPo2AsymEven, bias_scaling="external", bias_bit_width=32,
                   weight_bit_width=7, requant="multiplier_float_bias", exact_requant=True),
-    recipe=Recipe(avgpool="requant", after_calibration=("snap_requant_grid",)),
+    recipe=Recipe(avgpool="requant", add_reads_layer_output=True, after_calibration=("snap_requant_grid",)),
     constraints=Constraints(
         weight_bit_range=(7, 8), act_bit_range=(7, 8), zero_point_allowed=True, pair_kernels=True,
         runtime="PyTorch's quantized engine", weight_signed=True, act_rounding=("half_even",),
@@ -54,7 +54,9 @@ def torch_profile(engine: str = "x86") -> TargetProfile:
     exact rational and its rounding, on every x86 CPU. 'fbgemm' keeps float activation scales (more SQNR against
     float: BENCHMARKS.md, "torch: power-of-two activation scales") and runs fbgemm everywhere, slower than oneDNN on
     VNNI CPUs. 'onednn' takes x86's exact scheme on oneDNN everywhere, its fake-quant model in oneDNN's float
-    order (``requant='float_bias'``; on the exact grid every order gives the same integers)."""
+    order (``requant='float_bias'``; on the exact grid every order gives the same integers). x86 and onednn take
+    PT2E's residual recipe (``add_reads_layer_output``: an add reads its conv's float output, which inductor fuses
+    into ``qconv2d_pointwise.binary``); fbgemm and qnnpack requantize the conv before the add (docs/torch_pt2.md)."""
     if engine not in ENGINES:
         raise QuantArgumentError(f"torch target: engine={engine!r}; use one of {', '.join(ENGINES)}")
     # onednn computes exact requantizations too: modelling its float order alone (float activation scales) left
@@ -64,6 +66,7 @@ def torch_profile(engine: str = "x86") -> TargetProfile:
     act = TORCH.act_quant if exact else Q.Uint8ActPerTensorFloatAsym
     return TORCH.replace(weight_bit_width=w_bits, act_bit_width=a_bits, input_bit_width=a_bits,
                          act_quant=act, act_quant_unsigned=act, exact_requant=exact,
+                         add_reads_layer_output=exact,
                          after_calibration=("snap_requant_grid",) if exact else (),
                          pair_kernels=engine != "qnnpack",
                          requant={"qnnpack": "inverse_multiplier", "onednn": "float_bias"}.get(

@@ -3,7 +3,9 @@
 Quantized values are plain ``uint8`` / ``int8`` tensors between ``torch.ops.quantized_decomposed`` quantize /
 dequantize ops (what torchao's ``convert_pt2e`` produces): a fused conv/linear is ``dequantize_per_tensor(x) ->
 aten conv / linear(dequantize_per_channel(int8 weight constant), float bias) -> [relu] -> quantize_per_tensor``,
-a residual add ``dequantize, dequantize -> add -> [relu] -> quantize_per_tensor``. No quantized tensor
+a residual add ``dequantize, dequantize -> add -> [relu] -> quantize_per_tensor``, or, where it reads a conv's float
+output (``add_reads_layer_output``), ``dq -> conv -> add(., dequantize(other)) -> [relu] -> quantize_per_tensor``
+(PT2E's pattern for ``qconv2d_pointwise.binary``). No quantized tensor
 (``quint8``, ``torch.ao.nn.quantized``) is made on the way: those APIs are deprecated.
 
 Which node runs how is decided by the TorchScript lowering (targets/torch_quantized.py), which this one
@@ -26,6 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.q
 import torch.nn.functional as F
 from torch import fx
 
+from quantfx.classify import layer_read_by_add
 from quantfx.graph import module_of, tensor_inputs
 from quantfx.nn import QuantReLU
 from quantfx.quant import functional as qf
@@ -159,16 +162,10 @@ class Pt2Lowering(tq.TorchLowering):
         if problems:
             self._inexact[node] = "; ".join(problems)
             return None
-        ints, w_scale = self.weight_ints(layer)
-        n_out = ints.shape[layer.weight_quant.channel_axis]
-        w = self.buffer(node.target + "_weight_int8", ints.to(torch.int8))
-        s_w = self.buffer(node.target + "_weight_scale", w_scale.reshape(-1).float().expand(n_out).contiguous())
-        z_w = self.buffer(node.target + "_weight_zero_point", torch.zeros(n_out, dtype=torch.long))
-        w_dq = self.graph.call_function(QD.dequantize_per_channel.default,
-                                        (w, s_w, z_w, layer.weight_quant.channel_axis, -128, 127, torch.int8))
         bias, _, _ = self._float_bias(layer, node)
         b = None if bias is None else self.buffer(node.target + "_bias", bias.float())
-        y = self._float_op(layer, self.dequantize(x), w_dq, b)
+        y = self._float_op(layer, self.dequantize(x), self._weight_dq(node, layer), b)
+        w_scale = self.weight_ints(layer)[1]
         relu = isinstance(m, QuantReLU)
         if relu:
             y = self.call(F.relu, y)
@@ -182,6 +179,37 @@ class Pt2Lowering(tq.TorchLowering):
                   why="; ".join(eager))
         self.note(act_node, f"quantize_per_tensor after {node.name}")
         return self.relu6_cap(self.clamp_to(tq._Q(out, scale, zp, False), m.act_quant), m)
+
+    def _weight_dq(self, node, layer) -> fx.Node:
+        """``dequantize_per_channel`` of the layer's int8 weight constant (its scale per output channel)."""
+        ints, w_scale = self.weight_ints(layer)
+        n_out = ints.shape[layer.weight_quant.channel_axis]
+        w = self.buffer(node.target + "_weight_int8", ints.to(torch.int8))
+        s_w = self.buffer(node.target + "_weight_scale", w_scale.reshape(-1).float().expand(n_out).contiguous())
+        z_w = self.buffer(node.target + "_weight_zero_point", torch.zeros(n_out, dtype=torch.long))
+        return self.graph.call_function(QD.dequantize_per_channel.default,
+                                        (w, s_w, z_w, layer.weight_quant.channel_axis, -128, 127, torch.int8))
+
+    def _layer_float(self, node) -> tq._Q:
+        """A conv/linear whose float output a residual add reads (``add_reads_layer_output``): ``dequantize(x)``
+        -> aten conv / linear on ``dequantize_per_channel`` of its int8 weights, plus the model's float bias: the
+        values of the fake-quant model's float layer, in the form inductor folds with the add, a ReLU and the
+        quantize after into one ``qconv2d_pointwise.binary`` (a sum post-op). Other float layers: the
+        TorchScript lowering's."""
+        layer = module_of(self.gm, node)
+        x = self.value(node.args[0])
+        if not (isinstance(layer, tq._QUANT_LAYERS) and not isinstance(layer, tq._TRANSPOSED) and x.quantized
+                and layer_read_by_add(self.gm, next(iter(node.users))) is node and not layer.exact_integer_form()
+                and layer.weight_quant.is_quant_enabled and not bool(layer.quant_weight_zero_point().ne(0).any())):
+            return super()._layer_float(node)
+        with torch.no_grad():
+            b = None if layer.bias is None else getattr(layer.quant_bias(), "value", layer.bias)
+        y = self._float_op(layer, self.dequantize(x), self._weight_dq(node, layer),
+                           None if b is None else self.buffer(node.target + "_bias", b.float()))
+        kind = "linear" if isinstance(layer, torch.nn.Linear) else "conv"
+        self.note(node, f"dq -> {kind} (int8 weights per channel), read in float by {next(iter(node.users)).name}",
+                  why="the add's quantizer rounds it (add_reads_layer_output)")
+        return tq._Q(y)
 
     # -- add, product --------------------------------------------------------------------------------------
 
@@ -202,6 +230,17 @@ class Pt2Lowering(tq.TorchLowering):
         self.note(node, f"dq, dq -> add{' -> relu' if relu else ''} -> q")
         self.note(act_node, f"quantize_per_tensor after {node.name}")
         return self.clamp_to(tq._Q(out, scale, zp, False), m.act_quant)
+
+    def _add_float(self, node) -> tq._Q:
+        """An add reading a layer's float output (``add_reads_layer_output``): the float32 add of that output and
+        the other input dequantized, as the fake-quant model adds them; other float adds: the TorchScript
+        lowering's."""
+        layer = layer_read_by_add(self.gm, node)
+        if layer is None or not (self.profile or TORCH).add_reads_layer_output:
+            return super()._add_float(node)
+        other = next(a for a in tensor_inputs(node) if a is not layer)
+        self.note(node, f"add of {layer.name}'s float output and dq({other.name}) (inductor: the conv's sum post-op)")
+        return tq._Q(self.call(node.target, *(self.as_float(a) for a in node.args[:2])))
 
     def _float32_accumulator(self, n: fx.Node) -> None:
         """An exact integer accumulator (a conv/linear on float64 integers, read in float) computed in float32

@@ -49,6 +49,7 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import fx, nn
 
+from quantfx.classify import layer_read_by_add
 from quantfx.errors import ExportError, QuantArgumentError, TargetError
 from quantfx.graph import float_island, input_quantizer_of, is_add, module_of, op_name, qmeta, tensor_inputs
 from quantfx.lowering import Backend, Lowering
@@ -864,7 +865,15 @@ def exact_requant_grid(qmodel) -> None:
         layer = module_of(qmodel, node) if node.op == "call_module" else None
         if not isinstance(layer, _QUANT_LAYERS) or len(node.users) != 1 or not layer.weight_quant.is_quant_enabled:
             continue
-        user = next(iter(node.users))
+        user, other = next(iter(node.users)), 0.0
+        if profile.add_reads_layer_output and layer_read_by_add(qmodel, user) is node and len(user.users) == 1:
+            # the add's quantizer requantizes this layer's output plus the other input: |layer output| stays
+            # within the output range plus the other input's (its codes x its scale)
+            add_other = next(a for a in tensor_inputs(user) if a is not node)
+            other_meta = qmeta(add_other)
+            if other_meta.scale is None or other_meta.scale.numel() != 1:
+                continue
+            other, user = 256.0 * float(other_meta.scale), next(iter(user.users))
         act = module_of(qmodel, user) if user.op == "call_module" else None
         meta = qmeta(node.args[0])
         if getattr(act, "act_quant", None) is None or not act.act_quant.is_quant_enabled or meta.scale is None or \
@@ -875,7 +884,7 @@ def exact_requant_grid(qmodel) -> None:
         if not (qf.is_power_of_two(s_in) and qf.is_power_of_two(s_out)):
             continue
         bias = 0.0 if layer.bias is None else float(layer.bias.detach().abs().max()) / s_out
-        exp = max(GRID_EXP, math.ceil(math.log2(256.0 + bias + 2.0)) - 24)
+        exp = max(GRID_EXP, math.ceil(math.log2(256.0 + other / s_out + bias + 2.0)) - 24)
         q = layer.weight_quant
         steps[q] = max(steps.get(q, 0.0), 2.0 ** exp * s_out / s_in)
     for q, step in steps.items():

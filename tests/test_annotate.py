@@ -33,11 +33,14 @@ def test_every_tensor_node_is_annotated(target):
             if meta.is_quantized:
                 assert meta.scale is not None and meta.bit_width >= 2, (name, node.name)
             else:  # float only where nothing can fold or quantize it (see below)
-                floats[type(q.get_submodule(node.target)).__name__] += 1
+                floats[type(q.get_submodule(node.target)).__name__ if node.op == "call_module" else str(node.target)] += 1
     # densenet's pre-activation BatchNorms follow a cat or the input, not a conv, so they stay float; targets
     # that requantize after average pooling (avgpool='requant') keep the pool itself float
     pools = {"finn": {}, "onnx": {"AvgPool2d": 1, "AdaptiveAvgPool2d": 5}}
-    assert floats == Counter({"BatchNorm2d": 5, **pools.get(target, pools["onnx"])})
+    # the torch profile's residual adds read their conv's float output (add_reads_layer_output): the add is float
+    # until the quantizer after it (resnet's 3, mobilenetv2's 4)
+    adds = {"torch": {"<built-in function add>": 7}}
+    assert floats == Counter({"BatchNorm2d": 5, **pools.get(target, pools["onnx"]), **adds.get(target, {})})
 
 
 def test_accumulator_add_and_cat_widths():

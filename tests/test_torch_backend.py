@@ -65,8 +65,12 @@ def test_integer_layers_run_as_quantized_modules(lowered):
     for row in program.fallbacks():
         assert row["why"], row
     if name == "resnet":
-        assert sum(r["runs_as"].startswith("quantized::add") for r in program.report) == 3
-        assert [r["node"] for r in program.fallbacks()] == ["pool"]  # the global average pool, in float
+        # its 3 residual adds read their conv's float output (add_reads_layer_output: no requantization before the
+        # add), which TorchScript has no quantized op for on every engine: conv and add in float, then quantized
+        adds = [n.name for n in q.graph.nodes if n.op == "call_function" and "add" in n.name]
+        layers = [a.name for n in q.graph.nodes if n.name in adds for a in n.args[:1]]
+        assert len(adds) == 3 and not any(r["runs_as"].startswith("quantized::add") for r in program.report)
+        assert sorted(r["node"] for r in program.fallbacks()) == sorted(adds + layers + ["pool"])
 
 
 def test_saved_file_runs_without_quantfx(tmp_path):
@@ -369,7 +373,10 @@ def test_x86_profile_grids_after_calibration():
             continue
         steps += 1
         s_w = layer.weight_quant.scale(layer.weight).reshape(-1).double()
-        act = module_of(q, next(iter(node.users))).act_quant
+        user = next(iter(node.users))
+        if user.op == "call_function":  # a residual add reading the layer's float output: its quantizer after
+            user = next(iter(user.users))
+        act = module_of(q, user).act_quant
         s_in, s_out = float(qmeta(node.args[0]).scale), float(act.scale(None))
         assert is_power_of_two(s_in) and is_power_of_two(s_out) and int(act.zero_point(None)) % 2 == 0
         m = s_w * s_in / s_out

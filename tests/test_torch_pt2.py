@@ -59,10 +59,40 @@ def test_program_is_pt2e_quantized_form():
     linears = [r for r in program.report if r["runs_as"].startswith("dq -> linear")]
     assert len(convs) == 9 and ops["aten.conv2d.default"] == 9 and len(linears) == ops["aten.linear.default"] == 1
     assert ops["quantized_decomposed.dequantize_per_channel.default"] == 10
-    assert ops["quantized_decomposed.quantize_per_tensor.default"] >= 10 + 3  # convs, linear, adds
+    # the 3 residual adds read their conv's float output: dq -> conv -> add(dq(other)) -> [relu] -> q, PT2E's
+    # pattern for qconv2d_pointwise.binary; the other 7 layers and the adds are each followed by a quantize
+    adds = [n for n in program.exported.graph.nodes if n.target == torch.ops.aten.add.Tensor]
+    assert len(adds) == 3 and all(
+        sorted(str(a.target) for a in n.args) == ["aten.conv2d.default",
+                                                  "quantized_decomposed.dequantize_per_tensor.default"]
+        for n in adds)
+    assert ops["quantized_decomposed.quantize_per_tensor.default"] >= 7 + 3
     tensors = list(program.exported.state_dict.values()) + list(program.exported.constants.values())
     dtypes = Counter(t.dtype for t in tensors if torch.is_tensor(t))
     assert dtypes[torch.int8] == 10 and not any(t.is_quantized for t in tensors if torch.is_tensor(t))
+
+
+@pytest.mark.parametrize("engine, reads", [("x86", True), ("onednn", True), ("fbgemm", False), ("qnnpack", False)])
+def test_residual_adds_read_the_conv_output_on_the_exact_engines(engine, reads):
+    """x86 / onednn (``add_reads_layer_output``): each residual add of the test ResNet reads its conv's float output,
+    no requantizer between them (PT2E's recipe; one rounding, at the add's quantizer), and the conv's multiplier
+    ``s_in x s_w / s_out`` against the add's quantizer is on the 2^-15 grid; fbgemm / qnnpack keep requantizing."""
+    from quantfx.classify import is_act_quant, layer_read_by_add
+    from quantfx.graph import module_of, qmeta
+    torch.manual_seed(0)
+    data = [example_input("resnet", batch=2, seed=i) for i in range(2)]
+    q = quantfx.quantize(TEST_MODELS["resnet"][0]().eval(), quantfx.targets.torch_profile(engine),
+                         calibration_data=data, progress=False)
+    adds = [n for n in q.graph.nodes if n.op == "call_function" and "add" in n.name]
+    layers = [layer_read_by_add(q, n) for n in adds]
+    assert len(adds) == 3 and all(layer is not None for layer in layers) == reads
+    assert all(is_act_quant(q, a) for n in adds for a in n.args[:2]) != reads
+    if reads:
+        for add, layer in zip(adds, layers):
+            s_w = module_of(q, layer).weight_quant.scale(module_of(q, layer).weight).reshape(-1).double()
+            s_out = float(module_of(q, next(iter(add.users))).act_quant.scale(None))
+            m = s_w * float(qmeta(layer.args[0]).scale) / s_out / 2.0 ** torch_quantized.GRID_EXP
+            assert torch.equal(m, torch.round(m)), layer.name
 
 
 def test_file_records_what_it_was_built_for(tmp_path):

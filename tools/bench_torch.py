@@ -1,9 +1,10 @@
 """torch target: latency of quantfx's int8 programs, side by side in one run.
 
-    python tools/bench_torch.py [--models resnet18_like resnet50_like mobilenetv2_like vit_block] [--runs 10]
+    python tools/bench_torch.py [--models resnet18 resnet50 mobilenet_v2 vit_block] [--runs 10]
     python tools/bench_torch.py --engines [--models ...] [--profile]     # the TorchScript engines vs torch.ao FX
 
-Default (the .pt2 table): per model, batch 1 and 8, 1 and 2 threads, the median ms of
+Default (the .pt2 table): per model (torchvision's, random weights, 224 x 224; ``*_like``: quantfx.zoo's; the ViT
+block), batch 1 and 8, 1 and 2 threads, the median ms of
 - quantfx's ``.pt2`` file under ``torch.compile`` (inductor, freezing on),
 - torchao's PT2E flow (``X86InductorQuantizer``, ``prepare_pt2e`` / ``convert_pt2e``) under ``torch.compile``,
 - the float model under ``torch.compile``,
@@ -206,10 +207,14 @@ def vit_block():
 
 
 def float_model(name: str):
+    """``vit_block``, a quantfx.zoo model (``resnet18_like``), or a torchvision one (``resnet18``), random weights."""
     if name == "vit_block":
         return vit_block()
+    import torchvision
     torch.manual_seed(0)
-    return getattr(zoo, name)().eval()
+    if hasattr(zoo, name):
+        return getattr(zoo, name)().eval()
+    return getattr(torchvision.models, name)(weights=None).eval()
 
 
 class _ReLU(torch.nn.Module):
@@ -242,17 +247,19 @@ def compile_frozen(module):
     return torch.compile(module)  # torch._inductor.config.freezing is on (main_pt2)
 
 
-def int8_kernels(fn, x) -> int:
-    """oneDNN int8 conv/linear kernels inductor made when compiling ``fn`` for ``x`` (its first call)."""
+_KERNEL_COUNTERS = {"qconv_unary_lower_count": "conv", "qlinear_unary_lower_count": "linear",
+                    "qconv2d_binary_lower_count": "conv+add", "qlinear_binary_lower_count": "linear+add"}
+
+
+def int8_kernels(fn, x) -> dict:
+    """oneDNN int8 kernels inductor made when compiling ``fn`` for ``x`` (its first call), by kind (conv, conv+add
+    for ``qconv2d_pointwise.binary``, ...)."""
     from torch._dynamo.utils import counters
-    before = sum(v for k, v in counters["inductor"].items() if k in ("qconv_unary_lower_count", "qlinear_unary_lower_count",
-                                                                     "qconv2d_binary_lower_count",
-                                                                     "qlinear_binary_lower_count"))
+    before = {k: counters["inductor"][k] for k in _KERNEL_COUNTERS}
     with torch.no_grad():
         fn(x)
-    return sum(v for k, v in counters["inductor"].items() if k in ("qconv_unary_lower_count", "qlinear_unary_lower_count",
-                                                                   "qconv2d_binary_lower_count",
-                                                                   "qlinear_binary_lower_count")) - before
+    return {kind: counters["inductor"][k] - before[k] for k, kind in _KERNEL_COUNTERS.items()
+            if counters["inductor"][k] - before[k]}
 
 
 def median_ms(fns: dict, x, runs: int) -> dict:
@@ -345,7 +352,7 @@ def main(argv=None):
         args.runs = max(args.runs, 30)
         main_engines(args)
     else:
-        args.models = args.models or ["resnet18_like", "mobilenetv2_like", "vit_block", "resnet50_like"]
+        args.models = args.models or ["resnet18", "mobilenet_v2", "vit_block", "resnet50"]
         main_pt2(args)
 
 if __name__ == "__main__":
