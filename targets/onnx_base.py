@@ -365,12 +365,15 @@ class OnnxLowering(Lowering):
         out, inp = list(self.shape(node)), list(self.shape(data_input(node)))
         sizes = _size_args(node)
         dynamic = [i for i, s in enumerate(sizes) if (isinstance(s, int) and s == -1) or _reads_batch(s)]
-        if len(dynamic) == 1 and len(out) == len(sizes) and self.dynamic_batch:
-            out[dynamic[0]] = -1  # the one size written as -1 or computed from the batch (x.view(L, B * heads, d))
-        elif out and inp and self.dynamic_batch:
-            # the batch stays dynamic: copied where dim 0 is kept, else folded into dim 0 (LeViT's
-            # x.flatten(0, 1) of B x N x C, and back): -1 is then the batch times the example's static factor
-            out[0] = 0 if out[0] == inp[0] else -1
+        if out and inp and out[0] == inp[0]:
+            out[0] = 0  # keep the batch dimension dynamic
+        if not self.dynamic_batch:
+            pass
+        elif len(dynamic) == 1 and len(out) == len(sizes):
+            if out[dynamic[0]] != 0:  # the one size written -1 or computed from the batch (x.view(L, B * h, d))
+                out[dynamic[0]] = -1
+        elif out and out[0] != 0 and -1 not in out:
+            out[0] = -1  # the batch folded into dim 0 (LeViT's x.flatten(0, 1)): its size times the static rest
         return self.move("Reshape", [x, self.const(node.name + "_shape", np.array(out, np.int64))], node.name)
 
     def _squeeze(self, node, x):
