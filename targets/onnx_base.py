@@ -365,14 +365,11 @@ class OnnxLowering(Lowering):
         out, inp = list(self.shape(node)), list(self.shape(data_input(node)))
         sizes = _size_args(node)
         dynamic = [i for i, s in enumerate(sizes) if (isinstance(s, int) and s == -1) or _reads_batch(s)]
-        if out and inp and out[0] == inp[0]:
+        if self.dynamic_batch and len(dynamic) == 1 and len(out) == len(sizes):
+            out[dynamic[0]] = -1  # the one size written -1 or computed from the batch (x.view(L, B * h, d))
+        elif out and inp and out[0] == inp[0]:
             out[0] = 0  # keep the batch dimension dynamic
-        if not self.dynamic_batch:
-            pass
-        elif len(dynamic) == 1 and len(out) == len(sizes):
-            if out[dynamic[0]] != 0:  # the one size written -1 or computed from the batch (x.view(L, B * h, d))
-                out[dynamic[0]] = -1
-        elif out and out[0] != 0 and -1 not in out:
+        elif out and self.dynamic_batch:
             out[0] = -1  # the batch folded into dim 0 (LeViT's x.flatten(0, 1)): its size times the static rest
         return self.move("Reshape", [x, self.const(node.name + "_shape", np.array(out, np.int64))], node.name)
 

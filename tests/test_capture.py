@@ -235,4 +235,3 @@ def test_pipeline_spells_the_capture_and_quantize_keeps_it():
     q = quantfx.quantize(model, "onnx", example_inputs=(x,), pipeline=quantfx.parse_pipeline(pipeline.spell(), "onnx"),
                          progress=False)
     assert q.notes["capture"]["method"] == "export"
-
