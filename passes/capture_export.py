@@ -210,6 +210,27 @@ def _mean(args, kwargs):
     return "call_function", torch.mean, (args[0], list(args[1])), ({"keepdim": True} if keepdim else {})
 
 
+def _unflatten(args, kwargs):  # aten.unflatten.int(x, dim, sizes) as x.reshape(...): one dynamic size as -1
+    x, dim, sizes = args[:3]
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or any(not isinstance(s, int) or s < 0 for s in sizes):
+        return None
+    shape = list(val.shape)
+    dim = dim % len(shape)
+    shape[dim:dim + 1] = list(sizes)
+    dynamic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
+    if len(dynamic) > 1:
+        return None
+    return "call_method", "reshape", (x, [-1 if i in dynamic else int(s) for i, s in enumerate(shape)]), {}
+
+
+def _sum(args, kwargs):  # aten.sum.dim_IntList(x, dims, keepdim=False, dtype=None)
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if kwargs.get("dtype") is not None or len(args) > 3:
+        return None
+    return "call_function", torch.sum, (args[0], list(args[1])), ({"keepdim": True} if keepdim else {})
+
+
 def _sdpa(args, kwargs):
     names = ("attn_mask", "dropout_p", "is_causal")
     kw = {k: v for k, v in zip(names, args[3:])}
@@ -291,12 +312,13 @@ LIFT = {
     # view as reshape: the clone() that made its input contiguous is dropped as an identity
     aten.view.default: _method("reshape"), aten._unsafe_view.default: _method("reshape"),
     aten.reshape.default: _method("reshape"), aten.flatten.using_ints: _fn(torch.flatten),
+    aten.unflatten.int: _unflatten,
     aten.permute.default: _fn(torch.permute), aten.transpose.int: _fn(torch.transpose), aten.t.default: _fn(torch.t),
     aten.unsqueeze.default: _fn(torch.unsqueeze), aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
     aten.squeeze.default: _squeeze, aten.expand.default: _method("expand"),
     aten.split.Tensor: _split, aten.split_with_sizes.default: _split, aten.chunk.default: _fn(torch.chunk),
     aten.slice.Tensor: _slice, aten.select.int: _select,
-    aten.mean.dim: _mean, aten.adaptive_avg_pool2d.default: _fn(F.adaptive_avg_pool2d),
+    aten.mean.dim: _mean, aten.sum.dim_IntList: _sum, aten.adaptive_avg_pool2d.default: _fn(F.adaptive_avg_pool2d),
     aten.avg_pool2d.default: _avg_pool2d, aten.max_pool2d.default: _pool(F.max_pool2d, 6),
     aten.max_pool2d_with_indices.default: _max_pool_indices,
     aten.softmax.int: _softmax, aten._softmax.default: _softmax,

@@ -215,15 +215,22 @@ class RaiseModules(Pass):
 
     @staticmethod
     def _path(gm, node, params, module) -> Optional[str]:
-        """The user's module path for the raised module: torch.export's innermost module where it has one
-        (and it is not the root), else the module owning the first parameter."""
+        """The user's module path for the raised module. A parameter not named as the module names its own
+        (``nn.MultiheadAttention``'s ``in_proj_weight``) gives a child named after it (``self_attention.in_proj``);
+        else torch.export's innermost module, unless the parameter's owner lies inside it (the ``out_proj.weight``
+        MultiheadAttention reads itself: ``self_attention.out_proj``); else the module owning the parameter."""
+        owner, name = (params[0].target.rpartition(".")[::2]) if params else (None, None)
+        if params and name not in _OWN_NAMES:
+            child = name.removesuffix("_weight")
+            return f"{owner}.{child}" if owner else child
         found = _module_path(node)
-        if found is not None and found[0]:
+        if found is not None and found[0] and not (owner and owner.startswith(found[0] + ".")):
             return found[0]
-        if params:
-            owner, _, _ = params[0].target.rpartition(".")
-            return owner or None
-        return None
+        return owner or None
+
+
+#: the names raised modules give the first parameter of their call (weight, or running_mean of a batch norm)
+_OWN_NAMES = {"weight", "bias", "running_mean"}
 
 
 def _activation(cls, node):

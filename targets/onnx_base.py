@@ -363,9 +363,31 @@ class OnnxLowering(Lowering):
 
     def _reshape(self, node, x):
         out, inp = list(self.shape(node)), list(self.shape(data_input(node)))
-        if out and inp and out[0] == inp[0]:
+        sizes = _size_args(node)
+        dynamic = [i for i, s in enumerate(sizes) if (isinstance(s, int) and s == -1) or _reads_batch(s)]
+        if self.dynamic_batch and len(dynamic) == 1 and len(out) == len(sizes):
+            out[dynamic[0]] = -1  # the one size written -1 or computed from the batch (x.view(L, B * h, d))
+        elif out and inp and out[0] == inp[0]:
             out[0] = 0  # keep the batch dimension dynamic
+        elif out and self.dynamic_batch:
+            out[0] = -1  # the batch folded into dim 0 (LeViT's x.flatten(0, 1)): its size times the static rest
         return self.move("Reshape", [x, self.const(node.name + "_shape", np.array(out, np.int64))], node.name)
+
+    def _squeeze(self, node, x):
+        """``squeeze(dim)`` / ``unsqueeze(dim)`` as ONNX Squeeze / Unsqueeze on those axes, so the other sizes (the
+        batch) stay what they are at run time; without dims, a reshape to the example's shape."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None:
+            return self._reshape(node, x)
+        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+        shape = self.shape(data_input(node))
+        if node.target in (torch.unsqueeze, "unsqueeze"):
+            op_type, axes = "Unsqueeze", [d % (len(shape) + 1) for d in dims]
+        else:  # torch squeezes only axes of size 1
+            op_type, axes = "Squeeze", [d % len(shape) for d in dims if shape[d % len(shape)] == 1]
+            if not axes:
+                return x
+        return self.move(op_type, [x, self.const(node.name + "_axes", np.array(axes, np.int64))], node.name)
 
     def _args(self, node, names_defaults):
         out = []
@@ -396,7 +418,7 @@ class OnnxLowering(Lowering):
         if t is F.pad:
             return self._pad(node)
         if t in (torch.squeeze, torch.unsqueeze):
-            return self._reshape(node, self.env[node.args[0]])
+            return self._squeeze(node, self.env[node.args[0]])
         if t in (operator.mul, torch.mul, operator.truediv, operator.sub, operator.add, torch.add, torch.sub):
             return self._binary(node)
         island = self.emit_float_island_function(node)
@@ -404,6 +426,8 @@ class OnnxLowering(Lowering):
             return island
         if t is torch.mean:
             return self._mean(node, self.env[node.args[0]])
+        if t is torch.sum:
+            return self._sum(node, self.env[node.args[0]])
         if t is torch.roll:
             return self._roll(node, self.env[node.args[0]])
         if t is torch.unbind:
@@ -435,10 +459,14 @@ class OnnxLowering(Lowering):
             return self._expand(node, x)
         if t == "mean":
             return self._mean(node, x)
+        if t == "sum":
+            return self._sum(node, x)
         if t == "softmax":
             _, dim = self._args(node, [("self", None), ("dim", None)])
             return self._softmax(node, x, int(dim))
-        if t in ("view", "reshape", "squeeze", "unsqueeze", "reshape_as", "view_as"):
+        if t in ("squeeze", "unsqueeze"):
+            return self._squeeze(node, x)
+        if t in ("view", "reshape", "reshape_as", "view_as"):
             return self._reshape(node, x)
         if t == "flatten":
             _, start, end = self._args(node, [("self", None), ("start_dim", 0), ("end_dim", -1)])
@@ -618,12 +646,24 @@ class OnnxLowering(Lowering):
             y = self.op("Transpose", [y], n + "_seq_first", perm=[1, 0, 2])
         return (y, None)
 
-    def _mean(self, node, x):
+    def _reduced_axes(self, node):
         _, dim, keepdim = self._args(node, [("input", None), ("dim", None), ("keepdim", False)])
         rank = len(self.shape(data_input(node)))
         dims = list(range(rank)) if dim is None else [d % rank for d in (dim if isinstance(dim, (list, tuple))
                                                                         else [dim])]
-        return self.op("ReduceMean", [x], node.name, axes=dims, keepdims=int(bool(keepdim)))
+        return dims, int(bool(keepdim))
+
+    def _mean(self, node, x):
+        dims, keepdim = self._reduced_axes(node)
+        return self.op("ReduceMean", [x], node.name, axes=dims, keepdims=keepdim)
+
+    def _sum(self, node, x):
+        """``x.sum(dim)`` (ResNeSt's split attention sums its radix branches): ReduceSum, axes as an input."""
+        if node.kwargs.get("dtype") is not None:
+            raise ExportError(f"{self.target}: node {node.name}: sum with a dtype has no lowering")
+        dims, keepdim = self._reduced_axes(node)
+        axes = self.const(node.name + "_axes", np.array(dims, np.int64))
+        return self.op("ReduceSum", [x, axes], node.name, keepdims=keepdim)
 
     _ISLAND_MODULES = {nn.SiLU: "silu", nn.GELU: "gelu", nn.Hardsigmoid: "hardsigmoid", nn.Hardswish: "hardswish",
                        nn.Mish: "mish", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Softmax: "softmax"}
@@ -905,6 +945,26 @@ class OnnxLowering(Lowering):
         if m.max_norm is not None:
             raise ExportError(f"{self.target}: {node.target}: nn.Embedding with max_norm has no lowering")
         return self.op("Gather", [self.const(node.target + ".weight", np32(m.weight)), ids], node.name, axis=0)
+
+
+def _size_args(node) -> list:
+    """The target sizes of a ``reshape`` / ``view`` call as written (ints and nodes of shape arithmetic)."""
+    if not ((node.op == "call_method" and node.target in ("view", "reshape")) or
+            (node.op == "call_function" and node.target is torch.reshape)):
+        return []
+    sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+    return list(sizes)
+
+
+def _reads_batch(size) -> bool:
+    """Whether a size expression reads dimension 0 of a tensor (the batch) at run time."""
+    source = _shape_source(size)
+    if source is not None:
+        return source[1] == 0
+    return isinstance(size, fx.Node) and size.op == "call_function" and \
+        getattr(size.target, "__module__", None) in ("_operator", "operator") and \
+        any(_reads_batch(a) for a in size.all_input_nodes)
 
 
 def _shape_source(size):

@@ -257,7 +257,7 @@ def test_activations_norms_softmax_and_mha_as_float_islands(target):
     torch.manual_seed(0)
     model = Activations().eval()
     data = calibration(shape=(4, 3, 8, 8))
-    q = quantfx.quantize(model, target, calibration_data=data, progress=False)
+    q = quantfx.quantize(model, target, calibration_data=data, progress=False, capture="fx")
     ops = {r["op"] for r in float_islands(q)}
     expected = {"Mish", "PReLU", "GELU", "ELU", "SiLU", "Tanh", "GroupNorm", "Softmax", "MultiheadAttention",
                 "gelu", "silu", "mean"} | (set() if target == "dpu" else {"Hardswish", "Hardsigmoid", "LeakyReLU",
@@ -382,7 +382,11 @@ def test_torchvision_vit_keeps_its_class_token(target, floor):
     """torchvision's ViT at random init: the class token is the position embedding alone (std 0.02) while the
     patch tokens reach 3.5; on one 8-bit grid before each LayerNorm it was rounded away (9.0 dB on onnx, 9.1 on
     torch; the head reads only that token). The residual stream stays float: 13.5 and 24.4 dB (onnx's output
-    quantizer, calibrated on 6 images, clips the test logits: its accumulator is at 30.6 dB; tools/probe_vit.py)."""
+    quantizer, calibrated on 6 images, clips the test logits: its accumulator is at 30.6 dB; tools/probe_vit.py).
+    capture='auto' takes torch.export here (nn.MultiheadAttention would run whole in float): 13.4 and 25.0 dB.
+    Export runs the attention's functional form: its projections become Linears named ``<attention>.in_proj`` and
+    ``<attention>.out_proj`` (not the attention's own path, where the swap failed on state that did not fit), and
+    the export's unflatten and squeeze of the packed q/k/v lower with the batch dynamic (lowered at 1, run at 4)."""
     from torchvision.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
@@ -395,5 +399,10 @@ def test_torchvision_vit_keeps_its_class_token(target, floor):
     with torch.no_grad():
         snr = quantfx.sqnr(model(test), q(test))
     assert snr > floor, snr
+    assert q.notes["capture"]["method"] == "export" and "MultiheadAttention" in q.notes["capture"]["why"]
+    linears = {n.target for n in q.graph.nodes if n.op == "call_module" and type(q.get_submodule(n.target)).__name__
+               == "QuantLinear"}
+    assert {f"encoder.layers.encoder_layer_{i}.self_attention.{p}" for i in (0, 1) for p in ("in_proj", "out_proj")} \
+        <= linears and len(linears) == 9  # 2 x (in_proj, out_proj, mlp.0, mlp.3) + head
     assert len([r for r in float_islands(q) if "residual" in r["why"]]) == 5  # position embedding's, 2 per block
     assert quantfx.verify(q, quantfx.lower(q, (test[:1],)), test).max_error_lsb == 0.0
