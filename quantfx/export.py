@@ -2,8 +2,10 @@
 registry live in the lowering core (quantfx.lowering) and are re-exported here."""
 from __future__ import annotations
 
+
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -165,7 +167,14 @@ def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[st
     report = VerifyReport(backend.name, tolerance_lsb=tolerance_lsb)
     report.outputs = _compare(expected, got, results)
     for name, run in (backend.variants.items() if variants else ()):
-        got = run(artefact, inputs)
+        try:
+            got = run(artefact, inputs)
+        except QuantFXError:
+            raise
+        except Exception as e:  # e.g. inductor refusing a kernel: name the run, not a raw compiler trace
+            raise ExportError(f"verify: {backend.name}'s {name} run of {where} failed ({type(e).__name__}: "
+                              f"{_gist(e)}); the eager run is checked without it by "
+                              "quantfx.verify(..., variants=False); report the model") from e
         if got is not None:
             report.variants[name] = _compare(expected, got, results)
     if not report.ok and backend.run_with_intermediates is not None:
@@ -173,6 +182,14 @@ def verify(qmodel: fx.GraphModule, artefact_or_path, inputs, target: Optional[st
     if not report.ok and backend.diagnose is not None:
         report.diagnosis = backend.diagnose(artefact, inputs)
     return report
+
+
+def _gist(e: BaseException) -> str:
+    """The line of an exception message that says what went wrong: the first ``SomethingError: ...`` line (a
+    compiler wraps the cause in lines of advice), else the first line; cut to 300 characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    said = next((line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)), lines[0] if lines else "")
+    return said[:300]
 
 
 def _compare(expected, got, results) -> list:

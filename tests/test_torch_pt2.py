@@ -162,3 +162,19 @@ def test_torchscript_form_on_request(tmp_path):
     assert report.max_error_lsb == 0.0 and report.variants == {}, str(report)
     with pytest.raises(QuantArgumentError, match="no format 'onnx'.*pt2, torchscript"):
         quantfx.export(q, tmp_path / "n", (data[0][:1],), format="onnx")
+
+
+def test_a_compiled_run_that_fails_is_an_export_error_naming_the_cause(monkeypatch):
+    """inductor refusing a kernel (seen: a float64 weight reaching mkldnn's weight prepacking) is an ExportError
+    that says which run failed and the compiler's own error line, and the eager check stays available."""
+    from quantfx.lowering import BACKENDS
+    q, data = _quantize("mlp")
+    program = quantfx.lower(q, (data[0][:1],))
+
+    def refusing(_program, _inputs):
+        raise RuntimeError("backend='inductor' raised:\nRuntimeError: itensor_view_from_dense expects float "
+                           "tensor inputDouble\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+    monkeypatch.setitem(BACKENDS["torch"].variants, "compiled", refusing)
+    with pytest.raises(quantfx.QuantFXError, match=r"torch's compiled run .*RuntimeError: itensor_view_from_dense"):
+        quantfx.verify(q, program, data[1])
+    assert quantfx.verify(q, program, data[1], variants=False).max_error_lsb == 0.0
