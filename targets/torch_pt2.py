@@ -23,6 +23,8 @@ the TorchScript lowering's exact integer accumulator (float64 on the integers) a
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed (torch._inductor imports it too)
 import torch.nn.functional as F
@@ -243,22 +245,40 @@ class Pt2Lowering(tq.TorchLowering):
         return tq._Q(self.call(node.target, *(self.as_float(a) for a in node.args[:2])))
 
     def _float32_accumulator(self, n: fx.Node) -> None:
-        """An exact integer accumulator (a conv/linear on float64 integers, read in float) computed in float32
-        where every partial sum is provably below 2^24 (the sum of all |weight integers| x 255), then widened:
-        the same integers, and inductor's freezing cannot take float64 convolutions (mkldnn's weight reorder
-        refuses them)."""
+        """An exact integer accumulator (a conv/linear on float64 integers, read in float) computed in float32,
+        then widened: the same integers, and inductor's freezing cannot take float64 convolutions (mkldnn's weight
+        reorder refuses them). Where every partial sum is provably below 2^24 (the sum of all |weight integers| x
+        255) the layer runs as it is; where only 16 x that sum is, its input integers x are split into
+        ``16 hi + lo`` (lo in 0..15, |hi| <= 16) and the layer, linear in x, runs on each part in float32, the two
+        exact results summed in float64. Beyond that it stays float64 (eager only)."""
         w = n.args[1]
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             return
         ints = self.root.get_buffer(w.target)
-        if ints.dtype != torch.float64 or float(ints.abs().sum()) * 255 >= 2 ** 24:
+        if ints.dtype != torch.float64:
             return
-        self.root.register_buffer(w.target, ints.float())
-        with self.graph.inserting_before(n):
-            n.update_arg(0, self.graph.call_method("float", (n.args[0],)))
-        with self.graph.inserting_after(n):
-            wide = self.graph.call_method("double", (n,))
-        n.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not wide)
+        bound = float(ints.abs().sum())
+        if bound * 255 < 2 ** 24:
+            self.root.register_buffer(w.target, ints.float())
+            with self.graph.inserting_before(n):
+                n.update_arg(0, self.graph.call_method("float", (n.args[0],)))
+            with self.graph.inserting_after(n):
+                wide = self.graph.call_method("double", (n,))
+            n.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not wide)
+        elif bound * 16 < 2 ** 24 and (len(n.args) < 3 or n.args[2] is None):
+            self.root.register_buffer(w.target, ints.float())
+            x = n.args[0]
+            with self.graph.inserting_before(n):
+                hi = self.graph.call_function(torch.floor, (self.graph.call_function(operator.truediv, (x, 16.0)),))
+                lo = self.graph.call_function(operator.sub, (x, self.graph.call_function(operator.mul, (hi, 16.0))))
+                n.update_arg(0, self.graph.call_method("float", (lo,)))
+            with self.graph.inserting_before(n.next):  # in order, after n
+                low = self.graph.call_method("double", (n,))
+                hi32 = self.graph.call_method("float", (hi,))
+                part_hi = self.graph.call_function(n.target, (hi32,) + n.args[1:], dict(n.kwargs))
+                high = self.graph.call_function(operator.mul, (self.graph.call_method("double", (part_hi,)), 16.0))
+                wide = self.graph.call_function(operator.add, (high, low))
+            n.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not low)
 
     def emit_product(self, node):
         """The TorchScript lowering's exact product, on codes: the operands' zero points passed along."""
