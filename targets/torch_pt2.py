@@ -204,8 +204,12 @@ class Pt2Lowering(tq.TorchLowering):
                 and layer_read_by_add(self.gm, next(iter(node.users))) is node and not layer.exact_integer_form()
                 and layer.weight_quant.is_quant_enabled and not bool(layer.quant_weight_zero_point().ne(0).any())):
             return super()._layer_float(node)
-        with torch.no_grad():
-            b = None if layer.bias is None else getattr(layer.quant_bias(), "value", layer.bias)
+        b = None
+        if layer.bias is not None and layer.bias_quant.is_quant_enabled:
+            ints, b_scale = self.bias_ints(layer, self.input_scale(node))  # the input scale from the graph
+            b = ints.reshape(-1).float() * b_scale.float()
+        elif layer.bias is not None:
+            b = layer.bias.detach()
         y = self._float_op(layer, self.dequantize(x), self._weight_dq(node, layer),
                            None if b is None else self.buffer(node.target + "_bias", b.float()))
         kind = "linear" if isinstance(layer, torch.nn.Linear) else "conv"
