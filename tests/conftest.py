@@ -1,6 +1,15 @@
 """Suite-wide settings."""
+import os
+
 import pytest
 import torch
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    # `-n auto` (pyproject's addopts): one worker per core, at most 4 (each imports torch and runs inductor;
+    # each test runs single-threaded, below, so the workers do not oversubscribe the cores)
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(autouse=True, scope="module")
