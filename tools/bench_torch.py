@@ -263,16 +263,18 @@ def int8_kernels(fn, x) -> dict:
 
 
 def median_ms(fns: dict, x, runs: int) -> dict:
-    """Median ms of each ``name: fn`` over ``runs`` rounds, the variants interleaved in each round."""
+    """Median ms of each ``name: fn`` over ``runs`` rounds, the variants interleaved in each round, each round
+    starting one variant later (no variant always runs after the same one, whose weights left the caches)."""
     times = {k: [] for k in fns}
+    keys = list(fns)
     with torch.no_grad():
         for fn in fns.values():
             for _ in range(3):
                 fn(x)
-        for _ in range(runs):
-            for k, fn in fns.items():
+        for r in range(runs):
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
                 t = time.perf_counter()
-                fn(x)
+                fns[k](x)
                 times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
