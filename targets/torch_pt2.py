@@ -91,7 +91,7 @@ def layer_output(acc: torch.Tensor, acc_scale: torch.Tensor) -> torch.Tensor:
 def product_codes(a, b, zp_a: int, zp_b: int, acc_scale, matmul: bool, float32: bool = False) -> torch.Tensor:
     """:func:`targets.torch_quantized.exact_product` on codes: ``(a - zp_a) x (b - zp_b)`` exactly, then
     ``float32(acc) x s_a s_b``. Exactly: in float32 (``float32``) where every partial sum of integer products is an
-    integer below 2^24 (:func:`product_in_float32`), else in float64 (about 4x slower under inductor)."""
+    integer below 2^24 (:func:`product_in_float32`), else in float64."""
     wide = torch.float32 if float32 else torch.float64
     ia, ib = a.to(wide) - float(zp_a), b.to(wide) - float(zp_b)
     acc = torch.matmul(ia, ib) if matmul else ia * ib
@@ -302,13 +302,24 @@ class Pt2Lowering(tq.TorchLowering):
         a, b = (self.value(x) for x in node.args[:2])
         n = out.node
         matmul = n.args[-1]
-        depth = self.shape(node.args[0])[-1] if matmul else 1
-        narrow = product_in_float32(code_range(a.signed), code_range(b.signed), a.zero_point, b.zero_point, depth)
+        depth = self._product_depth(node) if matmul else 1
+        narrow = depth is not None and product_in_float32(code_range(a.signed), code_range(b.signed), a.zero_point,
+                                                          b.zero_point, depth)
         n.target = product_codes
         n.args = (n.args[0], n.args[1], a.zero_point, b.zero_point) + tuple(n.args[2:]) + (narrow,)
         if narrow:
             self.report[-1]["runs_as"] += f", in float32 (|partial sums| < 2^24 over {depth} terms)"
         return out
+
+    def _product_depth(self, node) -> "int | None":
+        """A matmul's inner dimension for the example inputs; None where it may not be the same at every batch (its
+        size is the example's batch size, which the program takes as dynamic: ``x^T @ x`` over the batch)."""
+        a = node.args[0]
+        if not (isinstance(a, fx.Node) and self.is_tensor(a)):
+            return None
+        depth = self.shape(a)[-1]
+        batches = {t.shape[0] for t in self.example_inputs if torch.is_tensor(t) and t.dim() > 0}
+        return None if depth in batches else depth
 
     def finish(self) -> fx.GraphModule:
         # the TorchScript lowering reads a quantized tensor's integers with int_repr(): here they are the tensor

@@ -204,3 +204,27 @@ def test_attention_products_run_in_float32_where_their_sums_fit_and_stay_exact(t
     assert product_in_float32((0, 255), (0, 255), 88, 88, 601)
     assert not product_in_float32((0, 255), (0, 255), 88, 88, 602)
     assert product_in_float32((-128, 127), (0, 255), 0, 0, 1) and not product_in_float32((0, 255), (0, 255), 0, 0, 259)
+
+
+def test_a_product_over_the_batch_dimension_stays_float64(tmp_path):
+    """``x^T @ x`` sums over the batch, which the program takes as dynamic: the depth seen at export says nothing of
+    a later batch, so the product keeps float64 (exact at any batch); the same product over channels runs in
+    float32. Both at 0 LSB at a larger batch than the example's."""
+    class Gram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y.t() @ y, y @ y.t()
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    q = quantfx.quantize(Gram().eval(), "torch", calibration_data=data, progress=False)
+    program = quantfx.export(q, tmp_path / "g.pt2", (data[0][:3],))
+    rows = [r for r in program.report if r["runs_as"].startswith("integer matmul")]
+    assert len(rows) == 2 and ["in float32" in r["runs_as"] for r in rows] == [False, True], rows
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(9))
+    report = quantfx.verify(q, tmp_path / "g.pt2", (x,), variants=False)
+    assert report.max_error_lsb == 0.0, str(report)
