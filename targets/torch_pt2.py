@@ -88,12 +88,22 @@ def layer_output(acc: torch.Tensor, acc_scale: torch.Tensor) -> torch.Tensor:
     return (acc * acc_scale.double()).float()
 
 
-def product_codes(a, b, zp_a: int, zp_b: int, acc_scale, matmul: bool) -> torch.Tensor:
-    """:func:`targets.torch_quantized.exact_product` on codes: ``(a - zp_a) x (b - zp_b)`` exactly (float64),
-    then ``float32(acc) x s_a s_b``."""
-    ia, ib = a.double() - float(zp_a), b.double() - float(zp_b)
+def product_codes(a, b, zp_a: int, zp_b: int, acc_scale, matmul: bool, float32: bool = False) -> torch.Tensor:
+    """:func:`targets.torch_quantized.exact_product` on codes: ``(a - zp_a) x (b - zp_b)`` exactly, then
+    ``float32(acc) x s_a s_b``. Exactly: in float32 (``float32``) where every partial sum of integer products is an
+    integer below 2^24 (:func:`product_in_float32`), else in float64."""
+    wide = torch.float32 if float32 else torch.float64
+    ia, ib = a.to(wide) - float(zp_a), b.to(wide) - float(zp_b)
     acc = torch.matmul(ia, ib) if matmul else ia * ib
     return acc.float() * acc_scale
+
+
+def product_in_float32(a_range: tuple, b_range: tuple, zp_a: int, zp_b: int, depth: int) -> bool:
+    """Whether a product of codes in ``a_range`` and ``b_range`` summed over ``depth`` terms (a matmul's inner
+    dimension; 1 elementwise) stays below 2^24 at every partial sum: then float32 computes it exactly in any
+    order (every partial sum an integer float32 holds)."""
+    reach = lambda r, zp: max(zp - r[0], r[1] - zp)  # noqa: E731
+    return depth * reach(a_range, zp_a) * reach(b_range, zp_b) < 2 ** 24
 
 
 _PLAIN = {tq.quantize_as_fake_quant: quantize_codes, tq.requantize_accumulator: requantize_codes,
@@ -285,12 +295,31 @@ class Pt2Lowering(tq.TorchLowering):
             n.replace_all_uses_with(wide, delete_user_cb=lambda user: user is not low)
 
     def emit_product(self, node):
-        """The TorchScript lowering's exact product, on codes: the operands' zero points passed along."""
+        """The TorchScript lowering's exact product, on codes: the operands' zero points passed along, in float32
+        where its sums cannot pass 2^24 (a ViT's attention: ``q k^T`` over 64 channels, ``softmax v`` over 197
+        tokens), as PT2E's float32 matmuls run, else in float64."""
         out = super().emit_product(node)
         a, b = (self.value(x) for x in node.args[:2])
         n = out.node
-        n.target, n.args = product_codes, (n.args[0], n.args[1], a.zero_point, b.zero_point) + tuple(n.args[2:])
+        matmul = n.args[-1]
+        depth = self._product_depth(node) if matmul else 1
+        narrow = depth is not None and product_in_float32(code_range(a.signed), code_range(b.signed), a.zero_point,
+                                                          b.zero_point, depth)
+        n.target = product_codes
+        n.args = (n.args[0], n.args[1], a.zero_point, b.zero_point) + tuple(n.args[2:]) + (narrow,)
+        if narrow:
+            self.report[-1]["runs_as"] += f", in float32 (|partial sums| < 2^24 over {depth} terms)"
         return out
+
+    def _product_depth(self, node) -> "int | None":
+        """A matmul's inner dimension for the example inputs; None where it may not be the same at every batch (its
+        size is the example's batch size, which the program takes as dynamic: ``x^T @ x`` over the batch)."""
+        a = node.args[0]
+        if not (isinstance(a, fx.Node) and self.is_tensor(a)):
+            return None
+        depth = self.shape(a)[-1]
+        batches = {t.shape[0] for t in self.example_inputs if torch.is_tensor(t) and t.dim() > 0}
+        return None if depth in batches else depth
 
     def finish(self) -> fx.GraphModule:
         # the TorchScript lowering reads a quantized tensor's integers with int_repr(): here they are the tensor

@@ -62,12 +62,14 @@ class Pt2Program:
     def compiled(self):
         """``torch.compile`` (inductor) of the program, compiled on its first call, every call with
         ``torch._inductor.config.freezing`` on: dynamo reads it while tracing (weights become constants, which the
-        int8 weight-prepack passes need), so ``torch.compile(options={"freezing": True})`` is not enough."""
+        int8 weight-prepack passes need), so ``torch.compile(options={"freezing": True})`` is not enough; and with
+        ``cpp.simdlen`` set to the vector width inductor picks here (:func:`_vector_width`)."""
         if "compiled" not in self._modules:
             fn = torch.compile(self.exported.module())
+            options = {"freezing": True, "cpp.simdlen": _vector_width()}
 
             def frozen(*inputs):
-                with torch._inductor.config.patch(freezing=True), torch.no_grad(), _no_gpu_notice():
+                with torch._inductor.config.patch(options), torch.no_grad(), _no_gpu_notice():
                     return fn(*inputs)
 
             self._modules["compiled"] = frozen
@@ -89,6 +91,17 @@ class Pt2Program:
         return [r for r in self.report if r["how"] == "float"]
 
     table = tq.TorchProgram.table
+
+
+def _vector_width() -> int:
+    """The vector width in bits of the instruction set inductor generates C++ for in this process (AVX512: 512, AVX2:
+    256, none: 0), which ``ATEN_CPU_CAPABILITY`` can hold below the CPU's. Passed as ``cpp.simdlen`` it enters the
+    key of inductor's FX graph cache; torch 2.14's key does not otherwise hold it, so a process capped at AVX2 loads
+    a graph cached by an AVX512 process on the same cache directory: its kernels step 16 floats at a time over
+    8-float AVX2 vectors (``Vectorized<float>::loadu(p, 16)`` into 8 lanes), leaving half of each buffer unwritten
+    (the compiled .pt2 off by hundreds of LSB or more while the eager program is exact; tests/test_torch_isa.py)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    return pick_vec_isa().bit_width()
 
 
 class _NoGpuNotice(logging.Filter):

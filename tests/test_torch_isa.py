@@ -149,6 +149,9 @@ def _run_child(work, level):
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
     env.update({k: v for k, v in (("ONEDNN_MAX_CPU_ISA", isa), ("ATEN_CPU_CAPABILITY", aten)) if v})
     env["ONEDNN_VERBOSE"] = "1"   # its first line names the ISA oneDNN runs
+    # inductor's cache of this level alone, as on a machine of that CPU: torch 2.14 keys its FX graph cache without
+    # the vector ISA ATEN_CPU_CAPABILITY picks (test_compiled_runs_are_not_served_another_isas_cached_kernels)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{level}")
     run = subprocess.run([sys.executable, "-c", CHILD, str(work)], env=env, capture_output=True, text=True,
                          timeout=1800)  # a torch.compile of the .pt2 per level: minutes on a loaded machine
     assert run.returncode == 0, run.stderr[-3000:]
@@ -205,14 +208,11 @@ def test_x86_files_give_the_same_integers_from_either_library_at_every_instructi
                 assert np.array_equal(res["file_" + lib], want["out"]), (level, key, lib, got["meta"])
 
 
-@pytest.mark.parametrize("level", [pytest.param(lv, marks=pytest.mark.xfail(strict=True, reason=(
-    "open: under ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 the inductor-compiled .pt2 (convs in float32 "
-    "on dequantized weights, no torchao passes) gives resnet's outputs up to 0.96 off (hundreds of LSB) while the "
-    "eager program is exact: not yet known whether a real AVX2 CPU or only the capped environment is affected")))
-    if lv == "avx2" else lv for lv in sorted(LEVELS)])
+@pytest.mark.parametrize("level", sorted(LEVELS))
 def test_pt2_files_give_the_same_integers_eagerly_and_compiled_at_every_instruction_set(cases, runs, level):
     """The default .pt2 program, eagerly and under torch.compile, gives the fake-quant model's outputs to the bit
-    with oneDNN and ATen (and inductor's generated code) held at each instruction set."""
+    with oneDNN and ATen (and inductor's generated code) held at each instruction set, each level compiling into a
+    cache of its own as a machine of that CPU does (a cache shared with an AVX512 process: the test below)."""
     _, expected = cases
     got = runs[level]
     keys = [k for k in expected if k.endswith("/pt2")]
@@ -252,3 +252,54 @@ def test_the_instruction_set_caps_change_the_arithmetic(runs):
         pytest.skip(f"this CPU's oneDNN ISA is {native['meta']['onednn']!r}: no VNNI to compare AVX2 with")
     a, b = native["results"]["control"], avx2["results"]["control"]
     assert (a != b).sum() > 10, "the AVX2 cap did not change oneDNN's arithmetic"
+
+
+SHARED_CACHE_CHILD = textwrap.dedent(r"""
+    import pickle, sys
+    import numpy as np, torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+    from quantfx.targets import torch_pt2_runtime
+    path, x = pickle.load(open(sys.argv[1], "rb"))
+    with torch.no_grad():
+        torch._inductor.config.freezing = True
+        raw = torch.compile(torch.export.load(path).module())(x).numpy()  # a user's own torch.compile
+        torch._inductor.config.freezing = False
+        ours = torch_pt2_runtime.run_compiled(torch_pt2_runtime.load(path), (x,))[0]  # quantfx.verify's run
+    pickle.dump({"raw": raw, "quantfx": ours, "aten": torch.backends.cpu.get_cpu_capability()},
+                open(sys.argv[2], "wb"))
+""")
+
+
+def test_compiled_runs_are_not_served_another_isas_cached_kernels(tmp_path):
+    """torch 2.14's inductor keys its FX graph cache without the vector ISA it generates C++ for: a process capped
+    at AVX2 (``ATEN_CPU_CAPABILITY=avx2``) that shares a cache directory with an AVX512 process loads the AVX512
+    process's graph, whose kernels step 16 floats over 8-float AVX2 vectors (half of each buffer never written). The
+    control: a plain ``torch.compile`` of the .pt2 in the capped process is far from the model's outputs. quantfx's
+    compiled run passes inductor the vector width (``cpp.simdlen``, part of the key) and gives them to the bit."""
+    if "avx2" not in open("/proc/cpuinfo").read() or "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("needs a CPU with AVX512 to cap at AVX2")
+    name = "mlp"  # vectorized elementwise kernels, the cheapest compile
+    ctor, _ = TEST_MODELS[name]
+    torch.manual_seed(0)
+    q = quantfx.quantize(ctor().eval(), "torch", calibration_data=[example_input(name, batch=4, seed=i)
+                                                                   for i in range(2)], progress=False)
+    x = example_input(name, batch=4, seed=31)
+    quantfx.export(q, tmp_path / "m.pt2", example_inputs=(x[:1],))
+    with torch.no_grad():
+        want = q(x).numpy()
+    with open(tmp_path / "case.pkl", "wb") as f:
+        pickle.dump((str(tmp_path / "m.pt2"), x), f)
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")  # one cache, filled by the first process
+    got = {}
+    for cap in ("avx512", "avx2"):
+        run = subprocess.run([sys.executable, "-c", SHARED_CACHE_CHILD, str(tmp_path / "case.pkl"),
+                              str(tmp_path / f"{cap}.pkl")], env=dict(env, ATEN_CPU_CAPABILITY=cap),
+                             capture_output=True, text=True, timeout=1800)
+        assert run.returncode == 0, run.stderr[-3000:]
+        with open(tmp_path / f"{cap}.pkl", "rb") as f:
+            got[cap] = pickle.load(f)
+    assert got["avx2"]["aten"] == "AVX2" and got["avx512"]["aten"] == "AVX512"
+    assert np.array_equal(got["avx512"]["raw"], want) and np.array_equal(got["avx512"]["quantfx"], want)
+    assert not np.array_equal(got["avx2"]["raw"], want), "inductor's cache keyed the vector ISA: drop the guard?"
+    assert np.array_equal(got["avx2"]["quantfx"], want)

@@ -180,3 +180,51 @@ def test_a_compiled_run_that_fails_is_an_export_error_naming_the_cause(monkeypat
     with pytest.raises(quantfx.QuantFXError, match=r"torch's compiled run .*RuntimeError: itensor_view_from_dense"):
         quantfx.verify(q, program, data[1])
     assert quantfx.verify(q, program, data[1], variants=False).max_error_lsb == 0.0
+
+
+def test_attention_products_run_in_float32_where_their_sums_fit_and_stay_exact(tmp_path):
+    """A ViT block's ``q k^T`` and ``softmax(.) v`` (products of two activation quantizers) run on their codes in
+    float32 where every partial sum of integer products is below 2^24 (PT2E's float32 matmuls, not float64), at
+    0 LSB eagerly and compiled; one more term than 2^24 allows keeps float64."""
+    from tests.modern_models import ViTBlock, calibration
+    from quantfx.targets.torch_pt2 import product_in_float32
+    torch.manual_seed(0)
+    q = quantfx.quantize(ViTBlock().eval(), "torch", calibration_data=calibration(), progress=False)
+    x = calibration(n=1, seed=5)[0]
+    program = quantfx.export(q, tmp_path / "vit.pt2", (x[:1],))
+    products = [r for r in program.report if r["runs_as"].startswith("integer matmul")]
+    assert len(products) == 2 and all("in float32" in r["runs_as"] for r in products), products
+    matmuls = [n for n in program.exported.graph.nodes if n.target == torch.ops.aten.matmul.default]
+    assert len(matmuls) == 2 and all(n.meta["val"].dtype == torch.float32 for n in matmuls)
+    assert not [n for n in program.exported.graph.nodes if "val" in n.meta and torch.is_tensor(n.meta["val"])
+                and n.meta["val"].dtype == torch.float64]
+    report = quantfx.verify(q, tmp_path / "vit.pt2", (x,))
+    assert report.max_error_lsb == 0.0 and report.variant_error_lsb("compiled") == 0.0, str(report)
+    # uint8 codes around zero point 88 reach 167: 601 x 167 x 167 < 2^24 <= 602 x 167 x 167
+    assert product_in_float32((0, 255), (0, 255), 88, 88, 601)
+    assert not product_in_float32((0, 255), (0, 255), 88, 88, 602)
+    assert product_in_float32((-128, 127), (0, 255), 0, 0, 1) and not product_in_float32((0, 255), (0, 255), 0, 0, 259)
+
+
+def test_a_product_over_the_batch_dimension_stays_float64(tmp_path):
+    """``x^T @ x`` sums over the batch, which the program takes as dynamic: the depth seen at export says nothing of
+    a later batch, so the product keeps float64 (exact at any batch); the same product over channels runs in
+    float32. Both at 0 LSB at a larger batch than the example's."""
+    class Gram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y.t() @ y, y @ y.t()
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    q = quantfx.quantize(Gram().eval(), "torch", calibration_data=data, progress=False)
+    program = quantfx.export(q, tmp_path / "g.pt2", (data[0][:3],))
+    rows = [r for r in program.report if r["runs_as"].startswith("integer matmul")]
+    assert len(rows) == 2 and ["in float32" in r["runs_as"] for r in rows] == [False, True], rows
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(9))
+    report = quantfx.verify(q, tmp_path / "g.pt2", (x,), variants=False)
+    assert report.max_error_lsb == 0.0, str(report)
