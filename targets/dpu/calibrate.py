@@ -251,10 +251,36 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
     models, this search on none (BENCHMARKS.md). Returns the kept choices (a rejected proposal is listed with
     ``chosen == max_position``)."""
     measure = _OutputError(qmodel, data, max_batches)
+    proposals = _proposals(qmodel, data, max_batches)
+    pinned = _pin_scales(qmodel)
+    try:
+        choices = _greedy(measure, proposals)
+    finally:
+        for q, scale in pinned:  # unpinned where no choice fixed it (set_pos records it in spec_fields)
+            if q.fixed_scale == scale and "fixed_scale" not in q.spec_fields:
+                q.fixed_scale = None
+    annotate(qmodel)
+    return choices
+
+
+def _pin_scales(qmodel) -> list:
+    """Fix every activation quantizer's scale at the value its statistics give, for the search's forwards: the
+    same values, without recomputing the scale from the statistics at each call. Returns (quantizer, scale)."""
+    pinned = []
+    with torch.no_grad():
+        for q in quantizers(qmodel, "act"):
+            if q.fixed_scale is None and q.scale_type == "po2" and q.zero_point_type == "symmetric" and \
+                    bool(q.calibrated) and not q.learned_scale and q.scale().numel() == 1:
+                q.fixed_scale = float(q.scale())
+                pinned.append((q, q.fixed_scale))
+    return pinned
+
+
+def _greedy(measure, proposals) -> list[PositionChoice]:
     best = measure()
     measure.accept()
     choices = []
-    for q, c, now in _proposals(qmodel, data, max_batches):
+    for q, c, now in proposals:
         if c.chosen == now:
             choices.append(c)
             continue
@@ -269,7 +295,6 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         else:
             _restore(before)
             choices.append(PositionChoice(c.quantizer, c.max_position, now))
-    annotate(qmodel)
     return choices
 
 
