@@ -257,7 +257,7 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         choices = _greedy(measure, proposals)
     finally:
         for q, scale in pinned:  # unpinned where no choice fixed it (set_pos records it in spec_fields)
-            if q.fixed_scale == scale and "fixed_scale" not in q.spec_fields:
+            if q.fixed_scale == scale and q.spec_fields.get("fixed_scale") is None:
                 q.fixed_scale = None
     annotate(qmodel)
     return choices
