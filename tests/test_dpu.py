@@ -684,6 +684,24 @@ def test_local_positions_min_mse():
         assert errs[c.chosen] <= min(errs.values()) * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("rounding", ["half_up", "half_even", "floor"])
+def test_min_mse_errors_are_fake_quants(rounding):
+    """The proposals' squared errors (computed in place, for speed) are, bit for bit, those of
+    quant.functional.fake_quant at each candidate position, on ties, clipped values and tiny ones."""
+    from types import SimpleNamespace
+    from quantfx.quant import functional as qf
+    from quantfx.targets.dpu.calibrate import _sq_errors
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, generator=g) * 3, torch.arange(-300, 300) * 0.5 ** 4 + 0.5 ** 5,
+                   torch.tensor([1e-30, -1e-30, 0.0, 1e4])])
+    q = SimpleNamespace(int_range=lambda: (-128, 127), rounding=rounding)
+    positions = [-2, 0, 3, 5, 9]
+    want = [float((qf.fake_quant(x, torch.tensor(2.0 ** -p), torch.zeros(()), -128, 127, rounding) - x)
+                  .double().pow(2).sum()) for p in positions]
+    assert _sq_errors(x, positions, q) == want
+    assert len(set(want)) == len(want)
+
+
 def _held_out_sqnr(name, model, q):
     x = torch.cat([example_input(name, batch=16, seed=s) for s in (99, 100, 101, 102)])
     with torch.no_grad():
@@ -772,6 +790,9 @@ def test_position_search_keeps_what_a_whole_forward_keeps(name, monkeypatch):
          and m.weight_quant.is_quant_enabled]
     assert scales(fast) != scales(by_max)  # the search moved positions: the comparison below checks something
     assert scales(fast) == scales(whole)
+    # the scales the search pinned for its forwards are unpinned where no choice or rule fixed them
+    unfixed = [a for a in quantizers(fast, "act") if a.spec_fields.get("fixed_scale") is None]
+    assert unfixed and all(a.fixed_scale is None for a in unfixed)
     assert fast.notes["dpu.refine"] == whole.notes["dpu.refine"]
     sqnr = {k: _held_out_sqnr(name, model, q) for k, q in (("fast", fast), ("whole", whole), ("max", by_max))}
     assert sqnr["fast"] == sqnr["whole"] > sqnr["max"], sqnr

@@ -29,7 +29,6 @@ from torch.fx import Interpreter
 from quantfx.calibration import _as_args, _n_inputs, _run_batches, quantizers
 from quantfx.weight_rounding import float_view
 from quantfx.pipelines import annotate
-from quantfx.quant import functional as qf
 from quantfx.quant_tensor import value_of
 
 from .positions import Rules, fix_pos, set_pos
@@ -49,10 +48,24 @@ def _candidates(absmax: float, qmax: int) -> list[int]:
     return [p - 1 + i for i in range(POS_RANGE)]
 
 
-def _sq_error(x: torch.Tensor, pos: int, q) -> float:
+def _sq_errors(x: torch.Tensor, positions: list[int], q) -> list[float]:
+    """The squared quantize-dequantize error of ``x`` at each fix position: the values
+    ``quant.functional.fake_quant`` gives (a power-of-two scale divides exactly), in place in one buffer."""
     lo, hi = q.int_range()
-    s = torch.tensor(2.0 ** -pos)
-    return float((qf.fake_quant(x, s, torch.zeros(()), lo, hi, q.rounding) - x).double().pow(2).sum())
+    x = x.detach()
+    buf = torch.empty_like(x)
+    out = []
+    for pos in positions:
+        torch.mul(x, 2.0 ** pos, out=buf)
+        if q.rounding == "half_even":
+            buf.round_()
+        elif q.rounding == "half_up":
+            buf.add_(0.5).floor_()
+        else:
+            buf.floor_()
+        buf.clamp_(lo, hi).mul_(2.0 ** -pos).sub_(x)
+        out.append(float(buf.double().pow_(2).sum()))
+    return out
 
 
 def local_positions(qmodel, data, max_batches: int | None = None) -> list[PositionChoice]:
@@ -81,7 +94,8 @@ def _proposals(qmodel, data, max_batches):
                 continue
             w = m.weight.detach()
             cands = _candidates(float(w.abs().max()), layer_w.int_range()[1])
-            best = min(cands, key=lambda p: _sq_error(w, p, layer_w))
+            errs = _sq_errors(w, cands, layer_w)
+            best = cands[min(range(POS_RANGE), key=errs.__getitem__)]
             choices.append((layer_w, PositionChoice(f"{name}.weight_quant", cands[1], best),
                             fix_pos(layer_w.scale(w))))
     acts = [q for q in quantizers(qmodel, "act") if q.scale_type == "po2" and not q.scaling_per_output_channel
@@ -95,9 +109,8 @@ def _proposals(qmodel, data, max_batches):
 
     def observer(q):
         def observe(x):  # stands in for Quantizer.observe while calibrating: the float activation
-            x = x.detach().float()
-            for k, p in enumerate(cands[id(q)]):
-                errors[id(q)][k] += _sq_error(x, p, q)
+            for k, e in enumerate(_sq_errors(x.detach().float(), cands[id(q)], q)):
+                errors[id(q)][k] += e
         return observe
 
     every = quantizers(qmodel)
@@ -238,10 +251,36 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
     models, this search on none (BENCHMARKS.md). Returns the kept choices (a rejected proposal is listed with
     ``chosen == max_position``)."""
     measure = _OutputError(qmodel, data, max_batches)
+    proposals = _proposals(qmodel, data, max_batches)
+    pinned = _pin_scales(qmodel)
+    try:
+        choices = _greedy(measure, proposals)
+    finally:
+        for q, scale in pinned:  # unpinned where no choice fixed it (set_pos records it in spec_fields)
+            if q.fixed_scale == scale and q.spec_fields.get("fixed_scale") is None:
+                q.fixed_scale = None
+    annotate(qmodel)
+    return choices
+
+
+def _pin_scales(qmodel) -> list:
+    """Fix every activation quantizer's scale at the value its statistics give, for the search's forwards: the
+    same values, without recomputing the scale from the statistics at each call. Returns (quantizer, scale)."""
+    pinned = []
+    with torch.no_grad():
+        for q in quantizers(qmodel, "act"):
+            if q.fixed_scale is None and q.scale_type == "po2" and q.zero_point_type == "symmetric" and \
+                    bool(q.calibrated) and not q.learned_scale and q.scale().numel() == 1:
+                q.fixed_scale = float(q.scale())
+                pinned.append((q, q.fixed_scale))
+    return pinned
+
+
+def _greedy(measure, proposals) -> list[PositionChoice]:
     best = measure()
     measure.accept()
     choices = []
-    for q, c, now in _proposals(qmodel, data, max_batches):
+    for q, c, now in proposals:
         if c.chosen == now:
             choices.append(c)
             continue
@@ -256,7 +295,6 @@ def calibrate_positions(qmodel, data, max_batches: int | None = None) -> list[Po
         else:
             _restore(before)
             choices.append(PositionChoice(c.quantizer, c.max_position, now))
-    annotate(qmodel)
     return choices
 
 
