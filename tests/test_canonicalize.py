@@ -189,3 +189,39 @@ def test_functional_pools_become_modules():
     assert before[("call_function", F.avg_pool2d)] == 1 and before[("call_function", F.adaptive_avg_pool2d)] == 1
     assert after[("call_function", F.avg_pool2d)] == after[("call_function", F.adaptive_avg_pool2d)] == 0
     assert after[("call_module", nn.AvgPool2d)] == 1 and after[("call_module", nn.AdaptiveAvgPool2d)] == 1
+
+
+class NormAct(nn.Module):
+    """timm's BatchNormAct2d in short: a shape assertion on the conv's output, then the activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        x = self.conv(x)
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        return self.act(x)
+
+
+def test_shape_assertion_and_its_shape_query_are_removed():
+    before, after, gm = canonicalize(traced(NormAct()), torch.randn(2, 3, 8, 8))
+    assert before[("call_function", torch._assert)] == 1 and before[("call_function", getattr)] >= 1
+    assert after[("call_function", torch._assert)] == 0 and after[("call_function", getattr)] == 0
+    assert after[("call_function", operator.eq)] == 0
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv")
+    assert [u.target for u in conv.users] == ["act"]  # the activation is the conv's one reader
+
+
+def test_conv_before_a_shape_assertion_takes_its_activation_as_output_quantizer():
+    # no requantizer between the conv and its ReLU6 (a second rounding): one act quantizer after the input's
+    import quantfx
+    from quantfx.nn import QuantIdentity
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    for target in ("onnx", "torch", "dpu", "finn"):
+        q = quantfx.quantize(NormAct().eval(), target, calibration_data=data, progress=False)
+        identities = [n.target for n in q.graph.nodes
+                      if n.op == "call_module" and type(q.get_submodule(n.target)) is QuantIdentity]
+        assert identities == ["x_quant"], (target, identities)
