@@ -236,7 +236,10 @@ class Lowering:
 
     def emit(self, node: fx.Node):
         """Dispatch by node kind."""
-        kind = self.node_kind(node)
+        return self.emit_kind(node, self.node_kind(node))
+
+    def emit_kind(self, node: fx.Node, kind: Optional[str]):
+        """``emit_<kind>`` of ``node``."""
         if kind == "constant":
             return self.emit_constant(node, self.attribute(node))
         if kind == "module":

@@ -194,7 +194,7 @@ class OnnxLowering(Lowering):
         kind = self.node_kind(node)
         out = next((v for v in (s.form(self, node, kind) for s in self.steps) if v is not None), None)
         if out is None:
-            out = super().emit(node)
+            out = self.emit_kind(node, kind)
         for step in self.steps:
             out = step.emitted(self, node, out)
         return out
