@@ -218,29 +218,35 @@ class Lowering:
             raise ExportError(f"{self.target}: cannot lower node {node.name} ({node.op} {node.target}): "
                               f"{type(e).__name__}: {e}") from e
 
+    def node_kind(self, node: fx.Node) -> Optional[str]:
+        """The kind of a node, which names the ``emit_<kind>`` method that lowers it: 'constant' (get_attr), 'act',
+        'compute', 'trunc_pool', 'add', 'cat', 'product', 'module', 'function', 'method'; None for any other."""
+        if node.op == "get_attr":
+            return "constant"
+        for kind, test in (("act", is_act_quant), ("compute", is_compute), ("trunc_pool", is_trunc_pool)):
+            if test(self.gm, node):
+                return kind
+        if is_add(node):
+            return "add"
+        if is_cat(node):
+            return "cat"
+        if is_product(self.gm, node):
+            return "product"
+        return {"call_module": "module", "call_function": "function", "call_method": "method"}.get(node.op)
+
     def emit(self, node: fx.Node):
         """Dispatch by node kind."""
-        if node.op == "get_attr":
+        return self.emit_kind(node, self.node_kind(node))
+
+    def emit_kind(self, node: fx.Node, kind: Optional[str]):
+        """``emit_<kind>`` of ``node``."""
+        if kind == "constant":
             return self.emit_constant(node, self.attribute(node))
-        if is_act_quant(self.gm, node):
-            return self.emit_act(node)
-        if is_compute(self.gm, node):
-            return self.emit_compute(node)
-        if is_trunc_pool(self.gm, node):
-            return self.emit_trunc_pool(node)
-        if is_add(node):
-            return self.emit_add(node)
-        if is_cat(node):
-            return self.emit_cat(node)
-        if is_product(self.gm, node):
-            return self.emit_product(node)
-        if node.op == "call_module":
+        if kind == "module":
             return self.emit_module(node, module_of(self.gm, node))
-        if node.op == "call_function":
-            return self.emit_function(node)
-        if node.op == "call_method":
-            return self.emit_method(node)
-        raise ExportError(f"{self.target}: node {node.name} ({node.op}) has no lowering")
+        if kind is None:
+            raise ExportError(f"{self.target}: node {node.name} ({node.op}) has no lowering")
+        return getattr(self, "emit_" + kind)(node)
 
     def attribute(self, node: fx.Node):
         """What a get_attr node reads: a parameter or buffer, or a module (a quantizer passed to a layer)."""

@@ -18,6 +18,8 @@ turns it into standard QuantizeLinear/Clip/DequantizeLinear ONNX for onnxruntime
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -30,6 +32,7 @@ from quantfx.nn import QuantHardTanh, QuantReLU, QuantSigmoid
 from quantfx.quant import functional as qf
 
 from .onnx_base import OnnxLowering, feed, load_onnx, node_values, not_quantfx, np32, save_onnx
+from .onnx_steps import Step
 
 try:  # qonnx is the finn extra: the lowering needs none of it, running and converting the file do
     from qonnx.transformation.base import Transformation
@@ -46,6 +49,38 @@ _GRID_OPS = {"MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Sli
 ROUNDING = {"half_even": "ROUND", "floor": "FLOOR", "half_up": "HALF_UP"}
 
 
+@dataclass(frozen=True)
+class DropUnreadDequants(Step):
+    """Remove the dequantizing Mul nodes (and their scales) whose values no op reads: the activations that only
+    integer ops consume. An fx node whose value was such a Mul maps to its integers and scale."""
+
+    name: ClassVar[str] = "drop_unread_dequants"
+
+    def rewrite(self, lw, model):
+        graph = model.graph
+        gone = {v.name: v for v in lw.grid_of if not v.uses() and not v.is_graph_output()}
+        graph.remove([v.producer() for v in gone.values()], safe=True)  # safe: detaches their inputs
+        for name, value in list(graph.initializers.items()):
+            if not value.uses():
+                del graph.initializers[name]
+        for fx_name, name in list(lw.value_of_node.items()):
+            if name in gone:
+                ints, scale, _ = lw.grid_of[gone[name]]
+                lw.value_of_node[fx_name] = {"ints": ints.name, "scale": scale.tolist()}
+
+
+@dataclass(frozen=True)
+class StampDatatypes(Step):
+    """The integer tensors' FINN datatypes, as qonnx's ModelWrapper.set_tensor_datatype writes them: FINN reads
+    them where its own inference stops (the input of a Trunc reached through a Reshape, for one)."""
+
+    name: ClassVar[str] = "stamp_datatypes"
+
+    def rewrite(self, lw, model):
+        for ints, _, dtype in lw.grid_of.values():
+            ints.meta["quant_parameter_tensor_names"] = {"finn_datatype": dtype}
+
+
 class QONNXLowering(OnnxLowering):
     target = "finn"
     opset = 13
@@ -58,6 +93,10 @@ class QONNXLowering(OnnxLowering):
     # kernels for the qonnx ops but loads the to_qcdq form.
     extra_opsets = {DOMAIN: 1}
     dynamic_batch = False
+    steps = (
+        DropUnreadDequants(),  # the Mul nodes only integer ops would have read
+        StampDatatypes(),      # FINN datatypes of the integer tensors
+    )
 
     def begin(self):
         super().begin()
@@ -250,25 +289,6 @@ class QONNXLowering(OnnxLowering):
             node.name + "_trunc", domain=DOMAIN, rounding_mode=ROUNDING[pool.rounding])
         return self.op("Mul", [trunc, self.const(node.name + "_rescale", np.float32(2.0 ** shift / k))], node.name)
 
-    def postprocess(self, model):
-        self._drop_unread(model.graph)
-        # the integer tensors' datatypes, as qonnx's ModelWrapper.set_tensor_datatype writes them: FINN reads
-        # them where its own inference stops (the input of a Trunc reached through a Reshape, for one)
-        for ints, _, dtype in self.grid_of.values():
-            ints.meta["quant_parameter_tensor_names"] = {"finn_datatype": dtype}
-
-    def _drop_unread(self, graph) -> None:
-        """Remove the dequantizing Mul nodes (and their scales) whose values no op reads: the activations that
-        only integer ops consume. An fx node whose value was such a Mul maps to its integers and scale."""
-        gone = {v.name: v for v in self.grid_of if not v.uses() and not v.is_graph_output()}
-        graph.remove([v.producer() for v in gone.values()], safe=True)  # safe: detaches their inputs
-        for name, value in list(graph.initializers.items()):
-            if not value.uses():
-                del graph.initializers[name]
-        for fx_name, name in list(self.value_of_node.items()):
-            if name in gone:
-                ints, scale, _ = self.grid_of[gone[name]]
-                self.value_of_node[fx_name] = {"ints": ints.name, "scale": scale.tolist()}
 
 
 # -- runtime -----------------------------------------------------------------------------------------------

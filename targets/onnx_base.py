@@ -3,7 +3,8 @@
 The core walks the graph, checks rules and calibration and gives the integers; this class builds an ``onnx_ir``
 graph (named ``ir.Value`` s, initializers, nodes), serialized to an ``onnx.ModelProto`` at the end, and lowers
 the standard operators (Conv, Gemm, Add, Concat, pools, reshapes, ...). A target subclass says how quantizers,
-weights, biases and truncating pools are written (QDQ for onnxruntime, QONNX ``Quant``/``Trunc`` for FINN). Ops
+weights, biases and truncating pools are written (plain QDQ, :mod:`targets.qdq`; QONNX ``Quant``/``Trunc`` for
+FINN) and lists, in ``steps``, the named steps (:mod:`targets.onnx_steps`) that make the rest of its form. Ops
 that only move values go through :meth:`OnnxLowering.move`, which a target may route onto integers (FINN does).
 Nodes and tensors are named after the fx nodes, which carry the module names; ``quantfx.node_values`` in the
 model's metadata maps each fx node to its value, for verify.
@@ -112,14 +113,16 @@ def _pair(v, n):
 
 
 class OnnxLowering(Lowering):
-    """Subclasses set ``target`` and ``opset`` and implement ``emit_act_quant``, ``emit_weight`` and
-    ``emit_bias`` (or the whole ``emit_act`` / ``emit_compute``)."""
+    """Subclasses set ``target`` and ``opset``, implement ``emit_act_quant``, ``emit_weight`` and ``emit_bias``
+    (or the whole ``emit_act`` / ``emit_compute``) and list their ``steps`` (:class:`targets.onnx_steps.Step`),
+    whose stages run in the order listed."""
 
     target = "onnx"
     opset = 13
     extra_opsets: dict = {}
     producer_name = "quantfx"
     dynamic_batch = True  # inputs/outputs get a symbolic batch dimension
+    steps: tuple = ()
 
     def begin(self) -> None:
         opsets = {"": self.opset, **self.extra_opsets}
@@ -128,6 +131,14 @@ class OnnxLowering(Lowering):
         self.value_of_node: dict = {}  # fx node name -> onnx value name (for intermediate checks)
         self._names: set = set()
         self._next_suffix: dict = {}  # base -> index of its next candidate name (fresh)
+        self._memo: dict = {}  # step -> its state for this lowering
+        self.current_node: Optional[fx.Node] = None  # the node being emitted
+
+    def memo(self, step, factory):
+        """``step``'s state in this lowering, made by ``factory()`` on first use."""
+        if step not in self._memo:
+            self._memo[step] = factory()
+        return self._memo[step]
 
     # -- naming and building -----------------------------------------------------------------------------
 
@@ -175,10 +186,18 @@ class OnnxLowering(Lowering):
     def emit_bias(self, layer, in_scale: torch.Tensor, base: str) -> Optional[ir.Value]:
         raise NotImplementedError
 
-    def postprocess(self, model: ir.Model) -> None:
-        """Called on the built model (onnx_ir) before its node values are stamped."""
-
     # -- the walk -------------------------------------------------------------------------------------
+
+    def emit(self, node: fx.Node):
+        """The first form a step gives ``node``, else the kind's ``emit_*``; then each step's ``emitted``."""
+        self.current_node = node
+        kind = self.node_kind(node)
+        out = next((v for v in (s.form(self, node, kind) for s in self.steps) if v is not None), None)
+        if out is None:
+            out = self.emit_kind(node, kind)
+        for step in self.steps:
+            out = step.emitted(self, node, out)
+        return out
 
     def lower_node(self, node: fx.Node):
         value = super().lower_node(node)
@@ -202,7 +221,8 @@ class OnnxLowering(Lowering):
 
     def finish(self) -> onnx.ModelProto:
         model = ir.Model(self.graph, ir_version=min(onnx.IR_VERSION, 10), producer_name=self.producer_name)
-        self.postprocess(model)
+        for step in self.steps:
+            step.rewrite(self, model)
         model.metadata_props[NODE_VALUES_KEY] = json.dumps(self.value_of_node)
         islands = float_islands(self.gm)
         if islands:
@@ -258,7 +278,11 @@ class OnnxLowering(Lowering):
 
     def emit_layer(self, node, layer, x, w, b, name=None):
         """The ONNX op of a conv/linear layer on inputs ``x``, ``w``, ``b`` (values); its output is called
-        ``name`` (the node's name by default)."""
+        ``name`` (the node's name by default). A step's ``layer`` form first."""
+        for step in self.steps:
+            y = step.layer(self, node, layer, x, w, b, name)
+            if y is not None:
+                return y
         ins = [x, w] + ([b] if b is not None else [])
         node_name = name or node.name
         if isinstance(layer, nn.Linear):

@@ -260,3 +260,22 @@ def test_strided_stem_lowers_through_space_to_depth(k, s, p, size, s2d, tmp_path
     ort_session(artefact, optimized_path=opt)
     fused = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
     assert fused["QLinearConv"] == 2 and (fused["QuantizeLinear"], fused["DequantizeLinear"]) == (1, 1)
+
+
+@pytest.mark.parametrize("step, model, shape, op, counts", [
+    ("SpaceToDepthStem", lambda: _Stem(7, 2, 3), (3, 32, 32), "SpaceToDepth", {"Conv": 2, "SpaceToDepth": 0}),
+    ("PixelShuffleTaps", _Upsamplers, (4, 5, 5), "DepthToSpace", {"ConvTranspose": 2, "DepthToSpace": 0})])
+def test_a_form_step_left_out_changes_the_ops_not_the_numbers(step, model, shape, op, counts, monkeypatch):
+    """The onnx backend's list of steps composes its file: without one of its form steps the layer is written
+    plainly (no SpaceToDepth / DepthToSpace), and the file still agrees with the fake-quant model to the bit."""
+    from quantfx.targets.onnx_qdq import QDQLowering
+    torch.manual_seed(0)
+    q = quantfx.quantize(model().eval(), "onnx", calibration_data=[torch.randn(2, *shape) for _ in range(3)],
+                         progress=False)
+    full = Counter(n.op_type for n in quantfx.lower(q, (torch.randn(1, *shape),)).graph.node)
+    assert full[op] == 1
+    monkeypatch.setattr(QDQLowering, "steps", tuple(s for s in QDQLowering.steps if type(s).__name__ != step))
+    plain = quantfx.lower(q, (torch.randn(1, *shape),))
+    assert {k: Counter(n.op_type for n in plain.graph.node)[k] for k in counts} == counts
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+    assert quantfx.verify(q, plain, (x,)).max_error_lsb == 0.0

@@ -192,7 +192,7 @@ def test_adds_whose_output_grid_is_a_power_of_two_times_the_input_grid(target):
 # r = conv1x1(x) + x; relu(cat(...)). 2 LSB at the output. On onnx every activation agreed to the bit when the
 # file ran with its intermediate values exposed (run_onnx_intermediates): the difference came from onnxruntime's
 # DoubleQDQPairsRemover, which rewrites Q1 -> DQ1 -> Q2 -> DQ2 (the ReLU's grid, then the cat's) as one pair of
-# a third scale (targets/onnx_qdq.py, QDQLowering._qdq). On torch the first node off is the final ReLU quantizer (act_4, 2 LSB),
+# a third scale (targets/onnx_steps.py, GuardDoubleQDQ). On torch the first node off is the final ReLU quantizer (act_4, 2 LSB),
 # which requantizes the cat's grid (scale 0.0512, zero point 51) in float while every input of it agrees; the
 # ReLU before the cat (act_1) has exactly the same scale, 0.030644554644823074. Not isolated either.
 _RELU = (("act", "relu"), ("functional", False))
@@ -224,6 +224,7 @@ def test_requantizer_of_a_quantizer_keeps_its_two_roundings_in_onnxruntime(monke
     two Q/DQ pairs, and verifies at 0 LSB in onnxruntime's optimised session; without that Clip onnxruntime's
     DoubleQDQPairsRemover merges the pairs into one of a third scale and the output moves."""
     from quantfx.targets.onnx_qdq import QDQLowering
+    from quantfx.targets.onnx_steps import GuardDoubleQDQ
     spec = _relu_add_cat((2, 4), (3, 2))
     model = build(spec)
     calib = [inputs(spec, BATCH, seed=spec.seed + 10 + i) for i in range(CALIB_BATCHES)]
@@ -234,6 +235,7 @@ def test_requantizer_of_a_quantizer_keeps_its_two_roundings_in_onnxruntime(monke
         guarded = quantfx.lower(q, (calib[0][:1],))
         assert [n.op_type for n in guarded.graph.node if n.name.endswith("_grid_Clip")] == ["Clip"]
         assert quantfx.verify(q, guarded, (x,)).max_error_lsb == 0.0
-        monkeypatch.setattr(QDQLowering, "guard_double_qdq", False)
+        monkeypatch.setattr(QDQLowering, "steps", tuple(s for s in QDQLowering.steps
+                                                        if not isinstance(s, GuardDoubleQDQ)))
         bare = quantfx.lower(q, (calib[0][:1],))
         assert quantfx.verify(q, bare, (x,)).max_error_lsb >= 1.0

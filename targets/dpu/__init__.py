@@ -1,9 +1,10 @@
 """dpu target: power-of-two XINT8 QDQ ONNX for AMD/Xilinx DPUs.
 
-``profile`` (the dpu profile), ``lowering`` (the lowering, runtime forms and report access), ``arch`` (DPU
-architectures as data and the legality analysis), ``positions`` (the DPU compiler's position rules: the refine
-on a graph's quantizers, the read-only check of a graph, the checker of a file), ``calibrate`` (min-MSE fix
-positions), ``passes`` (the recipe's calibration passes, registered here)."""
+``profile`` (the dpu profile), ``lowering`` (the lowering and the steps it lists, runtime forms and report
+access), ``steps`` (those steps), ``arch`` (DPU architectures as data and the legality analysis), ``positions``
+(the DPU compiler's position rules: the refine on a graph's quantizers, the read-only check of a graph, the
+checker of a file), ``calibrate`` (min-MSE fix positions), ``passes`` (the recipe's calibration passes,
+registered here)."""
 from quantfx.pass_infra import register_pass
 
 from .arch import ARCHS, DEFAULT_ARCH, DpuArch, DpuReport, Placement, get_arch, legality  # noqa: F401

@@ -58,36 +58,35 @@ from typing import Optional
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper
-from torch import nn
 
 from quantfx.errors import ExportError
-from quantfx.graph import is_cat, is_compute, is_invariant, module_of, qmeta, tensor_inputs
+from quantfx.graph import is_compute, module_of, qmeta
 from quantfx.lowering import Backend, lower_with
-from quantfx.nn import QuantLeakyReLU, QuantReLU
+from quantfx.nn import QuantLeakyReLU
 from quantfx.quant_tensor import value_of
 
 from ..int16_pairs import pair_risks
-from ..onnx_base import OnnxLowering, feed, load_onnx, not_quantfx, save_onnx
-from ..onnx_qdq import QDQLowering, ort_session, run_onnx_intermediates
-from .arch import DEFAULT_ARCH, DpuReport, get_arch, legality
+from ..onnx_base import feed, load_onnx, not_quantfx, save_onnx
+from ..onnx_qdq import ort_session, run_onnx_intermediates
+from ..onnx_steps import RequantizeMoves
+from ..qdq import PlainQDQLowering
+from .arch import DEFAULT_ARCH, DpuReport, get_arch
 from .profile import DPU
 from . import positions
-from .positions import REFINE_NOTE, check_file, fix_pos, slope_odd_numerator
+from .positions import check_file, fix_pos, slope_odd_numerator
+from .steps import (
+    FIX_POSITIONS_KEY, FORM_KEY, REPORT_KEY, AccumulatorBiases, FixedPointActivations, InternalBiases,
+    RequantizeBeforeLeaky, StampDpuReport, StampFixPositions, StampForm, UnsignedReluCodes,
+)
 
-FIX_POSITIONS_KEY = "quantfx.dpu.fix_positions"
-REPORT_KEY = "quantfx.dpu.report"
-FORM_KEY = "quantfx.dpu.form"
 
-
-class DpuLowering(QDQLowering):
-    """QDQ lowering with power-of-two int8 everywhere, int8 internal-scale biases and the DPU's refine rules.
-    ``form``: 'dpu' (the artefact) or 'fast' (int32 biases on the accumulator's scale, for onnxruntime's
-    integer kernels); ``arch``: the DPU the report places nodes for (a name of ``arch.ARCHS``)."""
-
-    guard_double_qdq = False  # verified with onnxruntime's QDQ transformers off; the file keeps Quark's form
-    gemm_over_tokens = False  # the same: Linear over tokens stays MatMul -> Add, as Quark writes it
+class DpuLowering(PlainQDQLowering):
+    """Plain QDQ with power-of-two int8 everywhere (the profile's quantizers) and the steps below. Conv /
+    ConvTranspose / Gemm stay as the model has them (the DPU compiler maps these, not onnx's rewrites for
+    onnxruntime's kernels), with no Clip guarding double Q/DQ pairs (verified with onnxruntime's QDQ transformers
+    off: the file keeps Quark's form). ``form``: 'dpu' (the artefact) or 'fast' (for onnxruntime's integer
+    kernels); ``arch``: the DPU the report places nodes for (a name of ``arch.ARCHS``)."""
 
     target = "dpu"
 
@@ -96,110 +95,16 @@ class DpuLowering(QDQLowering):
         if form not in ("dpu", "fast"):
             raise ExportError(f"dpu: form={form!r}; use 'dpu' or 'fast'")
         self.arch, self.form = get_arch(arch), form
-        self.changes: list = []
-
-    def check(self) -> None:
-        # the profile's rules (8-bit, per-tensor, symmetric, po2, the compiler's position rules) and calibration
-        super().check()
-        # the position changes calibration's refine_fix_positions pass made, for the report
-        self.changes = list(getattr(self.gm, "notes", {}).get(REFINE_NOTE, []))
-
-    # -- the fast form: ReLU outputs as uint8 ---------------------------------------------------------------
-    # A ReLU output lies in [0, 127]: written as uint8 (zero point 0, Clip at 127) it is the same integer, and
-    # onnxruntime then fuses Relu into QLinearConv and runs the next layer with u8 x s8 kernels whose pair sums
-    # cannot saturate (127 x (127 + 127) = 32258 <= 32767). Values that only move keep their input's type.
-
-    def begin(self):
-        super().begin()
-        self._unsigned: set = set()  # names of values held as uint8 codes (fast form)
-        self._unsigned_move = False
-
-    def emit_act(self, node):
-        m = module_of(self.gm, node)
-        q = m.act_quant
-        if self.form == "fast" and isinstance(m, QuantLeakyReLU) and q.is_quant_enabled:
-            # onnxruntime runs DQ -> Conv -> LeakyRelu -> Q in float: the fast form requantizes the layer's output
-            # on the LeakyReLU's grid first (QLinearConv, then QLinearLeakyRelu), a second rounding (<= 1 LSB)
-            x = self.emit_act_quant(self.env[node.args[0]], q, node.name + "_pre")
-            x = self.op("LeakyRelu", [x], node.name + "_leaky", alpha=float(m.negative_slope))
-            return self.emit_act_quant(x, q, node.name)
-        if self.form != "fast" or not isinstance(m, QuantReLU) or not q.is_quant_enabled or not q.signed or \
-                q.zero_point_type != "symmetric" or q.scaling_per_output_channel:
-            return super().emit_act(node)
-        x = self.env[node.args[0]]
-        x = self.op("Relu", [x], node.name + "_relu") if m.max_val is None else \
-            self.op("Clip", [x, self.const(node.name + "_min", np.float32(0)),
-                             self.const(node.name + "_max", np.float32(m.max_val))], node.name + "_relu6")
-        scale, zp = q.qparams(None)
-        out = self._qdq(x, scale, zp, (0, q.int_range()[1]), False, node.name)
-        self._unsigned.add(out.name)
-        return out
-
-    def emit(self, node):
-        ins = tensor_inputs(node) if node.op == "call_function" or node.op == "call_method" or \
-            node.op == "call_module" else []
-        self._unsigned_move = self.form == "fast" and bool(ins) and \
-            (is_invariant(self.gm, node) or is_cat(node)) and \
-            all(getattr(self.env.get(i), "name", None) in self._unsigned for i in ins)
-        try:
-            out = super().emit(node)
-        finally:
-            unsigned, self._unsigned_move = self._unsigned_move, False
-        if unsigned:
-            self._unsigned.update(o.name for o in (out if isinstance(out, tuple) else (out,)))
-        return out
-
-    def _qdq(self, x, scale, zp, int_range, signed, base):
-        if self._unsigned_move:  # a move of uint8 codes requantizes onto the same uint8 grid
-            signed, int_range = False, (0, int_range[1])
-        return super()._qdq(x, scale, zp, int_range, signed, base)
-
-    # -- the DPU's activations and average pools (passes/approximate_activations.py) --------------------------
-
-    def emit_module(self, node, m):
-        if isinstance(m, nn.LeakyReLU):
-            return self.op("LeakyRelu", [self.env[node.args[0]]], node.name, alpha=float(m.negative_slope))
-        return super().emit_module(node, m)
-
-    def emit_function(self, node):
-        if node.target is F.relu6:
-            return self.op("Clip", [self.env[node.args[0]], self.const(node.name + "_min", np.float32(0)),
-                                    self.const(node.name + "_max", np.float32(6))], node.name)
-        if node.target is F.avg_pool2d and node.kwargs.get("divisor_override") == 1:
-            # the window's sum: a depthwise Conv with weights 1 (exact in float32 on grid values)
-            _, k, stride, pad = node.args
-            c = self.shape(node.args[0])[1]
-            ones = self.const(node.name + "_ones", np.ones((c, 1) + tuple(k), np.float32))
-            return self.op("Conv", [self.env[node.args[0]], ones], node.name, kernel_shape=list(k),
-                           strides=list(stride), pads=list(pad) * 2, group=c)
-        return super().emit_function(node)
-
-    def emit_compute(self, node):
-        # Conv / ConvTranspose / Gemm as the model has them: the DPU compiler maps these, not onnx's rewrites
-        # (space-to-depth stems, transposed convs as 1x1 + DepthToSpace) meant for onnxruntime's int8 kernels
-        return OnnxLowering.emit_compute(self, node)
-
-    def emit_bias(self, layer, in_scale, base):
-        ints, scale = self.bias_ints(layer, in_scale)  # internal: the bias quantizer's own po2 scale
-        scale = scale.reshape(())
-        if self.form == "fast":
-            _, w_scale = self.weight_ints(layer)
-            shift = fix_pos(in_scale) + fix_pos(w_scale) - fix_pos(scale)  # shift_bias >= 0: exact in int32
-            if shift >= 0:
-                acc = layer.acc_scale(in_scale, w_scale).reshape(())
-                return self._dq_const(base + ".bias", ints.to(torch.int64) * (1 << shift), acc, np.int32, 0)
-        return self._dq_const(base + ".bias", ints, scale, np.int8, 0)
-
-    def postprocess(self, model) -> None:
-        positions = {}
-        for n in model.graph:
-            if n.op_type == "DequantizeLinear" and n.inputs[1].const_value is not None:
-                positions[n.inputs[0].name] = fix_pos(n.inputs[1].const_value.numpy())
-        shapes = {n: tuple(tm.shape) for n, tm in self.tensor_meta.items() if hasattr(tm, "shape")}
-        report = DpuReport(self.arch.name, legality(self.gm, shapes, self.arch), self.changes)
-        model.metadata_props[FIX_POSITIONS_KEY] = json.dumps(positions)
-        model.metadata_props[REPORT_KEY] = report.to_json()
-        model.metadata_props[FORM_KEY] = self.form
+        fast = form == "fast"
+        self.steps = (
+            FixedPointActivations(),  # LeakyReLU, ReLU6, an average pool's sum as the DPU computes them
+            *([RequantizeBeforeLeaky()] if fast else []),  # onnxruntime's QLinearConv -> QLinearLeakyRelu
+            RequantizeMoves(),  # a Q/DQ pair on the grid of every value that only moved
+            *([UnsignedReluCodes()] if fast else []),  # ReLU outputs (and their moves) as uint8 codes
+            *([AccumulatorBiases()] if fast else []),  # int32 biases on the accumulator's scale where exact
+            InternalBiases(),  # int8 biases on their own power-of-two scale
+            StampFixPositions(), StampDpuReport(), StampForm(),  # the file's metadata
+        )
 
 
 def _meta(model: onnx.ModelProto, key: str) -> Optional[str]:
