@@ -272,7 +272,8 @@ class _Steps:
                                      self.layer.dilation):
             out_slices.append(slice(start, start + c))
             x_slices.append(slice(start * s, (start + c - 1) * s + d * (k - 1) + 1))
-        return self.x[idx][(..., *x_slices)], self.target[idx][(..., *out_slices)], self._forward
+        # the window first (a view), then the samples: only the window is copied, not whole maps
+        return self.x[(..., *x_slices)][idx], self.target[(..., *out_slices)][idx], self._forward
 
 
 def _store(layer, w, rounded, method: str) -> None:
