@@ -137,7 +137,7 @@ def quantize(model: nn.Module, target="finn", example_inputs=None, calibration_d
             raise QuantArgumentError("quantize: budget= chooses widths on the calibration data; give "
                                      "calibration_data too")
         calibrate(qmodel, calibration_data, method=calibration_method, progress=progress)
-        choose_widths(qmodel, calibration_data, budget, progress=progress)
+        choose_widths(qmodel, calibration_data, budget, progress=progress, rounding=weight_rounding)
     if calibration_data is not None:
         calibrate(qmodel, calibration_data, method=calibration_method, progress=progress,
                   bias_correction=bias_correction, weight_rounding=weight_rounding, seed=seed)

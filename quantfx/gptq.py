@@ -155,6 +155,7 @@ def _round_layer(name, layer, hs, rows, block) -> RoundedLayer:
     original = getattr(layer, "float_weight", None)  # rounded before: start again from the float weights
     w = (layer.weight if original is None else original).detach().clone()
     with torch.no_grad():
+        wq.freeze_weight_scale(w)  # the scale w gives, searched once (an MSE search at low widths), kept by _store
         scale, zp = wq.qparams(w)
         s, z = (t.expand_as(w) for t in wq.broadcast(scale, zp, w))
         qmin, qmax = wq.int_range()

@@ -2,13 +2,17 @@
 chosen from the widths the target accepts, to lose the least accuracy under a cost budget.
 
 1. *Sensitivity*, on the calibration data: starting from the calibrated model at its own widths (the widest),
-   one layer's weights alone (or one activation quantizer alone, recalibrated) are lowered to each candidate
-   width, and the rise of the output's squared error against the float model is recorded. Such errors add up
-   roughly as independent noise, so the sum over the layers is the objective.
+   one layer's weights alone (rounded as the model will be: GPTQ, or nearest) or one activation quantizer alone
+   (calibrated as quantize calibrates it) are lowered to each candidate width, and the rise of the output's
+   squared error against the float model is recorded. Such errors add up roughly as independent noise, so the
+   sum over the layers is the objective.
 2. *Allocation*, exactly: an integer program (scipy's ``milp``, HiGHS) with one binary per layer and width
    combination (weight width, input activation width and, where a cost reads it, output activation width) tied
    to one binary per activation quantizer and width, minimising the summed sensitivity subject to every budget.
-3. The chosen widths are written into the quantizers (``bit_width``, and the MSE weight-scale search at 4 bits
+3. *Whole models*: the program's choice, the best uniform widths that fit and, for a few rounds of refinement,
+   the program's best with one variable forced a width up or down from the best so far, are measured as whole
+   models (calibrated, weights rounded by GPTQ), and the lowest output error is kept.
+4. The chosen widths are written into the quantizers (``bit_width``, and the MSE weight-scale search at 4 bits
    or fewer as swap_modules gives it), so inspect, diagrams and every backend read ordinary per-layer widths.
 
 Costs are registered by name (:func:`register_cost`): 'bops' (MACs x weight bits x activation bits, per sample)
@@ -39,7 +43,8 @@ from .weight_rounding import float_view
 NOTE = "mixed_precision"  # qmodel.notes key: the chosen widths and costs
 WIDTHS = (2, 3, 4, 5, 6, 8)  # candidate widths (those the target's profile accepts)
 REFERENCE_BITS = 8  # a budget <= 1 is a fraction of the cost at this width everywhere
-SAMPLES = 256  # calibration samples the sensitivities are measured on at most
+SAMPLES = 512  # calibration samples the search measures on at most
+REFINE_ROUNDS = 3  # rounds of whole-model refinement after the integer program
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Choice:
     predicted: float  # summed sensitivity (output MSE above the widest model's)
     chosen_by: str = "search"  # or the uniform widths, where they measured better as a whole model
     sensitivity: dict = field(default_factory=dict, repr=False)  # ('w', layer) / ('a', quantizer) -> {bits: mse}
+    measured: Optional[float] = None  # the chosen widths' output MSE against float, measured as a whole model
 
     def lines(self) -> list[str]:
         """The cost of each budget key against its limit (``qmodel.notes['mixed_precision']``; inspect prints
@@ -198,17 +204,6 @@ def _set_act_bits(members, bits: int) -> None:
         q.bit_width = q.spec_fields["bit_width"] = bits
 
 
-def _recalibrate(model, members, batches) -> None:
-    """Fix the scales of ``members`` alone on ``batches`` (the rest of the model quantized as it is)."""
-    for q in members:
-        q.begin_calibration(auto_stat(q))
-    try:
-        _run_batches(model, batches, False, "mixed precision: sensitivity", None)
-    finally:
-        for q in members:
-            q.end_calibration()
-
-
 @contextlib.contextmanager
 def _kept(quantizers):
     """Restore the quantizers' widths, statistics and scales after the block."""
@@ -229,7 +224,7 @@ def _kept(quantizers):
             q.__dict__.pop("_icache", None)
 
 
-# -- sensitivity ---------------------------------------------------------------------------------------------
+# -- measuring the model at given widths ---------------------------------------------------------------------
 
 
 def _outputs(model, batches) -> torch.Tensor:
@@ -244,16 +239,133 @@ def _outputs(model, batches) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def sensitivities(gm, layers, acts, w_widths, a_widths, batches, progress=False) -> dict:
+@contextlib.contextmanager
+def _trial(gm, layers, acts):
+    """Within the block widths, activation scales and weights (rounded by GPTQ) may change; afterwards the model
+    is as it was: quantizer fields and state, weights, their float originals and rounding marks, notes."""
+    modules = [l.module for l in layers]
+    saved = [(m, m.weight.data.clone(), getattr(m, "float_weight", None),
+              {k: m.weight_quant.__dict__[k] for k in ("rounding_learned", "rounding_method")
+               if k in m.weight_quant.__dict__}) for m in modules]
+    notes = dict(getattr(gm, "notes", {}))
+    try:
+        with _kept([m.weight_quant for m in modules] + [q for members in acts for q in members]):
+            yield
+    finally:
+        for m, weight, original, marks in saved:
+            m.weight.data.copy_(weight)
+            if original is None and getattr(m, "float_weight", None) is not None:
+                delattr(m, "float_weight")
+            for k in ("rounding_learned", "rounding_method"):
+                m.weight_quant.__dict__.pop(k, None)
+            m.weight_quant.__dict__.update(marks)
+        if hasattr(gm, "notes"):
+            gm.notes.clear()
+            gm.notes.update(notes)
+
+
+class _Evaluator:
+    """Measures the output error against float of the model at chosen widths, as quantize will leave it: each
+    activation quantizer calibrated as :func:`quantfx.calibrate` does (every quantizer observing the float model,
+    so its statistic at a width depends on nothing else: computed once per width and kept), the weights rounded
+    by ``rounding`` ('gptq': GPTQ on these batches, with the widths in place; 'nearest')."""
+
+    def __init__(self, gm, layers, acts, batches, rounding: str):
+        self.gm, self.layers, self.acts, self.batches, self.rounding = gm, layers, acts, batches, rounding
+        with float_view(gm):
+            self.reference = _outputs(gm, batches)
+        self._states: dict = {}  # (activation variable, bits) -> its members' state after calibration
+        self._hessians = None  # the top-width model's layer Hessians, for one layer's GPTQ alone
+        self.measured = 0  # whole models measured
+
+    def error(self) -> float:
+        return float((_outputs(self.gm, self.batches) - self.reference).pow(2).mean())
+
+    def act_states(self, bits: int) -> list:
+        """Per activation variable, its members' calibrated state at ``bits`` (one pass over the batches for all
+        variables at once)."""
+        if bits not in self._states:
+            everyone = _act_quantizers(self.gm)
+            weights = [l.module.weight_quant for l in self.layers]
+            with _kept(everyone):
+                for members in self.acts:
+                    _set_act_bits(members, bits)
+                for q in everyone:
+                    q.begin_calibration(auto_stat(q))
+                for q in weights:
+                    q.calibrating = True
+                try:
+                    _run_batches(self.gm, self.batches, False, "mixed precision: activation scales", None)
+                finally:
+                    for q in everyone:
+                        q.end_calibration()
+                    for q in weights:
+                        q.calibrating = False
+                self._states[bits] = [[_state_of(q) for q in members] for members in self.acts]
+        return self._states[bits]
+
+    def set_act(self, j: int, bits: int) -> None:
+        _set_act_bits(self.acts[j], bits)
+        for q, state in zip(self.acts[j], self.act_states(bits)[j]):
+            _load_state(q, state)
+
+    def top_hessians(self) -> None:
+        """Every layer's input Hessian in the model at its own (widest) widths, for :meth:`round_one`."""
+        from .gptq import hessians
+        if self._hessians is None:
+            self._hessians = hessians(self.gm, [(l.shape.name, l.module) for l in self.layers], self.batches)
+
+    def round_one(self, i: int) -> None:
+        """Layer ``i``'s weights alone rounded by GPTQ on the widest model's Hessian of its input."""
+        from .gptq import BLOCK, _round_layer
+        name = self.layers[i].shape.name
+        if name in self._hessians:
+            _round_layer(name, self.layers[i].module, *self._hessians[name], BLOCK)
+
+    def whole(self, w_bits, act_bits) -> float:
+        """The output error of the model with these widths (the model is left as it was)."""
+        from .gptq import gptq
+        self.measured += 1
+        with _trial(self.gm, self.layers, self.acts):
+            for l, bits in zip(self.layers, w_bits):
+                set_weight_bits(l.module.weight_quant, bits, l.module.weight_quant.scale_stat)
+            for j, bits in enumerate(act_bits):
+                self.set_act(j, bits)
+            if self.rounding == "gptq":
+                gptq(self.gm, self.batches, progress=False)
+            return self.error()
+
+
+def _act_quantizers(gm) -> list[Quantizer]:
+    seen, out = set(), []
+    for m in gm.modules():
+        if isinstance(m, Quantizer) and m.is_quant_enabled and m.kind == "act" and id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def _state_of(q: Quantizer) -> tuple:
+    return ({k: v.clone() for k, v in q.state_dict().items()}, getattr(q, "calibrated_by", None))
+
+
+def _load_state(q: Quantizer, state: tuple) -> None:
+    q.load_state_dict(state[0])
+    if state[1] is not None:
+        q.calibrated_by = state[1]
+    q.__dict__.pop("_icache", None)
+
+
+def sensitivities(gm, layers, acts, w_widths, a_widths, batches, progress=False, rounding="nearest",
+                  evaluator: Optional[_Evaluator] = None) -> dict:
     """``{('w', i): {bits: mse}, ('a', j): {bits: mse}}``: the output's squared error against float, less the
-    model's own at its widths, with layer i's weights (or activation variable j) alone at ``bits``."""
-    with float_view(gm):
-        reference = _outputs(gm, batches)
-
-    def mse() -> float:
-        return float((_outputs(gm, batches) - reference).pow(2).mean())
-
-    base = mse()
+    model's own at its widths, with layer i's weights (rounded by ``rounding``: 'gptq' on the Hessian of its
+    input in the widest model, or 'nearest') or activation variable j (calibrated as quantize does) alone at
+    ``bits``."""
+    ev = evaluator or _Evaluator(gm, layers, acts, batches, rounding)
+    base = ev.error()
+    if ev.rounding == "gptq":
+        ev.top_hessians()
     out = {}
     jobs = [("w", i, b) for i in range(len(layers)) for b in w_widths]
     jobs += [("a", j, b) for j in range(len(acts)) for b in a_widths]
@@ -263,18 +375,19 @@ def sensitivities(gm, layers, acts, w_widths, a_widths, batches, progress=False)
             if bits == q.bit_width:
                 out.setdefault((kind, i), {})[bits] = 0.0
                 continue
-            with _kept([q]):
+            with _trial(gm, layers[i:i + 1], []):
                 set_weight_bits(q, bits, q.scale_stat)
-                out.setdefault((kind, i), {})[bits] = max(0.0, mse() - base)
+                if ev.rounding == "gptq":
+                    ev.round_one(i)
+                out.setdefault((kind, i), {})[bits] = max(0.0, ev.error() - base)
         else:
             members = acts[i]
             if bits == members[0].bit_width:
                 out.setdefault((kind, i), {})[bits] = 0.0
                 continue
             with _kept(members):
-                _set_act_bits(members, bits)
-                _recalibrate(gm, members, batches)
-                out.setdefault((kind, i), {})[bits] = max(0.0, mse() - base)
+                ev.set_act(i, bits)
+                out.setdefault((kind, i), {})[bits] = max(0.0, ev.error() - base)
     return out
 
 
@@ -289,9 +402,11 @@ def _combos(layer, w_widths, a_widths, fixed_a, fixed_b, reads_out):
     return [(w, a, b) for w in w_widths for a in a_opts for b in b_opts]
 
 
-def allocate(layers, acts, sens, w_widths, a_widths, limits: dict, fixed: list) -> tuple:
+def allocate(layers, acts, sens, w_widths, a_widths, limits: dict, fixed: list, force: Optional[dict] = None
+             ) -> Optional[tuple]:
     """Solve the integer program; returns (weight bits per layer, bits per activation variable, summed
-    sensitivity). ``fixed[i]`` = (input bits, output bits) of layer i where they are not variables."""
+    sensitivity), or None where nothing fits. ``fixed[i]`` = (input bits, output bits) of layer i where they
+    are not variables; ``force`` {('w', i) or ('a', j): (lowest, highest) bits} narrows a variable's widths."""
     from scipy.optimize import Bounds, LinearConstraint, milp  # scipy loads slowly; only budgets need it
     reads_out = any(k in READS_OUTPUT for k in limits)
     combos = [_combos(l, w_widths, a_widths, fixed[i][0], fixed[i][1], reads_out) for i, l in enumerate(layers)]
@@ -338,9 +453,20 @@ def allocate(layers, acts, sens, w_widths, a_widths, limits: dict, fixed: list) 
             for t, (w, a, b) in enumerate(opts):
                 r[k + t] = COSTS[key](layer.shape, w, a, b)
             k += len(opts)
+    upper = np.ones(n)
+    for (kind, v), (low, high) in (force or {}).items():
+        if kind == "w":
+            k = sum(len(o) for o in combos[:v])
+            for t, (w, a, b) in enumerate(combos[v]):
+                if not low <= w <= high:
+                    upper[k + t] = 0
+        else:
+            for ai, a in enumerate(a_widths):
+                if not low <= a <= high:
+                    upper[y0 + v * len(a_widths) + ai] = 0
     scale = max(float(np.abs(c).max()), 1e-30)  # HiGHS's tolerances are absolute: an objective of order 1
     res = milp(c / scale, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(n),
-               bounds=Bounds(0, 1))
+               bounds=Bounds(0, upper))
     if res.x is None:
         return None
     x = np.round(res.x).astype(int)
@@ -358,37 +484,41 @@ def _cost(key, layers, w_bits, a_bits, b_bits) -> float:
     return sum(COSTS[key](l.shape, w, a, b) for l, w, a, b in zip(layers, w_bits, a_bits, b_bits))
 
 
-def _best_uniform(layers, acts, sens, w_widths, a_widths, limits):
+def _uniform(layers, acts, sens, w_widths, a_widths, limits, keep: set, top: int):
     """(weight bits, activation bits, summed sensitivity) of the one-width-everywhere assignment (a weight and an
-    activation width) that fits every limit with the least summed sensitivity, or None."""
+    activation width; the activation variables in ``keep``, the model's inputs, at ``top`` as ``act_bit_width``
+    leaves them) that fits every limit with the least summed sensitivity, or None."""
     best = None
     for w in w_widths:
         for a in a_widths:
-            w_bits, act_bits = [w] * len(layers), [a] * len(acts)
-            a_of = [a if l.act is not None else l.fixed[0] for l in layers]
-            b_of = [a if l.out is not None else l.fixed[1] for l in layers]
+            w_bits = [w] * len(layers)
+            act_bits = [top if j in keep else a for j in range(len(acts))]
+            a_of = [act_bits[l.act] if l.act is not None else l.fixed[0] for l in layers]
+            b_of = [act_bits[l.out] if l.out is not None else l.fixed[1] for l in layers]
             if any(_cost(k, layers, w_bits, a_of, b_of) > limit for k, limit in limits.items()):
                 continue
             total = sum(sens[("w", i)][w] for i in range(len(layers))) + \
-                sum(sens[("a", j)][a] for j in range(len(acts)))
+                sum(sens[("a", j)][b] for j, b in enumerate(act_bits))
             if best is None or total < best[2]:
                 best = (w_bits, act_bits, total)
     return best
 
 
-def _measure(gm, layers, acts, w_bits, act_bits, batches) -> float:
-    """The output MSE against float of the model at these widths (activations recalibrated on ``batches``,
-    round-to-nearest weights); the model is left as it was."""
-    with float_view(gm):
-        reference = _outputs(gm, batches)
-    members = [q for m in acts for q in m]
-    with _kept([l.module.weight_quant for l in layers] + members):
-        for l, bits in zip(layers, w_bits):
-            set_weight_bits(l.module.weight_quant, bits, l.module.weight_quant.scale_stat)
-        for m, bits in zip(acts, act_bits):
-            _set_act_bits(m, bits)
-        _recalibrate(gm, members, batches)
-        return float((_outputs(gm, batches) - reference).pow(2).mean())
+def _neighbours(layers, acts, sens, w_widths, a_widths, limits, fixed, w_bits, act_bits) -> list:
+    """The integer program's best assignments with one variable forced at least a width up, or at least a width
+    down, from ``w_bits`` / ``act_bits`` (the others free to pay for it): the moves of the refinement."""
+    out = []
+    variables = [("w", i, b, w_widths) for i, b in enumerate(w_bits)] + \
+        [("a", j, b, a_widths) for j, b in enumerate(act_bits)]
+    for kind, v, now, widths in variables:
+        k = widths.index(now)
+        moves = ([(widths[k + 1], widths[-1])] if k + 1 < len(widths) else []) + \
+            ([(widths[0], widths[k - 1])] if k > 0 else [])
+        for low_high in moves:
+            solved = allocate(layers, acts, sens, w_widths, a_widths, limits, fixed, {(kind, v): low_high})
+            if solved is not None:
+                out.append((tuple(solved[0]), tuple(solved[1]), solved[2]))
+    return out
 
 
 def model_cost(qmodel: fx.GraphModule, key: str) -> float:
@@ -399,10 +529,21 @@ def model_cost(qmodel: fx.GraphModule, key: str) -> float:
                  [l.fixed[1] for l in layers])
 
 
+def _reads_input(gm, members) -> bool:
+    """Whether an activation variable quantizes a model input (a placeholder)."""
+    ids = {id(q) for q in members}
+    return any(n.op == "call_module" and id(gm.get_submodule(n.target)) in ids and n.args and
+               isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder" for n in gm.graph.nodes)
+
+
 def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Optional[Iterable[int]] = None,
-                  progress: bool = True, max_batches: Optional[int] = None) -> Choice:
+                  progress: bool = True, max_batches: Optional[int] = None, rounding: str = "gptq",
+                  refine: int = REFINE_ROUNDS) -> Choice:
     """Choose and set the widths of a calibrated compiled model under ``budget`` (see the module docstring);
     the model's own widths are the widest candidates. Recalibrate the model afterwards (quantize does).
+    ``rounding``: the weight rounding the model will get ('nearest' | 'gptq' | 'learned' | 'auto'); the search
+    measures with GPTQ for all but 'nearest' (learned rounding is too slow to run per candidate; GPTQ is its
+    stand-in). ``refine``: rounds of whole-model refinement after the integer program (0: none).
     Raises QuantArgumentError for an unknown budget key, or a budget no candidate widths meet (naming the
     smallest reachable cost)."""
     limits_in = parse_budget(budget)
@@ -428,39 +569,52 @@ def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Opt
             break
         batches.append(b)
         samples += len(_as_args(b, _n_inputs(qmodel))[0])
+    ev = _Evaluator(qmodel, layers, acts, batches, "nearest" if rounding == "nearest" else "gptq")
     was_training = qmodel.training
     qmodel.eval()
     try:
         with exact_arithmetic(False):  # the plain fake-quant path: widths change in place
-            sens = sensitivities(qmodel, layers, acts, w_widths, a_widths, batches, progress)
+            sens = sensitivities(qmodel, layers, acts, w_widths, a_widths, batches, progress, evaluator=ev)
+            solved = allocate(layers, acts, sens, w_widths, a_widths, limits, fixed)
+            if solved is None:
+                low = [min(w_widths)] * len(layers)
+                a_low = [min(a_widths) if l.act is not None else f[0] for l, f in zip(layers, fixed)]
+                b_low = [min(a_widths) if l.out is not None else f[1] for l, f in zip(layers, fixed)]
+                least = {k: _cost(k, layers, low, a_low, b_low) for k in limits}
+                raise QuantArgumentError(
+                    "budget: no widths meet " + ", ".join(f"{k} <= {limits[k]:.4g}" for k in limits) +
+                    f"; the narrowest (W{min(w_widths)}A{min(a_widths)}) cost " +
+                    ", ".join(f"{k} {least[k]:.4g}" for k in least) + " (raise the budget, or allow narrower widths)")
+            # the summed sensitivities ignore how layers' errors interact: the integer program's choice, the best
+            # uniform widths that fit (so the search never loses to them on this data) and, for ``refine`` rounds,
+            # the program's best with one width forced up or down from the best so far are measured as whole
+            # models (calibrated and rounded as quantize will), and the lowest output error is kept
+            keep = {j for j, m in enumerate(acts) if _reads_input(qmodel, m)}
+            pool = {(tuple(solved[0]), tuple(solved[1])): (solved[2], "search")}
+            for held in (set(), keep):
+                uniform = _uniform(layers, acts, sens, w_widths, a_widths, limits, held, a_top)
+                if uniform is not None:
+                    pool.setdefault((tuple(uniform[0]), tuple(uniform[1])), (uniform[2], "uniform"))
+            measured = {key: ev.whole(*key) for key in _progress(list(pool), progress, "mixed precision: models")}
+            best = min(measured, key=measured.get)
+            for _ in range(refine):
+                moves = _neighbours(layers, acts, sens, w_widths, a_widths, limits, fixed, *best)
+                fresh = [(w, a) for w, a, _ in moves if (w, a) not in measured]
+                for (w, a, predicted) in moves:
+                    pool.setdefault((w, a), (predicted, "search, refined"))
+                for key in _progress(fresh, progress, "mixed precision: refining"):
+                    measured[key] = ev.whole(*key)
+                step = min(measured, key=measured.get)
+                if step == best:
+                    break
+                best = step
     finally:
         qmodel.train(was_training)
-    solved = allocate(layers, acts, sens, w_widths, a_widths, limits, fixed)
-    if solved is None:
-        low = [min(w_widths)] * len(layers)
-        a_low = [min(a_widths) if l.act is not None else f[0] for l, f in zip(layers, fixed)]
-        b_low = [min(a_widths) if l.out is not None else f[1] for l, f in zip(layers, fixed)]
-        least = {k: _cost(k, layers, low, a_low, b_low) for k in limits}
-        raise QuantArgumentError(
-            "budget: no widths meet " + ", ".join(f"{k} <= {limits[k]:.4g}" for k in limits) + "; the narrowest ("
-            f"W{min(w_widths)}A{min(a_widths)}) cost " + ", ".join(f"{k} {least[k]:.4g}" for k in least) +
-            " (raise the budget, or allow narrower widths)")
-    w_bits, act_bits, predicted = solved
-    uniform = _best_uniform(layers, acts, sens, w_widths, a_widths, limits)
-    chosen_by = "search"
-    if uniform is not None and (uniform[0], uniform[1]) != (w_bits, act_bits):
-        # the summed sensitivities ignore how layers' errors interact; where one width everywhere also fits, the
-        # two are measured as whole models and the better kept, so the search never loses to it on this data
-        was_training = qmodel.training
-        qmodel.eval()
-        try:
-            with exact_arithmetic(False):
-                errors = [_measure(qmodel, layers, acts, wb, ab, batches) for wb, ab in (solved[:2], uniform[:2])]
-        finally:
-            qmodel.train(was_training)
-        if errors[1] < errors[0]:
-            w_bits, act_bits, predicted = uniform
-            chosen_by = "uniform (measured better than the search)"
+    w_bits, act_bits = list(best[0]), list(best[1])
+    predicted, chosen_by = pool[best]
+    if chosen_by == "uniform":
+        chosen_by = "uniform (measured better than the search)"
+    chosen_by += f"; {ev.measured} whole models measured"
     for l, bits in zip(layers, w_bits):
         set_weight_bits(l.module.weight_quant, bits, l.module.weight_quant.scale_stat)
     for members, bits in zip(acts, act_bits):
@@ -471,7 +625,7 @@ def choose_widths(qmodel: fx.GraphModule, data: Iterable, budget, *, widths: Opt
     choice = Choice({l.shape.name: b for l, b in zip(layers, w_bits)},
                     {names.get(id(m[0]), m[0].qname): b for m, b in zip(acts, act_bits)},
                     {k: _cost(k, layers, w_bits, a_of, b_of) for k in limits}, limits, ref, predicted, chosen_by,
-                    {k: dict(v) for k, v in sens.items()})
+                    {k: dict(v) for k, v in sens.items()}, measured[best])
     if hasattr(qmodel, "notes"):
         qmodel.notes[NOTE] = choice.lines()
     return choice

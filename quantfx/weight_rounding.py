@@ -32,9 +32,10 @@ STEP_POSITIONS = 2048  # output positions (samples x spatial window) one Adam st
 WINDOW = 16  # a convolution's step sees a random window of at most this many outputs along each spatial axis
 STEP_MACS = 2 ** 27  # multiply-accumulates of one step's forward at most (fewer samples for wide layers)
 # Adam steps x rounding variables of one layer at most: a step's element-wise work grows with the weight count,
-# so the largest layers (a ResNet's 512-channel 3x3: 2.4 M weights) take fewer steps, never under MIN_ITERATIONS;
-# every layer of up to 268 k weights (every digits and test-zoo layer) keeps all its iterations
-WEIGHT_STEPS = 2 ** 28
+# so the larger layers (a ResNet's 128-channel 3x3 and up: 147 k weights and more) take fewer steps, never under
+# MIN_ITERATIONS; every layer of up to 67 k weights (every digits and test-zoo layer: 48 k at most) keeps all its
+# iterations. 2^26 (was 2^28) brought the ResNet-18 shape's W4A4 under 2 minutes on 2 cores (BENCHMARKS.md)
+WEIGHT_STEPS = 2 ** 26
 MIN_ITERATIONS = 200
 
 
@@ -271,7 +272,8 @@ class _Steps:
                                      self.layer.dilation):
             out_slices.append(slice(start, start + c))
             x_slices.append(slice(start * s, (start + c - 1) * s + d * (k - 1) + 1))
-        return self.x[idx][(..., *x_slices)], self.target[idx][(..., *out_slices)], self._forward
+        # the window first (a view), then the samples: only the window is copied, not whole maps
+        return self.x[(..., *x_slices)][idx], self.target[(..., *out_slices)][idx], self._forward
 
 
 def _store(layer, w, rounded, method: str) -> None:

@@ -163,6 +163,7 @@ ZOO_METHODS = {
     "+learned rounding": dict(weight_mse=True),
     "+bias correction": dict(weight_mse=True, bias_correction=True),
     "+equalization": dict(weight_mse=True, equalize=True),
+    "gptq instead": dict(weight_mse=True, weight_rounding="gptq"),
 }
 
 
@@ -174,16 +175,20 @@ def zoo_case(name: str):
     return model, [example_input(name, batch=16, seed=i) for i in range(4)], example_input(name, batch=32, seed=99)
 
 
-def zoo_table(widths, target="finn") -> None:
-    """SQNR (dB) against float of every test-zoo model per method, each row adding one step to the one above
-    (the last two each add theirs to '+learned rounding')."""
+def zoo_table(widths, target="finn", methods=None) -> None:
+    """SQNR (dB) against float of every test-zoo model per method (``methods``: labels of ZOO_METHODS, default
+    all), each row adding one step to the one above (the last two of those each add theirs to '+learned
+    rounding'; 'gptq instead' is '+learned rounding' with GPTQ instead), and the row's CPU seconds."""
     for w, a in widths:
         print(f"\nSQNR dB against float, test zoo, {target} W{w}A{a} (calibration: 4 random batches of 16; "
               "evaluation: 32 other random inputs)")
         names = sorted(TEST_MODELS)
-        print(f"{'method':18s} " + " ".join(f"{n[:10]:>10s}" for n in names))
+        print(f"{'method':18s} " + " ".join(f"{n[:10]:>10s}" for n in names) + f" {'CPU s':>7s}")
         for label, spec in ZOO_METHODS.items():
+            if methods is not None and label not in methods:
+                continue
             spec = dict(spec)
+            cpu = time.process_time()
             per_tensor, weight_mse = spec.pop("per_tensor", False), spec.pop("weight_mse", False)
             cells = []
             for name in names:
@@ -197,7 +202,8 @@ def zoo_table(widths, target="finn") -> None:
                                      overrides=overrides, progress=False, **spec)
                 with torch.no_grad():
                     cells.append(float(quantfx.sqnr(model(x), q(x))))
-            print(f"{label:18s} " + " ".join(f"{c:10.2f}" for c in cells), flush=True)
+            print(f"{label:18s} " + " ".join(f"{c:10.2f}" for c in cells) + f" {time.process_time() - cpu:7.1f}",
+                  flush=True)
 
 
 def resnet18_time(batches: int = 8, batch: int = 8, roundings=("auto",)) -> None:
@@ -208,14 +214,20 @@ def resnet18_time(batches: int = 8, batch: int = 8, roundings=("auto",)) -> None
     torch.manual_seed(0)
     model = resnet18_like().eval()
     calib = [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(batches)]
+    held_out = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(batches))
+    with torch.no_grad():
+        reference = model(held_out)
     for w, a, rounding in [(8, 8, "auto")] + [(4, 4, r) for r in roundings]:
         start, cpu = time.perf_counter(), time.process_time()
-        quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
-                         weight_rounding=rounding, progress=False)
+        q = quantfx.quantize(model, "finn", calibration_data=calib, weight_bit_width=w, act_bit_width=a,
+                             weight_rounding=rounding, progress=False)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        with torch.no_grad():
+            sqnr = float(quantfx.sqnr(reference, q(held_out)))
         # on a shared machine the process's CPU time (all its threads) says more than the wall time
         print(f"resnet18_like, {batches} batches of {batch}x3x224x224, finn W{w}A{a} rounding {rounding}: "
-              f"{time.perf_counter() - start:.1f} s, CPU {time.process_time() - cpu:.1f} s (threads: "
-              f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f})", flush=True)
+              f"{seconds:.1f} s, CPU {cpu:.1f} s (threads: {torch.get_num_threads()}, load average "
+              f"{os.getloadavg()[0]:.1f}); SQNR {sqnr:.2f} dB on another batch of 8", flush=True)
 
 
 def rounding_table(tasks, widths, roundings) -> None:
@@ -255,6 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--widths", default="8/8,4/4,3/3,2/4,2/2")
     parser.add_argument("--zoo", action="store_true", help="also the per-method SQNR table on the test zoo")
     parser.add_argument("--zoo-widths", default="4/4,3/3", help="widths of the zoo table")
+    parser.add_argument("--zoo-methods", default=None,
+                        help="rows of the zoo table, e.g. '+learned rounding' (comma-separated; default all)")
     parser.add_argument("--resnet18", action="store_true", help="also time calibration of a ResNet-18 shape")
     parser.add_argument("--resnet18-roundings", default="auto",
                         help="weight roundings timed at W4A4 on the ResNet-18 shape (e.g. gptq,learned)")
@@ -280,7 +294,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as out_dir:
         accuracy_table(tasks, [t for t in args.targets.split(",") if t], widths, out_dir)
     if args.zoo:
-        zoo_table(parse_widths(args.zoo_widths))
+        zoo_table(parse_widths(args.zoo_widths),
+                  methods=args.zoo_methods.split(",") if args.zoo_methods else None)
     if args.resnet18:
         resnet18_time(roundings=args.resnet18_roundings.split(","))
     return 0
