@@ -6,6 +6,7 @@
   ``nn.Hardtanh``; ``torch.sigmoid / x.sigmoid`` -> ``nn.Sigmoid``;
 - ``operator.iadd / torch.add / x.add`` of two tensors -> ``operator.add``; ``torch.concat`` -> ``torch.cat``;
 - ``x.mean((2, 3))`` / ``F.adaptive_avg_pool2d`` / ``F.avg_pool2d`` -> average-pool modules (+ flatten);
+- ``F.scaled_dot_product_attention`` without mask or dropout -> ``softmax((q @ k^T) * scale, -1) @ v``;
 - dropout, torchvision's ``stochastic_depth`` in eval and ``nn.Identity`` removed (inference graph);
 - a stateless module called from several places is duplicated so each call site gets its own quantizer.
 """
@@ -72,6 +73,8 @@ class Canonicalize(Pass):
             elif self._is_spatial_mean(node):
                 self._mean_to_pool(gm, node, taken)
                 modified = True
+            elif self._spell_attention(gm, node):
+                modified = True
             elif self._is_dropout(gm, node):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
@@ -133,6 +136,39 @@ class Canonicalize(Pass):
                 out = gm.graph.call_function(torch.flatten, (pool, 1))
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
+
+    @staticmethod
+    def _spell_attention(gm, node) -> bool:
+        """``F.scaled_dot_product_attention(q, k, v)`` without mask, causality or dropout, spelled
+        ``softmax((q @ k.transpose(-2, -1)) * scale, -1) @ v``, so its products run on integers, its softmax
+        from a table (passes/tabulate_softmax.py) and each step is quantized: the fused float kernel sums in
+        another order than onnxruntime, and a value on a rounding boundary then differs by 1 LSB (torchvision
+        vit_b_16 on onnx: 5 LSB at the logits). True if rewritten."""
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            return False
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        args = dict(zip(names, node.args), **node.kwargs)
+        if set(args) - set(names) or args.get("attn_mask") is not None or args.get("dropout_p", 0.0) \
+                or args.get("is_causal", False):
+            return False
+        q, k, v = args["query"], args["key"], args["value"]
+        meta = q.meta.get("tensor_meta") if isinstance(q, fx.Node) else None
+        scale = args.get("scale")
+        if scale is None:
+            if not hasattr(meta, "shape"):
+                return False
+            scale = float(meta.shape[-1]) ** -0.5
+        g, n = gm.graph, node.name
+        with g.inserting_before(node):  # named after the attention: overrides and reports read these names
+            kt = g.create_node("call_method", "transpose", (k, -2, -1), name=n + "_kT")
+            scores = g.create_node("call_function", operator.matmul, (q, kt), name=n + "_scores")
+            scaled = g.create_node("call_function", operator.mul, (scores, float(scale)), name=n + "_scaled")
+            weights = g.create_node("call_method", "softmax", (scaled, -1), name=n + "_weights")
+            out = g.create_node("call_function", operator.matmul, (weights, v), name=n + "_attend")
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        return True
 
     @staticmethod
     def _is_dropout(gm, node) -> bool:

@@ -61,6 +61,7 @@ def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_module
         P("share_quantizers")(profile=profile),
         P("choose_bias_scaling")(profile=profile, overrides=overrides),
         P("quantize_products")(profile=profile, overrides=overrides),
+        P("tabulate_softmax")(profile=profile, overrides=overrides),
         P("annotate")(),
     ])
 
