@@ -235,7 +235,10 @@ def _input_independent(gm: fx.GraphModule) -> set:
     code divides by ``temperature ** (2 i / d)``, whose small terms an 8-bit grid rounds to 0: inf, then NaN)."""
     dependent = set()
     for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in dependent and is_tensor_node(a) for a in n.all_input_nodes):
+        reads_shape = (n.op == "call_function" and n.target is getattr and len(n.args) > 1
+                       and n.args[1] in ("shape", "device", "dtype", "ndim")) or \
+            (n.op == "call_method" and n.target in ("size", "dim", "numel"))
+        if n.op == "placeholder" or (not reads_shape and any(a in dependent for a in n.all_input_nodes)):
             dependent.add(n)
     return {n for n in gm.graph.nodes if n not in dependent and n.op in ("call_function", "call_method",
                                                                           "call_module")}
