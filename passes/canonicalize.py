@@ -152,6 +152,8 @@ class Canonicalize(Pass):
                 or args.get("is_causal", False):
             return False
         q, k, v = args["query"], args["key"], args["value"]
+        if any(_unbound(x) for x in (q, k, v)):
+            return False  # timm's qkv.unbind(0): the torch target moves unbind in float, off the operand's grid
         meta = q.meta.get("tensor_meta") if isinstance(q, fx.Node) else None
         scale = args.get("scale")
         if scale is None:
@@ -194,6 +196,12 @@ class Canonicalize(Pass):
         gm.add_submodule(name, copy.deepcopy(module))
         node.target = name
         return True
+
+
+def _unbound(x) -> bool:
+    """Whether ``x`` is an item of ``unbind`` (through getitem)."""
+    return isinstance(x, fx.Node) and x.target is operator.getitem and isinstance(x.args[0], fx.Node) and \
+        (x.args[0].target is torch.unbind or x.args[0].target == "unbind")
 
 
 def _is_stochastic_depth(target) -> bool:
