@@ -18,11 +18,12 @@ from .raise_modules import RaiseModules
 from .round_weights import RoundWeights
 from .share_quantizers import ShareQuantizers
 from .swap_modules import SwapModules
+from .tabulate_softmax import TabulateSoftmax
 from .trace import Trace
 
 for _cls in (Trace, PropagateShapes, Canonicalize, FuseConvBN, SwapModules, ShareQuantizers, ChooseBiasScaling,
              Annotate, ApproximateActivations, EqualizeCrossLayer, QuantizeProducts,
-             RaiseModules, FitBiasRanges, RoundWeights, CorrectBias):
+             RaiseModules, FitBiasRanges, RoundWeights, CorrectBias, TabulateSoftmax):
     register_pass(_cls)
 del _cls
 
@@ -32,4 +33,4 @@ REGISTRY = PASSES
 
 __all__ = ["Annotate", "ApproximateActivations", "Canonicalize", "ChooseBiasScaling", "CorrectBias",
            "EqualizeCrossLayer", "FitBiasRanges", "FuseConvBN", "PropagateShapes", "QuantizeProducts", "RaiseModules",
-           "RoundWeights", "ShareQuantizers", "SwapModules", "Trace", "REGISTRY"]
+           "RoundWeights", "ShareQuantizers", "SwapModules", "TabulateSoftmax", "Trace", "REGISTRY"]

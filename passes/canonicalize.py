@@ -6,6 +6,7 @@
   ``nn.Hardtanh``; ``torch.sigmoid / x.sigmoid`` -> ``nn.Sigmoid``;
 - ``operator.iadd / torch.add / x.add`` of two tensors -> ``operator.add``; ``torch.concat`` -> ``torch.cat``;
 - ``x.mean((2, 3))`` / ``F.adaptive_avg_pool2d`` / ``F.avg_pool2d`` -> average-pool modules (+ flatten);
+- ``F.scaled_dot_product_attention`` without mask or dropout -> ``softmax((q @ k^T) * scale, -1) @ v``;
 - dropout, torchvision's ``stochastic_depth`` in eval and ``nn.Identity`` removed (inference graph), and so are
   shape assertions (``torch._assert(x.ndim == 4, ...)``, timm's norm-activation layers): the shape queries they
   read would be value readers of the conv before them, which then could not fuse its activation (a second
@@ -78,6 +79,8 @@ class Canonicalize(Pass):
             elif node.op == "call_function" and node.target is torch._assert and not node.users:
                 graph.erase_node(node)  # its condition and the shape queries under it go as dead code below
                 modified = True
+            elif self._spell_attention(gm, node):
+                modified = True
             elif self._is_dropout(gm, node):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
@@ -141,6 +144,41 @@ class Canonicalize(Pass):
         gm.graph.erase_node(node)
 
     @staticmethod
+    def _spell_attention(gm, node) -> bool:
+        """``F.scaled_dot_product_attention(q, k, v)`` without mask, causality or dropout, spelled
+        ``softmax((q @ k.transpose(-2, -1)) * scale, -1) @ v``, so its products run on integers, its softmax
+        from a table (passes/tabulate_softmax.py) and each step is quantized: the fused float kernel sums in
+        another order than onnxruntime, and a value on a rounding boundary then differs by 1 LSB (torchvision
+        vit_b_16 on onnx: 5 LSB at the logits). True if rewritten."""
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            return False
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        args = dict(zip(names, node.args), **node.kwargs)
+        if set(args) - set(names) or args.get("attn_mask") is not None or args.get("dropout_p", 0.0) \
+                or args.get("is_causal", False):
+            return False
+        q, k, v = args["query"], args["key"], args["value"]
+        if any(_unbound(x) for x in (q, k, v)):
+            return False  # timm's qkv.unbind(0): the torch target moves unbind in float, off the operand's grid
+        meta = q.meta.get("tensor_meta") if isinstance(q, fx.Node) else None
+        scale = args.get("scale")
+        if scale is None:
+            if not hasattr(meta, "shape"):
+                return False
+            scale = float(meta.shape[-1]) ** -0.5
+        g, n = gm.graph, node.name
+        with g.inserting_before(node):  # named after the attention: overrides and reports read these names
+            kt = g.create_node("call_method", "transpose", (k, -2, -1), name=n + "_kT")
+            scores = g.create_node("call_function", operator.matmul, (q, kt), name=n + "_scores")
+            scaled = g.create_node("call_function", operator.mul, (scores, float(scale)), name=n + "_scaled")
+            weights = g.create_node("call_method", "softmax", (scaled, -1), name=n + "_weights")
+            out = g.create_node("call_function", operator.matmul, (weights, v), name=n + "_attend")
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        return True
+
+    @staticmethod
     def _is_dropout(gm, node) -> bool:
         if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
             return True
@@ -164,6 +202,12 @@ class Canonicalize(Pass):
         gm.add_submodule(name, copy.deepcopy(module))
         node.target = name
         return True
+
+
+def _unbound(x) -> bool:
+    """Whether ``x`` is an item of ``unbind`` (through getitem)."""
+    return isinstance(x, fx.Node) and x.target is operator.getitem and isinstance(x.args[0], fx.Node) and \
+        (x.args[0].target is torch.unbind or x.args[0].target == "unbind")
 
 
 def _is_stochastic_depth(target) -> bool:

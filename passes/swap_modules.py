@@ -185,9 +185,12 @@ class SwapModules(ProfilePass):
 
     def _insert_quantizers(self, gm, taken) -> None:
         graph = gm.graph
+        constant = _input_independent(gm)
         for node in list(graph.nodes):
             if node.op == "placeholder" and node.users and is_tensor_node(node):
                 self.requantize(gm, node, node.name + "_quant", taken, bits=self.profile.input_bit_width)
+            elif node in constant and all(u in constant for u in _readers(gm, node)):
+                continue  # a constant computed from shapes and parameters (EdgeNeXt's Fourier position code)
             elif self._needs_requant(gm, node):
                 self.requantize(gm, node, node.name + "_quant", taken)
 
@@ -224,6 +227,21 @@ class SwapModules(ProfilePass):
             elif not u.meta.get(FLOAT) and is_tensor_node(u):
                 return True
         return False
+
+
+def _input_independent(gm: fx.GraphModule) -> set:
+    """The ops whose values do not depend on the values of the model's inputs, only on their shapes, parameters
+    and literals: computed in float like constants, not put on 8-bit grids step by step (EdgeNeXt's position
+    code divides by ``temperature ** (2 i / d)``, whose small terms an 8-bit grid rounds to 0: inf, then NaN)."""
+    dependent = set()
+    for n in gm.graph.nodes:
+        reads_shape = (n.op == "call_function" and n.target is getattr and len(n.args) > 1
+                       and n.args[1] in ("shape", "device", "dtype", "ndim")) or \
+            (n.op == "call_method" and n.target in ("size", "dim", "numel"))
+        if n.op == "placeholder" or (not reads_shape and any(a in dependent for a in n.all_input_nodes)):
+            dependent.add(n)
+    return {n for n in gm.graph.nodes if n not in dependent and n.op in ("call_function", "call_method",
+                                                                          "call_module")}
 
 
 def _readers(gm: fx.GraphModule, node: fx.Node):

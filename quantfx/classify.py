@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from .nn import (
     QuantAct, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantIdentity,
-    QuantLinear, QuantProduct, QuantWBIOL,
+    QuantLinear, QuantProduct, QuantSoftmax, QuantWBIOL,
 )
 from .nn.pool import _TruncAvgPool
 
@@ -50,6 +50,8 @@ FLOAT_ISLAND_MODULES = {
     nn.SiLU: _NONLINEAR, nn.GELU: _NONLINEAR, nn.Mish: _NONLINEAR, nn.Hardswish: _NONLINEAR,
     nn.Hardsigmoid: "hard-sigmoid: no integer kernel", nn.PReLU: "PReLU: a learned slope, no integer kernel",
     nn.LeakyReLU: "LeakyReLU: no integer kernel", nn.ELU: "ELU: no integer kernel", nn.Tanh: "tanh: no integer kernel",
+    QuantSoftmax: "softmax of a quantized input: exp from a table over code distances, exact sums, one reciprocal "
+                  "(the same float32 result in every runtime)",
     nn.Softmax: "softmax: a reduction with exp, no integer kernel",
     nn.LayerNorm: "normalization over the data (mean, variance, division): no integer kernel",
     nn.GroupNorm: "normalization over the data (mean, variance, division): no integer kernel",

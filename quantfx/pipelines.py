@@ -61,6 +61,9 @@ def pipeline_for(target="finn", *, overrides: Optional[dict] = None, leaf_module
         P("share_quantizers")(profile=profile),
         P("choose_bias_scaling")(profile=profile, overrides=overrides),
         P("quantize_products")(profile=profile, overrides=overrides),
+        # softmax from an exp table, where float islands may run (finn refuses them: nothing to tabulate)
+        *([P("tabulate_softmax")(profile=profile, overrides=overrides)] if profile.constraints.float_islands_allowed
+          else []),
         P("annotate")(),
     ])
 

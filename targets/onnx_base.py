@@ -28,7 +28,7 @@ from quantfx.errors import ExportError
 from quantfx.graph import data_input, module_of, tensor_inputs
 from quantfx.lowering import Lowering
 from quantfx.tables import FLOAT_ISLANDS_KEY, float_islands
-from quantfx.nn import QuantHardTanh, QuantLeakyReLU, QuantReLU, QuantSigmoid, adaptive_window
+from quantfx.nn import QuantHardTanh, QuantLeakyReLU, QuantReLU, QuantSigmoid, QuantSoftmax, adaptive_window
 from quantfx.quant import Quantizer
 
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -563,6 +563,25 @@ class OnnxLowering(Lowering):
         e = self.op("Exp", [self.op("Sub", [x, peak], n + "_shifted")], n + "_exp")
         return self.op("Div", [e, self.op("ReduceSum", [e, axes], n + "_sum", keepdims=1)], n)
 
+    def _table_softmax(self, node, m, x):
+        """A QuantSoftmax as the fake-quant model computes it (``table_softmax``, quantfx/nn/softmax.py): code
+        distances to the row's max, a Gather from the same exp table, exact sums, one reciprocal; a float softmax
+        where the model computes one (its row too long for exact sums)."""
+        axis = int(m.dim)
+        tabled = m.table_for(self.attribute(node.kwargs["input_quantizer"]), self.shape(node.args[0])[axis])
+        if tabled is None:
+            return self._softmax(node, x, axis)
+        table, scale = tabled
+        name = node.name
+        peak = self.op("ReduceMax", [x], name + "_max", axes=[axis], keepdims=1)
+        steps = self.op("Div", [self.op("Sub", [peak, x], name + "_below"), self._c(node, "scale", scale)],
+                        name + "_steps")
+        codes = self.op("Cast", [self.op("Round", [steps], name + "_round")], name + "_codes", to=7)  # int64
+        e = self.op("Gather", [self.const(name + "_exp_table", table.numpy()), codes], name + "_exp", axis=0)
+        total = self.op("ReduceSum", [e, self.const(name + "_axes", np.array([axis], np.int64))], name + "_sum",
+                        keepdims=1)
+        return self.op("Mul", [e, self.op("Reciprocal", [total], name + "_rsum")], name)
+
     def _prelu(self, node, x, weight):
         rank = len(self.shape(node))
         w = np32(weight).reshape(-1)
@@ -697,6 +716,8 @@ class OnnxLowering(Lowering):
 
     def emit_float_island_module(self, node, m, x):
         """The ONNX ops of a float-island module (activation, normalization), or None for other modules."""
+        if isinstance(m, QuantSoftmax):
+            return self._table_softmax(node, m, x)
         kind = self._ISLAND_MODULES.get(type(m))
         if kind is not None:
             params = {"approximate": getattr(m, "approximate", "none"),

@@ -57,8 +57,9 @@ from quantfx.pipelines import annotate
 from quantfx.quant import functional as qf
 from quantfx.nn import (
     QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d, QuantHardTanh, QuantIdentity,
-    QuantLinear, QuantReLU, QuantSigmoid,
+    QuantLinear, QuantReLU, QuantSigmoid, QuantSoftmax,
 )
+from quantfx.nn.softmax import table_softmax
 
 from .torch_profile import ENGINES, TORCH
 
@@ -779,6 +780,19 @@ class TorchLowering(Lowering):
                   "no quantized kernel keeps the fake-quant model's arithmetic")
         return self._tuple_or_q(node, out, None)
 
+    def _table_softmax(self, node, m) -> _Q:
+        """A QuantSoftmax with its table and scale as buffers, computed by the model's own ``table_softmax``."""
+        x = node.args[0]
+        tabled = m.table_for(self.attribute(node.kwargs["input_quantizer"]), self.shape(x)[m.dim])
+        if tabled is None:
+            return self._generic(node, lambda args, kwargs: self.graph.call_function(torch.softmax, args[:1],
+                                                                                     {"dim": m.dim}))
+        table, scale = tabled
+        self.note(node, "float softmax from an exp table (the same float32 result in every runtime)", "float",
+                  f"float island: {float_island(self.gm, node)}")
+        return _Q(self.call(table_softmax, self.as_float(x), self.buffer(node.name + "_exp_table", table),
+                            self.buffer(node.name + "_scale", scale), m.dim))
+
     def _tuple_or_q(self, node, out, grid: Optional[_Q]):
         keep = (grid.scale, grid.zero_point, grid.signed) if grid is not None else (None, 0, False)
         meta = self.tensor_meta.get(node)
@@ -788,6 +802,8 @@ class TorchLowering(Lowering):
         return _Q(out, *keep)
 
     def emit_module(self, node, m):
+        if isinstance(m, QuantSoftmax):
+            return self._table_softmax(node, m)
         name = self.add_module(node.target, copy.deepcopy(m))
         return self._generic(node, lambda args, kwargs: self.graph.call_module(name, args, kwargs))
 

@@ -295,3 +295,29 @@ def test_torchvision_stochastic_depth_removed():
     assert not [n for n in q.graph.nodes if "stochastic_depth" in str(n.target)]
     assert lsb == 0.0
     assert db > 10.0, db
+
+
+class FourierPosition(nn.Module):
+    """EdgeNeXt's positional encoding (timm's PositionalEncodingFourier, built from the input's shape alone)
+    added to a conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.edgenext import PositionalEncodingFourier
+        self.conv, self.pos = nn.Conv2d(3, 16, 3, padding=1), PositionalEncodingFourier(hidden_dim=8, dim=16)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        return self.out(torch.relu(self.conv(x)) + self.pos((b, h, w)))
+
+
+def test_a_position_code_from_shapes_is_computed_in_float():
+    """The code's ops depend on no input value: they stay float, like constants, up to the layer that reads it
+    (on main, an 8-bit grid rounded the small terms of ``temperature ** (2 i / d)`` to 0, and the division by
+    them made every output NaN: timm edgenext_xx_small on torch, SQNR nan)."""
+    torch.manual_seed(0)
+    q, db, lsb = _run(FourierPosition().eval(), "torch", (2, 3, 16, 16))
+    assert lsb == 0.0 and db > 25.0, db
+    quantized = {n.args[0].name for n in q.graph.nodes if is_act_quant(q, n) and n.args}
+    assert not any(n.name.startswith(("pow", "truediv", "cumsum")) for n in q.graph.nodes if n.name in quantized)
