@@ -7,10 +7,12 @@
 - ``operator.iadd / torch.add / x.add`` of two tensors -> ``operator.add``; ``torch.concat`` -> ``torch.cat``;
 - ``x.mean((2, 3))`` / ``F.adaptive_avg_pool2d`` / ``F.avg_pool2d`` -> average-pool modules (+ flatten);
 - ``F.scaled_dot_product_attention`` without mask or dropout -> ``softmax((q @ k^T) * scale, -1) @ v``;
-- dropout, torchvision's ``stochastic_depth`` in eval and ``nn.Identity`` removed (inference graph), and so are
-  shape assertions (``torch._assert(x.ndim == 4, ...)``, timm's norm-activation layers): the shape queries they
-  read would be value readers of the conv before them, which then could not fuse its activation (a second
-  rounding, on a grid that spans the pre-activation's negative half too: 1.3 dB on timm's mobilenetv2_035, onnx);
+- dropout, torchvision's ``stochastic_depth`` in eval and ``nn.Identity`` removed (inference graph);
+- a shape query (``x.ndim``, ``x.shape``, ``x.size()``) of a value whose one reader is a norm or an activation reads
+  the shape of that reader's result instead (the same shape): timm's norm-activation layers assert
+  ``x.ndim == 4`` on the conv's output, and as a second reader of the conv the query kept it from fusing its
+  activation (a second rounding, on a grid that spans the pre-activation's negative half too: 1.3 dB on timm's
+  mobilenetv2_035, onnx). The assertion still runs in the quantized model;
 - a stateless module called from several places is duplicated so each call site gets its own quantizer.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import copy
 import operator
 from dataclasses import dataclass
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -76,9 +79,6 @@ class Canonicalize(Pass):
             elif self._is_spatial_mean(node):
                 self._mean_to_pool(gm, node, taken)
                 modified = True
-            elif node.op == "call_function" and node.target is torch._assert and not node.users:
-                graph.erase_node(node)  # its condition and the shape queries under it go as dead code below
-                modified = True
             elif self._spell_attention(gm, node):
                 modified = True
             elif self._is_dropout(gm, node):
@@ -90,6 +90,7 @@ class Canonicalize(Pass):
         if modified:
             graph.eliminate_dead_code()
             _drop_unused_modules(gm)
+        modified |= _move_shape_queries(gm)
         return PassResult(gm, modified)
 
     # -- rewrites --------------------------------------------------------------------------------------
@@ -202,6 +203,45 @@ class Canonicalize(Pass):
         gm.add_submodule(name, copy.deepcopy(module))
         node.target = name
         return True
+
+
+_SHAPE_KEEPING = (nn.modules.batchnorm._NormBase, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.SiLU, nn.GELU,
+                  nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Tanh, nn.ELU, nn.Mish)
+
+
+def _is_shape_query(node) -> bool:
+    return (node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")) or \
+        (node.op == "call_method" and node.target in ("size", "dim"))
+
+
+def _move_shape_queries(gm: fx.GraphModule) -> bool:
+    """Point each shape query of a value whose one other reader keeps its shape (a norm or an activation module
+    reading only it) at that reader's result, then restore a topological order (the query, and what reads it,
+    may now come before the node it reads: a stable sort keeps the rest of the order)."""
+    moved = False
+    for node in list(gm.graph.nodes):
+        queries = [u for u in node.users if _is_shape_query(u) and u.args[0] is node]
+        value = node
+        while queries:
+            readers = [u for u in value.users if u not in queries]
+            if len(readers) != 1 or readers[0].op != "call_module" or readers[0].args != (value,) or \
+                    readers[0].kwargs or not isinstance(module_of(gm, readers[0]), _SHAPE_KEEPING):
+                break
+            for q in queries:
+                q.replace_input_with(value, readers[0])
+            value, moved = readers[0], True
+    if moved:
+        graph = nx.DiGraph()
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        graph.add_nodes_from(order)
+        graph.add_edges_from((i, n) for n in order for i in n.all_input_nodes)
+        previous = None
+        for n in nx.lexicographical_topological_sort(graph, key=order.get):
+            if previous is not None:
+                previous.append(n)
+            previous = n
+        gm.graph.lint()
+    return moved
 
 
 def _unbound(x) -> bool:

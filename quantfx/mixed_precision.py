@@ -34,6 +34,7 @@ from torch import fx, nn
 from .calibration import _as_args, _n_inputs, _progress, _run_batches, auto_stat
 from .classify import is_act_quant, is_compute, module_of
 from .errors import QuantArgumentError
+from .gptq import BLOCK, _round_layer, gptq, hessians
 from .graph import input_quantizer_of
 from .nn import QuantWBIOL, exact_arithmetic
 from .quant import Quantizer, is_low_bit
@@ -311,20 +312,17 @@ class _Evaluator:
 
     def top_hessians(self) -> None:
         """Every layer's input Hessian in the model at its own (widest) widths, for :meth:`round_one`."""
-        from .gptq import hessians
         if self._hessians is None:
             self._hessians = hessians(self.gm, [(l.shape.name, l.module) for l in self.layers], self.batches)
 
     def round_one(self, i: int) -> None:
         """Layer ``i``'s weights alone rounded by GPTQ on the widest model's Hessian of its input."""
-        from .gptq import BLOCK, _round_layer
         name = self.layers[i].shape.name
         if name in self._hessians:
             _round_layer(name, self.layers[i].module, *self._hessians[name], BLOCK)
 
     def whole(self, w_bits, act_bits) -> float:
         """The output error of the model with these widths (the model is left as it was)."""
-        from .gptq import gptq
         self.measured += 1
         with _trial(self.gm, self.layers, self.acts):
             for l, bits in zip(self.layers, w_bits):

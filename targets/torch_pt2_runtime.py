@@ -66,7 +66,8 @@ class Pt2Program:
         ``cpp.simdlen`` set to the vector width inductor picks here (:func:`_vector_width`)."""
         if "compiled" not in self._modules:
             fn = torch.compile(self.exported.module())
-            options = {"freezing": True, "cpp.simdlen": _vector_width()}
+            with _no_gpu_notice():  # importing inductor's ISA probe imports torch.utils.cpp_extension
+                options = {"freezing": True, "cpp.simdlen": _vector_width()}
 
             def frozen(*inputs):
                 with torch._inductor.config.patch(options), torch.no_grad(), _no_gpu_notice():
@@ -100,7 +101,7 @@ def _vector_width() -> int:
     a graph cached by an AVX512 process on the same cache directory: its kernels step 16 floats at a time over
     8-float AVX2 vectors (``Vectorized<float>::loadu(p, 16)`` into 8 lanes), leaving half of each buffer unwritten
     (the compiled .pt2 off by hundreds of LSB or more while the eager program is exact; tests/test_torch_isa.py)."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.cpu_vec_isa import pick_vec_isa  # inductor loads slowly: only when compiling
     return pick_vec_isa().bit_width()
 
 

@@ -4,6 +4,7 @@ Each test counts node occurrences before and after the pass and compares outputs
 import operator
 from collections import Counter
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -205,13 +206,16 @@ class NormAct(nn.Module):
         return self.act(x)
 
 
-def test_shape_assertion_and_its_shape_query_are_removed():
+def test_shape_assertion_reads_the_activation_and_still_runs():
     before, after, gm = canonicalize(traced(NormAct()), torch.randn(2, 3, 8, 8))
-    assert before[("call_function", torch._assert)] == 1 and before[("call_function", getattr)] >= 1
-    assert after[("call_function", torch._assert)] == 0 and after[("call_function", getattr)] == 0
-    assert after[("call_function", operator.eq)] == 0
+    assert before[("call_function", torch._assert)] == after[("call_function", torch._assert)] == 1
+    assert after[("call_function", operator.eq)] == 1
     conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv")
+    act = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "act")
     assert [u.target for u in conv.users] == ["act"]  # the activation is the conv's one reader
+    assert {u.args[1] for u in act.users if u.target is getattr} == {"ndim"}  # the query reads the activation
+    with pytest.raises(Exception, match="expected 4D"):
+        gm(torch.randn(3, 8, 8))  # the check still runs
 
 
 def test_conv_before_a_shape_assertion_takes_its_activation_as_output_quantizer():

@@ -31,6 +31,7 @@ ALLOWED_LOCAL = {
     ("quantfx.targets.finn_qonnx", "qonnx.transformation.general"),
     ("quantfx.targets.finn_qonnx", "qonnx.transformation.qonnx_to_qcdq"),
     ("quantfx.targets.finn_qonnx", "qonnx.custom_op.registry"),
+    ("quantfx.targets.torch_pt2_runtime", "torch._inductor.cpu_vec_isa"),
 }
 
 
