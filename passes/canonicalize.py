@@ -220,12 +220,13 @@ def _move_shape_queries(gm: fx.GraphModule) -> bool:
     may now come before the node it reads: a stable sort keeps the rest of the order)."""
     moved = False
     for node in list(gm.graph.nodes):
-        queries = [u for u in node.users if _is_shape_query(u) and u.args[0] is node]
         value = node
-        while queries:
+        while True:  # along a chain (conv -> norm -> activation), every query of the value at each step
+            queries = [u for u in value.users if _is_shape_query(u) and u.args[0] is value]
             readers = [u for u in value.users if u not in queries]
-            if len(readers) != 1 or readers[0].op != "call_module" or readers[0].args != (value,) or \
-                    readers[0].kwargs or not isinstance(module_of(gm, readers[0]), _SHAPE_KEEPING):
+            if not queries or len(readers) != 1 or readers[0].op != "call_module" or \
+                    readers[0].args != (value,) or readers[0].kwargs or \
+                    not isinstance(module_of(gm, readers[0]), _SHAPE_KEEPING):
                 break
             for q in queries:
                 q.replace_input_with(value, readers[0])

@@ -218,6 +218,31 @@ def test_shape_assertion_reads_the_activation_and_still_runs():
         gm(torch.randn(3, 8, 8))  # the check still runs
 
 
+class NormActChain(nn.Module):
+    """A query on the conv and another on the norm (both shapes the activation's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x):
+        x = self.conv(x)
+        torch._assert(x.ndim == 4, "conv")
+        x = self.bn(x)
+        torch._assert(x.size(1) == 8, "bn")
+        return self.act(x)
+
+
+def test_shape_queries_along_a_chain_all_read_its_end():
+    model = NormActChain().eval()
+    _, _, gm = canonicalize(traced(model), torch.randn(2, 3, 8, 8))
+    queries = [n for n in gm.graph.nodes if n.target is getattr or n.target == "size"]
+    assert len(queries) == 2 and {q.args[0].target for q in queries} == {"act"}
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    assert sum(n.target is torch._assert for n in gm.graph.nodes) == 2  # both checks still run
+
+
 def test_conv_before_a_shape_assertion_takes_its_activation_as_output_quantizer():
     # no requantizer between the conv and its ReLU6 (a second rounding): one act quantizer after the input's
     import quantfx
